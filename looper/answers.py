@@ -1,0 +1,130 @@
+"""Final-answer extraction and checking: the one answer parser used by rollouts, preferences and evaluation.
+
+Scorers (the `scorer` argument):
+
+- ``strict``    the number after the last ``#### `` (GSM8K's own answer line);
+- ``flexible``  the last number anywhere in the text;
+- ``platinum``  GSM8K-Platinum's published rules (see `_platinum_candidate`), compared as floats;
+- ``math_verify`` Math-Verify (extra ``math``) with the gold wrapped as ``\\boxed{N}``.
+
+Model output is data: numbers are matched with regular expressions and compared as floats, never evaluated.
+"""
+
+from __future__ import annotations
+
+import re
+
+SCORERS = ("strict", "flexible", "platinum", "math_verify")
+
+# A number as it appears in model text: optional sign and $, thousands separators, decimals.
+_NUMBER = re.compile(r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\$?\.\d+")
+_BOX = re.compile(r"\\boxed\{(?:\\text\{)?([^{}]*)\}?\}")
+_PLATINUM_NUMBER = re.compile(r"-?[0-9.]*[0-9]")
+
+
+def normalize_number(text: str) -> str | None:
+    """Canonical form of a number string: no `$`, commas or spaces, no trailing `.0…`; None if no number.
+
+    >>> normalize_number(" $1,234.50 ")
+    '1234.50'
+    >>> normalize_number("-18.00")
+    '-18'
+    """
+    match = _NUMBER.search(text)
+    if match is None:
+        return None
+    number = re.sub(r"[$,\s]", "", match.group(0))
+    if number.startswith("-."):
+        number = "-0" + number[1:]
+    elif number.startswith("."):
+        number = "0" + number
+    return re.sub(r"\.0+$", "", number)
+
+
+def _strict(text: str) -> str | None:
+    if "#### " not in text and "####" not in text:
+        return None
+    return normalize_number(text.rsplit("####", 1)[1])
+
+
+def _flexible(text: str) -> str | None:
+    matches = _NUMBER.findall(text)
+    return normalize_number(matches[-1]) if matches else None
+
+
+def _platinum_candidate(text: str) -> str:
+    """The part of the text GSM8K-Platinum's rules read the answer from.
+
+    Lowercase and drop `*`; if `answer:` occurs, what follows the last `answer: ` (its `\\boxed{X}` /
+    `\\boxed{\\text{X}}` content if it holds one); else the first box anywhere; else the last line.
+    """
+    text = text.lower().replace("*", "")
+    if "answer:" in text:
+        after = text.split("answer:")[-1].strip()
+        box = _BOX.search(after)
+        return box.group(1) if box else after
+    box = _BOX.search(text)
+    if box:
+        return box.group(1)
+    lines = text.strip().split("\n")
+    return lines[-1]
+
+
+def _platinum(text: str) -> str | None:
+    candidate = _platinum_candidate(text).replace("*", "").replace("#", "").replace(",", "")
+    match = _PLATINUM_NUMBER.search(candidate)
+    if match is None:
+        return None
+    return re.sub(r"\.0+$", "", match.group(0))
+
+
+def _math_verify_module():
+    try:
+        import math_verify
+    except ImportError:
+        raise ImportError("scorer 'math_verify' needs Math-Verify: pip install 'looper[math]'") from None
+    return math_verify
+
+
+def math_verify_available() -> bool:
+    """Whether the optional Math-Verify scorer can run here."""
+    try:
+        _math_verify_module()
+    except ImportError:
+        return False
+    return True
+
+
+def extract(text: str, scorer: str) -> str | None:
+    """The final answer `scorer` reads from `text`, normalised, or None when it finds none."""
+    if scorer == "strict":
+        return _strict(text)
+    if scorer == "flexible":
+        return _flexible(text)
+    if scorer == "platinum":
+        return _platinum(text)
+    if scorer == "math_verify":
+        math_verify = _math_verify_module()
+        parsed = math_verify.parse(text)
+        return str(parsed[-1]) if parsed else None
+    raise ValueError(f"unknown scorer {scorer!r}; allowed: {', '.join(SCORERS)}")
+
+
+def _same_number(prediction: str | None, gold: str) -> bool:
+    if prediction is None:
+        return False
+    try:
+        return float(prediction) == float(gold)
+    except ValueError:
+        return False
+
+
+def is_correct(text: str, gold_answer: str, scorer: str) -> bool:
+    """Whether `text`'s final answer under `scorer` equals `gold_answer` (a number string, commas allowed)."""
+    gold = normalize_number(gold_answer)
+    if gold is None:
+        raise ValueError(f"gold answer {gold_answer!r} holds no number")
+    if scorer == "math_verify":
+        math_verify = _math_verify_module()
+        return bool(math_verify.verify(math_verify.parse(f"\\boxed{{{gold}}}"), math_verify.parse(text)))
+    return _same_number(extract(text, scorer), gold)

@@ -1,0 +1,102 @@
+"""The artifact cache: `paths.artifacts/<stage>/<key>/`, keyed by a hash of what determines the output.
+
+A directory is complete when it holds `DONE`; it is built under `<key>.partial/` and renamed into place, so a crash
+never leaves a directory that looks complete. Builders that can resume (rollout, eval) keep their `.partial`
+directory across a crash; the others start it afresh. A per-key file lock keeps parallel sweep jobs from building
+the same artifact twice. Every use is appended to the Hydra run directory's `artifacts.jsonl`.
+"""
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+log = logging.getLogger(__name__)
+
+DONE = "DONE"
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def artifact_key(spec: dict) -> str:
+    """Hash of a spec (config sections and upstream keys): same inputs, same key."""
+    canonical = json.dumps(_plain(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def is_complete(path: Path) -> bool:
+    """Whether an artifact directory was finished (its DONE marker exists)."""
+    return (path / DONE).is_file()
+
+
+class ArtifactStore:
+    """Builds each artifact once, reuses it after, and records what a run used and made."""
+
+    def __init__(self, root: Path, record_file: Optional[Path] = None):
+        self.root = Path(root).resolve()
+        self.record_file = record_file
+
+    def path(self, stage: str, spec: dict) -> Path:
+        """Where the artifact of `stage` with this spec lives (complete or not)."""
+        return self.root / stage / artifact_key(spec)
+
+    def ensure(self, stage: str, spec: dict, build: Callable[[Path], None], resumable: bool = False) -> Path:
+        """Return the complete artifact for `spec`, calling `build(partial_dir)` first if there is none."""
+        final = self.path(stage, spec)
+        if is_complete(final):
+            log.info("%s: reusing %s", stage, final)
+            self._record(stage, final, "reused")
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock(final):
+            if is_complete(final):  # another process built it while we waited
+                log.info("%s: reusing %s (built by another job)", stage, final)
+                self._record(stage, final, "reused")
+                return final
+            partial = final.with_name(final.name + ".partial")
+            if partial.exists() and not resumable:
+                shutil.rmtree(partial)
+            partial.mkdir(exist_ok=True)
+            (partial / "spec.json").write_text(json.dumps(_plain(spec), indent=2, sort_keys=True))
+            log.info("%s: building %s", stage, final)
+            start = time.time()
+            build(partial)
+            (partial / DONE).write_text(f"built in {time.time() - start:.1f}s\n")
+            if final.exists():  # an incomplete directory from an older layout: never trusted
+                shutil.rmtree(final)
+            partial.rename(final)
+        log.info("%s: done in %.1fs -> %s", stage, time.time() - start, final)
+        self._record(stage, final, "made")
+        return final
+
+    @contextmanager
+    def _lock(self, final: Path):
+        with open(final.with_name(final.name + ".lock"), "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _record(self, stage: str, path: Path, status: str) -> None:
+        if self.record_file is None:
+            return
+        self.record_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.record_file, "a") as handle:
+            handle.write(json.dumps({"stage": stage, "key": path.name, "path": str(path), "status": status}) + "\n")

@@ -1,0 +1,332 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Hydra merges the YAML under `conf/` into these dataclasses, so an unknown key or a wrong type fails at start with the
+key's name. Value checks (ranges, known names) live in each class's `__post_init__`, which runs when `__main__`
+turns the composed config into objects with `OmegaConf.to_object`. Every field carries a one-line `help`.
+"""
+
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional, Union, get_args, get_origin
+
+from hydra.core.config_store import ConfigStore
+
+STAGES = ("sft", "rollout", "preferences", "dpo", "eval", "pipeline")
+EVAL_DATASETS = ("synthetic_test", "synthetic_dev", "gsm8k_test", "gsm8k_dev", "gsm8k_platinum")
+ANSWER_SCORERS = ("strict", "flexible", "platinum", "math_verify")
+
+
+def doc(help: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
+    """A dataclass field with its one-line documentation."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {message}")
+
+
+def _choice(value: Any, key: str, allowed: tuple) -> None:
+    _check(value in allowed, key, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _positive(value: Optional[float], key: str) -> None:
+    _check(value is None or value > 0, key, f"must be positive, got {value}")
+
+
+def _fraction(value: float, key: str) -> None:
+    _check(0.0 <= value <= 1.0, key, f"must be in [0, 1], got {value}")
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class TinyModelConfig:
+    """A small Llama built and pretrained locally on the synthetic corpus (see looper/tiny.py)."""
+
+    hidden_size: int = doc("Hidden width.", 96)
+    intermediate_size: int = doc("MLP width.", 256)
+    num_layers: int = doc("Decoder layers.", 3)
+    num_heads: int = doc("Attention heads.", 4)
+    vocab_size: int = doc("Target BPE vocabulary size of the locally trained tokenizer (digits are single tokens).", 512)
+    corpus_size: int = doc("Synthetic problems in the pretraining corpus.", 20000)
+    pretrain_steps: int = doc("AdamW steps of next-token pretraining.", 900)
+    pretrain_batch_size: int = doc("Sequences per pretraining step.", 24)
+    pretrain_lr: float = doc("Peak pretraining learning rate (cosine decay, short warmup).", 3e-3)
+    block_size: int = doc("Tokens per pretraining sequence (documents packed with EOS between them).", 128)
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "corpus_size",
+                     "pretrain_steps", "pretrain_batch_size", "pretrain_lr", "block_size"):
+            _positive(getattr(self, name), f"model.tiny.{name}")
+        _check(self.hidden_size % self.num_heads == 0, "model.tiny.num_heads", "must divide model.tiny.hidden_size")
+
+
+@dataclass
+class ModelConfig:
+    name: str = doc("Short name used in run names and reports.", "tiny")
+    name_or_path: Optional[str] = doc("Hub id or local directory; null builds the tiny model from `model.tiny`.", None)
+    tiny: Optional[TinyModelConfig] = doc("Settings of the locally built tiny model (used when name_or_path is null).",
+                                          factory=TinyModelConfig)
+    prompt_format: str = doc("`template` (fill prompt_template) or `chat` (the tokenizer's chat template).", "template")
+    prompt_template: str = doc("Prompt for template models; `{question}` is replaced.", "Question:\n{question}\nAnswer:\n")
+    system_template: str = doc("How a template model sees an arm's system prompt; `{system}` is replaced.",
+                               "{system}\n\n")
+    completion_template: str = doc("How a GSM8K solution is written as an SFT completion; `{solution}`.", "{solution}")
+    max_new_tokens: int = doc("Generation limit for rollouts and evaluation.", 512)
+    dtype: str = doc("`auto` (bf16 if supported, else fp16 on CUDA, fp32 on CPU), bfloat16, float16 or float32.",
+                     "auto")
+    attn_implementation: str = doc("`auto` (flash_attention_2 when flash_attn imports, else sdpa), sdpa, eager, "
+                                   "flash_attention_2.", "auto")
+    trust_remote_code: bool = doc("Allow code from the model repository to run.", False)
+
+    def __post_init__(self):
+        _choice(self.prompt_format, "model.prompt_format", ("template", "chat"))
+        _check("{question}" in self.prompt_template, "model.prompt_template", "must contain {question}")
+        _check("{solution}" in self.completion_template, "model.completion_template", "must contain {solution}")
+        _choice(self.dtype, "model.dtype", ("auto", "bfloat16", "float16", "float32"))
+        _choice(self.attn_implementation, "model.attn_implementation", ("auto", "sdpa", "eager", "flash_attention_2"))
+        _positive(self.max_new_tokens, "model.max_new_tokens")
+        _check(self.name_or_path is not None or self.tiny is not None, "model.name_or_path",
+               "set a hub id or path, or give `model.tiny` settings to build the tiny model")
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = doc("Train a LoRA adapter; false means full fine-tuning (`lora=none`).", True)
+    r: int = doc("LoRA rank.", 64)
+    alpha: int = doc("LoRA scaling numerator (lora_alpha).", 16)
+    dropout: float = doc("Dropout on the LoRA path.", 0.05)
+    target_modules: List[str] = doc("Module names that get adapters.",
+                                    factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    quantization: str = doc("Base weights: `none` (model dtype), `4bit` (NF4, QLoRA) or `8bit` (bitsandbytes).", "none")
+
+    def __post_init__(self):
+        _positive(self.r, "lora.r")
+        _fraction(self.dropout, "lora.dropout")
+        _choice(self.quantization, "lora.quantization", ("none", "4bit", "8bit"))
+        _check(self.enabled or self.quantization == "none", "lora.quantization",
+               "a quantized base needs LoRA (lora.enabled=true)")
+
+
+# ---------------------------------------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class ArmConfig:
+    family: str = doc("`compute` or `reflective`.", "compute")
+    system_prompt: str = doc("System prompt of this reasoning path ('' for none).", "")
+    style: str = doc("Instruction appended to the question ('' for none).", "")
+    temperature: float = doc("Sampling temperature.", 1.0)
+    top_p: float = doc("Nucleus sampling mass.", 1.0)
+    samples: int = doc("Trajectories per question from this arm.", 1)
+
+    def __post_init__(self):
+        _choice(self.family, "arms.<arm>.family", ("compute", "reflective"))
+        _check(self.temperature > 0, "arms.<arm>.temperature", f"must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "arms.<arm>.top_p", f"must be in (0, 1], got {self.top_p}")
+        _positive(self.samples, "arms.<arm>.samples")
+
+
+@dataclass
+class RewardConfig:
+    alpha: float = doc("Weight of correctness in the reward.", 1.0)
+    beta: float = doc("Weight of the coherence metric s_wm in the reward.", 0.5)
+    length_penalty: float = doc("Reward subtracted per `length_unit` generated tokens.", 0.01)
+    length_unit: int = doc("Tokens per unit of length penalty.", 100)
+    w_end: float = doc("Weight of s_end (final-answer agreement) in s_wm.", 1.0)
+    w_path: float = doc("Weight of s_path (arithmetic validity x shared intermediate results) in s_wm.", 1.0)
+    w_cf: float = doc("Weight of s_cf (counterfactual robustness) in s_wm.", 1.0)
+
+    def __post_init__(self):
+        _positive(self.length_unit, "reward.length_unit")
+        for name in ("w_end", "w_path", "w_cf", "length_penalty"):
+            _check(getattr(self, name) >= 0, f"reward.{name}", "must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------------------- stages
+
+
+@dataclass
+class StageConfig:
+    name: str = doc("What runs: sft, rollout, preferences, dpo, eval or pipeline (all, then a table).", "pipeline")
+
+    def __post_init__(self):
+        _choice(self.name, "stage", STAGES)
+
+
+@dataclass
+class SFTConfig:
+    learning_rate: float = doc("Peak learning rate.", 2e-4)
+    epochs: float = doc("Passes over the training problems (ignored when max_steps > 0).", 3.0)
+    max_steps: int = doc("Optimizer steps; -1 means use `epochs`.", -1)
+    batch_size: int = doc("Sequences per device per step.", 8)
+    gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", 1)
+    max_length: int = doc("Tokens per prompt+completion; longer ones are truncated.", 1024)
+    warmup_ratio: float = doc("Share of steps with linear warmup.", 0.03)
+    gradient_checkpointing: bool = doc("Recompute activations in backward (less memory, ~30% slower).", False)
+    num_examples: Optional[int] = doc("Use only the first N training problems (null: all).", None)
+    logging_steps: int = doc("Log the loss every N steps.", 10)
+
+    def __post_init__(self):
+        for name in ("learning_rate", "epochs", "batch_size", "gradient_accumulation_steps", "max_length",
+                     "num_examples", "logging_steps"):
+            _positive(getattr(self, name), f"sft.{name}")
+        _check(self.max_steps == -1 or self.max_steps > 0, "sft.max_steps", "must be -1 or positive")
+        _fraction(self.warmup_ratio, "sft.warmup_ratio")
+
+
+@dataclass
+class RolloutConfig:
+    num_questions: Optional[int] = doc("Training problems to roll out (the first N; null: all).", None)
+    batch_size: int = doc("Sequences generated together.", 64)
+    max_new_tokens: Optional[int] = doc("Generation limit (null: model.max_new_tokens).", None)
+    answer_scorer: str = doc("Scorer that decides `correct` (see looper.answers).", "strict")
+
+    def __post_init__(self):
+        _positive(self.num_questions, "rollout.num_questions")
+        _positive(self.batch_size, "rollout.batch_size")
+        _positive(self.max_new_tokens, "rollout.max_new_tokens")
+        _choice(self.answer_scorer, "rollout.answer_scorer", ANSWER_SCORERS)
+
+
+@dataclass
+class PreferencesConfig:
+    max_pairs_per_question: int = doc("At most this many correct-vs-incorrect pairs per question.", 1)
+
+    def __post_init__(self):
+        _positive(self.max_pairs_per_question, "preferences.max_pairs_per_question")
+
+
+@dataclass
+class DPOConfig:
+    beta: float = doc("DPO temperature: how far the policy may move from the reference.", 0.1)
+    loss_type: str = doc("TRL loss name (sigmoid, ipo, hinge, robust, ...).", "sigmoid")
+    learning_rate: float = doc("Peak learning rate.", 5e-6)
+    epochs: float = doc("Passes over the pairs (ignored when max_steps > 0).", 1.0)
+    max_steps: int = doc("Optimizer steps; -1 means use `epochs`.", -1)
+    batch_size: int = doc("Pairs per device per step.", 4)
+    gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", 4)
+    max_length: int = doc("Tokens per prompt+completion; longer ones are truncated.", 1024)
+    precompute_ref_log_probs: bool = doc("Compute the reference log-probs once before training.", False)
+    gradient_checkpointing: bool = doc("Recompute activations in backward.", False)
+    logging_steps: int = doc("Log every N steps.", 10)
+    fresh_lora: LoraSettings = doc("The adapter DPO trains when SFT was full fine-tuning (`lora=none`).",
+                                   factory=lambda: LoraSettings(r=16, alpha=32, dropout=0.0))
+
+    def __post_init__(self):
+        for name in ("beta", "learning_rate", "epochs", "batch_size", "gradient_accumulation_steps", "max_length",
+                     "logging_steps"):
+            _positive(getattr(self, name), f"dpo.{name}")
+        _check(self.max_steps == -1 or self.max_steps > 0, "dpo.max_steps", "must be -1 or positive")
+
+
+@dataclass
+class EvalConfig:
+    targets: List[str] = doc("What to evaluate: base, sft, dpo, or an adapter/model directory.",
+                             factory=lambda: ["base", "sft", "dpo"])
+    datasets: List[str] = doc(f"Held-out sets: {', '.join(EVAL_DATASETS)}.", factory=lambda: ["synthetic_test"])
+    scorers: List[str] = doc("Answer scorers reported side by side (see looper.answers).",
+                             factory=lambda: ["strict", "flexible", "platinum"])
+    primary_scorer: str = doc("Scorer of the headline accuracy.", "strict")
+    batch_size: int = doc("Prompts decoded together (greedy, length-sorted, left-padded).", 32)
+    num_questions: Optional[int] = doc("Evaluate only the first N questions of each dataset (null: all).", None)
+    max_new_tokens: Optional[int] = doc("Generation limit (null: model.max_new_tokens).", None)
+    platinum_path: Optional[str] = doc("Local GSM8K-Platinum JSONL (null: the hub's madrylab/gsm8k-platinum).", None)
+
+    def __post_init__(self):
+        for target in self.targets:
+            _check(target in ("base", "sft", "dpo") or "/" in target or target.startswith("."), "eval.targets",
+                   f"{target!r} is not base, sft, dpo or a path")
+        for name in self.datasets:
+            _choice(name, "eval.datasets", EVAL_DATASETS)
+        for name in self.scorers:
+            _choice(name, "eval.scorers", ANSWER_SCORERS)
+        _check(self.primary_scorer in self.scorers, "eval.primary_scorer", f"must be one of eval.scorers {self.scorers}")
+        _positive(self.batch_size, "eval.batch_size")
+        _positive(self.num_questions, "eval.num_questions")
+        _positive(self.max_new_tokens, "eval.max_new_tokens")
+
+
+# ---------------------------------------------------------------------------------------------------------- data, logs
+
+
+@dataclass
+class DataConfig:
+    name: str = doc("`synthetic` (generated here, offline) or `gsm8k`.", "synthetic")
+    synthetic_train: int = doc("Synthetic training problems.", 2000)
+    synthetic_dev: int = doc("Synthetic dev problems.", 200)
+    synthetic_test: int = doc("Synthetic test problems.", 200)
+    synthetic_seed: int = doc("Seed of the synthetic generator.", 1234)
+    max_steps: int = doc("Synthetic problems take 1..max_steps arithmetic steps.", 3)
+    max_number: int = doc("Largest operand in synthetic problems.", 20)
+    path: Optional[str] = doc("GSM8K: a directory with train.jsonl and test.jsonl (null: the hub's openai/gsm8k).",
+                              None)
+    dev_fraction: float = doc("GSM8K: share of train held out as the dev split.", 0.2)
+    split_seed: int = doc("GSM8K: seed of the train/dev split.", 0)
+
+    def __post_init__(self):
+        _choice(self.name, "data.name", ("synthetic", "gsm8k"))
+        for name in ("synthetic_train", "synthetic_dev", "synthetic_test", "max_steps"):
+            _positive(getattr(self, name), f"data.{name}")
+        _check(self.max_number >= 2, "data.max_number", "must be >= 2")
+        _check(0 < self.dev_fraction < 1, "data.dev_fraction", f"must be in (0, 1), got {self.dev_fraction}")
+
+
+@dataclass
+class LoggerConfig:
+    name: str = doc("`wandb` or `none`.", "wandb")
+    project: str = doc("W&B project.", "looper")
+    entity: Optional[str] = doc("W&B entity (team or user; null: your default).", None)
+    mode: str = doc("online, offline or disabled; `auto` is online when an API key is set up, else offline.", "auto")
+    group: Optional[str] = doc("W&B group (null: the experiment name, or the sweep directory in multirun).", None)
+
+    def __post_init__(self):
+        _choice(self.name, "logger.name", ("wandb", "none"))
+        _choice(self.mode, "logger.mode", ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class PathsConfig:
+    artifacts: str = doc("Where stage artifacts are cached, shared by runs and sweeps.", "outputs/artifacts")
+
+
+@dataclass
+class Config:
+    experiment: str = doc("Name of this setup (W&B group for single runs).", "default")
+    seed: int = doc("Seed of everything random: training order, sampling, LoRA init.", 0)
+    model: ModelConfig = doc("The model and its prompt format (conf/model/).", factory=ModelConfig)
+    lora: LoraSettings = doc("Adapter and quantization settings (conf/lora/).", factory=LoraSettings)
+    arms: Dict[str, ArmConfig] = doc("The arm-set: reasoning paths rollouts sample from (conf/arms/).", factory=dict)
+    reward: RewardConfig = doc("Reward and coherence weights (conf/reward/).", factory=RewardConfig)
+    stage: StageConfig = doc("What runs (conf/stage/).", factory=StageConfig)
+    sft: SFTConfig = doc("Supervised fine-tuning.", factory=SFTConfig)
+    rollout: RolloutConfig = doc("Trajectory sampling.", factory=RolloutConfig)
+    preferences: PreferencesConfig = doc("Pair construction.", factory=PreferencesConfig)
+    dpo: DPOConfig = doc("Direct preference optimisation.", factory=DPOConfig)
+    eval: EvalConfig = doc("Evaluation.", factory=EvalConfig)
+    data: DataConfig = doc("Training and evaluation problems (conf/data/).", factory=DataConfig)
+    logger: LoggerConfig = doc("Experiment tracking (conf/logger/).", factory=LoggerConfig)
+    paths: PathsConfig = doc("Where things go.", factory=PathsConfig)
+
+    def __post_init__(self):
+        _check(len(self.arms) > 0, "arms", "the arm-set is empty; choose arms=regime_w or arms=single")
+
+
+def register_configs() -> None:
+    """Register the schema so that `conf/config.yaml` can extend it (`defaults: [schema, ...]`)."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def iter_docs(node: Any = Config, prefix: str = ""):
+    """(dotted key, help) for every field of the schema, recursing into nested schemas (arms as `arms.<arm>.`)."""
+    for item in fields(node):
+        key = f"{prefix}{item.name}"
+        yield key, item.metadata.get("help")
+        inner = item.type
+        if get_origin(inner) is Union:  # Optional[X]
+            inner = next(arg for arg in get_args(inner) if arg is not type(None))
+        if get_origin(inner) is dict:
+            inner, key = get_args(inner)[1], f"{key}.<name>"
+        if is_dataclass(inner):
+            yield from iter_docs(inner, key + ".")

@@ -1,0 +1,148 @@
+"""Loading models and tokenizers, and the one prompt builder.
+
+A *target* is something that can generate: the base model (a hub id, a local directory, or the tiny model built
+here), or a stage artifact holding either a full model or a PEFT adapter over a base named in its
+`adapter_config.json`.
+"""
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from looper.artifacts import ArtifactStore
+from looper.config import ArmConfig, Config, LoraSettings, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------- prompts
+
+
+def build_prompt(model: ModelConfig, tokenizer, question: str, arm: Optional[ArmConfig] = None) -> str:
+    """The text a model is given for `question`, in its own format, with an arm's system prompt and style."""
+    user = f"{question}\n{arm.style}" if arm is not None and arm.style else question
+    system = arm.system_prompt if arm is not None else ""
+    if model.prompt_format == "chat":
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prefix = model.system_template.format(system=system) if system else ""
+    return prefix + model.prompt_template.format(question=user)
+
+
+def build_completion(model: ModelConfig, solution: str) -> str:
+    """A GSM8K worked solution written as the model should produce it (SFT target)."""
+    return model.completion_template.format(solution=solution)
+
+
+# ---------------------------------------------------------------------------------------------------------- devices
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 where the GPU supports it, fp16 on other CUDA devices, fp32 on CPU."""
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_attention(name: str) -> str:
+    """`auto`: flash_attention_2 when flash_attn imports (and CUDA is present), else sdpa."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def device() -> torch.device:
+    """The accelerator of this process (its local rank's GPU under accelerate), else the CPU."""
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return PartialState().device
+    return torch.device("cpu")
+
+
+if torch.cuda.is_available():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+
+
+def base_model_path(cfg: Config, store: ArtifactStore) -> str:
+    """The base model: `model.name_or_path`, or the tiny model, built and cached under `paths.artifacts/base/`."""
+    if cfg.model.name_or_path is not None:
+        return cfg.model.name_or_path
+    from looper import tiny
+
+    spec = {"tiny": cfg.model.tiny, "data": {k: getattr(cfg.data, k) for k in
+                                             ("synthetic_seed", "max_steps", "max_number", "synthetic_train",
+                                              "synthetic_dev", "synthetic_test")}, "seed": cfg.seed}
+    return str(store.ensure("base", spec, lambda out: tiny.build(cfg.model.tiny, cfg.data, cfg.seed, out, log.info)))
+
+
+def load_tokenizer(path: str, model: ModelConfig):
+    """The tokenizer with a pad token (EOS when it has none) and left padding for batched generation."""
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def quantization_config(lora: LoraSettings, dtype: torch.dtype):
+    """bitsandbytes settings for `lora.quantization` (NF4 with double quantization for 4bit), or None."""
+    if lora.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if lora.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def load_causal_lm(path: str, model: ModelConfig, lora: Optional[LoraSettings] = None):
+    """A causal LM with the configured dtype, attention and (for QLoRA) quantized base weights."""
+    dtype = resolve_dtype(model.dtype)
+    quantization = quantization_config(lora, dtype) if lora is not None else None
+    loaded = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=resolve_attention(model.attn_implementation),
+        trust_remote_code=model.trust_remote_code, quantization_config=quantization,
+        device_map={"": device()} if quantization is not None else None)
+    if quantization is None:
+        loaded.to(device())
+    return loaded
+
+
+def is_adapter(path: str) -> bool:
+    """Whether `path` is a PEFT adapter directory (rather than a full model or a hub id)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(path: str) -> str:
+    """The base model an adapter directory was trained on."""
+    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_target(path: str, model: ModelConfig, lora: Optional[LoraSettings] = None, trainable: bool = False):
+    """(model, tokenizer) for a target directory or hub id; an adapter is loaded over its base."""
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = load_causal_lm(adapter_base(path), model, lora)
+        loaded = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+    else:
+        loaded = load_causal_lm(path, model, lora)
+    if not trainable:
+        loaded.eval()
+    return loaded, load_tokenizer(path if (Path(path) / "tokenizer_config.json").exists() else adapter_base(path),
+                                  model)

@@ -1,0 +1,70 @@
+"""Stage `sft`: TRL's SFTTrainer on prompt/completion pairs (loss on the completion only), LoRA, QLoRA or full.
+
+Artifact: the adapter (or the full model) and the tokenizer.
+"""
+
+import logging
+from pathlib import Path
+
+from looper import models
+from looper.artifacts import ArtifactStore
+from looper.config import Config, LoraSettings
+from looper.data import load_splits
+from looper.tracking import stage_run
+
+log = logging.getLogger(__name__)
+
+
+def peft_config(lora: LoraSettings):
+    """PEFT's LoraConfig for `lora` settings."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+
+def trainer_precision(cfg: Config) -> dict:
+    """bf16/fp16 mixed precision flags matching the model dtype."""
+    dtype = models.resolve_dtype(cfg.model.dtype)
+    return {"bf16": str(dtype) == "torch.bfloat16", "fp16": str(dtype) == "torch.float16"}
+
+
+def training_examples(cfg: Config, tokenizer) -> list[dict]:
+    """SFT rows: the model's own prompt for each training question and its GSM8K solution as the completion."""
+    train = load_splits(cfg.data)["train"][: cfg.sft.num_examples]
+    return [{"prompt": models.build_prompt(cfg.model, tokenizer, row["question"]),
+             "completion": models.build_completion(cfg.model, row["answer"])} for row in train]
+
+
+def _train(cfg: Config, base: str, out: Path) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model = models.load_causal_lm(base, cfg.model, cfg.lora)
+    tokenizer = models.load_tokenizer(base, cfg.model)
+    tokenizer.padding_side = "right"  # training pads on the right; generation sets left again when loading
+    dataset = Dataset.from_list(training_examples(cfg, tokenizer))
+    with stage_run(cfg, "sft") as tracker:
+        args = SFTConfig(
+            output_dir=str(out / "trainer"), learning_rate=cfg.sft.learning_rate, num_train_epochs=cfg.sft.epochs,
+            max_steps=cfg.sft.max_steps, per_device_train_batch_size=cfg.sft.batch_size,
+            gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps, max_length=cfg.sft.max_length,
+            warmup_steps=cfg.sft.warmup_ratio, lr_scheduler_type="cosine",
+            gradient_checkpointing=cfg.sft.gradient_checkpointing, completion_only_loss=True,
+            logging_steps=cfg.sft.logging_steps, save_strategy="no", report_to=tracker.report_to, seed=cfg.seed,
+            dataloader_num_workers=0, **trainer_precision(cfg))
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config(cfg.lora) if cfg.lora.enabled else None)
+        result = trainer.train()
+        tracker.summary({"sft/train_loss": result.training_loss})
+    trainer.save_model(str(out))
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(str(out))
+    log.info("sft: %d examples, final train loss %.4f", len(dataset), result.training_loss)
+
+
+def run(cfg: Config, store: ArtifactStore) -> Path:
+    """Fine-tune the base model on the training split; returns the artifact (adapter or full model + tokenizer)."""
+    base = models.base_model_path(cfg, store)
+    spec = {"base": base, "model": cfg.model, "lora": cfg.lora, "sft": cfg.sft, "data": cfg.data, "seed": cfg.seed}
+    return store.ensure("sft", spec, lambda out: _train(cfg, base, out))

@@ -1,0 +1,115 @@
+"""Weights & Biases: one run per stage execution, always finished, never allowed to lose results on disk.
+
+`stage_run` opens a run (`group` = the sweep or experiment, `job_type` = the stage, `name` = the job's overrides,
+`config` = the resolved config) on rank 0 only, and yields a `Tracker` whose calls swallow and report W&B errors.
+TRL trainers log their curves into the same run through `report_to="wandb"`.
+"""
+
+import logging
+import netrc
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+from looper.artifacts import _plain
+from looper.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an `accelerate launch`/torchrun job, or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def _hydra_context() -> tuple[Optional[str], Optional[str], Optional[Path]]:
+    """(run name from overrides, sweep directory name in multirun, the job's output dir), where Hydra runs."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra = HydraConfig.get()
+    except ValueError:  # not inside @hydra.main (tests, library use)
+        return None, None, None
+    name = ",".join(hydra.overrides.task) or "defaults"
+    sweep = Path(hydra.sweep.dir).name if hydra.mode == RunMode.MULTIRUN else None
+    return name, sweep, Path(hydra.runtime.output_dir)
+
+
+class Tracker:
+    """What stages log through; a no-op without a run, and a W&B error is logged, never raised."""
+
+    def __init__(self, run: Any = None):
+        self.run = run
+
+    @property
+    def report_to(self) -> str:
+        """The `report_to` value for TRL/transformers trainers."""
+        return "wandb" if self.run is not None else "none"
+
+    def _call(self, what: str, fn, *args, **kwargs) -> None:
+        if self.run is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - tracking must never take results down with it
+            log.warning("W&B %s failed (results on disk are unaffected): %s", what, error)
+
+    def log(self, metrics: dict) -> None:
+        """Log a dict of metrics (W&B step semantics)."""
+        self._call("log", lambda: self.run.log(metrics))
+
+    def summary(self, metrics: dict) -> None:
+        """Set run summary values (final metrics)."""
+        self._call("summary", lambda: self.run.summary.update(metrics))
+
+    def table(self, key: str, rows: list[dict]) -> None:
+        """Log rows of plain dicts (same keys) as a W&B table."""
+        if not rows:
+            return
+
+        def _log():
+            import wandb
+
+            columns = list(rows[0])
+            self.run.log({key: wandb.Table(columns=columns, data=[[str(r.get(c)) for c in columns] for r in rows])})
+
+        self._call("table", _log)
+
+
+@contextmanager
+def stage_run(cfg: Config, stage: str):
+    """A W&B run around one stage execution (or a no-op Tracker when logging is off or not rank 0)."""
+    if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled" or not is_main_process():
+        yield Tracker()
+        return
+    name, sweep, job_dir = _hydra_context()
+    mode = cfg.logger.mode if cfg.logger.mode != "auto" else ("online" if _has_api_key() else "offline")
+    run = None
+    try:
+        import wandb
+
+        run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode,
+                         group=cfg.logger.group or sweep or cfg.experiment, job_type=stage,
+                         name=f"{stage}:{name}" if name else stage, config=_plain(cfg),
+                         dir=str(job_dir) if job_dir else None)
+    except Exception as error:  # noqa: BLE001
+        log.warning("W&B init failed; %s continues without tracking: %s", stage, error)
+    try:
+        yield Tracker(run)
+    finally:
+        if run is not None:
+            try:
+                run.finish()
+            except Exception as error:  # noqa: BLE001
+                log.warning("W&B finish failed (results on disk are unaffected): %s", error)
