@@ -51,6 +51,7 @@ class ArtifactStore:
     def __init__(self, root: Path, record_file: Optional[Path] = None):
         self.root = Path(root).resolve()
         self.record_file = record_file
+        self._resolved: set[Path] = set()  # artifacts already resolved by this process: no repeated checks/logs
 
     def path(self, stage: str, spec: dict) -> Path:
         """Where the artifact of `stage` with this spec lives (complete or not)."""
@@ -59,6 +60,8 @@ class ArtifactStore:
     def ensure(self, stage: str, spec: dict, build: Callable[[Path], None], resumable: bool = False) -> Path:
         """Return the complete artifact for `spec`, calling `build(partial_dir)` first if there is none."""
         final = self.path(stage, spec)
+        if final in self._resolved:
+            return final
         if is_complete(final):
             log.info("%s: reusing %s", stage, final)
             self._record(stage, final, "reused")
@@ -95,6 +98,7 @@ class ArtifactStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _record(self, stage: str, path: Path, status: str) -> None:
+        self._resolved.add(path)
         if self.record_file is None:
             return
         self.record_file.parent.mkdir(parents=True, exist_ok=True)
