@@ -29,8 +29,8 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
         return None
     summaries = evaluation.run(cfg, store, run_dir)
     table = (run_dir / "eval_table.md").read_text()
-    log.info("accuracy (greedy, same held-out questions for every target):\n%s", table)
-    print(table, flush=True)
+    log.info("accuracy table (greedy, same held-out questions for every target): %s", run_dir / "eval_table.md")
+    print(table, flush=True)  # the headline result, on stdout whatever the logging setup
     metrics = {f"{s['dataset']}/{s['target']}/acc_{k[4:]}": v for s in summaries for k, v in s.items()
                if k.startswith("acc_")}
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

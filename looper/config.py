@@ -121,11 +121,12 @@ class ArmConfig:
     top_p: float = doc("Nucleus sampling mass.", 1.0)
     samples: int = doc("Trajectories per question from this arm.", 1)
 
-    def __post_init__(self):
-        _choice(self.family, "arms.<arm>.family", ("compute", "reflective"))
-        _check(self.temperature > 0, "arms.<arm>.temperature", f"must be > 0, got {self.temperature}")
-        _check(0 < self.top_p <= 1, "arms.<arm>.top_p", f"must be in (0, 1], got {self.top_p}")
-        _positive(self.samples, "arms.<arm>.samples")
+    def check(self, name: str) -> None:
+        """Value checks, naming the arm (run by Config, which knows the names)."""
+        _choice(self.family, f"arms.{name}.family", ("compute", "reflective"))
+        _check(self.temperature > 0, f"arms.{name}.temperature", f"must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"arms.{name}.top_p", f"must be in (0, 1], got {self.top_p}")
+        _positive(self.samples, f"arms.{name}.samples")
 
 
 @dataclass
@@ -311,6 +312,8 @@ class Config:
 
     def __post_init__(self):
         _check(len(self.arms) > 0, "arms", "the arm-set is empty; choose arms=regime_w or arms=single")
+        for name, arm in self.arms.items():
+            arm.check(name)
 
 
 def register_configs() -> None:

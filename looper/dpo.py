@@ -45,7 +45,8 @@ def _policy(cfg: Config, sft_dir: Path):
     return model, tokenizer, sft.peft_config(cfg.dpo.fresh_lora)
 
 
-def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
+def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path, report_to: str = "none"):
+    """The configured DPOTrainer: policy = the SFT policy made trainable, reference = the frozen SFT policy."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -55,19 +56,22 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
         rows = [json.loads(line) for line in handle if line.strip()]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                                  for r in rows])
-    check = FirstStepCheck()
+    args = DPOConfig(
+        output_dir=str(out / "trainer"), beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type],
+        learning_rate=cfg.dpo.learning_rate, num_train_epochs=cfg.dpo.epochs, max_steps=cfg.dpo.max_steps,
+        per_device_train_batch_size=cfg.dpo.batch_size, gradient_accumulation_steps=cfg.dpo.gradient_accumulation_steps,
+        max_length=cfg.dpo.max_length, precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
+        gradient_checkpointing=cfg.dpo.gradient_checkpointing, logging_steps=cfg.dpo.logging_steps,
+        logging_first_step=True, save_strategy="no", report_to=report_to, seed=cfg.seed,
+        **sft.trainer_precision(cfg))
+    return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=peft_config, callbacks=[FirstStepCheck()])
+
+
+def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
     with stage_run(cfg, "dpo") as tracker:
-        args = DPOConfig(
-            output_dir=str(out / "trainer"), beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type],
-            learning_rate=cfg.dpo.learning_rate, num_train_epochs=cfg.dpo.epochs, max_steps=cfg.dpo.max_steps,
-            per_device_train_batch_size=cfg.dpo.batch_size,
-            gradient_accumulation_steps=cfg.dpo.gradient_accumulation_steps, max_length=cfg.dpo.max_length,
-            precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
-            gradient_checkpointing=cfg.dpo.gradient_checkpointing, logging_steps=cfg.dpo.logging_steps,
-            logging_first_step=True, save_strategy="no", report_to=tracker.report_to, seed=cfg.seed,
-            **sft.trainer_precision(cfg))
-        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=[check])
+        trainer = make_trainer(cfg, sft_dir, pairs_dir, out, tracker.report_to)
+        check = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FirstStepCheck))
         result = trainer.train()
         margin = check.first.get("rewards/margins")
         check.first["ok"] = margin is not None and abs(margin) < REFERENCE_TOLERANCE
@@ -77,9 +81,11 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
     if not check.first["ok"]:
         log.warning("dpo: first-step reward margin %s is not ~0: the reference may not be the SFT policy", margin)
     trainer.model.save_pretrained(str(out), selected_adapters=["default"])
+    tokenizer = trainer.processing_class
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(out))
-    log.info("dpo: %d pairs, final loss %.4f, first-step margin %s", len(dataset), result.training_loss, margin)
+    log.info("dpo: %d pairs, final loss %.4f, first-step margin %s", len(trainer.train_dataset),
+             result.training_loss, margin)
 
 
 def run(cfg: Config, store: ArtifactStore) -> Path:

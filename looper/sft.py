@@ -36,31 +36,37 @@ def training_examples(cfg: Config, tokenizer) -> list[dict]:
              "completion": models.build_completion(cfg.model, row["answer"])} for row in train]
 
 
-def _train(cfg: Config, base: str, out: Path) -> None:
+def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none"):
+    """The configured SFTTrainer over the base model (LoRA/QLoRA adapter or full fine-tuning)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     model = models.load_causal_lm(base, cfg.model, cfg.lora)
     tokenizer = models.load_tokenizer(base, cfg.model)
-    tokenizer.padding_side = "right"  # training pads on the right; generation sets left again when loading
+    tokenizer.padding_side = "right"  # training pads on the right; generation loads it left-padded again
     dataset = Dataset.from_list(training_examples(cfg, tokenizer))
+    args = SFTConfig(
+        output_dir=str(out / "trainer"), learning_rate=cfg.sft.learning_rate, num_train_epochs=cfg.sft.epochs,
+        max_steps=cfg.sft.max_steps, per_device_train_batch_size=cfg.sft.batch_size,
+        gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps, max_length=cfg.sft.max_length,
+        warmup_steps=cfg.sft.warmup_ratio, lr_scheduler_type="cosine",
+        gradient_checkpointing=cfg.sft.gradient_checkpointing, completion_only_loss=True,
+        logging_steps=cfg.sft.logging_steps, save_strategy="no", report_to=report_to, seed=cfg.seed,
+        dataloader_num_workers=0, **trainer_precision(cfg))
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=peft_config(cfg.lora) if cfg.lora.enabled else None)
+
+
+def _train(cfg: Config, base: str, out: Path) -> None:
     with stage_run(cfg, "sft") as tracker:
-        args = SFTConfig(
-            output_dir=str(out / "trainer"), learning_rate=cfg.sft.learning_rate, num_train_epochs=cfg.sft.epochs,
-            max_steps=cfg.sft.max_steps, per_device_train_batch_size=cfg.sft.batch_size,
-            gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps, max_length=cfg.sft.max_length,
-            warmup_steps=cfg.sft.warmup_ratio, lr_scheduler_type="cosine",
-            gradient_checkpointing=cfg.sft.gradient_checkpointing, completion_only_loss=True,
-            logging_steps=cfg.sft.logging_steps, save_strategy="no", report_to=tracker.report_to, seed=cfg.seed,
-            dataloader_num_workers=0, **trainer_precision(cfg))
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config(cfg.lora) if cfg.lora.enabled else None)
+        trainer = make_trainer(cfg, base, out, tracker.report_to)
         result = trainer.train()
         tracker.summary({"sft/train_loss": result.training_loss})
     trainer.save_model(str(out))
+    tokenizer = trainer.processing_class
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(out))
-    log.info("sft: %d examples, final train loss %.4f", len(dataset), result.training_loss)
+    log.info("sft: %d examples, final train loss %.4f", len(trainer.train_dataset), result.training_loss)
 
 
 def run(cfg: Config, store: ArtifactStore) -> Path:

@@ -5,6 +5,7 @@
 TRL trainers log their curves into the same run through `report_to="wandb"`.
 """
 
+import json
 import logging
 import netrc
 import os
@@ -105,6 +106,10 @@ def stage_run(cfg: Config, stage: str):
                          dir=str(job_dir) if job_dir else None)
     except Exception as error:  # noqa: BLE001
         log.warning("W&B init failed; %s continues without tracking: %s", stage, error)
+    if run is not None and job_dir is not None:  # where to find this stage's run, from the job directory
+        with open(job_dir / "wandb_runs.jsonl", "a") as handle:
+            handle.write(json.dumps({"stage": stage, "id": run.id, "group": run.group, "name": run.name,
+                                     "job_type": stage, "mode": mode, "dir": run.dir}) + "\n")
     try:
         yield Tracker(run)
     finally:

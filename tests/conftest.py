@@ -1,0 +1,85 @@
+"""Shared test helpers: compose the real config tree, a fast tiny setup, and one session-wide artifact cache."""
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import OmegaConf
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from looper.config import Config, register_configs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# A tiny pipeline that runs in seconds: it exercises every mechanism, not the demo's accuracy.
+FAST = [
+    "model.tiny.pretrain_steps=400", "model.tiny.corpus_size=4000", "data.max_steps=1", "data.synthetic_train=300",
+    "data.synthetic_dev=20", "data.synthetic_test=24", "sft.max_steps=150", "sft.logging_steps=50",
+    "rollout.num_questions=16", "arms.plain.temperature=0.7", "dpo.max_steps=3", "dpo.logging_steps=1",
+    "eval.num_questions=16", "logger=none",
+]
+
+register_configs()
+
+
+def compose_raw(*overrides: str):
+    """The composed (untyped) config for these overrides, as `python -m looper` would see it."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def compose(*overrides: str) -> Config:
+    """The typed, checked Config for these overrides."""
+    return OmegaConf.to_object(compose_raw(*overrides))
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Path:
+    """One artifact cache for the session, so the tiny base and SFT are built once."""
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def fast_cfg(artifacts):
+    """Compose the fast tiny setup over the session cache, with extra overrides."""
+    def make(*overrides: str) -> Config:
+        return compose(f"paths.artifacts={artifacts}", *FAST, *overrides)
+
+    return make
+
+
+def shared_file(*parts: str) -> Path:
+    """A file of ../shared/data, or skip the test when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(fast_cfg):
+    """(cfg, store, base path, full-FT SFT artifact) of the fast tiny setup, built once per session."""
+    from looper import models, sft
+    from looper.artifacts import ArtifactStore
+
+    cfg = fast_cfg()
+    store = ArtifactStore(Path(cfg.paths.artifacts))
+    return cfg, store, models.base_model_path(cfg, store), sft.run(cfg, store)
+
+
+def looper_cli(*args: str, cwd: Path = ROOT, timeout: int = 600):
+    """Run `python -m looper ARGS` in a subprocess, offline; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "looper", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

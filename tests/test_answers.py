@@ -1,0 +1,58 @@
+"""One answer parser: strict, flexible and platinum extraction, and numbers normalised the same way everywhere."""
+
+import json
+
+import pytest
+
+from looper.answers import extract, is_correct, normalize_number
+from tests.conftest import shared_file
+
+
+@pytest.mark.parametrize("text,expected", [("1,234", "1234"), ("$18.00", "18"), ("-7", "-7"), ("3.50", "3.50"),
+                                           ("no number", None)])
+def test_normalize_number(text, expected):
+    assert normalize_number(text) == expected
+
+
+def test_strict_reads_only_the_last_answer_line():
+    assert extract("5+3=8\n#### 8", "strict") == "8"
+    assert extract("#### 7\nthen\n#### 1,200", "strict") == "1200"
+    assert extract("the answer is 8", "strict") is None
+
+
+def test_flexible_reads_the_last_number():
+    assert extract("5+3=8 apples, so 8 in total.", "flexible") == "8"
+    assert extract("It costs $1,250.00", "flexible") == "1250"
+
+
+@pytest.mark.parametrize("text,gold,correct", [
+    ("Work...\nAnswer: 18", "18", True),
+    ("**Answer:** 18", "18", True),
+    ("Answer: $18.00", "18", True),
+    ("Answer: 1,234", "1234", True),
+    ("First Answer: 3\nfinal answer: 5", "5", True),
+    ("so \\boxed{42} is it", "42", True),
+    ("Answer: \\boxed{\\text{7}}", "7", True),
+    ("Answer: -3 degrees", "-3", True),
+    ("the total is 12\n#### 12", "12", True),
+    ("I cannot tell", "5", False),
+    ("Answer: 17", "18", False),
+])
+def test_platinum_follows_the_benchmark_rules(text, gold, correct):
+    assert is_correct(text, gold, "platinum") is correct
+
+
+def test_model_output_is_never_evaluated():
+    assert extract("Answer: __import__('os').system('echo pwned')", "platinum") is None
+    assert is_correct("#### 2+2", "4", "strict") is False
+
+
+@pytest.mark.parametrize("parts", [("gsm8k", "train.jsonl"), ("gsm8k", "test.jsonl"),
+                                   ("gsm8k_platinum", "test.jsonl")])
+@pytest.mark.parametrize("scorer", ["strict", "flexible", "platinum"])
+def test_every_gold_solution_scores_correct(parts, scorer):
+    path = shared_file(*parts)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    golds = [row["answer"].rsplit("####", 1)[1] for row in rows]
+    wrong = [i for i, (row, gold) in enumerate(zip(rows, golds)) if not is_correct(row["answer"], gold, scorer)]
+    assert wrong == [], f"{len(wrong)} of {len(rows)} wrong, first: {rows[wrong[0]]['answer'][-80:]!r}"

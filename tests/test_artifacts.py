@@ -1,0 +1,76 @@
+"""The artifact cache: built once, reused after, keyed by its inputs, never trusted unless complete."""
+
+import json
+
+import pytest
+
+from looper.artifacts import ArtifactStore, artifact_key, is_complete
+
+
+def _builder(calls):
+    def build(out):
+        calls.append(out)
+        (out / "result.txt").write_text("ok")
+    return build
+
+
+def test_a_complete_artifact_is_reused_not_rebuilt(tmp_path):
+    store, calls = ArtifactStore(tmp_path), []
+    first = store.ensure("sft", {"lr": 1}, _builder(calls))
+    second = ArtifactStore(tmp_path).ensure("sft", {"lr": 1}, _builder(calls))
+    assert first == second and len(calls) == 1 and is_complete(first)
+    assert (first / "result.txt").read_text() == "ok"
+
+
+def test_a_changed_upstream_key_gives_a_new_downstream_artifact(tmp_path):
+    store, calls = ArtifactStore(tmp_path), []
+    sft_a = store.ensure("sft", {"lr": 1}, _builder(calls))
+    sft_b = store.ensure("sft", {"lr": 2}, _builder(calls))
+    rollout_a = store.ensure("rollout", {"sft": sft_a.name}, _builder(calls))
+    rollout_b = store.ensure("rollout", {"sft": sft_b.name}, _builder(calls))
+    assert sft_a != sft_b and rollout_a != rollout_b and len(calls) == 4
+
+
+def test_a_failed_build_leaves_nothing_that_looks_complete(tmp_path):
+    store = ArtifactStore(tmp_path)
+
+    def crash(out):
+        (out / "half.txt").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        store.ensure("sft", {"lr": 1}, crash)
+    final = store.path("sft", {"lr": 1})
+    assert not final.exists() and final.with_name(final.name + ".partial").exists()
+
+
+def test_an_incomplete_directory_is_redone(tmp_path):
+    store, calls = ArtifactStore(tmp_path), []
+    final = store.path("sft", {"lr": 1})
+    final.mkdir(parents=True)
+    (final / "stale.txt").write_text("from a crash")  # no DONE marker
+    store.ensure("sft", {"lr": 1}, _builder(calls))
+    assert len(calls) == 1 and is_complete(final) and not (final / "stale.txt").exists()
+
+
+def test_a_resumable_build_keeps_its_partial_work(tmp_path):
+    store = ArtifactStore(tmp_path)
+    partial = store.path("eval", {"n": 1}).with_name(store.path("eval", {"n": 1}).name + ".partial")
+    partial.mkdir(parents=True)
+    (partial / "predictions.jsonl").write_text("done\n")
+    seen = []
+    store.ensure("eval", {"n": 1}, lambda out: seen.append((out / "predictions.jsonl").read_text()), resumable=True)
+    assert seen == ["done\n"]
+
+
+def test_the_key_depends_on_content_not_order():
+    assert artifact_key({"a": 1, "b": [1, 2]}) == artifact_key({"b": [1, 2], "a": 1})
+    assert artifact_key({"a": 1}) != artifact_key({"a": 2})
+
+
+def test_the_run_records_what_it_used_and_made(tmp_path):
+    record = tmp_path / "run" / "artifacts.jsonl"
+    ArtifactStore(tmp_path / "a", record).ensure("sft", {"x": 1}, _builder([]))
+    ArtifactStore(tmp_path / "a", record).ensure("sft", {"x": 1}, _builder([]))
+    statuses = [json.loads(line)["status"] for line in record.read_text().splitlines()]
+    assert statuses == ["made", "reused"]

@@ -1,0 +1,106 @@
+"""The config tree: every option composes, the schema rejects typos and bad values by name, every key is documented."""
+
+import subprocess
+import sys
+
+import pytest
+
+from looper.config import iter_docs
+from tests.conftest import CONF, ROOT, compose, compose_raw
+
+GROUPS = ["model", "lora", "arms", "reward", "stage", "data", "logger", "experiment"]
+
+
+@pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
+def test_every_group_option_composes(group, option):
+    cfg = compose(f"{group}={option}")
+    if group == "model":
+        assert cfg.model.name == option
+    if group == "stage":
+        assert cfg.stage.name == option
+
+
+def test_the_public_option_names_exist():
+    expected = {"model": {"tiny", "abel_7b", "deepseek_r1_distill_llama_8b"}, "lora": {"r64", "qlora_4bit", "none"},
+                "arms": {"regime_w", "single"}, "reward": {"default"},
+                "stage": {"sft", "rollout", "preferences", "dpo", "eval", "pipeline"}, "data": {"synthetic", "gsm8k"},
+                "logger": {"wandb", "none"}, "experiment": {"tiny_demo", "abel_platinum", "deepseek_qlora"}}
+    for group, names in expected.items():
+        assert names <= {p.stem for p in (CONF / group).glob("*.yaml")}, group
+
+
+def test_default_is_the_offline_tiny_pipeline():
+    cfg = compose()
+    assert (cfg.model.name, cfg.data.name, cfg.stage.name, cfg.logger.name) == ("tiny", "synthetic", "pipeline", "wandb")
+    assert cfg.model.name_or_path is None and cfg.paths.artifacts == "outputs/artifacts"
+
+
+def test_every_stage_setting_is_present_whatever_the_stage():
+    cfg = compose("stage=sft")
+    assert cfg.dpo.beta > 0 and cfg.eval.targets and cfg.rollout.batch_size > 0
+    assert compose("stage=dpo", "dpo.beta=0.2").dpo == compose("stage=pipeline", "dpo.beta=0.2").dpo
+
+
+def test_the_documented_command_composes():
+    cfg = compose("stage=dpo", "reward.beta=0.5")
+    assert cfg.stage.name == "dpo" and cfg.reward.beta == 0.5
+
+
+def test_regime_w_has_four_compute_and_four_reflective_arms():
+    arms = compose("arms=regime_w").arms
+    assert len(arms) == 8
+    assert sorted(a.family for a in arms.values()) == ["compute"] * 4 + ["reflective"] * 4
+    assert len({a.temperature for a in arms.values()}) > 1
+
+
+def test_lora_options_match_their_names():
+    r64 = compose("lora=r64").lora
+    assert (r64.r, r64.alpha, r64.dropout, r64.quantization) == (64, 16, 0.05, "none")
+    assert set(r64.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert compose("lora=qlora_4bit").lora.quantization == "4bit"
+    assert compose("lora=none").lora.enabled is False
+
+
+def test_7b_experiments_compose_with_their_models():
+    abel = compose("experiment=abel_platinum")
+    assert abel.model.name_or_path == "GAIR/Abel-7B-002" and abel.lora.r == 64 and abel.lora.quantization == "none"
+    deepseek = compose("experiment=deepseek_qlora")
+    assert deepseek.model.prompt_format == "chat" and deepseek.lora.quantization == "4bit"
+
+
+def test_an_unknown_key_fails_naming_it():
+    with pytest.raises(Exception, match="alpah"):
+        compose("reward.alpah=1")
+
+
+def test_a_wrong_type_fails_naming_the_key():
+    with pytest.raises(Exception, match="batch_size"):
+        compose("rollout.batch_size=many")
+
+
+@pytest.mark.parametrize("override,key", [("rollout.batch_size=0", "rollout.batch_size"),
+                                          ("eval.scorers=[strict,bogus]", "eval.scorers"),
+                                          ("lora.dropout=1.5", "lora.dropout"),
+                                          ("arms.plain.family=poetic", "arms.plain.family")])
+def test_a_bad_value_fails_naming_the_key_and_what_is_allowed(override, key):
+    with pytest.raises(Exception, match=key):
+        compose(override)
+
+
+def test_every_schema_field_has_a_one_line_doc():
+    undocumented = [key for key, help in iter_docs() if not help or "\n" in help]
+    assert undocumented == []
+
+
+def test_every_yaml_key_is_in_the_schema():
+    # composing a group option validates it against the schema; raw compose of each proves no stray keys
+    for group in GROUPS:
+        for path in (CONF / group).glob("*.yaml"):
+            compose_raw(f"{group}={path.stem}")
+
+
+def test_cli_rejects_a_typo_naming_the_key():
+    result = subprocess.run([sys.executable, "-m", "looper", "reward.alpah=1"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert "alpah" in result.stderr + result.stdout

@@ -1,0 +1,83 @@
+"""Problems: the synthetic generator's format, and GSM8K loading with errors that name the file, line and reason."""
+
+import json
+
+import pytest
+
+from looper.answers import is_correct
+from looper.config import DataConfig
+from looper.data import DataError, gsm8k_splits, pretraining_text, read_gsm8k_jsonl, synthetic_splits
+from looper.equations import find_equations
+from tests.conftest import shared_file
+
+
+def test_synthetic_problems_are_in_gsm8k_format_and_their_annotations_hold():
+    splits = synthetic_splits(DataConfig())
+    for problem in splits["train"][:300]:
+        lines = problem["answer"].splitlines()
+        assert lines[-1] == f"#### {problem['gold']}"
+        assert 1 <= len(lines) - 1 <= 3
+        equations = find_equations(problem["answer"])
+        assert len(equations) == len(lines) - 1 and all(e.holds for e in equations)
+        assert is_correct(problem["answer"], problem["gold"], "strict")
+
+
+def test_synthetic_splits_are_seeded_sized_and_disjoint():
+    cfg = DataConfig(synthetic_train=50, synthetic_dev=10, synthetic_test=10)
+    first, second = synthetic_splits(cfg), synthetic_splits(cfg)
+    assert first == second
+    assert [len(first[s]) for s in ("train", "dev", "test")] == [50, 10, 10]
+    questions = [{p["question"] for p in first[s]} for s in ("train", "dev", "test")]
+    assert not (questions[0] & questions[1]) and not (questions[0] & questions[2]) and not (questions[1] & questions[2])
+    assert synthetic_splits(DataConfig(synthetic_seed=99, synthetic_train=50))["train"] != first["train"]
+
+
+def test_pretraining_text_has_the_arithmetic_but_not_the_answer_format():
+    problem = synthetic_splits(DataConfig())["train"][0]
+    text = pretraining_text(problem)
+    assert "####" not in text and "<<" not in text and problem["gold"] in text
+
+
+def _write(tmp_path, lines):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+GOOD = json.dumps({"question": "Q?", "answer": "1+1=<<1+1=2>>2\n#### 2"})
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"question": "Q?"}), "missing or empty field 'answer'"),
+    (json.dumps({"question": "Q?", "answer": "it is 4"}), "no '#### N'"),
+    (json.dumps(["a", "list"]), "expected a JSON object"),
+])
+def test_a_malformed_line_names_its_file_line_and_reason(tmp_path, bad, reason):
+    path = _write(tmp_path, [GOOD, GOOD, bad])
+    with pytest.raises(DataError) as error:
+        read_gsm8k_jsonl(path, "x")
+    assert f"{path}:3" in str(error.value) and reason in str(error.value)
+
+
+def test_gold_answers_with_separators_and_signs_parse(tmp_path):
+    path = _write(tmp_path, [json.dumps({"question": "Q", "answer": "#### 114,200"}),
+                             json.dumps({"question": "Q", "answer": "#### -10"})])
+    assert [r["gold"] for r in read_gsm8k_jsonl(path, "x")] == ["114200", "-10"]
+
+
+def test_gsm8k_from_a_directory_gets_a_seeded_dev_split(tmp_path):
+    rows = [json.dumps({"question": f"Q{i}", "answer": f"#### {i}"}) for i in range(50)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "test.jsonl").write_text("\n".join(rows[:5]) + "\n")
+    splits = gsm8k_splits(DataConfig(name="gsm8k", path=str(tmp_path), dev_fraction=0.2, split_seed=3))
+    assert (len(splits["train"]), len(splits["dev"]), len(splits["test"])) == (40, 10, 5)
+    assert not {r["question"] for r in splits["train"]} & {r["question"] for r in splits["dev"]}
+    again = gsm8k_splits(DataConfig(name="gsm8k", path=str(tmp_path), dev_fraction=0.2, split_seed=3))
+    assert again["dev"] == splits["dev"]
+
+
+def test_the_real_gsm8k_files_load():
+    root = shared_file("gsm8k", "train.jsonl").parent
+    splits = gsm8k_splits(DataConfig(name="gsm8k", path=str(root)))
+    assert len(splits["train"]) + len(splits["dev"]) == 7473 and len(splits["test"]) == 1319

@@ -1,0 +1,106 @@
+"""SFT and DPO train what they should and nothing else; DPO's reference really is the SFT policy."""
+
+import json
+
+import pytest
+import torch
+
+from looper import dpo, sft
+from looper.data import synthetic_splits
+from looper.models import build_prompt, load_tokenizer
+
+
+def _snapshot(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _changed(before: dict, model, select) -> list[str]:
+    return [n for n, p in model.named_parameters() if select(n) and not torch.equal(before[n], p.detach())]
+
+
+def _pairs_dir(cfg, tokenizer_path, tmp_path, n=8):
+    """Hand-made pairs: the gold solution is chosen, the same solution with a wrong result is rejected."""
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model)
+    rows = []
+    for problem in synthetic_splits(cfg.data)["train"][:n]:
+        wrong = problem["answer"].replace(f"#### {problem['gold']}", f"#### {int(problem['gold']) + 1}")
+        rows.append({"prompt": build_prompt(cfg.model, tokenizer, problem["question"]), "chosen": problem["answer"],
+                     "rejected": wrong})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_full_sft_changes_the_weights(tiny_sft, tmp_path):
+    cfg, _, base, _ = tiny_sft
+    trainer = sft.make_trainer(cfg, base, tmp_path)
+    trainer.args.max_steps = 2
+    before = _snapshot(trainer.model)
+    trainer.train()
+    assert len(_changed(before, trainer.model, lambda n: True)) > 0
+
+
+def test_sft_loss_covers_the_completion_only(tiny_sft, tmp_path):
+    cfg, _, base, _ = tiny_sft
+    trainer = sft.make_trainer(cfg, base, tmp_path)
+    example = trainer.train_dataset[0]
+    labels = example["labels"]  # -100: no loss on that token
+    prompt_ids = trainer.processing_class(sft.training_examples(cfg, trainer.processing_class)[0]["prompt"],
+                                          add_special_tokens=False)["input_ids"]
+    assert labels[:len(prompt_ids)] == [-100] * len(prompt_ids)
+    assert all(label != -100 for label in labels[len(prompt_ids):])
+    assert labels[-1] == trainer.processing_class.eos_token_id  # the completion ends with EOS
+
+
+def test_lora_sft_trains_the_adapter_and_leaves_the_base(fast_cfg, tiny_sft, tmp_path):
+    _, _, base, _ = tiny_sft
+    cfg = fast_cfg("lora=r64")
+    trainer = sft.make_trainer(cfg, base, tmp_path)
+    trainer.args.max_steps = 2
+    before = _snapshot(trainer.model)
+    trainer.train()
+    assert _changed(before, trainer.model, lambda n: "lora_" in n)
+    assert _changed(before, trainer.model, lambda n: "lora_" not in n) == []
+
+
+def _dpo_trains_policy_only(cfg, sft_dir, tmp_path):
+    trainer = dpo.make_trainer(cfg, sft_dir, _pairs_dir(cfg, str(sft_dir), tmp_path), tmp_path)
+    trainer.args.max_steps = 2
+    model = trainer.model
+    before = _snapshot(model)
+    trainer.train()
+    check = next(c for c in trainer.callback_handler.callbacks if isinstance(c, dpo.FirstStepCheck))
+    assert abs(check.first["rewards/margins"]) < dpo.REFERENCE_TOLERANCE
+    assert _changed(before, model, lambda n: ".default." in n), "the policy adapter did not train"
+    assert _changed(before, model, lambda n: ".ref." in n) == [], "the reference adapter moved"
+    assert _changed(before, model, lambda n: "lora_" not in n) == [], "base weights moved"
+    return trainer
+
+
+def test_dpo_after_lora_sft_trains_the_policy_against_a_frozen_copy(fast_cfg, tiny_sft, tmp_path):
+    cfg = fast_cfg("lora=r64", "sft.max_steps=5")
+    lora_sft = sft.run(cfg, tiny_sft[1])
+    trainer = _dpo_trains_policy_only(cfg, lora_sft, tmp_path)
+    assert set(trainer.model.peft_config) == {"default", "ref"}
+
+
+def test_dpo_after_full_sft_trains_a_fresh_lora_over_the_frozen_sft_model(tiny_sft, tmp_path):
+    cfg, _, _, full_sft = tiny_sft
+    trainer = _dpo_trains_policy_only(cfg, full_sft, tmp_path)
+    assert set(trainer.model.peft_config) == {"default"}  # reference = adapters disabled = the SFT model
+
+
+def test_the_exported_dpo_adapter_has_no_reference_copy(fast_cfg, tiny_sft, tmp_path):
+    cfg = fast_cfg("lora=r64", "sft.max_steps=5", "dpo.max_steps=1")
+    lora_sft = sft.run(cfg, tiny_sft[1])
+    out = tmp_path / "dpo"
+    out.mkdir()
+    dpo._train(cfg, lora_sft, _pairs_dir(cfg, str(lora_sft), tmp_path), out)
+    assert (out / "adapter_config.json").exists() and not (out / "ref").exists()
+    assert json.loads((out / "reference_check.json").read_text())["ok"] is True
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_dpo_reference_log_probs_can_be_precomputed(tiny_sft, tmp_path, precompute, fast_cfg):
+    cfg = fast_cfg(f"dpo.precompute_ref_log_probs={str(precompute).lower()}")
+    trainer = dpo.make_trainer(cfg, tiny_sft[3], _pairs_dir(cfg, str(tiny_sft[3]), tmp_path), tmp_path)
+    assert ("ref_chosen_logps" in trainer.train_dataset.column_names) is precompute
