@@ -333,3 +333,15 @@ def iter_docs(node: Any = Config, prefix: str = ""):
             inner, key = get_args(inner)[1], f"{key}.<name>"
         if is_dataclass(inner):
             yield from iter_docs(inner, key + ".")
+
+
+def reference_markdown() -> str:
+    """The config reference (docs/config.md): every key with its one-line doc and schema default."""
+    rows = ["| key | what it does |", "| --- | --- |"]
+    rows += [f"| `{key}` | {help} |" for key, help in iter_docs()]
+    return "# Config reference\n\nGenerated from `looper/config.py` by `python -m looper.config > docs/config.md`; " \
+           "the group files under `conf/` set the values of each option.\n\n" + "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

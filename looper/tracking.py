@@ -33,18 +33,43 @@ def _has_api_key() -> bool:
         return False
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _is_swept(override: str) -> bool:
+    value = override.split("=", 1)[1] if "=" in override else ""
+    return "," in value or value.startswith(("range(", "choice(", "interval(", "glob("))
+
+
+def run_name(job_overrides: list[str], sweep_overrides: Optional[list[str]]) -> str:
+    """A run's name: in a sweep, the job's values of the swept keys (and of keys a sweeper such as Optuna set);
+    otherwise the job's overrides, less `paths.*`."""
+    if sweep_overrides is None:
+        chosen = [o for o in job_overrides if not _key(o).startswith("paths.")]
+    else:
+        fixed = {_key(o) for o in sweep_overrides if not _is_swept(o)}
+        chosen = [o for o in job_overrides if _key(o) not in fixed]
+    return ",".join(chosen) or "defaults"
+
+
 def _hydra_context() -> tuple[Optional[str], Optional[str], Optional[Path]]:
     """(run name from overrides, sweep directory name in multirun, the job's output dir), where Hydra runs."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
+        from omegaconf import OmegaConf
 
         hydra = HydraConfig.get()
     except ValueError:  # not inside @hydra.main (tests, library use)
         return None, None, None
-    name = ",".join(hydra.overrides.task) or "defaults"
-    sweep = Path(hydra.sweep.dir).name if hydra.mode == RunMode.MULTIRUN else None
-    return name, sweep, Path(hydra.runtime.output_dir)
+    sweep, sweep_overrides = None, None
+    if hydra.mode == RunMode.MULTIRUN:
+        sweep = Path(hydra.sweep.dir).name
+        saved = Path(hydra.sweep.dir) / "multirun.yaml"
+        if saved.exists():
+            sweep_overrides = list(OmegaConf.load(saved).hydra.overrides.task)
+    return run_name(list(hydra.overrides.task), sweep_overrides), sweep, Path(hydra.runtime.output_dir)
 
 
 class Tracker:

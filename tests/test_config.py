@@ -104,3 +104,9 @@ def test_cli_rejects_a_typo_naming_the_key():
                             text=True, timeout=120)
     assert result.returncode != 0
     assert "alpah" in result.stderr + result.stdout
+
+
+def test_the_config_reference_is_current():
+    from looper.config import reference_markdown
+
+    assert (ROOT / "docs" / "config.md").read_text() == reference_markdown(), "run: python -m looper.config > docs/config.md"
