@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from looper import dpo, evaluation, preferences, rollout, sft
 from looper.artifacts import ArtifactStore
 from looper.config import Config, register_configs
+from looper.data import load_splits
 
 log = logging.getLogger("looper")
 register_configs()
@@ -21,6 +22,7 @@ STAGE_RUNS = {"sft": sft.run, "rollout": rollout.run, "preferences": preferences
 
 def run(cfg: Config, run_dir: Path) -> Optional[float]:
     """Run `cfg.stage.name`; returns the primary accuracy of the last target on the first dataset when eval ran."""
+    load_splits(cfg.data)  # a bad data line stops the run here, before anything expensive starts
     store = ArtifactStore(Path(cfg.paths.artifacts), run_dir / "artifacts.jsonl")
     stage = cfg.stage.name
     for name in (STAGE_RUNS if stage == "pipeline" else [stage] if stage != "eval" else []):

@@ -4,7 +4,7 @@ Scorers (the `scorer` argument):
 
 - ``strict``    the number after the last ``#### `` (GSM8K's own answer line);
 - ``flexible``  the last number anywhere in the text;
-- ``platinum``  GSM8K-Platinum's published rules (see `_platinum_candidate`), compared as floats;
+- ``platinum``  GSM8K-Platinum's published parsing, quirks kept (see `_platinum`), compared as floats;
 - ``math_verify`` Math-Verify (extra ``math``) with the gold wrapped as ``\\boxed{N}``.
 
 Model output is data: numbers are matched with regular expressions and compared as floats, never evaluated.
@@ -18,7 +18,8 @@ SCORERS = ("strict", "flexible", "platinum", "math_verify")
 
 # A number as it appears in model text: optional sign and $, thousands separators, decimals.
 _NUMBER = re.compile(r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\$?\.\d+")
-_BOX = re.compile(r"\\boxed\{(?:\\text\{)?([^{}]*)\}?\}")
+# `\boxed{X}` or `\boxed{\text{X}}`, X without backslashes or braces (as the benchmark matches it)
+_PLATINUM_BOX = re.compile(r"\\boxed\{(?:\\text\{)?([^\\\\{}]+)\}")
 _PLATINUM_NUMBER = re.compile(r"-?[0-9.]*[0-9]")
 
 
@@ -52,30 +53,27 @@ def _flexible(text: str) -> str | None:
     return normalize_number(matches[-1]) if matches else None
 
 
-def _platinum_candidate(text: str) -> str:
-    """The part of the text GSM8K-Platinum's rules read the answer from.
-
-    Lowercase and drop `*`; if `answer:` occurs, what follows the last `answer: ` (its `\\boxed{X}` /
-    `\\boxed{\\text{X}}` content if it holds one); else the first box anywhere; else the last line.
-    """
-    text = text.lower().replace("*", "")
-    if "answer:" in text:
-        after = text.split("answer:")[-1].strip()
-        box = _BOX.search(after)
-        return box.group(1) if box else after
-    box = _BOX.search(text)
-    if box:
-        return box.group(1)
-    lines = text.strip().split("\n")
-    return lines[-1]
-
-
 def _platinum(text: str) -> str | None:
-    candidate = _platinum_candidate(text).replace("*", "").replace("#", "").replace(",", "")
-    match = _PLATINUM_NUMBER.search(candidate)
-    if match is None:
-        return None
-    return re.sub(r"\.0+$", "", match.group(0))
+    """GSM8K-Platinum's published parsing (MadryLab/platinum-benchmarks: `parse_fn_math` behind `create_parse_fn`),
+    step by step, quirks kept:
+
+    1. If the text, lowercased with `*` removed, contains `answer:`: look for a box in what follows the last
+       `answer: ` of the lowercased text (with `*` still in it, and with the space); the candidate is the box's
+       content if there is one, else the whole text. Otherwise: the first box's content anywhere, else the last
+       line (trailing newlines dropped).
+    2. From the candidate with `*` and `#` removed, lowercased: what follows the last `answer: `, commas removed.
+    3. The first match of `-?[0-9.]*[0-9]`, a trailing `.0…` stripped. No match: no answer (scored wrong).
+    """
+    lowered = text.lower()
+    if "answer:" in lowered.replace("*", ""):
+        box = _PLATINUM_BOX.search(lowered.split("answer: ")[-1])
+        candidate = "answer: " + box.group(1) if box else text
+    else:
+        box = _PLATINUM_BOX.search(text)
+        candidate = "answer: " + (box.group(1) if box else text.strip("\n").split("\n")[-1].lower())
+    tail = candidate.replace("*", "").replace("#", "").lower().split("answer: ")[-1].replace(",", "")
+    match = _PLATINUM_NUMBER.search(tail)
+    return re.sub(r"\.0+$", "", match.group(0)) if match else None
 
 
 def _math_verify_module():
@@ -84,6 +82,12 @@ def _math_verify_module():
     except ImportError:
         raise ImportError("scorer 'math_verify' needs Math-Verify: pip install 'looper[math]'") from None
     return math_verify
+
+
+def _final_segment(text: str) -> str:
+    """What Math-Verify reads: the text after the last `####` when there is one, else all of it. On whole GSM8K-style
+    solutions its extraction picks intermediate results (3 of the 1209 Platinum gold solutions)."""
+    return text.rsplit("####", 1)[1] if "####" in text else text
 
 
 def math_verify_available() -> bool:
@@ -104,8 +108,7 @@ def extract(text: str, scorer: str) -> str | None:
     if scorer == "platinum":
         return _platinum(text)
     if scorer == "math_verify":
-        math_verify = _math_verify_module()
-        parsed = math_verify.parse(text)
+        parsed = _math_verify_module().parse(_final_segment(text))
         return str(parsed[-1]) if parsed else None
     raise ValueError(f"unknown scorer {scorer!r}; allowed: {', '.join(SCORERS)}")
 
@@ -126,5 +129,5 @@ def is_correct(text: str, gold_answer: str, scorer: str) -> bool:
         raise ValueError(f"gold answer {gold_answer!r} holds no number")
     if scorer == "math_verify":
         math_verify = _math_verify_module()
-        return bool(math_verify.verify(math_verify.parse(f"\\boxed{{{gold}}}"), math_verify.parse(text)))
+        return bool(math_verify.verify(math_verify.parse(f"\\boxed{{{gold}}}"), math_verify.parse(_final_segment(text))))
     return _same_number(extract(text, scorer), gold)

@@ -234,6 +234,12 @@ class EvalConfig:
     num_questions: Optional[int] = doc("Evaluate only the first N questions of each dataset (null: all).", None)
     max_new_tokens: Optional[int] = doc("Generation limit (null: model.max_new_tokens).", None)
     platinum_path: Optional[str] = doc("Local GSM8K-Platinum JSONL (null: the hub's madrylab/gsm8k-platinum).", None)
+    prompt: str = doc("`model` (each model's own format) or `platinum` (the benchmark's official prompt, in it).",
+                      "model")
+    shots: int = doc("Solved examples from the training split before each question (never the question itself).", 0)
+    shots_seed: int = doc("Seed that picks the k-shot examples.", 0)
+    check_batch_consistency: int = doc("Decode this many prompts one at a time and batched; report any difference.",
+                                       0)
 
     def __post_init__(self):
         for target in self.targets:
@@ -247,6 +253,9 @@ class EvalConfig:
         _positive(self.batch_size, "eval.batch_size")
         _positive(self.num_questions, "eval.num_questions")
         _positive(self.max_new_tokens, "eval.max_new_tokens")
+        _choice(self.prompt, "eval.prompt", ("model", "platinum"))
+        _check(self.shots >= 0, "eval.shots", "must be >= 0")
+        _check(self.check_batch_consistency >= 0, "eval.check_batch_consistency", "must be >= 0")
 
 
 # ---------------------------------------------------------------------------------------------------------- data, logs

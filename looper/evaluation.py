@@ -1,27 +1,36 @@
 """Stage `eval`: greedy, batched evaluation of `eval.targets` on `eval.datasets`, every scorer side by side.
 
-One artifact per (target, dataset) — `predictions.jsonl` and `summary.json` — so the base and SFT evaluations are
-computed once and shared by every DPO run of a sweep (the design's single eval directory per run would redo them).
-Predictions are appended as batches finish, so an interrupted evaluation resumes where it stopped. The comparison
-table of all targets goes to the Hydra run directory (`eval_table.md`, `summary.json`).
+One artifact per (target, dataset) — `predictions.jsonl`, `summary.json` and, when asked, `batch_consistency.json` —
+so the base and SFT evaluations are computed once and shared by every DPO run of a sweep (the design's single eval
+directory per run would redo them). Predictions are appended as batches finish, so an interrupted evaluation resumes
+where it stopped. The comparison across targets (`report.md` with intervals and paired tests, `accuracy.png`,
+`eval_table.md`) goes to the Hydra run directory; see looper/eval_report.py.
 """
 
 import json
 import logging
+import random
 from pathlib import Path
 from typing import Optional
 
-from looper import dpo, models, sft
+from looper import dpo, eval_report, models, sft
 from looper.answers import extract, is_correct, math_verify_available
 from looper.artifacts import ArtifactStore
-from looper.config import Config
-from looper.data import load_splits, read_gsm8k_jsonl, gsm8k_splits
+from looper.config import Config, DataConfig
+from looper.data import gold_from_solution, gsm8k_splits, load_splits, read_gsm8k_jsonl
 from looper.generation import generate
 from looper.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------------- datasets
+
+
+def _gsm8k_data(cfg: Config) -> DataConfig:
+    return cfg.data if cfg.data.name == "gsm8k" else DataConfig(name="gsm8k")
 
 
 def eval_problems(name: str, cfg: Config) -> list[dict]:
@@ -34,20 +43,36 @@ def eval_problems(name: str, cfg: Config) -> list[dict]:
         rows = read_gsm8k_jsonl(Path(cfg.eval.platinum_path), "platinum") if cfg.eval.platinum_path else \
             _platinum_hub()
     else:
-        data = cfg.data if cfg.data.name == "gsm8k" else type(cfg.data)(name="gsm8k")
-        rows = gsm8k_splits(data)[name.split("_", 1)[1]]
+        rows = gsm8k_splits(_gsm8k_data(cfg))[name.split("_", 1)[1]]
     return rows[: cfg.eval.num_questions]
 
 
 def _platinum_hub() -> list[dict]:
     import datasets
 
-    from looper.data import gold_from_solution
-
     loaded = datasets.load_dataset("madrylab/gsm8k-platinum", "main", split="test")
     return [{"id": f"platinum-{i}", "question": r["question"], "answer": r["answer"],
              "gold": gold_from_solution(r["answer"]), "cleaning_status": r.get("cleaning_status")}
             for i, r in enumerate(loaded)]
+
+
+def shot_pool(name: str, cfg: Config) -> list[dict]:
+    """`eval.shots` + 1 seeded examples from the training split that matches the dataset (one spare, so that a
+    question is never its own example)."""
+    if cfg.eval.shots == 0:
+        return []
+    train = load_splits(cfg.data)["train"] if name.startswith("synthetic_") else gsm8k_splits(_gsm8k_data(cfg))["train"]
+    return random.Random(cfg.eval.shots_seed).sample(train, cfg.eval.shots + 1)
+
+
+def prompt_for(cfg: Config, tokenizer, problem: dict, pool: list[dict]) -> str:
+    """The eval prompt of one problem: the model's format, optional k-shot examples, optional official prompt."""
+    shots = [s for s in pool if s["question"] != problem["question"]][: cfg.eval.shots]
+    return models.build_prompt(cfg.model, tokenizer, problem["question"], shots=shots,
+                               official=cfg.eval.prompt == "platinum")
+
+
+# ---------------------------------------------------------------------------------------------------------- decoding
 
 
 def _read_done(path: Path) -> list[dict]:
@@ -64,7 +89,8 @@ def _read_done(path: Path) -> list[dict]:
     return done
 
 
-def _scored(problem: dict, text: str, num_tokens: int, finish_reason: str, scorers: list[str]) -> dict:
+def scored(problem: dict, text: str, num_tokens: int, finish_reason: str, scorers: list[str]) -> dict:
+    """One per-example record: the completion and every scorer's prediction and verdict."""
     record = {"id": problem["id"], "question": problem["question"], "gold": problem["gold"], "completion": text,
               "num_tokens": num_tokens, "finish_reason": finish_reason,
               "cleaning_status": problem.get("cleaning_status")}
@@ -83,33 +109,57 @@ def active_scorers(cfg: Config) -> list[str]:
     return scorers
 
 
+def _max_new_tokens(cfg: Config) -> int:
+    return cfg.eval.max_new_tokens or cfg.model.max_new_tokens
+
+
+def batch_consistency(cfg: Config, model, tokenizer, prompts: list[str]) -> dict:
+    """Greedy outputs of `prompts` decoded one at a time and in one batch; any difference points at padding or
+    attention-mask handling."""
+    kwargs = {"max_new_tokens": _max_new_tokens(cfg), "add_special_tokens": cfg.model.prompt_format != "chat"}
+    alone = generate(model, tokenizer, prompts, batch_size=1, desc="batch check: one at a time", **kwargs)
+    together = generate(model, tokenizer, prompts, batch_size=len(prompts), desc="batch check: batched", **kwargs)
+    differ = [{"prompt": p, "alone": a.text, "batched": b.text} for p, a, b in zip(prompts, alone, together)
+              if a.text != b.text]
+    return {"checked": len(prompts), "differ": len(differ), "examples": differ[:10]}
+
+
 def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) -> None:
     problems = eval_problems(dataset, cfg)
+    pool = shot_pool(dataset, cfg)
     scorers = active_scorers(cfg)
     done = _read_done(out / PREDICTIONS)
     finished = {r["id"] for r in done}
     todo = [p for p in problems if p["id"] not in finished]
     if done:
         log.info("eval %s/%s: resuming, %d of %d already done", dataset, target, len(done), len(problems))
-    if todo:
-        model, tokenizer = models.load_target(target_path, cfg.model, cfg.lora)
-        chunk = cfg.eval.batch_size * 4
-        with open(out / PREDICTIONS, "a") as handle:
-            for start in range(0, len(todo), chunk):
-                part = todo[start:start + chunk]
-                prompts = [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in part]
-                outputs = generate(model, tokenizer, prompts,
-                                   max_new_tokens=cfg.eval.max_new_tokens or cfg.model.max_new_tokens,
-                                   batch_size=cfg.eval.batch_size, add_special_tokens=cfg.model.prompt_format != "chat",
-                                   desc=f"eval {target} on {dataset} [{start + len(done)}/{len(problems)}]")
-                for problem, output in zip(part, outputs):
-                    handle.write(json.dumps(_scored(problem, output.text, output.num_tokens, output.finish_reason,
-                                                    scorers)) + "\n")
-                handle.flush()
+    model, tokenizer = models.load_target(target_path, cfg.model, cfg.lora)
+    if cfg.eval.check_batch_consistency and not (out / "batch_consistency.json").exists():
+        sample = [prompt_for(cfg, tokenizer, p, pool) for p in problems[: cfg.eval.check_batch_consistency]]
+        check = batch_consistency(cfg, model, tokenizer, sample)
+        (out / "batch_consistency.json").write_text(json.dumps(check, indent=2))
+        if check["differ"]:
+            log.warning("eval %s/%s: %d of %d greedy outputs differ between batched and one-at-a-time decoding",
+                        dataset, target, check["differ"], check["checked"])
+    chunk = cfg.eval.batch_size * 4
+    with open(out / PREDICTIONS, "a") as handle:
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            outputs = generate(model, tokenizer, [prompt_for(cfg, tokenizer, p, pool) for p in part],
+                               max_new_tokens=_max_new_tokens(cfg), batch_size=cfg.eval.batch_size,
+                               add_special_tokens=cfg.model.prompt_format != "chat",
+                               desc=f"eval {target} on {dataset} [{start + len(done)}/{len(problems)}]")
+            for problem, output in zip(part, outputs):
+                handle.write(json.dumps(scored(problem, output.text, output.num_tokens, output.finish_reason,
+                                               scorers)) + "\n")
+            handle.flush()
     records = _read_done(out / PREDICTIONS)
-    summary = {"target": target, "target_path": target_path, "dataset": dataset, "n": len(records),
-               **{f"acc_{s}": sum(r[f"correct_{s}"] for r in records) / max(len(records), 1) for s in scorers}}
+    summary = {"target": target, "target_path": target_path, "dataset": dataset,
+               **eval_report.accuracy_summary(records, scorers)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------- stage
 
 
 def target_path(target: str, cfg: Config, store: ArtifactStore) -> str:
@@ -125,37 +175,40 @@ def target_path(target: str, cfg: Config, store: ArtifactStore) -> str:
     return str(Path(target).resolve())
 
 
-def evaluate(cfg: Config, store: ArtifactStore, target: str, dataset: str) -> dict:
-    """Evaluate one target on one dataset (cached); returns its summary."""
+def evaluate(cfg: Config, store: ArtifactStore, target: str, dataset: str) -> Path:
+    """Evaluate one target on one dataset (cached, resumable); returns the artifact directory."""
     path = target_path(target, cfg, store)
     spec = {"target": Path(path).name if Path(path).exists() else path, "dataset": dataset, "model": cfg.model,
             "lora_quantization": cfg.lora.quantization, "scorers": active_scorers(cfg),
             "num_questions": cfg.eval.num_questions, "max_new_tokens": cfg.eval.max_new_tokens,
-            "data": cfg.data if dataset.startswith(("synthetic", "gsm8k_test", "gsm8k_dev")) else None,
+            "prompt": cfg.eval.prompt, "shots": cfg.eval.shots,
+            "shots_seed": cfg.eval.shots_seed if cfg.eval.shots else None,
+            "check_batch_consistency": cfg.eval.check_batch_consistency,
+            "data": cfg.data if not dataset == "gsm8k_platinum" else None,
             "platinum_path": cfg.eval.platinum_path if dataset == "gsm8k_platinum" else None}
-    out = store.ensure("eval", spec, lambda partial: _build(cfg, target, path, dataset, partial), resumable=True)
-    return {**json.loads((out / "summary.json").read_text()), "artifact": str(out)}
+    return store.ensure("eval", spec, lambda partial: _build(cfg, target, path, dataset, partial), resumable=True)
 
 
-def table(summaries: list[dict], scorers: list[str], primary: str) -> str:
-    """A markdown table: one row per dataset and target, one accuracy column per scorer (primary first)."""
-    ordered = [primary] + [s for s in scorers if s != primary]
-    lines = ["| dataset | target | n | " + " | ".join(f"acc_{s}" for s in ordered) + " |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in ordered) + " |"]
-    for s in summaries:
-        cells = [f"{100 * s[f'acc_{k}']:.1f}%" if f"acc_{k}" in s else "—" for k in ordered]
-        lines.append(f"| {s['dataset']} | {s['target']} | {s['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def read_predictions(artifact: Path) -> list[dict]:
+    """The per-example records of an eval artifact."""
+    return [json.loads(line) for line in (artifact / PREDICTIONS).read_text().splitlines() if line.strip()]
 
 
 def run(cfg: Config, store: ArtifactStore, run_dir: Optional[Path] = None) -> list[dict]:
-    """Evaluate every target on every dataset; writes the comparison table to `run_dir`; returns the summaries."""
-    summaries = [evaluate(cfg, store, target, dataset) for dataset in cfg.eval.datasets for target in cfg.eval.targets]
+    """Evaluate every target on every dataset; writes the report to `run_dir`; returns the per-artifact summaries."""
+    results = []
+    for dataset in cfg.eval.datasets:
+        for target in cfg.eval.targets:
+            artifact = evaluate(cfg, store, target, dataset)
+            summary = json.loads((artifact / "summary.json").read_text())
+            results.append({**summary, "target": target, "artifact": str(artifact)})
     scorers = active_scorers(cfg)
-    text = table(summaries, scorers, cfg.eval.primary_scorer)
+    records = {(r["dataset"], r["target"]): read_predictions(Path(r["artifact"])) for r in results}
     if run_dir is not None:
-        (run_dir / "eval_table.md").write_text(text + "\n")
+        eval_report.write(run_dir, results, records, scorers, cfg.eval.primary_scorer)
     with stage_run(cfg, "eval") as tracker:
-        tracker.summary({f"eval/{s['dataset']}/{s['target']}/acc_{k}": s[f"acc_{k}"]
-                         for s in summaries for k in scorers})
-    return summaries
+        tracker.summary({f"eval/{r['dataset']}/{r['target']}/acc_{k}": r[f"acc_{k}"] for r in results for k in scorers})
+        for (dataset, target), rows in records.items():
+            wrong_first = sorted(rows, key=lambda r: r[f"correct_{cfg.eval.primary_scorer}"])[:200]
+            tracker.table(f"eval/{dataset}/{target}/examples", wrong_first)
+    return results

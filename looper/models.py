@@ -9,7 +9,7 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -23,15 +23,34 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------------- prompts
 
 
-def build_prompt(model: ModelConfig, tokenizer, question: str, arm: Optional[ArmConfig] = None) -> str:
-    """The text a model is given for `question`, in its own format, with an arm's system prompt and style."""
-    user = f"{question}\n{arm.style}" if arm is not None and arm.style else question
+PLATINUM_PROMPT = ("Solve the following math word problem.\n\n{question}\n\nThink step-by-step. Then, provide the "
+                   "final answer as a single integer in the format \"Answer: XXX\" with no extra formatting.")
+
+
+def build_prompt(model: ModelConfig, tokenizer, question: str, arm: Optional[ArmConfig] = None,
+                 shots: Sequence[dict] = (), official: bool = False) -> str:
+    """The text a model is given for `question`, in its own format (prompt template or chat template).
+
+    `arm` adds its system prompt and appends its style to the question; `shots` (dicts with `question` and `answer`)
+    come first as solved examples; `official` wraps each question in GSM8K-Platinum's published prompt.
+    """
+    def user(text: str) -> str:
+        text = PLATINUM_PROMPT.format(question=text) if official else text
+        return f"{text}\n{arm.style}" if arm is not None and arm.style else text
+
     system = arm.system_prompt if arm is not None else ""
     if model.prompt_format == "chat":
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        messages = [{"role": "system", "content": system}] if system else []
+        for shot in shots:
+            messages += [{"role": "user", "content": user(shot["question"])},
+                         {"role": "assistant", "content": build_completion(model, shot["answer"])}]
+        messages.append({"role": "user", "content": user(question)})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prefix = model.system_template.format(system=system) if system else ""
-    return prefix + model.prompt_template.format(question=user)
+    for shot in shots:
+        prefix += model.prompt_template.format(question=user(shot["question"])) + \
+            build_completion(model, shot["answer"]) + "\n\n"
+    return prefix + model.prompt_template.format(question=user(question))
 
 
 def build_completion(model: ModelConfig, solution: str) -> str:

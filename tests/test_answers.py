@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from looper.answers import extract, is_correct, normalize_number
+from looper.answers import extract, is_correct, math_verify_available, normalize_number
 from tests.conftest import shared_file
 
 
@@ -37,6 +37,14 @@ def test_flexible_reads_the_last_number():
     ("the total is 12\n#### 12", "12", True),
     ("I cannot tell", "5", False),
     ("Answer: 17", "18", False),
+    ("Thus:\n18 apples\n\n", "18", True),  # no answer line, no box: the last line
+    ("She has 2 bags.\nAnswer:\n\\boxed{12}", "12", True),  # no space after 'answer:': first box in the text
+    ("I had 3 apples. Answer:18", "18", False),  # no space after 'answer:': the text's first number (3), as published
+    ("Answer: 7\n\nAnswer: 9", "9", True),  # several answer lines: the last
+    ("Answer: 1,234,567", "1234567", True),
+    ("Answer: 12.50", "12.5", True),
+    ("Answer: \\boxed{\\frac{1}{2}}", "0.5", False),  # a box holding LaTeX is not read as one
+    ("## Answer: **42**", "42", True),
 ])
 def test_platinum_follows_the_benchmark_rules(text, gold, correct):
     assert is_correct(text, gold, "platinum") is correct
@@ -49,10 +57,20 @@ def test_model_output_is_never_evaluated():
 
 @pytest.mark.parametrize("parts", [("gsm8k", "train.jsonl"), ("gsm8k", "test.jsonl"),
                                    ("gsm8k_platinum", "test.jsonl")])
-@pytest.mark.parametrize("scorer", ["strict", "flexible", "platinum"])
+@pytest.mark.parametrize("scorer", ["strict", "flexible", "platinum", "math_verify"])
 def test_every_gold_solution_scores_correct(parts, scorer):
+    if scorer == "math_verify" and not math_verify_available():
+        pytest.skip("Math-Verify is not installed (extra `math`)")
     path = shared_file(*parts)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     golds = [row["answer"].rsplit("####", 1)[1] for row in rows]
     wrong = [i for i, (row, gold) in enumerate(zip(rows, golds)) if not is_correct(row["answer"], gold, scorer)]
     assert wrong == [], f"{len(wrong)} of {len(rows)} wrong, first: {rows[wrong[0]]['answer'][-80:]!r}"
+
+
+def test_math_verify_compares_values_not_strings():
+    if not math_verify_available():
+        pytest.skip("Math-Verify is not installed (extra `math`)")
+    assert is_correct("so the answer is \\boxed{18}", "18", "math_verify")
+    assert is_correct("#### 18.0", "18", "math_verify")
+    assert not is_correct("#### 17", "18", "math_verify")

@@ -54,7 +54,7 @@ def test_changing_the_reward_reuses_the_rollout(artifacts, tiny_sft, tmp_path):
 def test_a_sweep_shares_sft_and_rollout_and_logs_one_wandb_group(artifacts, tiny_sft, tmp_path):
     fast = [o for o in FAST if o != "logger=none"]
     result = looper_cli("-m", f"paths.artifacts={artifacts}", f"hydra.sweep.dir={tmp_path}", *fast,
-                        "logger.mode=offline", "eval.targets=[dpo]", "dpo.beta=0.1,0.3")
+                        "logger.mode=offline", "eval.targets=[dpo]", "dpo.beta=0.15,0.35")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = [{r["stage"]: r["path"] for r in _records(tmp_path / str(n))} for n in (0, 1)]
     assert jobs[0]["sft"] == jobs[1]["sft"] and jobs[0]["rollout"] == jobs[1]["rollout"]
@@ -63,7 +63,7 @@ def test_a_sweep_shares_sft_and_rollout_and_logs_one_wandb_group(artifacts, tiny
     dpo_runs = [r for r in runs if r["stage"] == "dpo"]
     assert len(dpo_runs) == 2 and len({r["id"] for r in dpo_runs}) == 2
     assert {r["group"] for r in runs} == {tmp_path.name} and {r["mode"] for r in runs} == {"offline"}
-    assert {r["name"] for r in dpo_runs} == {"dpo:dpo.beta=0.1", "dpo:dpo.beta=0.3"}
+    assert {r["name"] for r in dpo_runs} == {"dpo:dpo.beta=0.15", "dpo:dpo.beta=0.35"}
 
 
 def test_a_malformed_data_line_stops_with_its_location_and_keeps_finished_artifacts(artifacts, tiny_sft, tmp_path):
@@ -77,7 +77,7 @@ def test_a_malformed_data_line_stops_with_its_location_and_keeps_finished_artifa
                         f"data.path={data}", "model.tiny.pretrain_steps=400")
     assert result.returncode != 0
     assert f"{data / 'train.jsonl'}:3" in result.stderr and "missing or empty field 'answer'" in result.stderr
-    assert sorted(str(p) for p in artifacts.glob("*/*/DONE")) == done_before
+    assert sorted(str(p) for p in artifacts.glob("*/*/DONE")) == done_before  # nothing lost, nothing built first
 
 
 def test_run_names_carry_what_the_sweep_varies():

@@ -1,0 +1,123 @@
+"""The evaluation report: accuracy with Wilson 95% intervals per scorer, dataset and `cleaning_status`, paired
+deltas between targets (bootstrap 95% interval over questions, exact McNemar p-value), and a bar chart."""
+
+from collections import defaultdict
+from itertools import combinations
+from pathlib import Path
+
+from looper.stats import mcnemar_exact, paired_bootstrap, wilson
+
+
+def accuracy_summary(records: list[dict], scorers: list[str]) -> dict:
+    """n, accuracy and correct count per scorer, overall and by `cleaning_status` (when the dataset has one)."""
+    def block(rows):
+        out = {"n": len(rows)}
+        for s in scorers:
+            out[f"correct_{s}"] = sum(r[f"correct_{s}"] for r in rows)
+            out[f"acc_{s}"] = out[f"correct_{s}"] / len(rows) if rows else 0.0
+        return out
+
+    summary = block(records)
+    statuses = defaultdict(list)
+    for r in records:
+        if r.get("cleaning_status") is not None:
+            statuses[r["cleaning_status"]].append(r)
+    if statuses:
+        summary["by_status"] = {status: block(rows) for status, rows in sorted(statuses.items())}
+    return summary
+
+
+def _cell(correct: int, n: int) -> str:
+    low, high = wilson(correct, n)
+    return f"{100 * correct / max(n, 1):.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def table(results: list[dict], scorers: list[str], primary: str) -> str:
+    """The headline table: one row per dataset and target, one accuracy column per scorer (primary first)."""
+    ordered = [primary] + [s for s in scorers if s != primary]
+    lines = ["| dataset | target | n | " + " | ".join(f"acc_{s}" for s in ordered) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in ordered) + " |"]
+    for r in results:
+        lines.append(f"| {r['dataset']} | {r['target']} | {r['n']} | "
+                     + " | ".join(f"{100 * r[f'acc_{s}']:.1f}%" for s in ordered) + " |")
+    return "\n".join(lines)
+
+
+def _paired(a: list[dict], b: list[dict], scorer: str) -> tuple[list[bool], list[bool]]:
+    by_id = {r["id"]: r[f"correct_{scorer}"] for r in a}
+    common = [r for r in b if r["id"] in by_id]
+    return [by_id[r["id"]] for r in common], [r[f"correct_{scorer}"] for r in common]
+
+
+def report(results: list[dict], records: dict, scorers: list[str], primary: str) -> str:
+    """report.md: accuracy with intervals, accuracy by cleaning_status, paired deltas with p-values."""
+    out = ["# Evaluation report", "",
+           "Greedy decoding; every target answers the same questions. Accuracy with a Wilson 95% interval. "
+           f"Primary scorer: `{primary}`.", ""]
+    ordered = [primary] + [s for s in scorers if s != primary]
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        rows = [r for r in results if r["dataset"] == dataset]
+        out += [f"## {dataset}", "", "| target | n | " + " | ".join(ordered) + " |",
+                "| --- | --- | " + " | ".join("---" for _ in ordered) + " |"]
+        out += [f"| {r['target']} | {r['n']} | " + " | ".join(_cell(r[f"correct_{s}"], r["n"]) for s in ordered)
+                + " |" for r in rows]
+        statuses = sorted({status for r in rows for status in r.get("by_status", {})})
+        if statuses:
+            out += ["", "### By cleaning_status", "", "| cleaning_status | target | n | "
+                    + " | ".join(ordered) + " |", "| --- | --- | --- | " + " | ".join("---" for _ in ordered) + " |"]
+            for status in statuses:
+                for r in rows:
+                    block = r.get("by_status", {}).get(status)
+                    if block:
+                        out.append(f"| {status} | {r['target']} | {block['n']} | "
+                                   + " | ".join(_cell(block[f"correct_{s}"], block["n"]) for s in ordered) + " |")
+        if len(rows) > 1:
+            out += ["", "### Paired deltas (B − A, same questions)", "",
+                    "| A → B | scorer | n | delta | bootstrap 95% | only A right | only B right | McNemar p |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for first, second in combinations(rows, 2):
+                for scorer in ordered:
+                    a, b = _paired(records[(dataset, first["target"])], records[(dataset, second["target"])], scorer)
+                    low, high = paired_bootstrap(a, b)
+                    delta = (sum(b) - sum(a)) / max(len(a), 1)
+                    only_a = sum(x and not y for x, y in zip(a, b))
+                    only_b = sum(y and not x for x, y in zip(a, b))
+                    out.append(f"| {first['target']} → {second['target']} | {scorer} | {len(a)} | "
+                               f"{100 * delta:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {only_a} | {only_b} | "
+                               f"{mcnemar_exact(a, b):.3g} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(results: list[dict], scorers: list[str], path: Path) -> None:
+    """Grouped bars: accuracy per target and scorer, one panel per dataset, Wilson 95% error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        rows = [r for r in results if r["dataset"] == dataset]
+        width = 0.8 / len(scorers)
+        for i, scorer in enumerate(scorers):
+            accs = [r[f"acc_{scorer}"] for r in rows]
+            bounds = [wilson(r[f"correct_{scorer}"], r["n"]) for r in rows]
+            errors = [[a - lo for a, (lo, _) in zip(accs, bounds)], [hi - a for a, (_, hi) in zip(accs, bounds)]]
+            ax.bar([x + i * width for x in range(len(rows))], accs, width, yerr=errors, capsize=3, label=scorer)
+        ax.set_xticks([x + width * (len(scorers) - 1) / 2 for x in range(len(rows))], [r["target"] for r in rows])
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{dataset} (n={rows[0]['n']})")
+        ax.set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(run_dir: Path, results: list[dict], records: dict, scorers: list[str], primary: str) -> None:
+    """Write eval_table.md, report.md and accuracy.png into the run directory."""
+    (run_dir / "eval_table.md").write_text(table(results, scorers, primary) + "\n")
+    (run_dir / "report.md").write_text(report(results, records, scorers, primary))
+    plot(results, scorers, run_dir / "accuracy.png")

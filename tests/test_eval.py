@@ -1,0 +1,137 @@
+"""Evaluation: prompts, per-example records, resume after an interruption, the batch check, and the report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from looper import evaluation, models
+from looper.artifacts import ArtifactStore
+from looper.models import PLATINUM_PROMPT
+from tests.conftest import ROOT, looper_cli, shared_file
+
+
+def test_the_official_platinum_prompt_wraps_the_question_in_the_model_format(tiny_sft):
+    cfg, _, base, _ = tiny_sft
+    tokenizer = models.load_tokenizer(base, cfg.model)
+    prompt = models.build_prompt(cfg.model, tokenizer, "How many?", official=True)
+    assert prompt == cfg.model.prompt_template.format(question=PLATINUM_PROMPT.format(question="How many?"))
+    assert 'in the format "Answer: XXX" with no extra formatting.' in prompt
+
+
+def test_k_shot_examples_never_include_the_scored_question(fast_cfg, tiny_sft):
+    cfg = fast_cfg("eval.shots=2")
+    tokenizer = models.load_tokenizer(tiny_sft[2], cfg.model)
+    pool = evaluation.shot_pool("synthetic_test", cfg)
+    assert len(pool) == 3
+    scored = pool[0]  # the worst case: the scored question is in the pool
+    prompt = evaluation.prompt_for(cfg, tokenizer, scored, pool)
+    assert prompt.count(scored["question"]) == 1 and prompt.endswith(
+        cfg.model.prompt_template.format(question=scored["question"]))
+    assert pool[1]["answer"] in prompt and pool[2]["answer"] in prompt
+
+
+def test_records_carry_every_scorer_and_the_summary_splits_by_cleaning_status(fast_cfg, tiny_sft):
+    path = shared_file("gsm8k_platinum", "test.jsonl")
+    cfg = fast_cfg(f"eval.platinum_path={path}", "eval.num_questions=40", "eval.targets=[base]",
+                   "eval.datasets=[gsm8k_platinum]")
+    artifact = evaluation.evaluate(cfg, ArtifactStore(cfg.paths.artifacts), "base", "gsm8k_platinum")
+    records = evaluation.read_predictions(artifact)
+    assert len(records) == 40 and len({r["id"] for r in records}) == 40
+    for key in ("id", "question", "gold", "completion", "num_tokens", "finish_reason", "cleaning_status",
+                "pred_strict", "correct_strict", "pred_flexible", "correct_flexible", "pred_platinum",
+                "correct_platinum"):
+        assert key in records[0]
+    summary = json.loads((artifact / "summary.json").read_text())
+    assert sum(block["n"] for block in summary["by_status"].values()) == 40
+
+
+def test_an_interrupted_evaluation_resumes_without_redoing_finished_questions(fast_cfg, tiny_sft, monkeypatch):
+    cfg = fast_cfg("eval.num_questions=24", "eval.batch_size=3", "eval.max_new_tokens=40")  # chunks of 12
+    store = ArtifactStore(cfg.paths.artifacts)
+    original, calls = evaluation.generate, []
+
+    def crash_on_second_chunk(model, tokenizer, prompts, **kwargs):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if killed after the first chunk was flushed
+        return original(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate", crash_on_second_chunk)
+    try:
+        evaluation.evaluate(cfg, store, "sft", "synthetic_test")
+    except KeyboardInterrupt:
+        pass
+    partial = next((store.root / "eval").glob("*.partial"))
+    first_chunk = evaluation.read_predictions(partial)
+    assert len(first_chunk) == 12
+    with open(partial / evaluation.PREDICTIONS, "a") as handle:
+        handle.write('{"id": "torn')  # killed mid-write
+    decoded = []
+    monkeypatch.setattr(evaluation, "generate",
+                        lambda m, t, prompts, **kw: decoded.extend(prompts) or original(m, t, prompts, **kw))
+    records = evaluation.read_predictions(evaluation.evaluate(cfg, store, "sft", "synthetic_test"))
+    assert len(decoded) == 12
+    assert len(records) == 24 and len({r["id"] for r in records}) == 24 and records[:12] == first_chunk
+
+
+def test_the_batch_check_passes_on_the_real_path_and_catches_right_padding(tiny_sft):
+    cfg, _, _, sft_dir = tiny_sft
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    problems = evaluation.eval_problems("synthetic_test", cfg)[:8]
+    prompts = [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
+    assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] == 0
+    tokenizer.padding_side = "right"  # the classic bug: batched rows continue after their padding
+    assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] > 0
+
+
+def test_the_report_has_intervals_paired_deltas_and_a_plot(artifacts, tiny_sft, tmp_path):
+    path = shared_file("gsm8k_platinum", "test.jsonl")
+    from tests.conftest import FAST
+
+    result = looper_cli(f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path}", *FAST, "stage=eval",
+                        "eval.datasets=[gsm8k_platinum]", f"eval.platinum_path={path}", "eval.num_questions=60",
+                        "eval.check_batch_consistency=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    for text in ("## gsm8k_platinum", "| base |", "| sft |", "| dpo |", "### By cleaning_status", "consensus",
+                 "### Paired deltas", "base → sft", "sft → dpo", "McNemar p"):
+        assert text in report, text
+    assert "% [" in report  # accuracies carry their intervals
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_a_killed_platinum_evaluation_finishes_on_rerun_without_recomputing(artifacts, tiny_sft, tmp_path):
+    path = shared_file("gsm8k_platinum", "test.jsonl")
+    from tests.conftest import FAST
+
+    args = [sys.executable, "-m", "looper", f"paths.artifacts={artifacts}", *FAST, "stage=eval",
+            "eval.datasets=[gsm8k_platinum]", f"eval.platinum_path={path}", "eval.targets=[base]",
+            "eval.num_questions=null", "eval.batch_size=16", "eval.max_new_tokens=24"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([*args, f"hydra.run.dir={tmp_path / 'a'}"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    partial_file = None
+    while time.time() < deadline and process.poll() is None:
+        found = list((artifacts / "eval").glob("*.partial/predictions.jsonl"))
+        if found and sum(1 for _ in open(found[0])) >= 200:
+            partial_file = found[0]
+            break
+        time.sleep(0.2)
+    assert partial_file is not None, "the evaluation finished or stalled before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_at_kill = sum(1 for _ in open(partial_file))
+    assert done_at_kill < 1209
+    result = looper_cli(*args[3:], f"hydra.run.dir={tmp_path / 'b'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = [line for line in (result.stdout + result.stderr).splitlines() if "resuming" in line]
+    assert len(resumed) == 1
+    # every complete line is kept; SIGKILL may have torn the last one, which is dropped and redone
+    assert any(f"{n} of 1209 already done" in resumed[0] for n in (done_at_kill, done_at_kill - 1))
+    final = partial_file.parent.with_name(partial_file.parent.name.replace(".partial", ""))
+    ids = [json.loads(line)["id"] for line in (final / "predictions.jsonl").read_text().splitlines()]
+    assert len(ids) == 1209 and len(set(ids)) == 1209
