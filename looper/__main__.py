@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from looper import dpo, evaluation, preferences, rollout, sft
+from looper import distributed, dpo, evaluation, preferences, rollout, sft
 from looper.artifacts import ArtifactStore
 from looper.config import Config, register_configs
 from looper.data import load_splits
@@ -44,6 +44,7 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> Optional[float]:
     cfg: Config = OmegaConf.to_object(raw)  # runs every schema's value checks
+    distributed.init()
     return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 

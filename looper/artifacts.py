@@ -3,7 +3,9 @@
 A directory is complete when it holds `DONE`; it is built under `<key>.partial/` and renamed into place, so a crash
 never leaves a directory that looks complete. Builders that can resume (rollout, eval) keep their `.partial`
 directory across a crash; the others start it afresh. A per-key file lock keeps parallel sweep jobs from building
-the same artifact twice. Every use is appended to the Hydra run directory's `artifacts.jsonl`.
+the same artifact twice. Under `accelerate launch` every rank calls the builder together (trainers and the sharded
+rollout are collective), with barriers instead of the lock, and rank 0 finalises. Every use is appended to the Hydra
+run directory's `artifacts.jsonl`.
 """
 
 import dataclasses
@@ -16,6 +18,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from looper import distributed
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +61,12 @@ class ArtifactStore:
         """Where the artifact of `stage` with this spec lives (complete or not)."""
         return self.root / stage / artifact_key(spec)
 
-    def ensure(self, stage: str, spec: dict, build: Callable[[Path], None], resumable: bool = False) -> Path:
-        """Return the complete artifact for `spec`, calling `build(partial_dir)` first if there is none."""
+    def ensure(self, stage: str, spec: dict, build: Callable[[Path], None], resumable: bool = False,
+               collective: bool = False) -> Path:
+        """Return the complete artifact for `spec`, calling `build(partial_dir)` first if there is none.
+
+        `resumable`: keep a `.partial` directory left by a crash. `collective`: under several processes every rank
+        calls `build` (trainers, the sharded rollout); otherwise rank 0 builds while the others wait."""
         final = self.path(stage, spec)
         if final in self._resolved:
             return final
@@ -67,6 +75,8 @@ class ArtifactStore:
             self._record(stage, final, "reused")
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
+        if distributed.world_size() > 1:
+            return self._build_together(stage, spec, final, build, resumable, collective)
         with self._lock(final):
             if is_complete(final):  # another process built it while we waited
                 log.info("%s: reusing %s (built by another job)", stage, final)
@@ -88,6 +98,27 @@ class ArtifactStore:
         self._record(stage, final, "made")
         return final
 
+    def _build_together(self, stage: str, spec: dict, final: Path, build, resumable: bool, collective: bool) -> Path:
+        partial = final.with_name(final.name + ".partial")
+        if distributed.is_main_process():
+            if partial.exists() and not resumable:
+                shutil.rmtree(partial)
+            partial.mkdir(exist_ok=True)
+            (partial / "spec.json").write_text(json.dumps(_plain(spec), indent=2, sort_keys=True))
+            log.info("%s: building %s on %d processes", stage, final, distributed.world_size())
+        distributed.barrier()
+        if collective or distributed.is_main_process():
+            build(partial)
+        distributed.barrier()
+        if distributed.is_main_process():
+            (partial / DONE).write_text("built\n")
+            if final.exists():
+                shutil.rmtree(final)
+            partial.rename(final)
+        distributed.barrier()
+        self._record(stage, final, "made")
+        return final
+
     @contextmanager
     def _lock(self, final: Path):
         with open(final.with_name(final.name + ".lock"), "w") as handle:
@@ -99,7 +130,7 @@ class ArtifactStore:
 
     def _record(self, stage: str, path: Path, status: str) -> None:
         self._resolved.add(path)
-        if self.record_file is None:
+        if self.record_file is None or not distributed.is_main_process():
             return
         self.record_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.record_file, "a") as handle:

@@ -138,9 +138,17 @@ class RewardConfig:
     w_end: float = doc("Weight of s_end (final-answer agreement) in s_wm.", 1.0)
     w_path: float = doc("Weight of s_path (arithmetic validity x shared intermediate results) in s_wm.", 1.0)
     w_cf: float = doc("Weight of s_cf (counterfactual robustness) in s_wm.", 1.0)
+    cf_cut: float = doc("s_cf cuts each trajectory at this fraction of its reasoning and resamples from there.", 0.5)
+    cf_samples: int = doc("Continuations resampled per trajectory for s_cf; 0 turns s_cf off (w_cf drops out).", 2)
+    scorer: Dict[str, Any] = doc("The coherence scorer: `_target_` names the function (see looper/coherence.py), "
+                                 "other keys are passed to it.",
+                                 factory=lambda: {"_target_": "looper.coherence.reference_scorer"})
 
     def __post_init__(self):
         _positive(self.length_unit, "reward.length_unit")
+        _check(0 < self.cf_cut < 1, "reward.cf_cut", f"must be in (0, 1), got {self.cf_cut}")
+        _check(self.cf_samples >= 0, "reward.cf_samples", "must be >= 0")
+        _check("_target_" in self.scorer, "reward.scorer._target_", "name the scoring function")
         for name in ("w_end", "w_path", "w_cf", "length_penalty"):
             _check(getattr(self, name) >= 0, f"reward.{name}", "must be >= 0")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from looper import models, preferences, sft
+from looper import distributed, models, preferences, sft
 from looper.artifacts import ArtifactStore
 from looper.config import Config
 from looper.tracking import stage_run
@@ -77,13 +77,14 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
         check.first["ok"] = margin is not None and abs(margin) < REFERENCE_TOLERANCE
         tracker.summary({"dpo/train_loss": result.training_loss, "dpo/first_step_margin": margin,
                          "dpo/reference_check_ok": check.first["ok"]})
-    (out / "reference_check.json").write_text(json.dumps(check.first, indent=2))
     if not check.first["ok"]:
         log.warning("dpo: first-step reward margin %s is not ~0: the reference may not be the SFT policy", margin)
-    trainer.model.save_pretrained(str(out), selected_adapters=["default"])
-    tokenizer = trainer.processing_class
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(str(out))
+    if distributed.is_main_process():
+        (out / "reference_check.json").write_text(json.dumps(check.first, indent=2))
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out), selected_adapters=["default"])
+        tokenizer = trainer.processing_class
+        tokenizer.padding_side = "left"
+        tokenizer.save_pretrained(str(out))
     log.info("dpo: %d pairs, final loss %.4f, first-step margin %s", len(trainer.train_dataset),
              result.training_loss, margin)
 
@@ -94,4 +95,4 @@ def run(cfg: Config, store: ArtifactStore) -> Path:
     sft_dir = sft.run(cfg, store)
     spec = {"sft": sft_dir.name, "preferences": pairs_dir.name, "dpo": cfg.dpo, "lora": cfg.lora,
             "model": cfg.model, "seed": cfg.seed}
-    return store.ensure("dpo", spec, lambda out: _train(cfg, sft_dir, pairs_dir, out))
+    return store.ensure("dpo", spec, lambda out: _train(cfg, sft_dir, pairs_dir, out), collective=True)

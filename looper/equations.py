@@ -12,7 +12,7 @@ from typing import Optional
 _ANNOTATION = re.compile(r"<<([^<>=]+)=([^<>]+)>>")
 # an expression starting with a number (or '-', '(') with at least one operator, then '=' and a number
 _PLAIN = re.compile(r"((?:[-(]\s*)*\$?\d[\d$.,()%\s]*(?:[-+*/x×÷]\s*[-(\s]*\$?\d[\d$.,()%\s]*)+)=\s*(-?\$?\s?[\d,]*\.?\d+)")
-_TOKEN = re.compile(r"\s*(?:(\d[\d,]*(?:\.\d+)?|\.\d+)(%?)|([-+*/x×÷()]))")
+_TOKEN = re.compile(r"\s*(?:(\d[\d,]*(?:\.\d+)?|\.\d+)(%?)|(//|[-+*/x×÷()]))")
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,9 @@ class Equation:
 
 
 class _Parser:
-    """expr := term (('+'|'-') term)*; term := unary (('*'|'/') unary)*; unary := '-' unary | atom;
-    atom := number['%'] | '(' expr ')'.  Exact rational arithmetic (Fraction)."""
+    """expr := term (('+'|'-') term)*; term := unary (('*'|'/'|'//') unary)*; unary := ('-'|'+') unary | atom;
+    atom := number['%'] | '(' expr ')'.  Exact rational arithmetic (Fraction); `//` floors, as in GSM8K's
+    calculator annotations (which were Python)."""
 
     def __init__(self, text: str):
         self.tokens, position = [], 0
@@ -68,18 +69,18 @@ class _Parser:
 
     def _term(self) -> Fraction:
         value = self._unary()
-        while self._peek() in (("op", "*"), ("op", "/")):
+        while self._peek() in (("op", "*"), ("op", "/"), ("op", "//")):
             _, op = self._take()
             right = self._unary()
-            if op == "/" and right == 0:
+            if op != "*" and right == 0:
                 raise ZeroDivisionError
-            value = value * right if op == "*" else value / right
+            value = value * right if op == "*" else value / right if op == "/" else Fraction(value // right)
         return value
 
     def _unary(self) -> Fraction:
-        if self._peek() == ("op", "-"):
-            self._take()
-            return -self._unary()
+        if self._peek() in (("op", "-"), ("op", "+")):
+            _, op = self._take()
+            return -self._unary() if op == "-" else self._unary()
         kind, value = self._take()
         if kind == "num":
             return value

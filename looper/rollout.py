@@ -1,92 +1,235 @@
-"""Stage `rollout`: sample trajectories for each training question from every arm of the arm-set, and score them.
+"""Stage `rollout`: sample trajectories for each training question from every arm, score them for coherence.
 
-Artifact: `trajectories.jsonl` (one record per question x arm x sample, raw score components kept so that rewards
-are recomputed later with the current `reward.*`) and `stats.json` (per-arm accuracy, tokens, components).
+Artifact: `trajectories.jsonl` — one record per question x arm x sample, sorted by (question, arm, sample), with the
+raw score components so that rewards are recomputed later with the current `reward.*` (the stored `s_wm` uses the
+weights of the run that made the artifact; preferences recompute it) — and `stats.json`.
+
+Each (question, arm, sample) has its own seed, drawn from the run seed, and sampling is seeded per row
+(looper/generation.py), so the records do not depend on batching, sharding or restarts. Records are written question
+by question (flushed) to this process's shard `trajectories.rank<r>.jsonl`; a restart keeps the questions already
+complete in it and drops a torn or partial last question. Under `accelerate launch`, process r takes questions
+r, r + world, ...; when every process is done, rank 0 merges the shards, sorted and de-duplicated.
 """
 
+import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
-from looper import coherence, models
+from hydra.utils import instantiate
+from tqdm.auto import tqdm
+
+from looper import coherence, distributed, models, sft
 from looper.answers import extract, is_correct
 from looper.artifacts import ArtifactStore
-from looper.config import Config
+from looper.config import ArmConfig, Config
 from looper.data import load_splits
 from looper.generation import generate
-from looper import sft
 from looper.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
+TRAJECTORIES = "trajectories.jsonl"
 
-def _sample(cfg: Config, model, tokenizer, problems: list[dict]) -> list[dict]:
-    """Raw trajectories (text, answer, correct) for every question x arm x sample."""
+
+def trajectory_seed(run_seed: int, question_id: str, arm: str, sample: int, *extra) -> int:
+    """A 31-bit seed for one (question, arm, sample) — and, with `extra`, for its resampled continuations."""
+    key = "/".join(map(str, (run_seed, question_id, arm, sample, *extra)))
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") >> 1
+
+
+class Sampler:
+    """Samples trajectories and continuations from one policy with the rollout's settings."""
+
+    def __init__(self, cfg: Config, model, tokenizer):
+        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
+        self.max_new_tokens = cfg.rollout.max_new_tokens or cfg.model.max_new_tokens
+        self.real_tokens = 0
+
+    def prompt(self, question: str, arm: ArmConfig) -> str:
+        return models.build_prompt(self.cfg.model, self.tokenizer, question, arm)
+
+    def run(self, jobs: list[tuple[str, ArmConfig, int]]):
+        """Complete (prompt, arm, seed) jobs in batches; returns Generation objects in order."""
+        outputs = generate(self.model, self.tokenizer, [p for p, _, _ in jobs], max_new_tokens=self.max_new_tokens,
+                           batch_size=self.cfg.rollout.batch_size, temperature=[a.temperature for _, a, _ in jobs],
+                           top_p=[a.top_p for _, a, _ in jobs], seeds=[s for _, _, s in jobs],
+                           add_special_tokens=self.cfg.model.prompt_format != "chat", desc=None)
+        self.real_tokens += sum(o.num_tokens for o in outputs)
+        return outputs
+
+    def continuations(self, problem: dict, trajectories: list[dict]):
+        """The `generate` callable of the scorer protocol for one question's trajectories."""
+        def continue_(requests: list[tuple[int, str]], n: int) -> list[list[str]]:
+            jobs = []
+            for index, prefix in requests:
+                t = trajectories[index]
+                arm = self.cfg.arms[t["arm"]]
+                jobs += [(self.prompt(problem["question"], arm) + prefix, arm,
+                          trajectory_seed(self.cfg.seed, t["question_id"], t["arm"], t["sample"], "cf", k))
+                         for k in range(n)]
+            texts = [o.text for o in self.run(jobs)]
+            return [texts[i * n:(i + 1) * n] for i in range(len(requests))]
+
+        return continue_
+
+
+def _score_question(cfg: Config, sampler: Sampler, scorer, problem: dict, trajectories: list[dict]) -> list[dict]:
+    components = scorer(question=problem["question"], gold=problem["gold"], trajectories=trajectories,
+                        generate=sampler.continuations(problem, trajectories),
+                        extract_answer=lambda text: extract(text, cfg.rollout.answer_scorer), reward=cfg.reward)
     records = []
-    max_new_tokens = cfg.rollout.max_new_tokens or cfg.model.max_new_tokens
-    for arm_index, (arm_name, arm) in enumerate(cfg.arms.items()):
-        jobs = [(problem, sample) for problem in problems for sample in range(arm.samples)]
-        prompts = [models.build_prompt(cfg.model, tokenizer, problem["question"], arm) for problem, _ in jobs]
-        seed = cfg.seed * 1000 + arm_index
-        outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                           batch_size=cfg.rollout.batch_size, temperature=arm.temperature, top_p=arm.top_p, seed=seed,
-                           add_special_tokens=cfg.model.prompt_format != "chat", desc=f"rollout {arm_name}")
-        for (problem, sample), output in zip(jobs, outputs):
-            records.append({
-                "question_id": problem["id"], "arm": arm_name, "family": arm.family, "sample": sample,
-                "seed": seed, "question": problem["question"], "gold": problem["gold"], "text": output.text,
-                "answer": extract(output.text, cfg.rollout.answer_scorer),
-                "correct": is_correct(output.text, problem["gold"], cfg.rollout.answer_scorer),
-                "num_tokens": output.num_tokens, "finish_reason": output.finish_reason})
+    for t, c in zip(trajectories, components):
+        record = {**t, **c}
+        record["s_wm"] = coherence.weighted(record, cfg.reward)
+        records.append(record)
     return records
 
 
-def _mean(values: list) -> "float | None":
+def _trajectories(cfg: Config, problem: dict, outputs_by_job: list) -> list[dict]:
+    out = []
+    for (arm_name, arm, sample, seed), output in outputs_by_job:
+        out.append({"question_id": problem["id"], "arm": arm_name, "family": arm.family, "sample": sample,
+                    "seed": seed, "question": problem["question"], "gold": problem["gold"], "text": output.text,
+                    "reasoning": coherence.split_reasoning(output.text),
+                    "answer": extract(output.text, cfg.rollout.answer_scorer),
+                    "correct": is_correct(output.text, problem["gold"], cfg.rollout.answer_scorer),
+                    "num_tokens": output.num_tokens, "finish_reason": output.finish_reason})
+    return out
+
+
+def read_complete(path: Path, expected: int) -> list[dict]:
+    """The records of a shard whose questions are complete (`expected` records each); a torn last line or a partly
+    written last question is dropped, and the file is rewritten without it."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["question_id"]] = counts.get(r["question_id"], 0) + 1
+    kept = [r for r in records if counts[r["question_id"]] == expected]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], shard: Path) -> None:
+    per_question = sum(arm.samples for arm in cfg.arms.values())
+    done = {r["question_id"] for r in read_complete(shard, per_question)}
+    todo = [p for p in problems if p["id"] not in done]
+    if done:
+        log.info("rollout: resuming, %d of %d questions of this process already done", len(done), len(problems))
+    if not todo:
+        return
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    sampler = Sampler(cfg, model, tokenizer)
+    scorer = instantiate(cfg.reward.scorer, _partial_=True)
+    questions_per_batch = max(1, cfg.rollout.batch_size // per_question)
+    start = time.time()
+    with open(shard, "a") as handle, tqdm(total=len(problems), initial=len(done), unit="q", desc="rollout") as bar:
+        for first in range(0, len(todo), questions_per_batch):
+            chunk = todo[first:first + questions_per_batch]
+            keys = [(p, name, arm, k, trajectory_seed(cfg.seed, p["id"], name, k))
+                    for p in chunk for name, arm in cfg.arms.items() for k in range(arm.samples)]
+            outputs = sampler.run([(sampler.prompt(p["question"], arm), arm, seed) for p, _, arm, _, seed in keys])
+            for problem in chunk:
+                mine = [((name, arm, k, seed), out) for (p, name, arm, k, seed), out in zip(keys, outputs)
+                        if p is problem]
+                records = _score_question(cfg, sampler, scorer, problem, _trajectories(cfg, problem, mine))
+                handle.write("".join(json.dumps(r) + "\n" for r in records))  # one write per question
+                handle.flush()
+                bar.update(1)
+            elapsed = max(time.time() - start, 1e-9)
+            bar.set_postfix(q_per_s=f"{(bar.n - len(done)) / elapsed:.2f}", tok_per_s=f"{sampler.real_tokens / elapsed:.0f}")
+
+
+def merge_shards(out: Path, problems: list[dict], arm_names: list[str]) -> list[dict]:
+    """All shards' records, de-duplicated by (question, arm, sample) and sorted in question and arm order."""
+    question_order = {p["id"]: i for i, p in enumerate(problems)}
+    arm_order = {name: i for i, name in enumerate(arm_names)}
+    unique = {}
+    for shard in sorted(out.glob("trajectories.rank*.jsonl")):
+        for line in shard.read_text().splitlines():
+            record = json.loads(line)
+            unique.setdefault((record["question_id"], record["arm"], record["sample"]), record)
+    return sorted(unique.values(), key=lambda r: (question_order[r["question_id"]], arm_order[r["arm"]], r["sample"]))
+
+
+def _mean(values: list):
     return sum(values) / len(values) if values else None
 
 
 def arm_stats(records: list[dict]) -> dict:
-    """Per-arm and overall accuracy, mean tokens and mean coherence components."""
+    """Per-arm and overall accuracy, answer agreement (mean s_end), mean tokens and mean components."""
     def summary(rows):
-        n = len(rows)
-        return {"trajectories": n, "accuracy": sum(r["correct"] for r in rows) / n,
-                "mean_tokens": sum(r["num_tokens"] for r in rows) / n,
-                **{f"mean_{c}": _mean([r[c] for r in rows if r[c] is not None]) for c in coherence.COMPONENTS}}
+        return {"trajectories": len(rows), "accuracy": _mean([r["correct"] for r in rows]),
+                "answered": _mean([r["answer"] is not None for r in rows]),
+                "mean_tokens": _mean([r["num_tokens"] for r in rows]),
+                **{f"mean_{c}": _mean([r[c] for r in rows if r.get(c) is not None]) for c in coherence.COMPONENTS}}
 
-    arms = sorted({r["arm"] for r in records})
-    return {"overall": summary(records), "arms": {a: summary([r for r in records if r["arm"] == a]) for a in arms}}
+    arms = list(dict.fromkeys(r["arm"] for r in records))
+    by_question = coherence.group_by_question(records)
+    return {"questions": len(by_question),
+            "questions_with_a_correct_trajectory": sum(any(r["correct"] for r in rs) for rs in by_question.values()),
+            "overall": summary(records), "arms": {a: summary([r for r in records if r["arm"] == a]) for a in arms}}
+
+
+def _log(tracker, stats: dict, records: list[dict]) -> None:
+    tracker.summary({"rollout/accuracy": stats["overall"]["accuracy"], "rollout/questions": stats["questions"]})
+    tracker.summary({f"rollout/{arm}/{key}": value for arm, s in stats["arms"].items() for key, value in s.items()
+                     if key in ("accuracy", "mean_s_end", "mean_s_wm", "mean_tokens")})
+
+    def histograms():
+        import wandb
+
+        tracker.run.log({f"rollout/hist_{c}": wandb.Histogram([r[c] for r in records if r.get(c) is not None])
+                         for c in coherence.COMPONENTS if any(r.get(c) is not None for r in records)})
+
+    tracker._call("histograms", histograms)
+    columns = ("question_id", "arm", "family", "sample", "text", "answer", "correct", "num_tokens", "s_end", "s_path",
+               "s_cf", "s_wm")
+    tracker.table("rollout/trajectories", [{c: r.get(c) for c in columns} for r in records[:200]])
 
 
 def _build(cfg: Config, sft_dir: Path, out: Path) -> None:
     problems = load_splits(cfg.data)["train"][: cfg.rollout.num_questions]
-    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    rank, world = distributed.rank(), distributed.world_size()
+    _sample_shard(cfg, sft_dir, problems[rank::world], out / f"trajectories.rank{rank}.jsonl")
+    distributed.barrier()
+    if not distributed.is_main_process():
+        return
+    records = merge_shards(out, problems, list(cfg.arms))
+    with open(out / TRAJECTORIES, "w") as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in records))
+    stats = arm_stats(records)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
     with stage_run(cfg, "rollout") as tracker:
-        records = coherence.score(_sample(cfg, model, tokenizer, problems), cfg.reward)
-        with open(out / "trajectories.jsonl", "w") as handle:
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
-        stats = arm_stats(records)
-        (out / "stats.json").write_text(json.dumps(stats, indent=2))
-        tracker.summary({f"rollout/{arm}/accuracy": s["accuracy"] for arm, s in stats["arms"].items()})
-        tracker.summary({"rollout/accuracy": stats["overall"]["accuracy"]})
-        tracker.table("rollout/samples", records[:50])
-    log.info("rollout: %d trajectories over %d questions, accuracy %.3f", len(records), len(problems),
-             stats["overall"]["accuracy"])
+        _log(tracker, stats, records)
+    log.info("rollout: %d trajectories over %d questions (%d processes), accuracy %.3f", len(records),
+             stats["questions"], world, stats["overall"]["accuracy"])
 
 
 def rollout_spec(cfg: Config, sft_dir: Path) -> dict:
-    """What determines the trajectories: not alpha, beta, length penalty or w_* (applied later, to components)."""
+    """What determines the trajectories: the policy, arms, sampling and the scorer — not alpha, beta, the length
+    penalty or the w_* weights, which are applied later to the stored components."""
+    scoring = {"scorer": cfg.reward.scorer, "cf_cut": cfg.reward.cf_cut, "cf_samples": cfg.reward.cf_samples}
     return {"sft": sft_dir.name, "arms": cfg.arms, "rollout": cfg.rollout, "model": cfg.model, "data": cfg.data,
-            "seed": cfg.seed}
+            "seed": cfg.seed, "scoring": scoring}
 
 
 def run(cfg: Config, store: ArtifactStore) -> Path:
     """Sample and score trajectories from the SFT policy; returns the artifact directory."""
     sft_dir = sft.run(cfg, store)
-    return store.ensure("rollout", rollout_spec(cfg, sft_dir), lambda out: _build(cfg, sft_dir, out))
+    return store.ensure("rollout", rollout_spec(cfg, sft_dir), lambda out: _build(cfg, sft_dir, out), resumable=True,
+                          collective=True)
 
 
 def read_trajectories(rollout_dir: Path) -> list[dict]:
     """The records of a rollout artifact."""
-    with open(rollout_dir / "trajectories.jsonl") as handle:
+    with open(rollout_dir / TRAJECTORIES) as handle:
         return [json.loads(line) for line in handle if line.strip()]

@@ -6,7 +6,7 @@ Artifact: the adapter (or the full model) and the tokenizer.
 import logging
 from pathlib import Path
 
-from looper import models
+from looper import distributed, models
 from looper.artifacts import ArtifactStore
 from looper.config import Config, LoraSettings
 from looper.data import load_splits
@@ -62,10 +62,11 @@ def _train(cfg: Config, base: str, out: Path) -> None:
         trainer = make_trainer(cfg, base, out, tracker.report_to)
         result = trainer.train()
         tracker.summary({"sft/train_loss": result.training_loss})
-    trainer.save_model(str(out))
-    tokenizer = trainer.processing_class
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(str(out))
+    trainer.save_model(str(out))  # on the main process only
+    if distributed.is_main_process():
+        tokenizer = trainer.processing_class
+        tokenizer.padding_side = "left"
+        tokenizer.save_pretrained(str(out))
     log.info("sft: %d examples, final train loss %.4f", len(trainer.train_dataset), result.training_loss)
 
 
@@ -73,4 +74,4 @@ def run(cfg: Config, store: ArtifactStore) -> Path:
     """Fine-tune the base model on the training split; returns the artifact (adapter or full model + tokenizer)."""
     base = models.base_model_path(cfg, store)
     spec = {"base": base, "model": cfg.model, "lora": cfg.lora, "sft": cfg.sft, "data": cfg.data, "seed": cfg.seed}
-    return store.ensure("sft", spec, lambda out: _train(cfg, base, out))
+    return store.ensure("sft", spec, lambda out: _train(cfg, base, out), collective=True)

@@ -15,13 +15,9 @@ from typing import Any, Optional
 
 from looper.artifacts import _plain
 from looper.config import Config
+from looper.distributed import is_main_process
 
 log = logging.getLogger(__name__)
-
-
-def is_main_process() -> bool:
-    """Rank 0 of an `accelerate launch`/torchrun job, or a plain single process."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _has_api_key() -> bool:

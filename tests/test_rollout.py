@@ -1,0 +1,103 @@
+"""Rollouts: record schema, reproducibility, a scorer plugged in by config, resume after SIGKILL, two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from looper import rollout
+from tests.conftest import FAST, ROOT, compose, looper_cli
+
+RECORD_KEYS = {"question_id", "arm", "family", "sample", "seed", "text", "reasoning", "answer", "correct",
+               "num_tokens", "finish_reason", "equations", "s_end", "s_path", "s_cf", "s_wm"}
+
+
+def _build(cfg, sft_dir, out: Path) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    rollout._build(cfg, sft_dir, out)
+    return rollout.read_trajectories(out)
+
+
+def _regime_w(artifacts, *overrides):
+    plain_arm = [o for o in FAST if not o.startswith("arms.")]  # FAST tunes the `single` arm-set's arm
+    return compose(f"paths.artifacts={artifacts}", *plain_arm, "arms=regime_w", "arms.equations.samples=2",
+                   "rollout.num_questions=4", *overrides)
+
+
+def test_records_keep_the_raw_components_and_are_reproducible(artifacts, tiny_sft, tmp_path):
+    cfg = _regime_w(artifacts, "rollout.batch_size=7")
+    first = _build(cfg, tiny_sft[3], tmp_path / "a")
+    assert len(first) == 4 * 9 and RECORD_KEYS <= set(first[0])
+    assert {r["family"] for r in first} == {"compute", "reflective"}
+    assert all(r["s_cf"] is not None for r in first)  # cf_samples=2 by default
+    again = _build(_regime_w(artifacts, "rollout.batch_size=32"), tiny_sft[3], tmp_path / "b")
+    assert again == first  # another batch size, same records
+    stats = json.loads((tmp_path / "a" / "stats.json").read_text())
+    assert set(stats["arms"]) == set(cfg.arms) and stats["questions"] == 4
+
+
+def test_a_scorer_plugs_in_through_config_alone(artifacts, tiny_sft, tmp_path):
+    result = looper_cli(f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path}", *FAST, "stage=rollout",
+                        "rollout.num_questions=3", "reward.scorer._target_=tests.scorers.length_scorer",
+                        "+reward.scorer.unit=30")
+    assert result.returncode == 0, result.stderr[-3000:]
+    made = [json.loads(line) for line in (tmp_path / "artifacts.jsonl").read_text().splitlines()]
+    records = rollout.read_trajectories(Path(next(r["path"] for r in made if r["stage"] == "rollout")))
+    assert {r["scored_by"] for r in records} == {"length"} and {r["s_path"] for r in records} == {0.3}
+    assert all(r["s_cf"] is None for r in records)
+
+
+def test_a_rollout_killed_half_way_resumes_to_the_same_records(artifacts, tiny_sft, fast_cfg, tmp_path):
+    overrides = [*FAST, "rollout.num_questions=60", "rollout.batch_size=8", "reward.cf_samples=1"]
+    reference = _build(fast_cfg(*overrides[len(FAST):]), tiny_sft[3], tmp_path / "reference")
+    killed_cache = tmp_path / "cache"
+    for stage in ("base", "sft"):  # share the trained models, not the rollout
+        (killed_cache / stage).mkdir(parents=True)
+        for item in (artifacts / stage).iterdir():
+            if item.is_dir() and (item / "DONE").exists():
+                (killed_cache / stage / item.name).symlink_to(item)
+    args = [sys.executable, "-m", "looper", f"paths.artifacts={killed_cache}", *overrides, "stage=rollout"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([*args, f"hydra.run.dir={tmp_path / 'a'}"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, shard = time.time() + 300, None
+    while time.time() < deadline and process.poll() is None:
+        found = list(killed_cache.glob("rollout/*.partial/trajectories.rank0.jsonl"))
+        if found and sum(1 for _ in open(found[0])) >= 15 * 8:
+            shard = found[0]
+            break
+        time.sleep(0.05)
+    assert shard is not None, "the rollout finished or stalled before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    result = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'b'}"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout + result.stderr
+    resumed = rollout.read_trajectories(next(p for p in killed_cache.glob("rollout/*") if p.is_dir()
+                                             and not p.name.endswith(".partial")))
+    keys = [(r["question_id"], r["arm"], r["sample"]) for r in resumed]
+    assert len(keys) == len(set(keys)) == 60 * 8
+    assert resumed == reference
+
+
+def test_two_processes_give_the_same_records_as_one(artifacts, tiny_sft, fast_cfg, tmp_path):
+    overrides = [*FAST, "rollout.num_questions=10", "reward.cf_samples=1"]
+    reference = _build(fast_cfg(*overrides[len(FAST):]), tiny_sft[3], tmp_path / "reference")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # `--multi_gpu` selects accelerate's torchrun launcher; with no GPU the processes run on the CPU over gloo
+    # (`--cpu` would select its single-process launcher)
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "-m", "looper", f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path / 'run'}",
+                             *overrides, "stage=rollout"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    made = [json.loads(line) for line in (tmp_path / "run" / "artifacts.jsonl").read_text().splitlines()]
+    artifact = Path(next(r["path"] for r in made if r["stage"] == "rollout"))
+    assert sorted(p.name for p in artifact.glob("trajectories.rank*.jsonl")) == [
+        "trajectories.rank0.jsonl", "trajectories.rank1.jsonl"]
+    assert rollout.read_trajectories(artifact) == reference
