@@ -7,6 +7,7 @@ from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from looper import distributed, dpo, evaluation, preferences, rollout, sft
@@ -18,10 +19,21 @@ log = logging.getLogger("looper")
 register_configs()
 
 STAGE_RUNS = {"sft": sft.run, "rollout": rollout.run, "preferences": preferences.run, "dpo": dpo.run}
+# the hyperparameters a sweep report tabulates, whatever was swept
+SWEPT = ("reward.alpha", "reward.beta", "reward.length_penalty", "reward.w_end", "reward.w_path", "reward.w_cf",
+         "dpo.beta", "dpo.learning_rate", "dpo.loss_type", "preferences.strategy", "preferences.margin", "seed")
+
+
+def _param(cfg: Config, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def run(cfg: Config, run_dir: Path) -> Optional[float]:
-    """Run `cfg.stage.name`; returns the primary accuracy of the last target on the first dataset when eval ran."""
+    """Run `cfg.stage.name`. When eval runs, writes `summary.json` and returns the objective: the primary-scorer
+    accuracy of the last of `eval.targets` on the first of `eval.datasets` (what an Optuna search maximises)."""
     load_splits(cfg.data)  # a bad data line stops the run here, before anything expensive starts
     store = ArtifactStore(Path(cfg.paths.artifacts), run_dir / "artifacts.jsonl")
     stage = cfg.stage.name
@@ -29,23 +41,33 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
         STAGE_RUNS[name](cfg, store)
     if stage not in ("pipeline", "eval"):
         return None
-    summaries = evaluation.run(cfg, store, run_dir)
-    table = (run_dir / "eval_table.md").read_text()
+    results = evaluation.run(cfg, store, run_dir)
+    print((run_dir / "eval_table.md").read_text(), flush=True)  # the headline result, whatever the logging setup
     log.info("accuracy table (greedy, same held-out questions for every target): %s", run_dir / "eval_table.md")
-    print(table, flush=True)  # the headline result, on stdout whatever the logging setup
-    metrics = {f"{s['dataset']}/{s['target']}/acc_{k[4:]}": v for s in summaries for k, v in s.items()
-               if k.startswith("acc_")}
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    (run_dir / "summary.json").write_text(json.dumps({"overrides": overrides, "metrics": metrics}, indent=2))
-    primary = [s for s in summaries if s["dataset"] == cfg.eval.datasets[0]][-1]
-    return primary[f"acc_{cfg.eval.primary_scorer}"]
+    primary = f"acc_{cfg.eval.primary_scorer}"
+    objective = next(r for r in reversed(results) if r["dataset"] == cfg.eval.datasets[0])[primary]
+    summary = {
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "params": {key: _param(cfg, key) for key in SWEPT},
+        "primary_scorer": cfg.eval.primary_scorer,
+        "objective": {"dataset": cfg.eval.datasets[0], "target": cfg.eval.targets[-1], "value": objective},
+        "metrics": {f"{r['dataset']}/{r['target']}/{k}": v for r in results for k, v in r.items()
+                    if k.startswith("acc_")},
+        "counts": {f"{r['dataset']}/{r['target']}": {k: v for k, v in r.items() if k == "n" or k.startswith("correct_")}
+                   for r in results},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return objective
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> Optional[float]:
     cfg: Config = OmegaConf.to_object(raw)  # runs every schema's value checks
     distributed.init()
-    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    parallel_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    with distributed.claim_gpu(Path(cfg.paths.artifacts) / ".gpu_locks", enabled=parallel_sweep):
+        return run(cfg, Path(hydra_cfg.runtime.output_dir))
 
 
 if __name__ == "__main__":

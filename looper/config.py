@@ -201,9 +201,15 @@ class RolloutConfig:
 
 @dataclass
 class PreferencesConfig:
-    max_pairs_per_question: int = doc("At most this many correct-vs-incorrect pairs per question.", 1)
+    strategy: str = doc("`correctness_first` (correct vs incorrect, then coherent vs incoherent among correct) or "
+                        "`reward_extremes` (highest vs lowest reward).", "correctness_first")
+    margin: float = doc("correctness_first: least s_wm gap of a coherence pair; reward_extremes: least reward gap.",
+                        0.1)
+    max_pairs_per_question: int = doc("At most this many pairs of each type per question.", 1)
 
     def __post_init__(self):
+        _choice(self.strategy, "preferences.strategy", ("correctness_first", "reward_extremes"))
+        _check(self.margin >= 0, "preferences.margin", "must be >= 0")
         _positive(self.max_pairs_per_question, "preferences.max_pairs_per_question")
 
 

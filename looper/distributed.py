@@ -1,6 +1,14 @@
-"""Process-group facts for `accelerate launch` / torchrun jobs; a plain run is rank 0 of 1."""
+"""Process-group facts for `accelerate launch` / torchrun jobs (a plain run is rank 0 of 1), and GPU claiming for
+sweep jobs that run side by side."""
 
+import fcntl
+import logging
 import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def world_size() -> int:
@@ -35,3 +43,33 @@ def barrier() -> None:
 
         init()
         PartialState().wait_for_everyone()
+
+
+@contextmanager
+def claim_gpu(lock_dir: Path, enabled: bool = True):
+    """Pin this process to a GPU no other job holds (a file lock per GPU), so that parallel sweep jobs (the joblib
+    launcher) each get their own; waits while all are taken. A no-op with fewer than two GPUs or under a
+    multi-process launch, where accelerate assigns devices."""
+    import torch
+
+    if not enabled or world_size() > 1 or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        yield None
+        return
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        for index in range(torch.cuda.device_count()):
+            handle = open(lock_dir / f"gpu{index}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            torch.cuda.set_device(index)
+            log.info("this job runs on GPU %d", index)
+            try:
+                yield index
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+            return
+        time.sleep(5)

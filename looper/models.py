@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from looper import distributed
 from looper.artifacts import ArtifactStore
 from looper.config import ArmConfig, Config, LoraSettings, ModelConfig
 
@@ -80,12 +81,14 @@ def resolve_attention(name: str) -> str:
 
 
 def device() -> torch.device:
-    """The accelerator of this process (its local rank's GPU under accelerate), else the CPU."""
-    if torch.cuda.is_available():
+    """This process's GPU (its local rank's under accelerate, the claimed one in a parallel sweep), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if distributed.world_size() > 1:
         from accelerate import PartialState
 
         return PartialState().device
-    return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 if torch.cuda.is_available():

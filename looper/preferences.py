@@ -1,76 +1,123 @@
 """Stage `preferences`: DPO pairs from scored trajectories, rewards recomputed from their stored components.
 
-Correctness pairs: per question, the correct trajectories by descending reward are paired with the incorrect ones by
-ascending reward (best correct vs worst incorrect first), up to `preferences.max_pairs_per_question`; identical
-texts are never paired. The pair's prompt is the model's plain prompt for the question (no arm): DPO teaches the
-policy to answer the plain question the way the best arm did.
+Strategies (`preferences.strategy`), per question, with at most `preferences.max_pairs_per_question` pairs of each
+type and never two identical texts in a pair:
+
+- `correctness_first`: correctness pairs first — the correct trajectories by falling reward against the incorrect ones
+  by rising reward (best correct vs worst incorrect, then the next of each); then coherence pairs among the correct
+  trajectories — most coherent (s_wm) against least coherent, next against next, while the s_wm gap is at least
+  `preferences.margin`.
+- `reward_extremes`: highest-reward against lowest-reward trajectory (then the next of each) while the reward gap is at
+  least `preferences.margin`.
+
+reward = alpha * correct + beta * s_wm - length_penalty * num_tokens / length_unit, with s_wm recomputed from the
+stored components with the current `reward.w_*`. The pair's prompt is the model's plain prompt for the question (no
+arm): DPO teaches the policy to answer the plain question the way the better path did.
 """
 
 import json
 import logging
-from collections import defaultdict
+from collections import Counter
 from pathlib import Path
 
 from looper import models, rollout, sft
 from looper.artifacts import ArtifactStore
-from looper.coherence import reward_of
-from looper.config import Config
+from looper.coherence import group_by_question, reward_of, weighted
+from looper.config import Config, PreferencesConfig, RewardConfig
 from looper.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
+COMPONENT_KEYS = ("correct", "s_end", "s_path", "s_cf", "s_wm", "num_tokens", "arm")
 
-def correctness_pairs(trajectories: list[dict], cfg: Config) -> tuple[list[dict], dict]:
-    """(pairs without prompts, count of questions without a pair by reason) from one rollout's records."""
-    by_question: dict[str, list[dict]] = defaultdict(list)
-    for record in trajectories:
-        by_question[record["question_id"]].append({**record, "reward": reward_of(record, cfg.reward)})
-    pairs, unpaired = [], defaultdict(int)
-    for question_id, records in by_question.items():
-        correct = sorted((r for r in records if r["correct"]), key=lambda r: -r["reward"])
-        wrong = sorted((r for r in records if not r["correct"]), key=lambda r: r["reward"])
-        if not correct or not wrong:
-            unpaired["all_correct" if correct else "all_wrong"] += 1
+
+def _pairs(high: list[dict], low: list[dict], cap: int, gap, margin: float) -> list[tuple[dict, dict]]:
+    """Pair high[i] with low[i] while the gap is positive (a tie is no preference) and at least `margin`, up to
+    `cap` pairs; a record is never paired with itself and identical texts are skipped."""
+    pairs, used = [], set()
+    for chosen, rejected in zip(high, low):
+        difference = gap(chosen, rejected)
+        if len(pairs) == cap or difference <= 0 or difference < margin:
+            break
+        if chosen is rejected or id(chosen) in used or id(rejected) in used:
+            break  # the two lists have met in the middle
+        if chosen["text"] == rejected["text"]:
             continue
-        made = 0
-        for chosen, rejected in zip(correct, wrong):
-            if made == cfg.preferences.max_pairs_per_question:
-                break
-            if chosen["text"] == rejected["text"]:
-                continue
-            pairs.append(_pair(question_id, chosen, rejected, "correctness", made))
-            made += 1
-        if made == 0:
-            unpaired["identical_texts"] += 1
+        pairs.append((chosen, rejected))
+        used.update((id(chosen), id(rejected)))
+    return pairs
+
+
+def question_pairs(records: list[dict], reward: RewardConfig, settings: PreferencesConfig) -> tuple[list, str]:
+    """(pairs as (chosen, rejected, pair_type), reason when there is none) for one question's scored records."""
+    scored = [{**r, "s_wm": weighted(r, reward), "reward": reward_of(r, reward)} for r in records]
+    cap = settings.max_pairs_per_question
+    if settings.strategy == "reward_extremes":
+        ranked = sorted(scored, key=lambda r: -r["reward"])
+        found = [(c, r, "reward") for c, r in _pairs(ranked, ranked[::-1], cap, lambda a, b: a["reward"] - b["reward"],
+                                                      settings.margin)]
+        return found, "" if found else "reward_gap_below_margin"
+    correct = [r for r in scored if r["correct"]]
+    wrong = [r for r in scored if not r["correct"]]
+    found = [(c, r, "correctness") for c, r in _pairs(sorted(correct, key=lambda r: -r["reward"]),
+                                                       sorted(wrong, key=lambda r: r["reward"]), cap,
+                                                       lambda a, b: 1.0, 0.0)]
+    by_coherence = sorted(correct, key=lambda r: -r["s_wm"])
+    found += [(c, r, "coherence") for c, r in _pairs(by_coherence, by_coherence[::-1], cap,
+                                                      lambda a, b: a["s_wm"] - b["s_wm"], settings.margin)]
+    if found:
+        return found, ""
+    if not correct:
+        return found, "all_wrong"
+    return found, "all_correct_and_coherence_gap_below_margin" if not wrong else "identical_texts"
+
+
+def build_pairs(trajectories: list[dict], reward: RewardConfig, settings: PreferencesConfig):
+    """(pairs without prompts, {reason: questions without a pair}) for all questions of a rollout."""
+    pairs, unpaired = [], Counter()
+    for question_id, records in group_by_question(trajectories).items():
+        found, reason = question_pairs(records, reward, settings)
+        if not found:
+            unpaired[reason] += 1
+        for index, (chosen, rejected, pair_type) in enumerate(found):
+            pairs.append({"id": f"{question_id}/{pair_type}/{index}", "question_id": question_id,
+                          "question": chosen["question"], "chosen": chosen["text"], "rejected": rejected["text"],
+                          "pair_type": pair_type, "chosen_reward": chosen["reward"],
+                          "rejected_reward": rejected["reward"],
+                          "chosen_components": {k: chosen.get(k) for k in COMPONENT_KEYS},
+                          "rejected_components": {k: rejected.get(k) for k in COMPONENT_KEYS}})
     return pairs, dict(unpaired)
 
 
-def _pair(question_id: str, chosen: dict, rejected: dict, pair_type: str, index: int) -> dict:
-    components = ("correct", "s_end", "s_path", "s_cf", "s_wm", "num_tokens", "arm")
-    return {"id": f"{question_id}/{pair_type}/{index}", "question_id": question_id, "question": chosen["question"],
-            "chosen": chosen["text"], "rejected": rejected["text"], "pair_type": pair_type,
-            "chosen_reward": chosen["reward"], "rejected_reward": rejected["reward"],
-            "chosen_components": {k: chosen[k] for k in components},
-            "rejected_components": {k: rejected[k] for k in components}}
+def pair_stats(pairs: list[dict], unpaired: dict, questions: int) -> dict:
+    """Pairs by type, questions without a pair and why, and the reward gaps."""
+    gaps = sorted(p["chosen_reward"] - p["rejected_reward"] for p in pairs)
+    return {"pairs": len(pairs), "pairs_by_type": dict(Counter(p["pair_type"] for p in pairs)),
+            "questions": questions, "questions_without_pair": unpaired,
+            "reward_gap": {"mean": sum(gaps) / len(gaps), "min": gaps[0], "median": gaps[len(gaps) // 2],
+                           "max": gaps[-1]} if gaps else None}
 
 
 def _build(cfg: Config, rollout_dir: Path, sft_dir: Path, out: Path) -> None:
     tokenizer = models.load_tokenizer(str(sft_dir), cfg.model)
-    pairs, unpaired = correctness_pairs(rollout.read_trajectories(rollout_dir), cfg)
+    trajectories = rollout.read_trajectories(rollout_dir)
+    pairs, unpaired = build_pairs(trajectories, cfg.reward, cfg.preferences)
     with open(out / "pairs.jsonl", "w") as handle:
         for pair in pairs:
             pair["prompt"] = models.build_prompt(cfg.model, tokenizer, pair["question"])
             handle.write(json.dumps(pair) + "\n")
-    gaps = [p["chosen_reward"] - p["rejected_reward"] for p in pairs]
-    stats = {"pairs": len(pairs), "pairs_by_type": {"correctness": len(pairs)}, "questions_without_pair": unpaired,
-             "mean_reward_gap": sum(gaps) / len(gaps) if gaps else None}
+    stats = pair_stats(pairs, unpaired, len(group_by_question(trajectories)))
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     with stage_run(cfg, "preferences") as tracker:
-        tracker.summary({f"preferences/{k}": v for k, v in stats.items() if not isinstance(v, dict)})
-    log.info("preferences: %d pairs; questions without a pair: %s", len(pairs), unpaired or "none")
+        tracker.summary({"preferences/pairs": stats["pairs"],
+                         **{f"preferences/pairs_{k}": v for k, v in stats["pairs_by_type"].items()},
+                         **{f"preferences/unpaired_{k}": v for k, v in unpaired.items()},
+                         **{f"preferences/reward_gap_{k}": v for k, v in (stats["reward_gap"] or {}).items()}})
+    log.info("preferences: %d pairs %s; questions without a pair: %s", len(pairs), stats["pairs_by_type"],
+             unpaired or "none")
     if not pairs:
-        raise RuntimeError(f"no preference pairs from {rollout_dir}: every question's trajectories were all correct "
-                           f"or all wrong ({unpaired}); sample more per arm (arms.<arm>.samples) or more questions")
+        raise RuntimeError(f"no preference pairs from {rollout_dir} ({unpaired}): sample more per arm "
+                           "(arms.<arm>.samples), more questions, or lower preferences.margin")
 
 
 def run(cfg: Config, store: ArtifactStore) -> Path:

@@ -1,0 +1,82 @@
+"""Sweeps: one SFT and one rollout shared by a grid of DPO jobs, W&B grouping, the sweep report, Optuna search."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from looper import report
+from tests.conftest import FAST, looper_cli
+
+GRID = ["reward.alpha=0.5,1.0", "reward.beta=0,0.5", "dpo.beta=0.05,0.2"]
+
+
+def _records(job_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (job_dir / "artifacts.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def grid(artifacts, tiny_sft, tmp_path_factory):
+    """A 2 x 2 x 2 sweep of the fast tiny setup over a fresh SFT key (so its rollout is made inside the sweep)."""
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    fast = [o for o in FAST if o != "logger=none"]
+    result = looper_cli("-m", f"paths.artifacts={artifacts}", f"hydra.sweep.dir={sweep_dir}", *fast,
+                        "sft.max_steps=152", "logger.mode=offline", "eval.targets=[dpo]", *GRID, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep_dir
+
+
+def test_the_grid_runs_eight_dpo_jobs_on_one_sft_and_one_rollout(grid):
+    jobs = [grid / str(n) for n in range(8)]
+    records = [r for job in jobs for r in _records(job)]
+    made = [r for r in records if r["status"] == "made"]
+    # generation happens once: one rollout (and one SFT) made in the whole sweep, reused by every other job
+    assert [r["stage"] for r in made].count("rollout") == 1 and [r["stage"] for r in made].count("sft") == 1
+    assert len({r["path"] for r in records if r["stage"] == "rollout"}) == 1
+    assert len({r["path"] for r in records if r["stage"] == "dpo"}) == 8
+    assert len({r["path"] for r in records if r["stage"] == "preferences"}) == 4  # alpha x beta; dpo.beta shares
+    for job in jobs:
+        summary = json.loads((job / "summary.json").read_text())
+        assert set(summary["params"]) >= {"reward.alpha", "reward.beta", "dpo.beta"} and summary["metrics"]
+
+
+def test_every_job_logs_its_own_wandb_runs_in_one_group(grid):
+    runs = [json.loads(line) for n in range(8) for line in (grid / str(n) / "wandb_runs.jsonl").read_text().split("\n")
+            if line]
+    assert {r["group"] for r in runs} == {grid.name}
+    for stage, expected in (("dpo", 8), ("eval", 8), ("preferences", 4), ("rollout", 1)):
+        assert len({r["id"] for r in runs if r["job_type"] == stage}) == expected, stage
+    assert "reward.alpha=0.5,reward.beta=0,dpo.beta=0.05" in {r["name"].split(":", 1)[1] for r in runs}
+
+
+def test_the_sweep_report_writes_a_table_and_heatmaps(grid):
+    report.main([str(grid)])
+    rows = (grid / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 9
+    table = (grid / "sweep.md").read_text()
+    assert "| rank | job | reward.alpha | reward.beta | dpo.beta | accuracy [95% CI] | n |" in table
+    assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()] == [
+        f"| {rank}" for rank in range(1, 9)] and "% [" in table
+    assert sorted(p.name for p in grid.glob("heatmap_*.png")) == ["heatmap_dpo.beta=0.05.png",
+                                                                 "heatmap_dpo.beta=0.2.png"]
+
+
+def test_rerunning_the_sweep_reuses_every_finished_artifact(grid, artifacts, tmp_path):
+    fast = [o for o in FAST if o != "logger=none"]
+    result = looper_cli("-m", f"paths.artifacts={artifacts}", f"hydra.sweep.dir={tmp_path}", *fast,
+                        "sft.max_steps=152", "logger=none", "eval.targets=[dpo]", *GRID, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    statuses = {r["status"] for n in range(8) for r in _records(tmp_path / str(n))}
+    assert statuses == {"reused"}
+
+
+def test_an_optuna_search_names_the_best_setting(artifacts, tiny_sft, tmp_path):
+    result = looper_cli(f"paths.artifacts={artifacts}", f"hydra.sweep.dir={tmp_path}", *FAST,
+                        "hparams_search=coherence_optuna", "hydra.sweeper.n_trials=4", timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"reward.alpha", "reward.beta", "dpo.beta"}
+    values = [json.loads((tmp_path / str(n) / "summary.json").read_text())["objective"] for n in range(4)]
+    assert {v["dataset"] for v in values} == {"synthetic_dev"} and {v["target"] for v in values} == {"dpo"}
+    assert best["best_value"] == max(v["value"] for v in values)
