@@ -44,6 +44,22 @@ def artifact_key(spec: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def recover_jsonl(path: Path, keep: Callable[[list[dict]], list[dict]] = lambda records: records) -> list[dict]:
+    """The records a crashed writer left in `path`, and the file rewritten to hold only them: reading stops at a
+    torn line (killed mid-write), and `keep` may drop more (e.g. a partly written group)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    kept = keep(records)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
 def is_complete(path: Path) -> bool:
     """Whether an artifact directory was finished (its DONE marker exists)."""
     return (path / DONE).is_file()

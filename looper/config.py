@@ -174,6 +174,8 @@ class SFTConfig:
     max_length: int = doc("Tokens per prompt+completion; longer ones are truncated.", 1024)
     warmup_ratio: float = doc("Share of steps with linear warmup.", 0.03)
     gradient_checkpointing: bool = doc("Recompute activations in backward (less memory, ~30% slower).", False)
+    group_by_length: bool = doc("Batch sequences of similar length together: less padding, but batches of one "
+                                "difficulty (on the tiny demo: 33% faster SFT, 75% -> 43% accuracy).", False)
     num_examples: Optional[int] = doc("Use only the first N training problems (null: all).", None)
     logging_steps: int = doc("Log the loss every N steps.", 10)
 
@@ -272,6 +274,15 @@ class EvalConfig:
         _check(self.check_batch_consistency >= 0, "eval.check_batch_consistency", "must be >= 0")
 
 
+@dataclass
+class GenerationSettings:
+    cache: str = doc("KV cache of rollout/eval decoding: `dynamic`, or `static` (compiled decoding; faster on GPUs "
+                     "after a one-off compile per shape).", "dynamic")
+
+    def __post_init__(self):
+        _choice(self.cache, "generation.cache", ("dynamic", "static"))
+
+
 # ---------------------------------------------------------------------------------------------------------- data, logs
 
 
@@ -329,6 +340,8 @@ class Config:
     preferences: PreferencesConfig = doc("Pair construction.", factory=PreferencesConfig)
     dpo: DPOConfig = doc("Direct preference optimisation.", factory=DPOConfig)
     eval: EvalConfig = doc("Evaluation.", factory=EvalConfig)
+    generation: GenerationSettings = doc("The shared decoding path of rollouts and evaluation.",
+                                         factory=GenerationSettings)
     data: DataConfig = doc("Training and evaluation problems (conf/data/).", factory=DataConfig)
     logger: LoggerConfig = doc("Experiment tracking (conf/logger/).", factory=LoggerConfig)
     paths: PathsConfig = doc("Where things go.", factory=PathsConfig)

@@ -15,7 +15,7 @@ from typing import Optional
 
 from looper import dpo, eval_report, models, sft
 from looper.answers import extract, is_correct, math_verify_available
-from looper.artifacts import ArtifactStore
+from looper.artifacts import ArtifactStore, recover_jsonl
 from looper.config import Config, DataConfig
 from looper.data import gold_from_solution, gsm8k_splits, load_splits, read_gsm8k_jsonl
 from looper.generation import generate
@@ -75,20 +75,6 @@ def prompt_for(cfg: Config, tokenizer, problem: dict, pool: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------------- decoding
 
 
-def _read_done(path: Path) -> list[dict]:
-    """Finished predictions of an interrupted run; a torn last line (killed mid-write) is dropped."""
-    if not path.exists():
-        return []
-    done = []
-    for line in path.read_text().splitlines():
-        try:
-            done.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    path.write_text("".join(json.dumps(r) + "\n" for r in done))
-    return done
-
-
 def scored(problem: dict, text: str, num_tokens: int, finish_reason: str, scorers: list[str]) -> dict:
     """One per-example record: the completion and every scorer's prediction and verdict."""
     record = {"id": problem["id"], "question": problem["question"], "gold": problem["gold"], "completion": text,
@@ -128,7 +114,7 @@ def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) 
     problems = eval_problems(dataset, cfg)
     pool = shot_pool(dataset, cfg)
     scorers = active_scorers(cfg)
-    done = _read_done(out / PREDICTIONS)
+    done = recover_jsonl(out / PREDICTIONS)
     finished = {r["id"] for r in done}
     todo = [p for p in problems if p["id"] not in finished]
     if done:
@@ -147,13 +133,13 @@ def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) 
             part = todo[start:start + chunk]
             outputs = generate(model, tokenizer, [prompt_for(cfg, tokenizer, p, pool) for p in part],
                                max_new_tokens=_max_new_tokens(cfg), batch_size=cfg.eval.batch_size,
-                               add_special_tokens=cfg.model.prompt_format != "chat",
+                               add_special_tokens=cfg.model.prompt_format != "chat", cache=cfg.generation.cache,
                                desc=f"eval {target} on {dataset} [{start + len(done)}/{len(problems)}]")
             for problem, output in zip(part, outputs):
                 handle.write(json.dumps(scored(problem, output.text, output.num_tokens, output.finish_reason,
                                                scorers)) + "\n")
             handle.flush()
-    records = _read_done(out / PREDICTIONS)
+    records = recover_jsonl(out / PREDICTIONS)
     summary = {"target": target, "target_path": target_path, "dataset": dataset,
                **eval_report.accuracy_summary(records, scorers)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

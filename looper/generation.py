@@ -44,16 +44,17 @@ class SeededSampling(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         device = scores.device
         logits = scores.float() / self.temperatures.to(device)[:, None]
-        ordered, order = logits.sort(dim=-1, descending=True)
-        probs = ordered.softmax(dim=-1)
-        drop_sorted = probs.cumsum(dim=-1) - probs > self.top_ps.to(device)[:, None]  # the top token always stays
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
+        if bool((self.top_ps < 1).any()):
+            ordered, order = logits.sort(dim=-1, descending=True)
+            probs = ordered.softmax(dim=-1)
+            drop_sorted = probs.cumsum(dim=-1) - probs > self.top_ps.to(device)[:, None]  # the top token stays
+            logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
         step = input_ids.shape[1] - self.start
         row = _hash32(_hash32(self.seeds.to(device)) ^ step)
         tokens = torch.arange(scores.shape[-1], device=device, dtype=torch.int64)
-        bits = _hash32(row[:, None] + tokens[None, :] * 0x9E3779B1)
-        uniform = (bits.double() + 0.5) / 2.0 ** 32
-        return logits + (-torch.log(-torch.log(uniform))).float()
+        bits = _hash32(row[:, None] + tokens[None, :] * 0x9E3779B1) >> 8  # 24 bits: exact in float32
+        uniform = (bits.float() + 0.5) / 2.0 ** 24  # strictly inside (0, 1)
+        return logits - torch.log(-torch.log(uniform))
 
 
 @dataclass
@@ -67,14 +68,31 @@ def _per_row(value: Union[float, Sequence[float]], n: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
+class RowLimits(LogitsProcessor):
+    """Per-row generation limits: row i is ended (EOS forced) after `limits[i]` new tokens."""
+
+    def __init__(self, limits: Sequence[int], start: int, eos_id: int):
+        self.limits, self.start, self.eos_id = torch.tensor(limits), start, eos_id
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        done = (input_ids.shape[1] - self.start) >= self.limits.to(scores.device)
+        if done.any():
+            scores[done] = float("-inf")
+            scores[done, self.eos_id] = 0.0
+        return scores
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int, Sequence[int]], batch_size: int,
              temperature: Union[float, Sequence[float]] = 0.0, top_p: Union[float, Sequence[float]] = 1.0,
-             seeds: Optional[Sequence[int]] = None, add_special_tokens: bool = True,
+             seeds: Optional[Sequence[int]] = None, add_special_tokens: bool = True, cache: str = "dynamic",
              desc: Optional[str] = "generate") -> list[Generation]:
     """Complete each prompt: greedy when every temperature is 0, else sampled with per-row `temperature`, `top_p`
-    and `seeds` (one each per prompt, or one value for all). `desc=None` shows no progress bar (the caller has one)."""
+    and `seeds` (one each per prompt, or one value for all). `max_new_tokens` may be per row. `cache="static"` uses
+    a static KV cache with compiled decoding; prompt lengths are then padded to multiples of 64 so that few shapes
+    compile. `desc=None` shows no progress bar (the caller has one)."""
     temperatures, top_ps = _per_row(temperature, len(prompts)), _per_row(top_p, len(prompts))
+    limits = _per_row(max_new_tokens, len(prompts))
     sampling = any(t > 0 for t in temperatures)
     if sampling and (seeds is None or len(seeds) != len(prompts) or min(temperatures) <= 0):
         raise ValueError("sampling needs one seed per prompt and temperatures > 0 for every row")
@@ -86,21 +104,28 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     for first in range(0, len(order), batch_size):
         rows = order[first:first + batch_size]
         encoded = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True,
+                            pad_to_multiple_of=64 if cache == "static" else None,
                             add_special_tokens=add_special_tokens).to(model.device)
+        prompt_length = encoded["input_ids"].shape[1]
+        row_limits = [limits[i] for i in rows]
         processors = LogitsProcessorList()
+        if len(set(row_limits)) > 1:
+            processors.append(RowLimits(row_limits, prompt_length, eos_ids[0]))
         if sampling:
             processors.append(SeededSampling([seeds[i] for i in rows], [temperatures[i] for i in rows],
-                                             [top_ps[i] for i in rows], encoded["input_ids"].shape[1]))
-        output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                             [top_ps[i] for i in rows], prompt_length))
+        output = model.generate(**encoded, max_new_tokens=max(row_limits), pad_token_id=tokenizer.pad_token_id,
                                 eos_token_id=eos_ids, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                logits_processor=processors)
-        new = output[:, encoded["input_ids"].shape[1]:].tolist()
-        for i, tokens in zip(rows, new):
-            results[i] = _finish(tokenizer, tokens, eos_ids)
+                                logits_processor=processors,
+                                **({"cache_implementation": "static"} if cache == "static" else {}))
+        for i, tokens in zip(rows, output[:, prompt_length:].tolist()):
+            results[i] = _finish(tokenizer, tokens, eos_ids, limits[i])
             real_tokens += results[i].num_tokens
         bar.update(len(rows))
         bar.set_postfix(tok_per_s=f"{real_tokens / max(time.time() - start, 1e-9):.0f}")
     bar.close()
+    if cache == "static" and getattr(model, "_cache", None) is not None:
+        model._cache = None  # transformers keeps the static cache on the model: free it for whatever runs next
     return results
 
 
@@ -110,9 +135,11 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids) | {tokenizer.eos_token_id})
 
 
-def _finish(tokenizer, tokens: list[int], eos_ids: list[int]) -> Generation:
-    # After a row's EOS, generate pads it; a row with no EOS ran the full max_new_tokens.
-    for position, token in enumerate(tokens):
+def _finish(tokenizer, tokens: list[int], eos_ids: list[int], limit: int) -> Generation:
+    # After a row's EOS, generate pads it; a row with no EOS ran to its limit (an EOS at the limit was forced).
+    for position, token in enumerate(tokens[:limit + 1]):
         if token in eos_ids:
+            if position == limit:
+                break
             return Generation(tokenizer.decode(tokens[:position], skip_special_tokens=True), position + 1, "stop")
-    return Generation(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), "length")
+    return Generation(tokenizer.decode(tokens[:limit], skip_special_tokens=True), min(limit, len(tokens)), "length")

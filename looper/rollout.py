@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from looper import coherence, distributed, models, sft
 from looper.answers import extract, is_correct
-from looper.artifacts import ArtifactStore
+from looper.artifacts import ArtifactStore, recover_jsonl
 from looper.config import ArmConfig, Config
 from looper.data import load_splits
 from looper.generation import generate
@@ -55,7 +56,8 @@ class Sampler:
         outputs = generate(self.model, self.tokenizer, [p for p, _, _ in jobs], max_new_tokens=self.max_new_tokens,
                            batch_size=self.cfg.rollout.batch_size, temperature=[a.temperature for _, a, _ in jobs],
                            top_p=[a.top_p for _, a, _ in jobs], seeds=[s for _, _, s in jobs],
-                           add_special_tokens=self.cfg.model.prompt_format != "chat", desc=None)
+                           add_special_tokens=self.cfg.model.prompt_format != "chat", cache=self.cfg.generation.cache,
+                           desc=None)
         self.real_tokens += sum(o.num_tokens for o in outputs)
         return outputs
 
@@ -102,20 +104,11 @@ def _trajectories(cfg: Config, problem: dict, outputs_by_job: list) -> list[dict
 def read_complete(path: Path, expected: int) -> list[dict]:
     """The records of a shard whose questions are complete (`expected` records each); a torn last line or a partly
     written last question is dropped, and the file is rewritten without it."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r["question_id"]] = counts.get(r["question_id"], 0) + 1
-    kept = [r for r in records if counts[r["question_id"]] == expected]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept
+    def whole_questions(records: list[dict]) -> list[dict]:
+        counts = Counter(r["question_id"] for r in records)
+        return [r for r in records if counts[r["question_id"]] == expected]
+
+    return recover_jsonl(path, whole_questions)
 
 
 def _sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], shard: Path) -> None:

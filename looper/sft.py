@@ -3,8 +3,10 @@
 Artifact: the adapter (or the full model) and the tokenizer.
 """
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Optional
 
 from looper import distributed, models
 from looper.artifacts import ArtifactStore
@@ -29,6 +31,15 @@ def trainer_precision(cfg: Config) -> dict:
     return {"bf16": str(dtype) == "torch.bfloat16", "fp16": str(dtype) == "torch.float16"}
 
 
+def _length_grouping(args_class, enabled: bool) -> dict:
+    """Length-grouped batching under the name this transformers version uses (`train_sampling_strategy` in newer
+    releases, `group_by_length` before)."""
+    names = {f.name for f in dataclasses.fields(args_class)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length" if enabled else "random"}
+    return {"group_by_length": enabled}
+
+
 def training_examples(cfg: Config, tokenizer) -> list[dict]:
     """SFT rows: the model's own prompt for each training question and its GSM8K solution as the completion."""
     train = load_splits(cfg.data)["train"][: cfg.sft.num_examples]
@@ -36,21 +47,23 @@ def training_examples(cfg: Config, tokenizer) -> list[dict]:
              "completion": models.build_completion(cfg.model, row["answer"])} for row in train]
 
 
-def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none"):
-    """The configured SFTTrainer over the base model (LoRA/QLoRA adapter or full fine-tuning)."""
+def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", examples: Optional[list[dict]] = None):
+    """The configured SFTTrainer over the base model (LoRA/QLoRA adapter or full fine-tuning); `examples`
+    (prompt/completion dicts) replace the training split (the GPU benchmark uses this)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     model = models.load_causal_lm(base, cfg.model, cfg.lora)
     tokenizer = models.load_tokenizer(base, cfg.model)
     tokenizer.padding_side = "right"  # training pads on the right; generation loads it left-padded again
-    dataset = Dataset.from_list(training_examples(cfg, tokenizer))
+    dataset = Dataset.from_list(examples if examples is not None else training_examples(cfg, tokenizer))
     args = SFTConfig(
         output_dir=str(out / "trainer"), learning_rate=cfg.sft.learning_rate, num_train_epochs=cfg.sft.epochs,
         max_steps=cfg.sft.max_steps, per_device_train_batch_size=cfg.sft.batch_size,
         gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps, max_length=cfg.sft.max_length,
         warmup_steps=cfg.sft.warmup_ratio, lr_scheduler_type="cosine",
         gradient_checkpointing=cfg.sft.gradient_checkpointing, completion_only_loss=True,
+        **_length_grouping(SFTConfig, cfg.sft.group_by_length),
         logging_steps=cfg.sft.logging_steps, save_strategy="no", report_to=report_to, seed=cfg.seed,
         dataloader_num_workers=0, **trainer_precision(cfg))
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,

@@ -110,3 +110,11 @@ def test_the_config_reference_is_current():
     from looper.config import reference_markdown
 
     assert (ROOT / "docs" / "config.md").read_text() == reference_markdown(), "run: python -m looper.config > docs/config.md"
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml"])
+def test_the_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "scripts" / "accelerate" / name))
+    assert config.num_processes == 2 and config.mixed_precision == "bf16"

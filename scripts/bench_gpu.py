@@ -1,0 +1,335 @@
+"""GPU benchmark of looper's own generation and training paths — no downloads.
+
+Builds a model of a named architecture with random weights (default: Llama-2-7B shape, Abel-7B-002's architecture)
+and a local word-level tokenizer, then measures, with looper's code:
+
+- rollout generation (arms x samples, sampling, prompts of 80-180 tokens, rows ending at different lengths);
+- evaluation generation (greedy, 1209 prompts of Platinum-like lengths, up to 512 new tokens);
+- LoRA SFT and DPO steps on GSM8K-like variable lengths.
+
+Throughput counts real tokens only (no padding, nothing after EOS). The bandwidth ceiling of a decode step is
+(bytes of all weights + bytes of the KV cache it reads) / copy bandwidth, the copy bandwidth measured in the same run;
+"share" = measured real tokens/s over the ceiling tokens/s at the operating batch and mean context. Training reports
+MFU against the GPU's dense bf16 peak. Prints a table and writes JSON.
+
+    python scripts/bench_gpu.py --out bench.json                       # everything, Llama-2-7B shape
+    python scripts/bench_gpu.py --arch tiny --sections rollout --quick  # a CPU smoke test
+"""
+
+import argparse
+import json
+import os
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from looper import generation, models  # noqa: E402
+
+ARCHS = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=1000),
+}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    if device.type != "cuda":
+        return float("nan")
+    n = 1 << 30  # 1 GiB
+    src, dst = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * n * reps / (time.perf_counter() - start)
+
+
+def build(arch: str, out: Path):
+    """Random-weight model of the architecture plus a word-level tokenizer, saved to `out` (looper loads it)."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    shape = ARCHS[arch]
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, shape["vocab_size"])}}
+    tokenizer = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    config = LlamaConfig(**shape, max_position_embeddings=4096, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(0)
+    dtype = models.resolve_dtype("auto")
+    with torch.device(models.device()):
+        torch.set_default_dtype(dtype)
+        model = LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return model, fast
+
+
+def words(rng: random.Random, n: int, vocab: int) -> str:
+    return " ".join(f"w{rng.randrange(3, vocab)}" for _ in range(n))
+
+
+def lognormal_lengths(rng: random.Random, n: int, mean: float, low: int, high: int) -> list[int]:
+    sigma = 0.5
+    mu = math.log(mean) - sigma ** 2 / 2
+    return [max(low, min(high, int(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
+
+
+def ceiling_tokens_per_s(model, batch: int, mean_context: float, bandwidth: float) -> float:
+    """Tokens/s if every decode step of `batch` live rows ran at copy bandwidth."""
+    cfg = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
+        * next(model.parameters()).element_size()
+    return batch / ((weight_bytes + batch * mean_context * kv_per_token) / bandwidth)
+
+
+def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature, cache, bandwidth, seeds=None):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    outputs = generation.generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=batch_size,
+                                  temperature=temperature, top_p=0.95 if temperature else 1.0, seeds=seeds,
+                                  add_special_tokens=False, cache=cache, desc=None)
+    sync()
+    seconds = time.perf_counter() - start
+    real = sum(o.num_tokens for o in outputs)
+    prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    mean_context = sum(prompt_tokens) / len(prompts) + real / len(prompts) / 2
+    ceiling = ceiling_tokens_per_s(model, min(batch_size, len(prompts)), mean_context, bandwidth)
+    return {"seconds": round(seconds, 2), "sequences": len(prompts), "real_tokens": real,
+            "tokens_per_s": round(real / seconds, 1), "ceiling_tokens_per_s": round(ceiling, 1),
+            "share_of_ceiling": round(real / seconds / ceiling, 3) if ceiling == ceiling else None,
+            "batch_size": batch_size, "cache": cache, "outputs": outputs}
+
+
+def plain_generate_baseline(model, tokenizer, prompts, limits, batch_size):
+    """The 'before' figure: plain `model.generate` with HF's own sampling on the same batches (dynamic cache, no
+    per-row seeds, rows run to the batch's longest limit); real tokens counted as each row's own limit."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start, steps = time.perf_counter(), 0
+    for first in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[first:first + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(model.device)
+        new = max(limits[first:first + batch_size])
+        model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0, top_p=0.95,
+                       pad_token_id=0, eos_token_id=1)
+        steps += new
+    sync()
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 2), "real_tokens": sum(limits), "tokens_per_s": round(sum(limits) / seconds, 1),
+            "ms_per_step": round(1000 * seconds / steps, 1), "batch_size": batch_size, "cache": "dynamic (plain)"}
+
+
+def bench_rollout(model, tokenizer, args, bandwidth, rng):
+    vocab = model.config.vocab_size
+    n = args.rollout_batch * (1 if args.quick else 2)
+    prompts = [words(rng, rng.randint(80, 180), vocab) for _ in range(n)]
+    limits = lognormal_lengths(rng, n, args.rollout_mean_new, 16, args.rollout_max_new)
+    seeds = list(range(n))
+    results = {"plain_generate": plain_generate_baseline(model, tokenizer, prompts, limits, args.rollout_batch)}
+    print(f"rollout  plain generate batch {args.rollout_batch}: {results['plain_generate']['tokens_per_s']:>9,.0f} "
+          f"real tok/s, {results['plain_generate']['ms_per_step']} ms/step", flush=True)
+    for cache in args.caches:
+        if cache == "static":  # one warm-up batch pays the compilation
+            run_generation(model, tokenizer, prompts[: args.rollout_batch], limits[: args.rollout_batch],
+                           batch_size=args.rollout_batch, temperature=1.0, cache=cache, bandwidth=bandwidth,
+                           seeds=seeds[: args.rollout_batch])
+        result = run_generation(model, tokenizer, prompts, limits, batch_size=args.rollout_batch, temperature=1.0,
+                                cache=cache, bandwidth=bandwidth, seeds=seeds)
+        result.pop("outputs")
+        steps = sum(max(limits[i:i + args.rollout_batch]) for i in range(0, n, args.rollout_batch))
+        result["ms_per_step"] = round(1000 * result["seconds"] / steps, 1)
+        results[cache] = result
+        print(f"rollout  {cache:7s} batch {args.rollout_batch}: {result['tokens_per_s']:>9,.0f} real tok/s, "
+              f"{100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling", flush=True)
+    return results
+
+
+def bench_eval(model, tokenizer, args, bandwidth, rng):
+    vocab = model.config.vocab_size
+    n = 64 if args.quick else 1209
+    prompts = [words(rng, length, vocab) for length in lognormal_lengths(rng, n, 140, 60, 400)]
+    limits = lognormal_lengths(rng, n, args.eval_mean_new, 32, args.eval_max_new)
+    results = {}
+    for cache in args.eval_caches:
+        if cache == "static":
+            run_generation(model, tokenizer, prompts[: args.eval_batch], limits[: args.eval_batch],
+                           batch_size=args.eval_batch, temperature=0.0, cache=cache, bandwidth=bandwidth)
+        result = run_generation(model, tokenizer, prompts, limits, batch_size=args.eval_batch, temperature=0.0,
+                                cache=cache, bandwidth=bandwidth)
+        outputs = result.pop("outputs")
+        results[cache] = result
+        print(f"eval     {cache:7s} batch {args.eval_batch}: {n} prompts in {result['seconds']:.0f} s, "
+              f"{result['tokens_per_s']:,.0f} real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling",
+              flush=True)
+        if args.check_greedy:  # the fast path must equal plain generate on the same prompts
+            same = 0
+            for prompt, limit, output in list(zip(prompts, limits, outputs))[:8]:
+                encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+                plain = model.generate(**encoded, max_new_tokens=limit, do_sample=False, pad_token_id=0,
+                                       eos_token_id=1)[0, encoded["input_ids"].shape[1]:]
+                same += tokenizer.decode(plain[:limit], skip_special_tokens=True) == output.text
+            results[cache]["greedy_equal_plain_generate"] = f"{same}/8"
+    return results
+
+
+def bench_training(model_dir: Path, args, rng, stage: str):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from looper import dpo, sft
+    from looper.config import register_configs
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        raw = compose(config_name="config", overrides=[
+            "experiment=abel_platinum", f"model.name_or_path={model_dir}", "logger=none",
+            f"sft.batch_size={args.train_batch}", "sft.gradient_accumulation_steps=1", f"sft.max_steps={args.steps}",
+            f"sft.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", "sft.logging_steps=1000",
+            f"dpo.batch_size={max(1, args.train_batch // 2)}", "dpo.gradient_accumulation_steps=1",
+            f"dpo.max_steps={args.steps}", "dpo.logging_steps=1000",
+            f"dpo.gradient_checkpointing={str(args.gradient_checkpointing).lower()}"])
+    cfg = OmegaConf.to_object(raw)
+    vocab = ARCHS[args.arch]["vocab_size"]
+    n = args.train_batch * (args.steps + 2)
+    prompt_lengths = lognormal_lengths(rng, n, 90, 30, 300)
+    completion_lengths = lognormal_lengths(rng, n, 130, 30, 500)
+    out = Path(tempfile.mkdtemp())
+    if stage == "sft":
+        examples = [{"prompt": words(rng, p, vocab), "completion": words(rng, c, vocab)}
+                    for p, c in zip(prompt_lengths, completion_lengths)]
+        trainer = sft.make_trainer(cfg, str(model_dir), out, examples=examples)
+    else:
+        pairs = out / "pairs"
+        pairs.mkdir()
+        (pairs / "pairs.jsonl").write_text("".join(json.dumps({
+            "prompt": words(rng, p, vocab), "chosen": words(rng, c, vocab),
+            "rejected": words(rng, max(30, c + rng.randint(-40, 40)), vocab)}) + "\n"
+            for p, c in zip(prompt_lengths, completion_lengths)))
+        adapter = out / "sft_adapter"  # DPO continues an SFT adapter, as in the pipeline
+        peft_model = sft.make_trainer(cfg, str(model_dir), out, examples=[{"prompt": "w5", "completion": "w6"}]).model
+        peft_model.save_pretrained(adapter)
+        models.load_tokenizer(str(model_dir), cfg.model).save_pretrained(adapter)
+        del peft_model
+        torch.cuda.empty_cache()
+        trainer = dpo.make_trainer(cfg, adapter, pairs, out)
+    tokens, times = [], []
+
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    trainer.add_callback(Clock())
+    original = trainer.compute_loss
+
+    def counting(model, inputs, *a, **k):
+        tokens.append(int(inputs["attention_mask"].sum()))
+        return original(model, inputs, *a, **k)
+
+    trainer.compute_loss = counting
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    warm = 2  # the first steps pay allocation and kernel selection
+    seconds, real = sum(times[warm:]), sum(tokens[warm:len(times)])
+    params = sum(p.numel() for p in trainer.model.parameters() if p.dtype in (torch.bfloat16, torch.float16))
+    flops_per_token = 4 * params * (1.5 if stage == "dpo" else 1)  # frozen base: forward 2N + input-grad 2N
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), float("nan"))
+    result = {"steps_timed": len(times) - warm, "real_tokens_per_s": round(real / seconds, 1),
+              "mfu": round(real / seconds * flops_per_token / peak, 3), "peak_memory_gib":
+              round(torch.cuda.max_memory_allocated() / 2 ** 30, 1), "batch_size": trainer.args.per_device_train_batch_size,
+              "gradient_checkpointing": args.gradient_checkpointing, "flops_per_token": flops_per_token}
+    print(f"{stage:8s} LoRA r64: {result['real_tokens_per_s']:,.0f} real tok/s, MFU {100 * result['mfu']:.0f}%, "
+          f"peak {result['peak_memory_gib']} GiB", flush=True)
+    del trainer
+    torch.cuda.empty_cache()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="llama2-7b", choices=sorted(ARCHS))
+    parser.add_argument("--sections", default="rollout,eval,sft,dpo")
+    parser.add_argument("--caches", default="dynamic,static", help="rollout generation caches to compare")
+    parser.add_argument("--eval-caches", default="dynamic", help="eval generation caches (static recompiles for "
+                        "every new batch shape)")
+    parser.add_argument("--rollout-batch", type=int, default=256)
+    parser.add_argument("--rollout-mean-new", type=int, default=150)
+    parser.add_argument("--rollout-max-new", type=int, default=256)
+    parser.add_argument("--eval-batch", type=int, default=96)
+    parser.add_argument("--eval-mean-new", type=int, default=180)
+    parser.add_argument("--eval-max-new", type=int, default=512)
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--check-greedy", action="store_true", help="compare the fast path with plain generate")
+    parser.add_argument("--quick", action="store_true", help="small workloads (smoke test)")
+    parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
+    args = parser.parse_args()
+    args.caches, args.eval_caches = args.caches.split(","), args.eval_caches.split(",")
+    sections = args.sections.split(",")
+    rng = random.Random(0)
+    device = models.device()
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "arch": args.arch,
+              "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
+    bandwidth = copy_bandwidth(device)
+    report["copy_bandwidth_tb_s"] = round(bandwidth / 1e12, 3)
+    print(f"{report['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    model_dir = Path(tempfile.mkdtemp()) / "model"
+    model, tokenizer = build(args.arch, model_dir)
+    tokenizer = models.load_tokenizer(str(model_dir), models.ModelConfig(name_or_path=str(model_dir)))
+    model.eval()
+    for section, fn in (("rollout", bench_rollout), ("eval", bench_eval)):
+        if section in sections:
+            try:
+                report[section] = fn(model, tokenizer, args, bandwidth, rng)
+            except Exception as error:  # noqa: BLE001 - a failed section must not lose the others' figures
+                report[section] = {"error": repr(error)[:500]}
+                print(f"{section}: failed: {error!r}"[:500], flush=True)
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            args.out.write_text(json.dumps(report, indent=2))
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    for stage in ("sft", "dpo"):
+        if stage in sections:
+            try:
+                report[stage] = bench_training(model_dir, args, rng, stage)
+            except Exception as error:  # noqa: BLE001 - a failed section must not lose the others' figures
+                report[stage] = {"error": repr(error)}
+                print(f"{stage}: failed: {error!r}", flush=True)
+            args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "args"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
