@@ -14,6 +14,7 @@ from looper import distributed, dpo, evaluation, preferences, rollout, sft
 from looper.artifacts import ArtifactStore
 from looper.config import Config, register_configs
 from looper.data import load_splits
+from looper.tracking import stage_run
 
 log = logging.getLogger("looper")
 register_configs()
@@ -31,6 +32,18 @@ def _param(cfg: Config, dotted: str):
     return value
 
 
+def log_reused(cfg: Config, store: ArtifactStore) -> None:
+    """One W&B run for each stage this job took from the cache, so that every job of a sweep shows every stage:
+    the artifact it used and that artifact's top-level statistics."""
+    for stage, path in store.reused:
+        if stage not in STAGE_RUNS:
+            continue
+        stats = json.loads((path / "stats.json").read_text()) if (path / "stats.json").exists() else {}
+        with stage_run(cfg, stage) as tracker:
+            tracker.summary({f"{stage}/reused_artifact": str(path),
+                             **{f"{stage}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}})
+
+
 def run(cfg: Config, run_dir: Path) -> Optional[float]:
     """Run `cfg.stage.name`. When eval runs, writes `summary.json` and returns the objective: the primary-scorer
     accuracy of the last of `eval.targets` on the first of `eval.datasets` (what an Optuna search maximises)."""
@@ -40,13 +53,16 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
     for name in (STAGE_RUNS if stage == "pipeline" else [stage] if stage != "eval" else []):
         STAGE_RUNS[name](cfg, store)
     if stage not in ("pipeline", "eval"):
+        log_reused(cfg, store)
         return None
     results = evaluation.run(cfg, store, run_dir)
+    log_reused(cfg, store)
     print((run_dir / "eval_table.md").read_text(), flush=True)  # the headline result, whatever the logging setup
     log.info("accuracy table (greedy, same held-out questions for every target): %s", run_dir / "eval_table.md")
     primary = f"acc_{cfg.eval.primary_scorer}"
     objective = next(r for r in reversed(results) if r["dataset"] == cfg.eval.datasets[0])[primary]
     summary = {
+        "model": cfg.model.name,
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
         "params": {key: _param(cfg, key) for key in SWEPT},
         "primary_scorer": cfg.eval.primary_scorer,

@@ -72,6 +72,7 @@ class ArtifactStore:
         self.root = Path(root).resolve()
         self.record_file = record_file
         self._resolved: set[Path] = set()  # artifacts already resolved by this process: no repeated checks/logs
+        self.reused: list[tuple[str, Path]] = []  # (stage, artifact) this process found complete
 
     def path(self, stage: str, spec: dict) -> Path:
         """Where the artifact of `stage` with this spec lives (complete or not)."""
@@ -146,6 +147,8 @@ class ArtifactStore:
 
     def _record(self, stage: str, path: Path, status: str) -> None:
         self._resolved.add(path)
+        if status == "reused":
+            self.reused.append((stage, path))
         if self.record_file is None or not distributed.is_main_process():
             return
         self.record_file.parent.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = doc("Short name used in run names and reports.", "tiny")
+    name: str = doc("Short name, used as a W&B tag and in each run's summary.json.", "tiny")
     name_or_path: Optional[str] = doc("Hub id or local directory; null builds the tiny model from `model.tiny`.", None)
     tiny: Optional[TinyModelConfig] = doc("Settings of the locally built tiny model (used when name_or_path is null).",
                                           factory=TinyModelConfig)

@@ -177,13 +177,8 @@ def _log(tracker, stats: dict, records: list[dict]) -> None:
     tracker.summary({f"rollout/{arm}/{key}": value for arm, s in stats["arms"].items() for key, value in s.items()
                      if key in ("accuracy", "mean_s_end", "mean_s_wm", "mean_tokens")})
 
-    def histograms():
-        import wandb
-
-        tracker.run.log({f"rollout/hist_{c}": wandb.Histogram([r[c] for r in records if r.get(c) is not None])
-                         for c in coherence.COMPONENTS if any(r.get(c) is not None for r in records)})
-
-    tracker._call("histograms", histograms)
+    tracker.histograms({f"rollout/hist_{c}": [r[c] for r in records if r.get(c) is not None]
+                        for c in coherence.COMPONENTS})
     columns = ("question_id", "arm", "family", "sample", "text", "answer", "correct", "num_tokens", "s_end", "s_path",
                "s_cf", "s_wm")
     tracker.table("rollout/trajectories", [{c: r.get(c) for c in columns} for r in records[:200]])

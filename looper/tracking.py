@@ -95,6 +95,15 @@ class Tracker:
         """Set run summary values (final metrics)."""
         self._call("summary", lambda: self.run.summary.update(metrics))
 
+    def histograms(self, values: dict[str, list[float]]) -> None:
+        """Log one W&B histogram per key."""
+        def _log():
+            import wandb
+
+            self.run.log({key: wandb.Histogram(v) for key, v in values.items() if v})
+
+        self._call("histograms", _log)
+
     def table(self, key: str, rows: list[dict]) -> None:
         """Log rows of plain dicts (same keys) as a W&B table."""
         if not rows:
@@ -123,7 +132,7 @@ def stage_run(cfg: Config, stage: str):
 
         run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode,
                          group=cfg.logger.group or sweep or cfg.experiment, job_type=stage,
-                         name=f"{stage}:{name}" if name else stage, config=_plain(cfg),
+                         name=f"{stage}:{name}" if name else stage, config=_plain(cfg), tags=[cfg.model.name],
                          dir=str(job_dir) if job_dir else None)
     except Exception as error:  # noqa: BLE001
         log.warning("W&B init failed; %s continues without tracking: %s", stage, error)

@@ -45,8 +45,11 @@ def test_every_job_logs_its_own_wandb_runs_in_one_group(grid):
     runs = [json.loads(line) for n in range(8) for line in (grid / str(n) / "wandb_runs.jsonl").read_text().split("\n")
             if line]
     assert {r["group"] for r in runs} == {grid.name}
-    for stage, expected in (("dpo", 8), ("eval", 8), ("preferences", 4), ("rollout", 1)):
-        assert len({r["id"] for r in runs if r["job_type"] == stage}) == expected, stage
+    for n in range(8):  # one run per job and stage, made or reused
+        job_runs = [json.loads(line) for line in (grid / str(n) / "wandb_runs.jsonl").read_text().splitlines()]
+        assert sorted(r["job_type"] for r in job_runs) == ["dpo", "eval", "preferences", "rollout", "sft"], n
+    for stage in ("sft", "rollout", "preferences", "dpo", "eval"):
+        assert len({r["id"] for r in runs if r["job_type"] == stage}) == 8, stage
     assert "reward.alpha=0.5,reward.beta=0,dpo.beta=0.05" in {r["name"].split(":", 1)[1] for r in runs}
 
 
