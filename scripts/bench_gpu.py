@@ -192,6 +192,7 @@ def bench_eval(model, tokenizer, args, bandwidth, rng):
                                        eos_token_id=1)[0, encoded["input_ids"].shape[1]:]
                 same += tokenizer.decode(plain[:limit], skip_special_tokens=True) == output.text
             results[cache]["greedy_equal_plain_generate"] = f"{same}/8"
+            print(f"eval     {cache:7s} greedy outputs equal to plain generate: {same}/8", flush=True)
     return results
 
 

@@ -1,5 +1,6 @@
 """The shared generation path: greedy equals plain `generate`, and seeded sampling is reproducible row by row."""
 
+import pytest
 import torch
 
 from looper import models
@@ -12,11 +13,12 @@ def _prompts(cfg, tokenizer, n=6):
     return [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in synthetic_splits(cfg.data)["test"][:n]]
 
 
-def test_greedy_equals_plain_generate_one_prompt_at_a_time(tiny_sft):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_greedy_equals_plain_generate_one_prompt_at_a_time(tiny_sft, cache):
     cfg, _, _, sft_dir = tiny_sft
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
     prompts = _prompts(cfg, tokenizer)
-    ours = generate(model, tokenizer, prompts, max_new_tokens=40, batch_size=4)
+    ours = generate(model, tokenizer, prompts, max_new_tokens=40, batch_size=4, cache=cache)
     for prompt, result in zip(prompts, ours):
         encoded = tokenizer(prompt, return_tensors="pt")
         plain = model.generate(**encoded, max_new_tokens=40, do_sample=False)[0, encoded["input_ids"].shape[1]:]
