@@ -56,6 +56,8 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
         log_reused(cfg, store)
         return None
     results = evaluation.run(cfg, store, run_dir)
+    if not distributed.is_main_process():
+        return None
     log_reused(cfg, store)
     print((run_dir / "eval_table.md").read_text(), flush=True)  # the headline result, whatever the logging setup
     log.info("accuracy table (greedy, same held-out questions for every target): %s", run_dir / "eval_table.md")

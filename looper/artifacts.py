@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -69,10 +70,18 @@ class ArtifactStore:
     """Builds each artifact once, reuses it after, and records what a run used and made."""
 
     def __init__(self, root: Path, record_file: Optional[Path] = None):
-        self.root = Path(root).resolve()
+        self.root = Path(os.path.abspath(root))  # absolute, symlinks kept: a linked-in artifact still lies inside
         self.record_file = record_file
         self._resolved: set[Path] = set()  # artifacts already resolved by this process: no repeated checks/logs
         self.reused: list[tuple[str, Path]] = []  # (stage, artifact) this process found complete
+
+    def identity(self, model: str) -> str:
+        """How a spec names a model: relative to the cache when it is an artifact (so a moved or copied cache keeps
+        its keys), else its absolute path, else the hub id as given."""
+        if not Path(model).exists():
+            return model
+        path = Path(os.path.abspath(model))
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
     def path(self, stage: str, spec: dict) -> Path:
         """Where the artifact of `stage` with this spec lives (complete or not)."""

@@ -36,13 +36,20 @@ def init() -> None:
         PartialState(cpu=not torch.cuda.is_available())
 
 
+_BARRIER_GROUP = None
+
+
 def barrier() -> None:
-    """Wait for every process of the job (no-op for one process)."""
+    """Wait for every process of the job (no-op for one process). looper's barriers use a process group of their
+    own, so that collectives a trainer issues on the default group can never pair with them out of order."""
+    global _BARRIER_GROUP
     if world_size() > 1:
-        from accelerate import PartialState
+        import torch.distributed as dist
 
         init()
-        PartialState().wait_for_everyone()
+        if _BARRIER_GROUP is None:  # every rank reaches its first barrier on the same code path
+            _BARRIER_GROUP = dist.new_group(backend="gloo")
+        dist.barrier(group=_BARRIER_GROUP)
 
 
 @contextmanager

@@ -3,7 +3,7 @@
 One artifact per (target, dataset) — `predictions.jsonl`, `summary.json` and, when asked, `batch_consistency.json` —
 so the base and SFT evaluations are computed once and shared by every DPO run of a sweep (the design's single eval
 directory per run would redo them). Predictions are appended as batches finish, so an interrupted evaluation resumes
-where it stopped. The comparison across targets (`report.md` with intervals and paired tests, `accuracy.png`,
+where it stopped; under `accelerate launch` the questions are split over the processes and rank 0 merges them. The comparison across targets (`report.md` with intervals and paired tests, `accuracy.png`,
 `eval_table.md`) goes to the Hydra run directory; see looper/eval_report.py.
 """
 
@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from looper import dpo, eval_report, models, sft
+from looper import distributed, dpo, eval_report, models, sft
 from looper.answers import extract, is_correct, math_verify_available
 from looper.artifacts import ArtifactStore, recover_jsonl
 from looper.config import Config, DataConfig
@@ -110,25 +110,19 @@ def batch_consistency(cfg: Config, model, tokenizer, prompts: list[str]) -> dict
     return {"checked": len(prompts), "differ": len(differ), "examples": differ[:10]}
 
 
-def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) -> None:
-    problems = eval_problems(dataset, cfg)
-    pool = shot_pool(dataset, cfg)
-    scorers = active_scorers(cfg)
-    done = recover_jsonl(out / PREDICTIONS)
+def _decode_shard(cfg: Config, target: str, target_path: str, dataset: str, problems: list[dict], shard: Path,
+                  pool: list[dict], scorers: list[str]) -> None:
+    """Decode this process's problems into its shard, appending a flushed chunk at a time (resumable)."""
+    done = recover_jsonl(shard)
     finished = {r["id"] for r in done}
     todo = [p for p in problems if p["id"] not in finished]
     if done:
         log.info("eval %s/%s: resuming, %d of %d already done", dataset, target, len(done), len(problems))
+    if not todo:
+        return
     model, tokenizer = models.load_target(target_path, cfg.model, cfg.lora)
-    if cfg.eval.check_batch_consistency and not (out / "batch_consistency.json").exists():
-        sample = [prompt_for(cfg, tokenizer, p, pool) for p in problems[: cfg.eval.check_batch_consistency]]
-        check = batch_consistency(cfg, model, tokenizer, sample)
-        (out / "batch_consistency.json").write_text(json.dumps(check, indent=2))
-        if check["differ"]:
-            log.warning("eval %s/%s: %d of %d greedy outputs differ between batched and one-at-a-time decoding",
-                        dataset, target, check["differ"], check["checked"])
     chunk = cfg.eval.batch_size * 4
-    with open(out / PREDICTIONS, "a") as handle:
+    with open(shard, "a") as handle:
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             outputs = generate(model, tokenizer, [prompt_for(cfg, tokenizer, p, pool) for p in part],
@@ -139,7 +133,31 @@ def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) 
                 handle.write(json.dumps(scored(problem, output.text, output.num_tokens, output.finish_reason,
                                                scorers)) + "\n")
             handle.flush()
-    records = recover_jsonl(out / PREDICTIONS)
+
+
+def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) -> None:
+    """Each process decodes questions rank, rank + world, ... into `predictions.rank<r>.jsonl`; rank 0 then merges
+    them in question order into `predictions.jsonl` and writes the summary (and runs the batch check)."""
+    problems = eval_problems(dataset, cfg)
+    pool = shot_pool(dataset, cfg)
+    scorers = active_scorers(cfg)
+    rank, world = distributed.rank(), distributed.world_size()
+    _decode_shard(cfg, target, target_path, dataset, problems[rank::world], out / f"predictions.rank{rank}.jsonl",
+                  pool, scorers)
+    distributed.barrier()
+    if not distributed.is_main_process():
+        return
+    if cfg.eval.check_batch_consistency and not (out / "batch_consistency.json").exists():
+        model, tokenizer = models.load_target(target_path, cfg.model, cfg.lora)
+        sample = [prompt_for(cfg, tokenizer, p, pool) for p in problems[: cfg.eval.check_batch_consistency]]
+        check = batch_consistency(cfg, model, tokenizer, sample)
+        (out / "batch_consistency.json").write_text(json.dumps(check, indent=2))
+        if check["differ"]:
+            log.warning("eval %s/%s: %d of %d greedy outputs differ between batched and one-at-a-time decoding",
+                        dataset, target, check["differ"], check["checked"])
+    by_id = {r["id"]: r for shard in sorted(out.glob("predictions.rank*.jsonl")) for r in recover_jsonl(shard)}
+    records = [by_id[p["id"]] for p in problems if p["id"] in by_id]
+    (out / PREDICTIONS).write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = {"target": target, "target_path": target_path, "dataset": dataset,
                **eval_report.accuracy_summary(records, scorers)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -164,7 +182,7 @@ def target_path(target: str, cfg: Config, store: ArtifactStore) -> str:
 def evaluate(cfg: Config, store: ArtifactStore, target: str, dataset: str) -> Path:
     """Evaluate one target on one dataset (cached, resumable); returns the artifact directory."""
     path = target_path(target, cfg, store)
-    spec = {"target": Path(path).name if Path(path).exists() else path, "dataset": dataset, "model": cfg.model,
+    spec = {"target": store.identity(path), "dataset": dataset, "model": cfg.model,
             "lora_quantization": cfg.lora.quantization, "scorers": active_scorers(cfg),
             "num_questions": cfg.eval.num_questions, "max_new_tokens": cfg.eval.max_new_tokens,
             "prompt": cfg.eval.prompt, "shots": cfg.eval.shots,
@@ -172,7 +190,8 @@ def evaluate(cfg: Config, store: ArtifactStore, target: str, dataset: str) -> Pa
             "check_batch_consistency": cfg.eval.check_batch_consistency,
             "data": cfg.data if not dataset == "gsm8k_platinum" else None,
             "platinum_path": cfg.eval.platinum_path if dataset == "gsm8k_platinum" else None}
-    return store.ensure("eval", spec, lambda partial: _build(cfg, target, path, dataset, partial), resumable=True)
+    return store.ensure("eval", spec, lambda partial: _build(cfg, target, path, dataset, partial), resumable=True,
+                        collective=True)
 
 
 def read_predictions(artifact: Path) -> list[dict]:
@@ -188,6 +207,8 @@ def run(cfg: Config, store: ArtifactStore, run_dir: Optional[Path] = None) -> li
             artifact = evaluate(cfg, store, target, dataset)
             summary = json.loads((artifact / "summary.json").read_text())
             results.append({**summary, "target": target, "artifact": str(artifact)})
+    if not distributed.is_main_process():
+        return results
     scorers = active_scorers(cfg)
     records = {(r["dataset"], r["target"]): read_predictions(Path(r["artifact"])) for r in results}
     if run_dir is not None:

@@ -86,5 +86,5 @@ def _train(cfg: Config, base: str, out: Path) -> None:
 def run(cfg: Config, store: ArtifactStore) -> Path:
     """Fine-tune the base model on the training split; returns the artifact (adapter or full model + tokenizer)."""
     base = models.base_model_path(cfg, store)
-    spec = {"base": base, "model": cfg.model, "lora": cfg.lora, "sft": cfg.sft, "data": cfg.data, "seed": cfg.seed}
+    spec = {"base": store.identity(base), "model": cfg.model, "lora": cfg.lora, "sft": cfg.sft, "data": cfg.data, "seed": cfg.seed}
     return store.ensure("sft", spec, lambda out: _train(cfg, base, out), collective=True)

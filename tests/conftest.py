@@ -83,3 +83,13 @@ def looper_cli(*args: str, cwd: Path = ROOT, timeout: int = 600):
            "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "looper", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def cache_sharing_models(artifacts: Path, cache: Path) -> Path:
+    """A fresh artifact cache that shares the session's trained models (base, sft) but nothing downstream."""
+    for stage in ("base", "sft"):
+        (cache / stage).mkdir(parents=True)
+        for item in (artifacts / stage).iterdir():
+            if item.is_dir() and (item / "DONE").exists():
+                (cache / stage / item.name).symlink_to(item)
+    return cache

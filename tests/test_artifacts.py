@@ -74,3 +74,15 @@ def test_the_run_records_what_it_used_and_made(tmp_path):
     ArtifactStore(tmp_path / "a", record).ensure("sft", {"x": 1}, _builder([]))
     statuses = [json.loads(line)["status"] for line in record.read_text().splitlines()]
     assert statuses == ["made", "reused"]
+
+
+def test_a_copied_cache_keeps_its_keys(tmp_path):
+    import shutil
+
+    store = ArtifactStore(tmp_path / "a")
+    base = store.ensure("base", {"x": 1}, _builder([]))
+    spec = {"base": store.identity(str(base))}
+    shutil.copytree(tmp_path / "a", tmp_path / "b", symlinks=True)
+    moved = ArtifactStore(tmp_path / "b")
+    assert {"base": moved.identity(str(moved.path("base", {"x": 1})))} == spec
+    assert store.identity("GAIR/Abel-7B-002") == "GAIR/Abel-7B-002"

@@ -64,10 +64,10 @@ def test_an_interrupted_evaluation_resumes_without_redoing_finished_questions(fa
         evaluation.evaluate(cfg, store, "sft", "synthetic_test")
     except KeyboardInterrupt:
         pass
-    partial = next((store.root / "eval").glob("*.partial"))
-    first_chunk = evaluation.read_predictions(partial)
+    shard = next((store.root / "eval").glob("*.partial/predictions.rank0.jsonl"))
+    first_chunk = [json.loads(line) for line in shard.read_text().splitlines()]
     assert len(first_chunk) == 12
-    with open(partial / evaluation.PREDICTIONS, "a") as handle:
+    with open(shard, "a") as handle:
         handle.write('{"id": "torn')  # killed mid-write
     decoded = []
     monkeypatch.setattr(evaluation, "generate",
@@ -116,7 +116,7 @@ def test_a_killed_platinum_evaluation_finishes_on_rerun_without_recomputing(arti
     deadline = time.time() + 300
     partial_file = None
     while time.time() < deadline and process.poll() is None:
-        found = list((artifacts / "eval").glob("*.partial/predictions.jsonl"))
+        found = list((artifacts / "eval").glob("*.partial/predictions.rank0.jsonl"))
         if found and sum(1 for _ in open(found[0])) >= 200:
             partial_file = found[0]
             break
@@ -135,3 +135,24 @@ def test_a_killed_platinum_evaluation_finishes_on_rerun_without_recomputing(arti
     final = partial_file.parent.with_name(partial_file.parent.name.replace(".partial", ""))
     ids = [json.loads(line)["id"] for line in (final / "predictions.jsonl").read_text().splitlines()]
     assert len(ids) == 1209 and len(set(ids)) == 1209
+
+
+def test_two_processes_give_the_same_predictions_as_one(artifacts, tiny_sft, fast_cfg, tmp_path):
+    from tests.conftest import FAST, cache_sharing_models
+
+    overrides = ["eval.targets=[sft]", "eval.num_questions=10", "eval.max_new_tokens=30"]
+    cfg = fast_cfg(*overrides)
+    reference = evaluation.read_predictions(evaluation.evaluate(cfg, ArtifactStore(cfg.paths.artifacts), "sft",
+                                                                "synthetic_test"))
+    cache = cache_sharing_models(artifacts, tmp_path / "cache")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "-m", "looper", f"paths.artifacts={cache}", f"hydra.run.dir={tmp_path / 'run'}", *FAST,
+                             *overrides, "stage=eval"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (artifact,) = [p for p in (cache / "eval").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in artifact.glob("predictions.rank*.jsonl")) == [
+        "predictions.rank0.jsonl", "predictions.rank1.jsonl"], result.stdout[-4000:]
+    assert evaluation.read_predictions(artifact) == reference
+    assert (tmp_path / "run" / "report.md").exists()

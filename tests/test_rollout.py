@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from looper import rollout
-from tests.conftest import FAST, ROOT, compose, looper_cli
+from tests.conftest import FAST, ROOT, cache_sharing_models, compose, looper_cli
 
 RECORD_KEYS = {"question_id", "arm", "family", "sample", "seed", "text", "reasoning", "answer", "correct",
                "num_tokens", "finish_reason", "equations", "s_end", "s_path", "s_cf", "s_wm"}
@@ -53,12 +53,7 @@ def test_a_scorer_plugs_in_through_config_alone(artifacts, tiny_sft, tmp_path):
 def test_a_rollout_killed_half_way_resumes_to_the_same_records(artifacts, tiny_sft, fast_cfg, tmp_path):
     overrides = [*FAST, "rollout.num_questions=60", "rollout.batch_size=8", "reward.cf_samples=1"]
     reference = _build(fast_cfg(*overrides[len(FAST):]), tiny_sft[3], tmp_path / "reference")
-    killed_cache = tmp_path / "cache"
-    for stage in ("base", "sft"):  # share the trained models, not the rollout
-        (killed_cache / stage).mkdir(parents=True)
-        for item in (artifacts / stage).iterdir():
-            if item.is_dir() and (item / "DONE").exists():
-                (killed_cache / stage / item.name).symlink_to(item)
+    killed_cache = cache_sharing_models(artifacts, tmp_path / "cache")
     args = [sys.executable, "-m", "looper", f"paths.artifacts={killed_cache}", *overrides, "stage=rollout"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([*args, f"hydra.run.dir={tmp_path / 'a'}"], cwd=ROOT, env=env,
