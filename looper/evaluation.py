@@ -7,6 +7,7 @@ where it stopped; under `accelerate launch` the questions are split over the pro
 `eval_table.md`) goes to the Hydra run directory; see looper/eval_report.py.
 """
 
+import functools
 import json
 import logging
 import random
@@ -110,7 +111,7 @@ def batch_consistency(cfg: Config, model, tokenizer, prompts: list[str]) -> dict
     return {"checked": len(prompts), "differ": len(differ), "examples": differ[:10]}
 
 
-def _decode_shard(cfg: Config, target: str, target_path: str, dataset: str, problems: list[dict], shard: Path,
+def _decode_shard(cfg: Config, target: str, load, dataset: str, problems: list[dict], shard: Path,
                   pool: list[dict], scorers: list[str]) -> None:
     """Decode this process's problems into its shard, appending a flushed chunk at a time (resumable)."""
     done = recover_jsonl(shard)
@@ -120,7 +121,7 @@ def _decode_shard(cfg: Config, target: str, target_path: str, dataset: str, prob
         log.info("eval %s/%s: resuming, %d of %d already done", dataset, target, len(done), len(problems))
     if not todo:
         return
-    model, tokenizer = models.load_target(target_path, cfg.model, cfg.lora)
+    model, tokenizer = load()
     chunk = cfg.eval.batch_size * 4
     with open(shard, "a") as handle:
         for start in range(0, len(todo), chunk):
@@ -142,13 +143,14 @@ def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) 
     pool = shot_pool(dataset, cfg)
     scorers = active_scorers(cfg)
     rank, world = distributed.rank(), distributed.world_size()
-    _decode_shard(cfg, target, target_path, dataset, problems[rank::world], out / f"predictions.rank{rank}.jsonl",
-                  pool, scorers)
+    load = functools.cache(lambda: models.load_target(target_path, cfg.model, cfg.lora))  # at most once, if needed
+    _decode_shard(cfg, target, load, dataset, problems[rank::world], out / f"predictions.rank{rank}.jsonl", pool,
+                  scorers)
     distributed.barrier()
     if not distributed.is_main_process():
         return
     if cfg.eval.check_batch_consistency and not (out / "batch_consistency.json").exists():
-        model, tokenizer = models.load_target(target_path, cfg.model, cfg.lora)
+        model, tokenizer = load()
         sample = [prompt_for(cfg, tokenizer, p, pool) for p in problems[: cfg.eval.check_batch_consistency]]
         check = batch_consistency(cfg, model, tokenizer, sample)
         (out / "batch_consistency.json").write_text(json.dumps(check, indent=2))
