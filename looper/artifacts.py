@@ -27,13 +27,14 @@ log = logging.getLogger(__name__)
 DONE = "DONE"
 
 
-def _plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
+    """Dataclasses, dicts, lists and paths as plain JSON-able values."""
     if dataclasses.is_dataclass(value):
-        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+        return {k: to_plain(v) for k, v in dataclasses.asdict(value).items()}
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value
@@ -41,7 +42,7 @@ def _plain(value: Any) -> Any:
 
 def artifact_key(spec: dict) -> str:
     """Hash of a spec (config sections and upstream keys): same inputs, same key."""
-    canonical = json.dumps(_plain(spec), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(to_plain(spec), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -59,6 +60,24 @@ def recover_jsonl(path: Path, keep: Callable[[list[dict]], list[dict]] = lambda 
     kept = keep(records)
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return kept
+
+
+def _prepare(final: Path, spec: dict, resumable: bool) -> Path:
+    """The `.partial` directory to build in, with its spec.json; a crashed build's is kept only if resumable."""
+    partial = final.with_name(final.name + ".partial")
+    if partial.exists() and not resumable:
+        shutil.rmtree(partial)
+    partial.mkdir(exist_ok=True)
+    (partial / "spec.json").write_text(json.dumps(to_plain(spec), indent=2, sort_keys=True))
+    return partial
+
+
+def _finalise(partial: Path, final: Path) -> None:
+    """Mark the build complete and move it into place (an incomplete directory at `final` is never trusted)."""
+    (partial / DONE).write_text("complete\n")
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
 
 
 def is_complete(path: Path) -> bool:
@@ -108,18 +127,11 @@ class ArtifactStore:
                 log.info("%s: reusing %s (built by another job)", stage, final)
                 self._record(stage, final, "reused")
                 return final
-            partial = final.with_name(final.name + ".partial")
-            if partial.exists() and not resumable:
-                shutil.rmtree(partial)
-            partial.mkdir(exist_ok=True)
-            (partial / "spec.json").write_text(json.dumps(_plain(spec), indent=2, sort_keys=True))
+            partial = _prepare(final, spec, resumable)
             log.info("%s: building %s", stage, final)
             start = time.time()
             build(partial)
-            (partial / DONE).write_text(f"built in {time.time() - start:.1f}s\n")
-            if final.exists():  # an incomplete directory from an older layout: never trusted
-                shutil.rmtree(final)
-            partial.rename(final)
+            _finalise(partial, final)
         log.info("%s: done in %.1fs -> %s", stage, time.time() - start, final)
         self._record(stage, final, "made")
         return final
@@ -127,20 +139,14 @@ class ArtifactStore:
     def _build_together(self, stage: str, spec: dict, final: Path, build, resumable: bool, collective: bool) -> Path:
         partial = final.with_name(final.name + ".partial")
         if distributed.is_main_process():
-            if partial.exists() and not resumable:
-                shutil.rmtree(partial)
-            partial.mkdir(exist_ok=True)
-            (partial / "spec.json").write_text(json.dumps(_plain(spec), indent=2, sort_keys=True))
+            _prepare(final, spec, resumable)
             log.info("%s: building %s on %d processes", stage, final, distributed.world_size())
         distributed.barrier()
         if collective or distributed.is_main_process():
             build(partial)
         distributed.barrier()
         if distributed.is_main_process():
-            (partial / DONE).write_text("built\n")
-            if final.exists():
-                shutil.rmtree(final)
-            partial.rename(final)
+            _finalise(partial, final)
         distributed.barrier()
         self._record(stage, final, "made")
         return final

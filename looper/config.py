@@ -10,9 +10,10 @@ from typing import Any, Dict, List, Optional, Union, get_args, get_origin
 
 from hydra.core.config_store import ConfigStore
 
+from looper.answers import SCORERS
+
 STAGES = ("sft", "rollout", "preferences", "dpo", "eval", "pipeline")
 EVAL_DATASETS = ("synthetic_test", "synthetic_dev", "gsm8k_test", "gsm8k_dev", "gsm8k_platinum")
-ANSWER_SCORERS = ("strict", "flexible", "platinum", "math_verify")
 
 
 def doc(help: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
@@ -198,7 +199,7 @@ class RolloutConfig:
         _positive(self.num_questions, "rollout.num_questions")
         _positive(self.batch_size, "rollout.batch_size")
         _positive(self.max_new_tokens, "rollout.max_new_tokens")
-        _choice(self.answer_scorer, "rollout.answer_scorer", ANSWER_SCORERS)
+        _choice(self.answer_scorer, "rollout.answer_scorer", SCORERS)
 
 
 @dataclass
@@ -264,7 +265,7 @@ class EvalConfig:
         for name in self.datasets:
             _choice(name, "eval.datasets", EVAL_DATASETS)
         for name in self.scorers:
-            _choice(name, "eval.scorers", ANSWER_SCORERS)
+            _choice(name, "eval.scorers", SCORERS)
         _check(self.primary_scorer in self.scorers, "eval.primary_scorer", f"must be one of eval.scorers {self.scorers}")
         _positive(self.batch_size, "eval.batch_size")
         _positive(self.num_questions, "eval.num_questions")

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-from looper.artifacts import _plain
+from looper.artifacts import to_plain
 from looper.config import Config
 from looper.distributed import is_main_process
 
@@ -132,7 +132,7 @@ def stage_run(cfg: Config, stage: str):
 
         run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode,
                          group=cfg.logger.group or sweep or cfg.experiment, job_type=stage,
-                         name=f"{stage}:{name}" if name else stage, config=_plain(cfg), tags=[cfg.model.name],
+                         name=f"{stage}:{name}" if name else stage, config=to_plain(cfg), tags=[cfg.model.name],
                          dir=str(job_dir) if job_dir else None)
     except Exception as error:  # noqa: BLE001
         log.warning("W&B init failed; %s continues without tracking: %s", stage, error)

@@ -93,3 +93,27 @@ def cache_sharing_models(artifacts: Path, cache: Path) -> Path:
             if item.is_dir() and (item / "DONE").exists():
                 (cache / stage / item.name).symlink_to(item)
     return cache
+
+
+def kill_when_written(overrides: list[str], watch: str, min_lines: int, root: Path, timeout: float = 300) -> Path:
+    """Start `python -m looper OVERRIDES`, SIGKILL it once a file matching the glob `watch` (under `root`) holds
+    `min_lines` lines, and return that file. Fails if the run ends or stalls first."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "looper", *overrides], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and process.poll() is None:
+            found = list(root.glob(watch))
+            if found and sum(1 for _ in open(found[0])) >= min_lines:
+                return found[0]
+            time.sleep(0.05)
+        raise AssertionError(f"the run finished or stalled before {watch} held {min_lines} lines")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()

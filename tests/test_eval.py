@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 from looper import evaluation, models
 from looper.artifacts import ArtifactStore
@@ -105,28 +103,16 @@ def test_the_report_has_intervals_paired_deltas_and_a_plot(artifacts, tiny_sft, 
 
 def test_a_killed_platinum_evaluation_finishes_on_rerun_without_recomputing(artifacts, tiny_sft, tmp_path):
     path = shared_file("gsm8k_platinum", "test.jsonl")
-    from tests.conftest import FAST
+    from tests.conftest import FAST, kill_when_written
 
-    args = [sys.executable, "-m", "looper", f"paths.artifacts={artifacts}", *FAST, "stage=eval",
-            "eval.datasets=[gsm8k_platinum]", f"eval.platinum_path={path}", "eval.targets=[base]",
-            "eval.num_questions=null", "eval.batch_size=16", "eval.max_new_tokens=24"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([*args, f"hydra.run.dir={tmp_path / 'a'}"], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    partial_file = None
-    while time.time() < deadline and process.poll() is None:
-        found = list((artifacts / "eval").glob("*.partial/predictions.rank0.jsonl"))
-        if found and sum(1 for _ in open(found[0])) >= 200:
-            partial_file = found[0]
-            break
-        time.sleep(0.2)
-    assert partial_file is not None, "the evaluation finished or stalled before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    overrides = [f"paths.artifacts={artifacts}", *FAST, "stage=eval", "eval.datasets=[gsm8k_platinum]",
+                 f"eval.platinum_path={path}", "eval.targets=[base]", "eval.num_questions=null", "eval.batch_size=16",
+                 "eval.max_new_tokens=24"]
+    partial_file = kill_when_written([*overrides, f"hydra.run.dir={tmp_path / 'a'}"],
+                                     "eval/*.partial/predictions.rank0.jsonl", 200, artifacts)
     done_at_kill = sum(1 for _ in open(partial_file))
     assert done_at_kill < 1209
-    result = looper_cli(*args[3:], f"hydra.run.dir={tmp_path / 'b'}")
+    result = looper_cli(*overrides, f"hydra.run.dir={tmp_path / 'b'}")
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = [line for line in (result.stdout + result.stderr).splitlines() if "resuming" in line]
     assert len(resumed) == 1

@@ -87,3 +87,19 @@ def test_run_names_carry_what_the_sweep_varies():
     job = ["paths.artifacts=/x", "reward.alpha=0.5", "dpo.beta=0.2", "seed=1", "reward.beta=0.7"]
     assert run_name(job, sweep) == "reward.alpha=0.5,dpo.beta=0.2,reward.beta=0.7"
     assert run_name(["paths.artifacts=/x", "stage=dpo"], None) == "stage=dpo"
+
+
+def test_a_wandb_failure_never_stops_a_stage(fast_cfg, monkeypatch):
+    import wandb
+
+    from looper.tracking import stage_run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("wandb is down")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    cfg = fast_cfg("logger=wandb", "logger.mode=offline")
+    with stage_run(cfg, "sft") as tracker:  # init fails: the stage goes on untracked
+        tracker.summary({"x": 1})
+        tracker.table("t", [{"a": 1}])
+        assert tracker.report_to == "none"

@@ -2,14 +2,12 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from looper import rollout
-from tests.conftest import FAST, ROOT, cache_sharing_models, compose, looper_cli
+from tests.conftest import FAST, ROOT, cache_sharing_models, compose, kill_when_written, looper_cli
 
 RECORD_KEYS = {"question_id", "arm", "family", "sample", "seed", "text", "reasoning", "answer", "correct",
                "num_tokens", "finish_reason", "equations", "s_end", "s_path", "s_cf", "s_wm"}
@@ -54,22 +52,10 @@ def test_a_rollout_killed_half_way_resumes_to_the_same_records(artifacts, tiny_s
     overrides = [*FAST, "rollout.num_questions=60", "rollout.batch_size=8", "reward.cf_samples=1"]
     reference = _build(fast_cfg(*overrides[len(FAST):]), tiny_sft[3], tmp_path / "reference")
     killed_cache = cache_sharing_models(artifacts, tmp_path / "cache")
-    args = [sys.executable, "-m", "looper", f"paths.artifacts={killed_cache}", *overrides, "stage=rollout"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([*args, f"hydra.run.dir={tmp_path / 'a'}"], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, shard = time.time() + 300, None
-    while time.time() < deadline and process.poll() is None:
-        found = list(killed_cache.glob("rollout/*.partial/trajectories.rank0.jsonl"))
-        if found and sum(1 for _ in open(found[0])) >= 15 * 8:
-            shard = found[0]
-            break
-        time.sleep(0.05)
-    assert shard is not None, "the rollout finished or stalled before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    result = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'b'}"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    args = [f"paths.artifacts={killed_cache}", *overrides, "stage=rollout"]
+    kill_when_written([*args, f"hydra.run.dir={tmp_path / 'a'}"], "rollout/*.partial/trajectories.rank0.jsonl",
+                      15 * 8, killed_cache)
+    result = looper_cli(*args, f"hydra.run.dir={tmp_path / 'b'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" in result.stdout + result.stderr
     resumed = rollout.read_trajectories(next(p for p in killed_cache.glob("rollout/*") if p.is_dir()
