@@ -172,7 +172,10 @@ class SFTConfig:
     max_steps: int = doc("Optimizer steps; -1 means use `epochs`.", -1)
     batch_size: int = doc("Sequences per device per step.", 8)
     gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", 1)
-    max_length: int = doc("Tokens per prompt+completion; longer ones are truncated.", 1024)
+    max_length: int = doc("Tokens per prompt+completion; longer examples are left out (and counted in the log).", 1024)
+    padding_free: bool = doc("Concatenate each batch's sequences into one row without padding (position ids mark "
+                             "the boundaries; sdpa, eager and flash_attention_2 all keep sequences apart). Same "
+                             "loss as padded batches, no compute spent on padding.", True)
     warmup_ratio: float = doc("Share of steps with linear warmup.", 0.03)
     gradient_checkpointing: bool = doc("Recompute activations in backward (less memory, ~30% slower).", False)
     group_by_length: bool = doc("Batch sequences of similar length together: less padding, but batches of one "
@@ -226,7 +229,8 @@ class DPOConfig:
     batch_size: int = doc("Pairs per device per step.", 4)
     gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", 4)
     max_length: int = doc("Tokens per prompt+completion; longer ones are truncated.", 1024)
-    precompute_ref_log_probs: bool = doc("Compute the reference log-probs once before training.", False)
+    precompute_ref_log_probs: bool = doc("Compute the reference log-probs once before training (no reference "
+                                         "forward in each step).", True)
     gradient_checkpointing: bool = doc("Recompute activations in backward.", False)
     logging_steps: int = doc("Log every N steps.", 10)
     fresh_lora: LoraSettings = doc("The adapter DPO trains when SFT was full fine-tuning (`lora=none`).",
@@ -277,11 +281,12 @@ class EvalConfig:
 
 @dataclass
 class GenerationSettings:
-    cache: str = doc("KV cache of rollout/eval decoding: `dynamic`, or `static` (compiled decoding; faster on GPUs "
-                     "after a one-off compile per shape).", "dynamic")
+    refill_at: float = doc("Share of the decoding slots (rollout/eval `batch_size`) that must be free before they are "
+                           "refilled with new prompts in one prefill: lower refills sooner (fewer idle slots, more "
+                           "prefill passes). Speed only; outputs do not depend on it.", 0.125)
 
     def __post_init__(self):
-        _choice(self.cache, "generation.cache", ("dynamic", "static"))
+        _check(0 < self.refill_at <= 1, "generation.refill_at", f"must be in (0, 1], got {self.refill_at}")
 
 
 # ---------------------------------------------------------------------------------------------------------- data, logs

@@ -128,7 +128,7 @@ def _decode_shard(cfg: Config, target: str, load, dataset: str, problems: list[d
             part = todo[start:start + chunk]
             outputs = generate(model, tokenizer, [prompt_for(cfg, tokenizer, p, pool) for p in part],
                                max_new_tokens=_max_new_tokens(cfg), batch_size=cfg.eval.batch_size,
-                               add_special_tokens=cfg.model.prompt_format != "chat", cache=cfg.generation.cache,
+                               add_special_tokens=cfg.model.prompt_format != "chat", refill_at=cfg.generation.refill_at,
                                desc=f"eval {target} on {dataset} [{start + len(done)}/{len(problems)}]")
             for problem, output in zip(part, outputs):
                 handle.write(json.dumps(scored(problem, output.text, output.num_tokens, output.finish_reason,

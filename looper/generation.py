@@ -1,23 +1,31 @@
 """The one generation path, shared by rollouts and evaluation.
 
-Prompts are sorted by length (longest first, so an out-of-memory shows in the first batch, and rows of a batch need
-little padding), left-padded, and decoded in batches with `model.generate`; results come back in input order.
-Counts are of real tokens: generated tokens up to and including EOS, never padding.
+Decoding runs on `slots` rows at once with continuous refill: when rows finish (EOS or their own token limit), the
+freed slots are refilled with the next prompts, so a finished row stops costing decode steps. Each slot keeps its
+own KV history in a preallocated `SlotCache`; a decode step attends over the longest live history only (rounded up),
+with a per-row mask. Prompts are taken longest first, so a refill prefill pads little and an out-of-memory shows at
+once. When no prompts are left and half the slots are idle, the cache is compacted to the live rows. Results come
+back in input order; `on_result` sees each as it finishes. Counts are of real tokens: generated tokens up to and
+including EOS, never padding.
 
-Sampling is seeded per row (`SeededSampling`): a row's draws depend on its own seed only, never on which rows share
-its batch, their order, padding, the batch size or the number of processes. So a resumed or sharded rollout produces
-exactly the records of an uninterrupted single-process one.
+Sampling is seeded per row (`seeded_choice`): a row's draws depend on its own seed and step only, never on which rows
+share its batch, their order, padding, the batch size or the number of processes. So a resumed or sharded rollout
+produces exactly the records of an uninterrupted single-process one. Greedy decoding equals plain `model.generate`
+(tests/test_generation.py on CPU; `scripts/bench_gpu.py --check-greedy` on a GPU).
 """
 
+import logging
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+
+log = logging.getLogger(__name__)
 
 _MASK32 = 0xFFFFFFFF
+_WIDTH_STEP = 64  # attention width is rounded up to a multiple of this (fewer shapes, so fewer CUDA graphs)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -31,30 +39,27 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-class SeededSampling(LogitsProcessor):
-    """Temperature + top-p sampling, row by row reproducible: returns Gumbel-perturbed logits whose argmax (greedy
-    decoding) is a sample from the filtered distribution. The Gumbel noise is a hash of (row seed, step, token id)."""
-
-    def __init__(self, seeds: Sequence[int], temperatures: Sequence[float], top_ps: Sequence[float], start: int):
-        self.seeds = torch.tensor([s & _MASK32 for s in seeds], dtype=torch.int64)
-        self.temperatures = torch.tensor(temperatures, dtype=torch.float32)
-        self.top_ps = torch.tensor(top_ps, dtype=torch.float32)
-        self.start = start  # prompt length (padded): step = current length - start
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        device = scores.device
-        logits = scores.float() / self.temperatures.to(device)[:, None]
-        if bool((self.top_ps < 1).any()):
-            ordered, order = logits.sort(dim=-1, descending=True)
-            probs = ordered.softmax(dim=-1)
-            drop_sorted = probs.cumsum(dim=-1) - probs > self.top_ps.to(device)[:, None]  # the top token stays
-            logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
-        step = input_ids.shape[1] - self.start
-        row = _hash32(_hash32(self.seeds.to(device)) ^ step)
-        tokens = torch.arange(scores.shape[-1], device=device, dtype=torch.int64)
-        bits = _hash32(row[:, None] + tokens[None, :] * 0x9E3779B1) >> 8  # 24 bits: exact in float32
-        uniform = (bits.float() + 0.5) / 2.0 ** 24  # strictly inside (0, 1)
-        return logits - torch.log(-torch.log(uniform))
+def seeded_choice(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, temperatures: torch.Tensor,
+                  top_ps: torch.Tensor, sampling: bool = True, nucleus: bool = True) -> torch.Tensor:
+    """One token per row: a sample from the temperature- and top-p-filtered distribution, by Gumbel-max with noise
+    that is a hash of (row seed, row step, token id); the argmax where a row's temperature is 0 (greedy).
+    `sampling=False` (no row samples) and `nucleus=False` (no row has top_p < 1) only skip work; a row's choice never
+    depends on them or on any other row."""
+    if not sampling:
+        return logits.argmax(dim=-1)
+    greedy = temperatures <= 0
+    logits = logits.float() / torch.where(greedy, 1.0, temperatures)[:, None]
+    if nucleus:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        # the top token always stays; a row with top_p >= 1 keeps everything
+        drop_sorted = (probs.cumsum(dim=-1) - probs > top_ps[:, None]) & (top_ps < 1)[:, None]
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
+    row = _hash32(_hash32(seeds) ^ steps)
+    tokens = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int64)
+    bits = _hash32(row[:, None] + tokens[None, :] * 0x9E3779B1) >> 8  # 24 bits: exact in float32
+    gumbel = -torch.log(-torch.log((bits.float() + 0.5) / 2.0 ** 24))  # uniform strictly inside (0, 1)
+    return torch.where(greedy[:, None], logits, logits + gumbel).argmax(dim=-1)
 
 
 @dataclass
@@ -64,82 +69,297 @@ class Generation:
     finish_reason: str  # "stop" (EOS) or "length" (hit max_new_tokens)
 
 
+class SlotCache:
+    """The KV cache of `slots` rows, each with its own history, in buffers [slots, kv_heads, capacity, head_dim] per
+    layer. The model sees it as a transformers `Cache` (it calls `update` once per layer): in a prefill, the new
+    rows' keys and values are stored at positions 0.. of their slots and attention runs over the prefill alone; in
+    a decode step, each row's new entry is stored at its own position and attention reads the first `width`
+    positions of every slot (the caller's mask hides what a row does not own)."""
+
+    def __init__(self, num_layers: int, slots: int, capacity: int):
+        self.keys: list = [None] * num_layers
+        self.values: list = [None] * num_layers
+        self.slots, self.capacity = slots, capacity
+        self.prefill_slots: Optional[torch.Tensor] = None  # set for a prefill: the slots being written
+        self.positions: Optional[torch.Tensor] = None  # set for a decode step: where each slot writes
+        self.width = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.keys[layer_idx] is None:
+            shape = (self.slots, key.shape[1], self.capacity, key.shape[3])
+            self.keys[layer_idx] = key.new_zeros(shape)
+            self.values[layer_idx] = value.new_zeros(shape)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.prefill_slots is not None:
+            keys[self.prefill_slots, :, : key.shape[2]] = key
+            values[self.prefill_slots, :, : key.shape[2]] = value
+            return key, value
+        rows = torch.arange(self.slots, device=key.device)
+        keys[rows, :, self.positions] = key[:, :, 0]
+        values[rows, :, self.positions] = value[:, :, 0]
+        return keys[:, :, : self.width], values[:, :, : self.width]
+
+    def keep(self, slots: torch.Tensor) -> None:
+        """Keep only `slots` (in that order): the cache shrinks to len(slots) rows."""
+        for buffers in (self.keys, self.values):
+            for layer, buffer in enumerate(buffers):  # one layer at a time: the old buffer goes before the next
+                buffers[layer] = None if buffer is None else buffer[slots]
+        self.slots = len(slots)
+
+
 def _per_row(value: Union[float, Sequence[float]], n: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
-
-
-class RowLimits(LogitsProcessor):
-    """Per-row generation limits: row i is ended (EOS forced) after `limits[i]` new tokens."""
-
-    def __init__(self, limits: Sequence[int], start: int, eos_id: int):
-        self.limits, self.start, self.eos_id = torch.tensor(limits), start, eos_id
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        done = (input_ids.shape[1] - self.start) >= self.limits.to(scores.device)
-        if done.any():
-            scores[done] = float("-inf")
-            scores[done, self.eos_id] = 0.0
-        return scores
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int, Sequence[int]], batch_size: int,
              temperature: Union[float, Sequence[float]] = 0.0, top_p: Union[float, Sequence[float]] = 1.0,
-             seeds: Optional[Sequence[int]] = None, add_special_tokens: bool = True, cache: str = "dynamic",
+             seeds: Optional[Sequence[int]] = None, add_special_tokens: bool = True, refill_at: float = 0.125,
+             on_result: Optional[Callable[[int, Generation], None]] = None, stats: Optional[dict] = None,
              desc: Optional[str] = "generate") -> list[Generation]:
-    """Complete each prompt: greedy when every temperature is 0, else sampled with per-row `temperature`, `top_p`
-    and `seeds` (one each per prompt, or one value for all). `max_new_tokens` may be per row. `cache="static"` uses
-    a static KV cache with compiled decoding; prompt lengths are then padded to multiples of 64 so that few shapes
-    compile. `desc=None` shows no progress bar (the caller has one)."""
-    temperatures, top_ps = _per_row(temperature, len(prompts)), _per_row(top_p, len(prompts))
-    limits = _per_row(max_new_tokens, len(prompts))
-    sampling = any(t > 0 for t in temperatures)
-    if sampling and (seeds is None or len(seeds) != len(prompts) or min(temperatures) <= 0):
-        raise ValueError("sampling needs one seed per prompt and temperatures > 0 for every row")
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: list[Optional[Generation]] = [None] * len(prompts)
-    eos_ids = _eos_ids(model, tokenizer)
-    bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, disable=desc is None)
-    start, real_tokens = time.time(), 0
-    for first in range(0, len(order), batch_size):
-        rows = order[first:first + batch_size]
-        encoded = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True,
-                            pad_to_multiple_of=64 if cache == "static" else None,
-                            add_special_tokens=add_special_tokens).to(model.device)
-        prompt_length = encoded["input_ids"].shape[1]
-        row_limits = [limits[i] for i in rows]
-        processors = LogitsProcessorList()
-        if len(set(row_limits)) > 1:
-            processors.append(RowLimits(row_limits, prompt_length, eos_ids[0]))
-        if sampling:
-            processors.append(SeededSampling([seeds[i] for i in rows], [temperatures[i] for i in rows],
-                                             [top_ps[i] for i in rows], prompt_length))
-        output = model.generate(**encoded, max_new_tokens=max(row_limits), pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=eos_ids, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                logits_processor=processors,
-                                **({"cache_implementation": "static"} if cache == "static" else {}))
-        for i, tokens in zip(rows, output[:, prompt_length:].tolist()):
-            results[i] = _finish(tokenizer, tokens, eos_ids, limits[i])
-            real_tokens += results[i].num_tokens
-        bar.update(len(rows))
-        bar.set_postfix(tok_per_s=f"{real_tokens / max(time.time() - start, 1e-9):.0f}")
-    bar.close()
-    if cache == "static" and getattr(model, "_cache", None) is not None:
-        model._cache = None  # transformers keeps the static cache on the model: free it for whatever runs next
-    return results
+    """Complete each prompt, `batch_size` rows decoding at a time: greedy where a row's temperature is 0, else
+    sampled with that row's `temperature`, `top_p` and seed (each one per prompt, or one value for all).
+    `max_new_tokens` may be per row. Freed slots are refilled once a `refill_at` share of them is free (one prefill
+    serves them all). `on_result(i, generation)` is called as prompt i finishes; `stats`, a dict, receives counts of decode steps,
+    prefills and CUDA graphs. `desc=None` shows no progress bar."""
+    n = len(prompts)
+    temperatures, top_ps = _per_row(temperature, n), _per_row(top_p, n)
+    limits = _per_row(max_new_tokens, n)
+    if any(t > 0 for t in temperatures) and (seeds is None or len(seeds) != n):
+        raise ValueError("sampling needs one seed per prompt")
+    if min(limits, default=1) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
+    if n == 0:
+        return []
+    encoded = tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
+    with _masked_attention(model):
+        decoder = _Decoder(model, tokenizer, encoded, limits, [float(t) for t in temperatures],
+                           [float(p) for p in top_ps], [s & _MASK32 for s in (seeds or [0] * n)], min(batch_size, n))
+        bar = tqdm(total=n, desc=desc, unit="seq", leave=False, disable=desc is None)
+        start = time.time()
+        for i, result in decoder.run(refill_at):
+            bar.update(1)
+            bar.set_postfix(tok_per_s=f"{decoder.real_tokens / max(time.time() - start, 1e-9):.0f}", refresh=False)
+            if on_result is not None:
+                on_result(i, result)
+        bar.close()
+    if stats is not None:
+        stats.update(decoder.stats, seconds=time.time() - start, real_tokens=decoder.real_tokens)
+    return decoder.results
+
+
+class _Decoder:
+    """The state of one `generate` call. Per slot, on the host: the prompt it serves (-1: free), its tokens so far
+    and its KV length; on the device: its first real position (left padding before it), its next write position, its
+    step and its sampling settings."""
+
+    _PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds activation memory)
+
+    def __init__(self, model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots):
+        self.model, self.tokenizer, self.encoded, self.limits = model, tokenizer, encoded, limits
+        self.settings = (temperatures, top_ps, seeds)
+        self.sampling, self.nucleus = any(t > 0 for t in temperatures), any(p < 1 for p in top_ps)
+        # CUDA graphs replay a decode step without Python and kernel-launch overhead (which otherwise bounds the
+        # step time of a 7B model on an H100); one graph per (slots, width), captured on first use.
+        self.graphs: dict = {}
+        self.use_graphs = model.device.type == "cuda" and not getattr(model, "is_quantized", False) and not getattr(
+            getattr(model, "config", None), "quantization_config", None)
+        self.eos_ids = set(_eos_ids(model, tokenizer))
+        self.queue = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first
+        self.device = model.device
+        self.cache = SlotCache(model.config.get_text_config().num_hidden_layers, slots,
+                               capacity=_round_up(max(map(len, encoded)) + max(limits) + 1, _WIDTH_STEP))
+        self.owner, self.produced, self.length = [-1] * slots, [[] for _ in range(slots)], [0] * slots
+        zeros = dict(dtype=torch.long, device=self.device)
+        self.state = {"pad": torch.zeros(slots, **zeros), "length": torch.zeros(slots, **zeros),
+                      "step": torch.zeros(slots, **zeros), "seed": torch.zeros(slots, **zeros),
+                      "temperature": torch.zeros(slots, device=self.device),
+                      "top_p": torch.ones(slots, device=self.device)}
+        self.tokens = torch.zeros(slots, **zeros)
+        self.next_tokens = torch.zeros(slots, **zeros)
+        self.results: list[Optional[Generation]] = [None] * len(encoded)
+        self.real_tokens = 0
+        self.stats = {"decode_steps": 0, "prefills": 0, "prefill_tokens": 0, "graphs": 0, "capture_seconds": 0.0}
+
+    def run(self, refill_at: float):
+        """Yields (prompt index, Generation) as rows finish."""
+        yield from self.prefill(list(range(self.cache.slots)))
+        while True:
+            free = [s for s in range(self.cache.slots) if self.owner[s] < 0]
+            if self.queue and len(free) >= max(1, min(len(self.queue), refill_at * self.cache.slots)):
+                yield from self.prefill(free)
+                continue
+            if len(free) == self.cache.slots:
+                return
+            live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
+            if not self.queue and len(live) <= self.cache.slots // 2:  # draining: halve the slots (few shapes)
+                self.keep(live + free[: self.cache.slots // 2 - len(live)])
+            yield from self.decode()
+
+    def prefill(self, free: list[int]):
+        """Start the next prompts in the `free` slots; their first tokens are chosen from the prefill's logits."""
+        while free and self.queue:
+            width = len(self.encoded[self.queue[0]])  # the longest waiting prompt
+            take = max(1, min(len(free), len(self.queue), self._PREFILL_TOKENS // width))
+            rows, self.queue = self.queue[:take], self.queue[take:]
+            self.stats["prefills"] += 1
+            self.stats["prefill_tokens"] += take * width
+            where, free = free[:take], free[take:]
+            pads = torch.tensor([width - len(self.encoded[i]) for i in rows])
+            ids = torch.full((take, width), self.tokenizer.pad_token_id, dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, pads[r]:] = torch.tensor(self.encoded[i], dtype=torch.long)
+            key = torch.arange(width)
+            real = key[None, :] >= pads[:, None]
+            # causal, padding hidden; a padding query sees itself (no all-masked row, no NaN in the cache)
+            mask = (key[:, None] >= key[None, :]) & (real[:, None, :] | torch.eye(width, dtype=torch.bool))
+            slots = torch.tensor(where, device=self.device)
+            self.cache.prefill_slots = slots
+            try:
+                logits = self.forward(ids, mask[:, None], (key[None, :] - pads[:, None]).clamp(min=0))
+            finally:
+                self.cache.prefill_slots = None
+            temperatures, top_ps, seeds = self.settings
+            to = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
+            self.state["pad"][slots] = to(pads.tolist())
+            self.state["length"][slots] = width
+            self.state["step"][slots] = 0
+            self.state["seed"][slots] = to([seeds[i] for i in rows])
+            self.state["temperature"][slots] = to([temperatures[i] for i in rows], torch.float32)
+            self.state["top_p"][slots] = to([top_ps[i] for i in rows], torch.float32)
+            self.tokens[slots] = self.choose(logits, slots)
+            for slot, i in zip(where, rows):
+                self.owner[slot], self.produced[slot], self.length[slot] = i, [], width
+            yield from self.collect(where)
+
+    def decode(self):
+        """One step for every slot (a free slot computes a throwaway token); attention reads the longest live
+        history, rounded up."""
+        live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
+        self.cache.positions = self.state["length"]
+        self.cache.width = min(self.cache.capacity, _round_up(max(self.length[s] for s in live) + 1, _WIDTH_STEP))
+        self.stats["decode_steps"] += 1
+        if self.use_graphs:
+            self.replay()
+        else:
+            self.step()
+        self.tokens.copy_(self.next_tokens)
+        self.state["length"] += 1
+        self.state["step"] += 1
+        self.length = [v + 1 for v in self.length]
+        yield from self.collect(live)
+
+    def step(self) -> None:
+        """The decode step proper: reads `tokens` and the slot state, writes the KV entries and `next_tokens` (the
+        body of the CUDA graphs; running it twice with the same state writes the same values)."""
+        state = self.state
+        key = torch.arange(self.cache.width, device=self.device)
+        mask = (key[None, :] >= state["pad"][:, None]) & (key[None, :] <= state["length"][:, None])
+        logits = self.forward(self.tokens[:, None], mask[:, None, None, :], (state["length"] - state["pad"])[:, None])
+        self.next_tokens.copy_(seeded_choice(logits, state["seed"], state["step"], state["temperature"],
+                                             state["top_p"], self.sampling, self.nucleus))
+
+    def replay(self) -> None:
+        shape = (self.cache.slots, self.cache.width)
+        if shape not in self.graphs:
+            try:
+                start = time.perf_counter()
+                self.graphs[shape] = self.capture()
+                self.stats["graphs"] += 1
+                self.stats["capture_seconds"] += time.perf_counter() - start
+            except Exception as error:  # noqa: BLE001 - a model that cannot be captured still decodes, eagerly
+                log.warning("generation: CUDA graph capture failed (%s); decoding without graphs", error)
+                self.use_graphs = False
+                self.step()
+                return
+        self.graphs[shape].replay()
+
+    def capture(self):
+        if not hasattr(self, "pool"):
+            self.pool = torch.cuda.graph_pool_handle()  # one memory pool for every graph of this call
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.step()  # warm-up outside the graph (lazy library initialisation); it writes what the replay will
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.step()
+        return graph
+
+    def forward(self, ids, mask, positions):
+        if self.model.config._attn_implementation != "sdpa":  # eager attention adds the mask to its scores
+            mask = torch.where(mask, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype)
+        output = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
+                            logits_to_keep=1)
+        return output.logits[:, -1]
+
+    def choose(self, logits, slots):
+        state = self.state
+        chosen = seeded_choice(logits, state["seed"][slots], state["step"][slots], state["temperature"][slots],
+                               state["top_p"][slots], self.sampling, self.nucleus)
+        state["step"][slots] += 1
+        return chosen
+
+    def collect(self, slots: list[int]):
+        """Record the newest token of `slots`; a row that ends frees its slot."""
+        freed = []
+        tokens = self.tokens.tolist()
+        for slot in slots:
+            i, produced = self.owner[slot], self.produced[slot]
+            produced.append(tokens[slot])
+            stop = tokens[slot] in self.eos_ids
+            if stop or len(produced) >= self.limits[i]:
+                body = produced[:-1] if stop else produced
+                self.results[i] = Generation(self.tokenizer.decode(body, skip_special_tokens=True), len(produced),
+                                             "stop" if stop else "length")
+                self.real_tokens += len(produced)
+                self.owner[slot] = -1
+                freed.append(slot)
+                yield i, self.results[i]
+        if freed:  # a free slot writes at position 0.. of its own row until it is refilled: never out of bounds
+            where = torch.tensor(freed, device=self.device)
+            self.state["pad"][where] = 0
+            self.state["length"][where] = 0
+            for slot in freed:
+                self.length[slot] = 0
+
+    def keep(self, slots: list[int]) -> None:
+        where = torch.tensor(slots, device=self.device)
+        self.cache.keep(where)
+        self.owner = [self.owner[s] for s in slots]
+        self.produced = [self.produced[s] for s in slots]
+        self.length = [self.length[s] for s in slots]
+        self.state = {k: v[where] for k, v in self.state.items()}
+        self.tokens, self.next_tokens = self.tokens[where], self.next_tokens[where]
+        self.graphs.clear()  # they read the old tensors
+
+
+class _masked_attention:
+    """Generation passes explicit 4D masks, which sdpa and eager attention take: a model loaded with another
+    implementation (flash_attention_2) decodes with sdpa and is switched back afterwards."""
+
+    def __init__(self, model):
+        self.model, self.original = model, model.config._attn_implementation
+
+    def __enter__(self):
+        if self.original not in ("sdpa", "eager"):
+            self.model.set_attn_implementation("sdpa")
+
+    def __exit__(self, *exc):
+        if self.original not in ("sdpa", "eager"):
+            self.model.set_attn_implementation(self.original)
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
     configured = model.generation_config.eos_token_id
     ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
     return sorted(set(ids) | {tokenizer.eos_token_id})
-
-
-def _finish(tokenizer, tokens: list[int], eos_ids: list[int], limit: int) -> Generation:
-    # After a row's EOS, generate pads it; a row with no EOS ran to its limit (an EOS at the limit was forced).
-    for position, token in enumerate(tokens[:limit + 1]):
-        if token in eos_ids:
-            if position == limit:
-                break
-            return Generation(tokenizer.decode(tokens[:position], skip_special_tokens=True), position + 1, "stop")
-    return Generation(tokenizer.decode(tokens[:limit], skip_special_tokens=True), min(limit, len(tokens)), "length")

@@ -60,14 +60,25 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
     args = SFTConfig(
         output_dir=str(out / "trainer"), learning_rate=cfg.sft.learning_rate, num_train_epochs=cfg.sft.epochs,
         max_steps=cfg.sft.max_steps, per_device_train_batch_size=cfg.sft.batch_size,
-        gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps, max_length=cfg.sft.max_length,
+        gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps, max_length=None,
+        padding_free=cfg.sft.padding_free,
         warmup_steps=cfg.sft.warmup_ratio, lr_scheduler_type="cosine",
         gradient_checkpointing=cfg.sft.gradient_checkpointing, completion_only_loss=True,
         **_length_grouping(SFTConfig, cfg.sft.group_by_length),
         logging_steps=cfg.sft.logging_steps, save_strategy="no", report_to=report_to, seed=cfg.seed,
         dataloader_num_workers=0, **trainer_precision(cfg))
-    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=peft_config(cfg.lora) if cfg.lora.enabled else None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config(cfg.lora) if cfg.lora.enabled else None)
+    # TRL does not truncate in padding-free mode; in both modes an over-long example is left out rather than cut
+    # (a cut solution loses its final answer).
+    tokenized = trainer.train_dataset
+    trainer.train_dataset = tokenized.filter(lambda row: len(row["input_ids"]) <= cfg.sft.max_length)
+    if len(trainer.train_dataset) < len(tokenized):
+        log.warning("sft: %d of %d examples are longer than sft.max_length=%d tokens and are left out",
+                    len(tokenized) - len(trainer.train_dataset), len(tokenized), cfg.sft.max_length)
+    if len(trainer.train_dataset) == 0:
+        raise ValueError(f"sft: every example is longer than sft.max_length={cfg.sft.max_length} tokens")
+    return trainer
 
 
 def _train(cfg: Config, base: str, out: Path) -> None:

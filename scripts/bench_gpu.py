@@ -14,6 +14,11 @@ MFU against the GPU's dense bf16 peak. Prints a table and writes JSON.
 
     python scripts/bench_gpu.py --out bench.json                       # everything, Llama-2-7B shape
     python scripts/bench_gpu.py --arch tiny --sections rollout --quick  # a CPU smoke test
+    torchrun --nproc_per_node 2 scripts/bench_gpu.py --out bench2.json  # data-parallel: figures for all GPUs
+
+Under torchrun each process takes every WORLD_SIZE-th prompt (as looper's sharded rollout and eval do) or trains
+under DDP (as `accelerate launch -m looper stage=sft` does); the figures are for the whole job: tokens of all
+processes over the slowest process's time.
 """
 
 import argparse
@@ -32,7 +37,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from looper import generation, models  # noqa: E402
+from looper import distributed, generation, models  # noqa: E402
 
 ARCHS = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -104,23 +109,39 @@ def ceiling_tokens_per_s(model, batch: int, mean_context: float, bandwidth: floa
     return batch / ((weight_bytes + batch * mean_context * kv_per_token) / bandwidth)
 
 
-def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature, cache, bandwidth, seeds=None):
+def across_processes(seconds: float, tokens: int) -> tuple[float, int]:
+    """(slowest process's seconds, all processes' tokens)."""
+    if distributed.world_size() == 1:
+        return seconds, tokens
+    import torch.distributed as dist
+
+    gathered = [None] * distributed.world_size()
+    dist.all_gather_object(gathered, (seconds, tokens))
+    return max(g[0] for g in gathered), sum(g[1] for g in gathered)
+
+
+def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature, bandwidth, refill_at, seeds=None):
+    world, rank = distributed.world_size(), distributed.rank()
+    total = len(prompts)
+    prompts, limits = prompts[rank::world], limits[rank::world]
+    seeds = seeds[rank::world] if seeds is not None else None
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    distributed.barrier()
     sync()
     start = time.perf_counter()
     outputs = generation.generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=batch_size,
                                   temperature=temperature, top_p=0.95 if temperature else 1.0, seeds=seeds,
-                                  add_special_tokens=False, cache=cache, desc=None)
+                                  add_special_tokens=False, refill_at=refill_at, stats=(stats := {}), desc=None)
     sync()
-    seconds = time.perf_counter() - start
-    real = sum(o.num_tokens for o in outputs)
+    mine = sum(o.num_tokens for o in outputs)
+    seconds, real = across_processes(time.perf_counter() - start, mine)
     prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    mean_context = sum(prompt_tokens) / len(prompts) + real / len(prompts) / 2
-    ceiling = ceiling_tokens_per_s(model, min(batch_size, len(prompts)), mean_context, bandwidth)
-    return {"seconds": round(seconds, 2), "sequences": len(prompts), "real_tokens": real,
+    mean_context = sum(prompt_tokens) / len(prompts) + mine / len(prompts) / 2
+    ceiling = world * ceiling_tokens_per_s(model, min(batch_size, len(prompts)), mean_context, bandwidth)
+    return {"seconds": round(seconds, 2), "sequences": total, "processes": world, "real_tokens": real,
             "tokens_per_s": round(real / seconds, 1), "ceiling_tokens_per_s": round(ceiling, 1),
             "share_of_ceiling": round(real / seconds / ceiling, 3) if ceiling == ceiling else None,
-            "batch_size": batch_size, "cache": cache, "outputs": outputs}
+            "batch_size": batch_size, "refill_at": refill_at, "rank0_stats": stats, "outputs": outputs}
 
 
 def plain_generate_baseline(model, tokenizer, prompts, limits, batch_size):
@@ -144,27 +165,64 @@ def plain_generate_baseline(model, tokenizer, prompts, limits, batch_size):
 
 def bench_rollout(model, tokenizer, args, bandwidth, rng):
     vocab = model.config.vocab_size
-    n = args.rollout_batch * (1 if args.quick else 2)
+    n = args.rollout_batch * (1 if args.quick else args.rollout_batches)
     prompts = [words(rng, rng.randint(80, 180), vocab) for _ in range(n)]
     limits = lognormal_lengths(rng, n, args.rollout_mean_new, 16, args.rollout_max_new)
     seeds = list(range(n))
-    results = {"plain_generate": plain_generate_baseline(model, tokenizer, prompts, limits, args.rollout_batch)}
-    print(f"rollout  plain generate batch {args.rollout_batch}: {results['plain_generate']['tokens_per_s']:>9,.0f} "
-          f"real tok/s, {results['plain_generate']['ms_per_step']} ms/step", flush=True)
-    for cache in args.caches:
-        if cache == "static":  # one warm-up batch pays the compilation
-            run_generation(model, tokenizer, prompts[: args.rollout_batch], limits[: args.rollout_batch],
-                           batch_size=args.rollout_batch, temperature=1.0, cache=cache, bandwidth=bandwidth,
-                           seeds=seeds[: args.rollout_batch])
-        result = run_generation(model, tokenizer, prompts, limits, batch_size=args.rollout_batch, temperature=1.0,
-                                cache=cache, bandwidth=bandwidth, seeds=seeds)
-        result.pop("outputs")
-        steps = sum(max(limits[i:i + args.rollout_batch]) for i in range(0, n, args.rollout_batch))
-        result["ms_per_step"] = round(1000 * result["seconds"] / steps, 1)
-        results[cache] = result
-        print(f"rollout  {cache:7s} batch {args.rollout_batch}: {result['tokens_per_s']:>9,.0f} real tok/s, "
-              f"{100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling", flush=True)
+    results = {}
+    if args.baseline:
+        results["plain_generate"] = plain_generate_baseline(model, tokenizer, prompts, limits, args.rollout_batch)
+        print(f"rollout  plain generate batch {args.rollout_batch}: "
+              f"{results['plain_generate']['tokens_per_s']:>9,.0f} real tok/s, "
+              f"{results['plain_generate']['ms_per_step']} ms/step", flush=True)
+    run_generation(model, tokenizer, prompts[:8], limits[:8], batch_size=8, temperature=1.0, bandwidth=bandwidth,
+                   refill_at=args.refill_at, seeds=seeds[:8])  # warm-up
+    result = run_generation(model, tokenizer, prompts, limits, batch_size=args.rollout_batch, temperature=1.0,
+                            bandwidth=bandwidth, refill_at=args.refill_at, seeds=seeds)
+    result.pop("outputs")
+    results["looper"] = result
+    print(f"rollout  looper batch {args.rollout_batch}: {result['tokens_per_s']:>9,.0f} real tok/s, "
+          f"{100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling ({n} sequences, {result['seconds']} s; "
+          f"{result['rank0_stats']})", flush=True)
     return results
+
+
+def check_greedy(model, tokenizer, prompts, limits, args):
+    """Greedy outputs of looper's path against plain `generate`, one prompt at a time, in float32 without TF32 (in
+    bf16 with random weights the logits are nearly flat, so any change of kernel or batch shape flips argmaxes;
+    plain `generate` batched against itself one at a time is printed as that noise floor)."""
+    def prefix(a, b):
+        return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    report = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    for dtype in (torch.bfloat16, torch.float32):
+        model.to(dtype)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ours = generation.generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=len(prompts),
+                                   add_special_tokens=False, desc=None)
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        batched = model.generate(**encoded, max_new_tokens=max(limits), do_sample=False, pad_token_id=0,
+                                 eos_token_id=1)[:, encoded["input_ids"].shape[1]:]
+        same, same_batched, prefixes = 0, 0, []
+        for k, (prompt, limit, output) in enumerate(zip(prompts, limits, ours)):
+            single = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+            plain = model.generate(**single, max_new_tokens=limit, do_sample=False, pad_token_id=0,
+                                   eos_token_id=1)[0, single["input_ids"].shape[1]:]
+            plain_text = tokenizer.decode(plain[:limit], skip_special_tokens=True)
+            same += plain_text == output.text
+            same_batched += plain_text == tokenizer.decode(batched[k, :limit], skip_special_tokens=True)
+            prefixes.append(prefix(plain_text.split(), output.text.split()))
+        name = str(dtype).replace("torch.", "")
+        report[name] = {"looper_equal_plain": f"{same}/{len(prompts)}",
+                        "plain_batched_equal_plain": f"{same_batched}/{len(prompts)}",
+                        "looper_mean_common_prefix_tokens": sum(prefixes) / len(prefixes)}
+        print(f"greedy   {name}: looper == plain generate (one at a time) {same}/{len(prompts)}; plain generate "
+              f"batched == one at a time {same_batched}/{len(prompts)}; mean common prefix "
+              f"{sum(prefixes) / len(prefixes):.0f} tokens", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    model.to(torch.bfloat16)
+    return report
 
 
 def bench_eval(model, tokenizer, args, bandwidth, rng):
@@ -173,26 +231,15 @@ def bench_eval(model, tokenizer, args, bandwidth, rng):
     prompts = [words(rng, length, vocab) for length in lognormal_lengths(rng, n, 140, 60, 400)]
     limits = lognormal_lengths(rng, n, args.eval_mean_new, 32, args.eval_max_new)
     results = {}
-    for cache in args.eval_caches:
-        if cache == "static":
-            run_generation(model, tokenizer, prompts[: args.eval_batch], limits[: args.eval_batch],
-                           batch_size=args.eval_batch, temperature=0.0, cache=cache, bandwidth=bandwidth)
-        result = run_generation(model, tokenizer, prompts, limits, batch_size=args.eval_batch, temperature=0.0,
-                                cache=cache, bandwidth=bandwidth)
-        outputs = result.pop("outputs")
-        results[cache] = result
-        print(f"eval     {cache:7s} batch {args.eval_batch}: {n} prompts in {result['seconds']:.0f} s, "
-              f"{result['tokens_per_s']:,.0f} real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling",
-              flush=True)
-        if args.check_greedy:  # the fast path must equal plain generate on the same prompts
-            same = 0
-            for prompt, limit, output in list(zip(prompts, limits, outputs))[:8]:
-                encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-                plain = model.generate(**encoded, max_new_tokens=limit, do_sample=False, pad_token_id=0,
-                                       eos_token_id=1)[0, encoded["input_ids"].shape[1]:]
-                same += tokenizer.decode(plain[:limit], skip_special_tokens=True) == output.text
-            results[cache]["greedy_equal_plain_generate"] = f"{same}/8"
-            print(f"eval     {cache:7s} greedy outputs equal to plain generate: {same}/8", flush=True)
+    result = run_generation(model, tokenizer, prompts, limits, batch_size=args.eval_batch, temperature=0.0,
+                            bandwidth=bandwidth, refill_at=args.refill_at)
+    result.pop("outputs")
+    results["looper"] = result
+    print(f"eval     looper batch {args.eval_batch}: {n} prompts in {result['seconds']:.0f} s, "
+          f"{result['tokens_per_s']:,.0f} real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling "
+          f"({result['rank0_stats']})", flush=True)
+    if args.check_greedy:
+        results["greedy_check"] = check_greedy(model, tokenizer, prompts[:8], [min(64, x) for x in limits[:8]], args)
     return results
 
 
@@ -210,6 +257,7 @@ def bench_training(model_dir: Path, args, rng, stage: str):
             "experiment=abel_platinum", f"model.name_or_path={model_dir}", "logger=none",
             f"sft.batch_size={args.train_batch}", "sft.gradient_accumulation_steps=1", f"sft.max_steps={args.steps}",
             f"sft.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", "sft.logging_steps=1000",
+            f"sft.padding_free={str(not args.padded).lower()}",
             f"dpo.batch_size={max(1, args.train_batch // 2)}", "dpo.gradient_accumulation_steps=1",
             f"dpo.max_steps={args.steps}", "dpo.logging_steps=1000",
             f"dpo.gradient_checkpointing={str(args.gradient_checkpointing).lower()}"])
@@ -254,20 +302,23 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     original = trainer.compute_loss
 
     def counting(model, inputs, *a, **k):
-        tokens.append(int(inputs["attention_mask"].sum()))
+        mask = inputs.get("attention_mask")  # padding-free batches have none: every token is real
+        tokens.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
         return original(model, inputs, *a, **k)
 
     trainer.compute_loss = counting
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     warm = 2  # the first steps pay allocation and kernel selection
-    seconds, real = sum(times[warm:]), sum(tokens[warm:len(times)])
+    seconds, real = across_processes(sum(times[warm:]), sum(tokens[warm:len(times)]))
     params = sum(p.numel() for p in trainer.model.parameters() if p.dtype in (torch.bfloat16, torch.float16))
     flops_per_token = 4 * params * (1.5 if stage == "dpo" else 1)  # frozen base: forward 2N + input-grad 2N
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), float("nan"))
-    result = {"steps_timed": len(times) - warm, "real_tokens_per_s": round(real / seconds, 1),
-              "mfu": round(real / seconds * flops_per_token / peak, 3), "peak_memory_gib":
+    result = {"steps_timed": len(times) - warm, "processes": distributed.world_size(),
+              "real_tokens_per_s": round(real / seconds, 1), "padding_free": trainer.args.padding_free
+              if stage == "sft" else False,
+              "mfu": round(real / seconds * flops_per_token / peak / distributed.world_size(), 3), "peak_memory_gib":
               round(torch.cuda.max_memory_allocated() / 2 ** 30, 1), "batch_size": trainer.args.per_device_train_batch_size,
               "gradient_checkpointing": args.gradient_checkpointing, "flops_per_token": flops_per_token}
     print(f"{stage:8s} LoRA r64: {result['real_tokens_per_s']:,.0f} real tok/s, MFU {100 * result['mfu']:.0f}%, "
@@ -281,9 +332,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="llama2-7b", choices=sorted(ARCHS))
     parser.add_argument("--sections", default="rollout,eval,sft,dpo")
-    parser.add_argument("--caches", default="dynamic,static", help="rollout generation caches to compare")
-    parser.add_argument("--eval-caches", default="dynamic", help="eval generation caches (static recompiles for "
-                        "every new batch shape)")
+    parser.add_argument("--baseline", action="store_true", help="also time plain generate on the rollout batches")
+    parser.add_argument("--refill-at", type=float, default=0.125, help="generation.refill_at")
+    parser.add_argument("--rollout-batches", type=int, default=4, help="rollout work, in batches")
     parser.add_argument("--rollout-batch", type=int, default=256)
     parser.add_argument("--rollout-mean-new", type=int, default=150)
     parser.add_argument("--rollout-max-new", type=int, default=256)
@@ -296,8 +347,12 @@ def main():
     parser.add_argument("--check-greedy", action="store_true", help="compare the fast path with plain generate")
     parser.add_argument("--quick", action="store_true", help="small workloads (smoke test)")
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
+    parser.add_argument("--padded", action="store_true", help="SFT on padded batches (sft.padding_free=false)")
     args = parser.parse_args()
-    args.caches, args.eval_caches = args.caches.split(","), args.eval_caches.split(",")
+    distributed.init()
+    main_process = distributed.is_main_process()
+    if not main_process:  # one voice: the others compute and stay quiet
+        sys.stdout = open(os.devnull, "w")
     sections = args.sections.split(",")
     rng = random.Random(0)
     device = models.device()
@@ -318,7 +373,8 @@ def main():
                 report[section] = {"error": repr(error)[:500]}
                 print(f"{section}: failed: {error!r}"[:500], flush=True)
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
-            args.out.write_text(json.dumps(report, indent=2))
+            if main_process:
+                args.out.write_text(json.dumps(report, indent=2))
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     for stage in ("sft", "dpo"):
@@ -328,7 +384,8 @@ def main():
             except Exception as error:  # noqa: BLE001 - a failed section must not lose the others' figures
                 report[stage] = {"error": repr(error)}
                 print(f"{stage}: failed: {error!r}", flush=True)
-            args.out.write_text(json.dumps(report, indent=2))
+            if main_process:
+                args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "args"}, indent=2))
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from looper import models
-from looper.generation import SeededSampling, generate
+from looper.generation import generate, seeded_choice
 
 
 def _prompts(cfg, tokenizer, n=6):
@@ -13,16 +13,23 @@ def _prompts(cfg, tokenizer, n=6):
     return [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in synthetic_splits(cfg.data)["test"][:n]]
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_greedy_equals_plain_generate_one_prompt_at_a_time(tiny_sft, cache):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_greedy_equals_plain_generate_one_prompt_at_a_time(tiny_sft, attention):
     cfg, _, _, sft_dir = tiny_sft
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
-    prompts = _prompts(cfg, tokenizer)
-    ours = generate(model, tokenizer, prompts, max_new_tokens=40, batch_size=4, cache=cache)
-    for prompt, result in zip(prompts, ours):
+    model.set_attn_implementation(attention)
+    prompts = _prompts(cfg, tokenizer, n=12)
+    limits = [3 + 7 * k for k in range(len(prompts))]  # rows end at different steps: slots are refilled mid-decode
+    finished = []
+    ours = generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=4, refill_at=0.25,
+                    on_result=lambda i, g: finished.append(i))
+    assert sorted(finished) == list(range(len(prompts)))
+    for prompt, limit, result in zip(prompts, limits, ours):
         encoded = tokenizer(prompt, return_tensors="pt")
-        plain = model.generate(**encoded, max_new_tokens=40, do_sample=False)[0, encoded["input_ids"].shape[1]:]
+        plain = model.generate(**encoded, max_new_tokens=limit, do_sample=False)[0, encoded["input_ids"].shape[1]:]
         assert result.text == tokenizer.decode(plain, skip_special_tokens=True)
+        ended = plain[-1].item() == tokenizer.eos_token_id
+        assert result.num_tokens == len(plain) and result.finish_reason == ("stop" if ended else "length")
 
 
 def test_a_rows_sample_does_not_depend_on_its_batch(tiny_sft):
@@ -44,8 +51,8 @@ def test_seeded_sampling_draws_from_the_tempered_top_p_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     counts = torch.zeros(4)
     for seed in range(4000):
-        sampler = SeededSampling([seed], [1.0], [0.9], start=0)
-        counts[sampler(torch.zeros(1, 0, dtype=torch.long), logits).argmax()] += 1
+        counts[seeded_choice(logits, torch.tensor([seed]), torch.tensor([0]), torch.tensor([1.0]),
+                             torch.tensor([0.9]))] += 1
     # top_p=0.9 keeps 0.5, 0.3, 0.15 (0.95 >= 0.9 first reached there); renormalised: 0.526, 0.316, 0.158, 0
     assert counts[3] == 0
     assert torch.allclose(counts[:3] / 4000, torch.tensor([0.526, 0.316, 0.158]), atol=0.03)

@@ -51,6 +51,32 @@ def test_sft_loss_covers_the_completion_only(tiny_sft, tmp_path):
     assert labels[-1] == trainer.processing_class.eos_token_id  # the completion ends with EOS
 
 
+def test_padding_free_batches_give_the_padded_loss(fast_cfg, tiny_sft, tmp_path):
+    _, _, base, _ = tiny_sft
+    losses = {}
+    for padding_free in (True, False):
+        trainer = sft.make_trainer(fast_cfg(f"sft.padding_free={str(padding_free).lower()}"), base, tmp_path)
+        rows = [trainer.train_dataset[i] for i in range(6)]
+        assert len({len(r["input_ids"]) for r in rows}) > 1, "the batch should need padding"
+        batch = trainer.data_collator(rows)
+        assert ("attention_mask" in batch) is not padding_free
+        assert batch["input_ids"].shape[0] == (1 if padding_free else 6)
+        with torch.no_grad():
+            losses[padding_free] = trainer.model(**{k: v for k, v in batch.items() if torch.is_tensor(v)}).loss.item()
+    # sequences stay apart inside the flattened row: attention across a boundary would change the loss
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_sft_leaves_out_examples_over_max_length(fast_cfg, tiny_sft, tmp_path):
+    _, _, base, _ = tiny_sft
+    everything = sft.make_trainer(fast_cfg(), base, tmp_path).train_dataset
+    lengths = sorted(len(r) for r in everything["input_ids"])
+    cut = lengths[len(lengths) // 2]
+    kept = sft.make_trainer(fast_cfg(f"sft.max_length={cut}"), base, tmp_path).train_dataset
+    assert len(kept) == sum(length <= cut for length in lengths) < len(everything)
+    assert max(len(r) for r in kept["input_ids"]) <= cut
+
+
 def test_lora_sft_trains_the_adapter_and_leaves_the_base(fast_cfg, tiny_sft, tmp_path):
     _, _, base, _ = tiny_sft
     cfg = fast_cfg("lora=r64")
