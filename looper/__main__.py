@@ -7,7 +7,6 @@ from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from looper import distributed, dpo, evaluation, preferences, rollout, sft
@@ -81,11 +80,9 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> Optional[float]:
     cfg: Config = OmegaConf.to_object(raw)  # runs every schema's value checks
-    distributed.init()
-    hydra_cfg = HydraConfig.get()
-    parallel_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    with distributed.claim_gpu(Path(cfg.paths.artifacts) / ".gpu_locks", enabled=parallel_sweep):
-        return run(cfg, Path(hydra_cfg.runtime.output_dir))
+    with distributed.claim_gpu(Path(cfg.paths.artifacts) / ".gpu_locks"):  # before anything starts CUDA
+        distributed.init()
+        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

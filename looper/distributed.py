@@ -52,29 +52,44 @@ def barrier() -> None:
         dist.barrier(group=_BARRIER_GROUP)
 
 
-@contextmanager
-def claim_gpu(lock_dir: Path, enabled: bool = True):
-    """Pin this process to a GPU no other job holds (a file lock per GPU), so that parallel sweep jobs (the joblib
-    launcher) each get their own; waits while all are taken. A no-op with fewer than two GPUs or under a
-    multi-process launch, where accelerate assigns devices."""
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them; counted through NVML when it is unset, so
+    CUDA does not start (once it has, CUDA_VISIBLE_DEVICES no longer applies)."""
+    names = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if names is not None:
+        return [name.strip() for name in names.split(",") if name.strip()]
     import torch
 
-    if not enabled or world_size() > 1 or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+    count = torch.cuda._device_count_nvml() if hasattr(torch.cuda, "_device_count_nvml") else -1
+    return [str(i) for i in range(count)] if count > 0 else []
+
+
+@contextmanager
+def claim_gpu(lock_dir: Path):
+    """Give this single-process job one GPU that no other looper job holds: a file lock per GPU (waiting while all
+    are taken), and CUDA_VISIBLE_DEVICES narrowed to it, which must happen before CUDA starts. With several GPUs
+    visible, transformers' Trainer would wrap the model in nn.DataParallel (which TRL refuses) on cuda:0, whichever
+    GPU was current; jobs that should use several GPUs run under `accelerate launch`, one process per GPU. A process
+    that was pinned before (a reused joblib worker) keeps its GPU and waits for its lock. A no-op with fewer than two
+    GPUs or under a multi-process launch."""
+    pinned = os.environ.get("LOOPER_PINNED_GPU")
+    gpus = [pinned] if pinned is not None else visible_gpus()
+    if world_size() > 1 or (pinned is None and len(gpus) < 2):
         yield None
         return
     lock_dir.mkdir(parents=True, exist_ok=True)
     while True:
-        for index in range(torch.cuda.device_count()):
-            handle = open(lock_dir / f"gpu{index}.lock", "w")
+        for name in gpus:
+            handle = open(lock_dir / f"gpu{''.join(c if c.isalnum() else '_' for c in name)}.lock", "w")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.close()
                 continue
-            torch.cuda.set_device(index)
-            log.info("this job runs on GPU %d", index)
+            os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["LOOPER_PINNED_GPU"] = name
+            log.info("this job runs on GPU %s", name)
             try:
-                yield index
+                yield name
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
                 handle.close()

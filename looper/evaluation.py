@@ -122,18 +122,16 @@ def _decode_shard(cfg: Config, target: str, load, dataset: str, problems: list[d
     if not todo:
         return
     model, tokenizer = load()
-    chunk = cfg.eval.batch_size * 4
     with open(shard, "a") as handle:
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            outputs = generate(model, tokenizer, [prompt_for(cfg, tokenizer, p, pool) for p in part],
-                               max_new_tokens=_max_new_tokens(cfg), batch_size=cfg.eval.batch_size,
-                               add_special_tokens=cfg.model.prompt_format != "chat", refill_at=cfg.generation.refill_at,
-                               desc=f"eval {target} on {dataset} [{start + len(done)}/{len(problems)}]")
-            for problem, output in zip(part, outputs):
-                handle.write(json.dumps(scored(problem, output.text, output.num_tokens, output.finish_reason,
-                                               scorers)) + "\n")
+        def write(index: int, output) -> None:  # as each answer finishes: a crash loses only unfinished questions
+            handle.write(json.dumps(scored(todo[index], output.text, output.num_tokens, output.finish_reason,
+                                           scorers)) + "\n")
             handle.flush()
+
+        generate(model, tokenizer, [prompt_for(cfg, tokenizer, p, pool) for p in todo],
+                 max_new_tokens=_max_new_tokens(cfg), batch_size=cfg.eval.batch_size,
+                 add_special_tokens=cfg.model.prompt_format != "chat", refill_at=cfg.generation.refill_at,
+                 on_result=write, desc=f"eval {target} on {dataset} ({len(done)} of {len(problems)} done before)")
 
 
 def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) -> None:

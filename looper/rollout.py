@@ -122,7 +122,8 @@ def _sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], shard: Path)
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
     sampler = Sampler(cfg, model, tokenizer)
     scorer = instantiate(cfg.reward.scorer, _partial_=True)
-    questions_per_batch = max(1, cfg.rollout.batch_size // per_question)
+    # several batches' worth of rows per generate call, so slots freed by short trajectories are refilled
+    questions_per_batch = max(1, 4 * cfg.rollout.batch_size // per_question)
     start = time.time()
     with open(shard, "a") as handle, tqdm(total=len(problems), initial=len(done), unit="q", desc="rollout") as bar:
         for first in range(0, len(todo), questions_per_batch):

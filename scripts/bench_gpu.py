@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
+if "WORLD_SIZE" not in os.environ:  # one process, one GPU (several visible would make the Trainer use DataParallel)
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 
 import torch  # noqa: E402
 
@@ -177,13 +179,14 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
               f"{results['plain_generate']['ms_per_step']} ms/step", flush=True)
     run_generation(model, tokenizer, prompts[:8], limits[:8], batch_size=8, temperature=1.0, bandwidth=bandwidth,
                    refill_at=args.refill_at, seeds=seeds[:8])  # warm-up
-    result = run_generation(model, tokenizer, prompts, limits, batch_size=args.rollout_batch, temperature=1.0,
-                            bandwidth=bandwidth, refill_at=args.refill_at, seeds=seeds)
-    result.pop("outputs")
-    results["looper"] = result
-    print(f"rollout  looper batch {args.rollout_batch}: {result['tokens_per_s']:>9,.0f} real tok/s, "
-          f"{100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling ({n} sequences, {result['seconds']} s; "
-          f"{result['rank0_stats']})", flush=True)
+    for refill_at in args.rollout_refill_at:
+        result = run_generation(model, tokenizer, prompts, limits, batch_size=args.rollout_batch, temperature=1.0,
+                                bandwidth=bandwidth, refill_at=refill_at, seeds=seeds)
+        result.pop("outputs")
+        results["looper" if refill_at == args.refill_at else f"looper_refill_at_{refill_at}"] = result
+        print(f"rollout  looper batch {args.rollout_batch}, refill_at {refill_at}: {result['tokens_per_s']:>9,.0f} "
+              f"real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling ({n} sequences, "
+              f"{result['seconds']} s; {result['rank0_stats']})", flush=True)
     return results
 
 
@@ -258,6 +261,7 @@ def bench_training(model_dir: Path, args, rng, stage: str):
             f"sft.batch_size={args.train_batch}", "sft.gradient_accumulation_steps=1", f"sft.max_steps={args.steps}",
             f"sft.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", "sft.logging_steps=1000",
             f"sft.padding_free={str(not args.padded).lower()}",
+            f"dpo.precompute_ref_log_probs={str(not args.no_precompute).lower()}",
             f"dpo.batch_size={max(1, args.train_batch // 2)}", "dpo.gradient_accumulation_steps=1",
             f"dpo.max_steps={args.steps}", "dpo.logging_steps=1000",
             f"dpo.gradient_checkpointing={str(args.gradient_checkpointing).lower()}"])
@@ -299,6 +303,23 @@ def bench_training(model_dir: Path, args, rng, stage: str):
             times.append(time.perf_counter() - self.t)
 
     trainer.add_callback(Clock())
+
+    class Profile(TrainerCallback):  # --profile: the top kernels and host ops of one step, after warm-up
+        def on_step_begin(self, args_, state, *a, **k):
+            if state.global_step == 3:
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                   torch.profiler.ProfilerActivity.CUDA])
+                self.profiler.__enter__()
+
+        def on_step_end(self, args_, state, *a, **k):
+            if hasattr(self, "profiler") and state.global_step == 4:
+                self.profiler.__exit__(None, None, None)
+                averages = self.profiler.key_averages()
+                for key in ("cuda_time_total", "self_cpu_time_total"):
+                    print(averages.table(sort_by=key, row_limit=12, max_name_column_width=60), flush=True)
+
+    if args.profile:
+        trainer.add_callback(Profile())
     original = trainer.compute_loss
 
     def counting(model, inputs, *a, **k):
@@ -335,6 +356,8 @@ def main():
     parser.add_argument("--baseline", action="store_true", help="also time plain generate on the rollout batches")
     parser.add_argument("--refill-at", type=float, default=0.125, help="generation.refill_at")
     parser.add_argument("--rollout-batches", type=int, default=4, help="rollout work, in batches")
+    parser.add_argument("--rollout-refill-at", default="", help="comma-separated generation.refill_at values to "
+                        "compare on the rollout (default: --refill-at)")
     parser.add_argument("--rollout-batch", type=int, default=256)
     parser.add_argument("--rollout-mean-new", type=int, default=150)
     parser.add_argument("--rollout-max-new", type=int, default=256)
@@ -348,7 +371,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small workloads (smoke test)")
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
     parser.add_argument("--padded", action="store_true", help="SFT on padded batches (sft.padding_free=false)")
+    parser.add_argument("--no-precompute", action="store_true", help="dpo.precompute_ref_log_probs=false")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of one training step")
     args = parser.parse_args()
+    args.rollout_refill_at = [float(v) for v in args.rollout_refill_at.split(",") if v] or [args.refill_at]
     distributed.init()
     main_process = distributed.is_main_process()
     if not main_process:  # one voice: the others compute and stay quiet

@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
-from looper import evaluation, models
+import pytest
+import torch
+
+from looper import evaluation, generation, models
 from looper.artifacts import ArtifactStore
 from looper.models import PLATINUM_PROMPT
 from tests.conftest import ROOT, looper_cli, shared_file
@@ -47,24 +50,27 @@ def test_records_carry_every_scorer_and_the_summary_splits_by_cleaning_status(fa
 
 
 def test_an_interrupted_evaluation_resumes_without_redoing_finished_questions(fast_cfg, tiny_sft, monkeypatch):
-    cfg = fast_cfg("eval.num_questions=24", "eval.batch_size=3", "eval.max_new_tokens=40")  # chunks of 12
+    cfg = fast_cfg("eval.num_questions=24", "eval.batch_size=3", "eval.max_new_tokens=40")
     store = ArtifactStore(cfg.paths.artifacts)
-    original, calls = evaluation.generate, []
+    original = evaluation.generate
 
-    def crash_on_second_chunk(model, tokenizer, prompts, **kwargs):
-        calls.append(len(prompts))
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # as if killed after the first chunk was flushed
-        return original(model, tokenizer, prompts, **kwargs)
+    def crash_after_twelve(model, tokenizer, prompts, on_result, **kwargs):
+        finished = []
 
-    monkeypatch.setattr(evaluation, "generate", crash_on_second_chunk)
-    try:
+        def record_then_maybe_crash(index, output):
+            on_result(index, output)  # written and flushed
+            finished.append(index)
+            if len(finished) == 12:
+                raise KeyboardInterrupt  # as if killed right after the twelfth answer
+
+        return original(model, tokenizer, prompts, on_result=record_then_maybe_crash, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate", crash_after_twelve)
+    with pytest.raises(KeyboardInterrupt):
         evaluation.evaluate(cfg, store, "sft", "synthetic_test")
-    except KeyboardInterrupt:
-        pass
     shard = next((store.root / "eval").glob("*.partial/predictions.rank0.jsonl"))
-    first_chunk = [json.loads(line) for line in shard.read_text().splitlines()]
-    assert len(first_chunk) == 12
+    first = [json.loads(line) for line in shard.read_text().splitlines()]
+    assert len(first) == 12
     with open(shard, "a") as handle:
         handle.write('{"id": "torn')  # killed mid-write
     decoded = []
@@ -72,16 +78,20 @@ def test_an_interrupted_evaluation_resumes_without_redoing_finished_questions(fa
                         lambda m, t, prompts, **kw: decoded.extend(prompts) or original(m, t, prompts, **kw))
     records = evaluation.read_predictions(evaluation.evaluate(cfg, store, "sft", "synthetic_test"))
     assert len(decoded) == 12
-    assert len(records) == 24 and len({r["id"] for r in records}) == 24 and records[:12] == first_chunk
+    by_id = {r["id"]: r for r in records}
+    assert len(records) == 24 and len(by_id) == 24 and all(by_id[r["id"]] == r for r in first)
 
 
-def test_the_batch_check_passes_on_the_real_path_and_catches_right_padding(tiny_sft):
+def test_the_batch_check_passes_on_the_real_path_and_catches_a_broken_mask(tiny_sft, monkeypatch):
     cfg, _, _, sft_dir = tiny_sft
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
     problems = evaluation.eval_problems("synthetic_test", cfg)[:8]
     prompts = [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
     assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] == 0
-    tokenizer.padding_side = "right"  # the classic bug: batched rows continue after their padding
+    # the classic bug: rows attend to padding (and, here, to whatever else their slot holds)
+    forward = generation._Decoder.forward
+    monkeypatch.setattr(generation._Decoder, "forward",
+                        lambda self, ids, mask, positions: forward(self, ids, torch.ones_like(mask), positions))
     assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] > 0
 
 

@@ -1,5 +1,7 @@
 """Sweep launchers: the launcher configs compose, and parallel jobs each claim a GPU of their own."""
 
+import os
+
 from hydra import compose, initialize_config_dir
 
 from looper import distributed
@@ -26,18 +28,23 @@ def test_the_optuna_search_maximises_over_the_reward_and_dpo_temperature():
     assert sweeper.direction == "maximize" and set(sweeper.params) == {"reward.alpha", "reward.beta", "dpo.beta"}
 
 
-def test_parallel_jobs_claim_different_gpus_and_release_them(monkeypatch, tmp_path):
-    import torch
-
-    chosen = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+def test_jobs_claim_different_gpus_each_seeing_only_its_own(monkeypatch, tmp_path):
+    monkeypatch.delenv("LOOPER_PINNED_GPU", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     with distributed.claim_gpu(tmp_path) as first:
-        with distributed.claim_gpu(tmp_path) as second:  # another job while the first still runs
-            assert {first, second} == {0, 1}
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == first  # the Trainer sees one GPU: no nn.DataParallel
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # another job (process) while the first still runs
+        monkeypatch.delenv("LOOPER_PINNED_GPU")
+        with distributed.claim_gpu(tmp_path) as second:
+            assert {first, second} == {"0", "1"} and os.environ["CUDA_VISIBLE_DEVICES"] == second
+    # a process pinned before keeps its GPU (CUDA has started on it), waiting for that GPU's lock only
     with distributed.claim_gpu(tmp_path) as again:
-        assert again == 0  # released
-    assert chosen == [0, 1, 0]
-    with distributed.claim_gpu(tmp_path, enabled=False) as none:
+        assert again == second == os.environ["CUDA_VISIBLE_DEVICES"]
+    monkeypatch.delenv("LOOPER_PINNED_GPU")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with distributed.claim_gpu(tmp_path) as none:  # one GPU: nothing to choose
         assert none is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with distributed.claim_gpu(tmp_path) as none:  # accelerate assigns the GPUs of a multi-process launch
+        assert none is None and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
