@@ -14,6 +14,7 @@ r, r + world, ...; when every process is done, rank 0 merges the shards, sorted 
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -61,25 +62,38 @@ class Sampler:
         self.real_tokens += sum(o.num_tokens for o in outputs)
         return outputs
 
-    def continuations(self, problem: dict, trajectories: list[dict]):
+    def continuations(self, problem: dict, trajectories: list[dict]) -> "Continuations":
         """The `generate` callable of the scorer protocol for one question's trajectories."""
-        def continue_(requests: list[tuple[int, str]], n: int) -> list[list[str]]:
-            jobs = []
-            for index, prefix in requests:
-                t = trajectories[index]
-                arm = self.cfg.arms[t["arm"]]
-                jobs += [(self.prompt(problem["question"], arm) + prefix, arm,
-                          trajectory_seed(self.cfg.seed, t["question_id"], t["arm"], t["sample"], "cf", k))
-                         for k in range(n)]
-            texts = [o.text for o in self.run(jobs)]
-            return [texts[i * n:(i + 1) * n] for i in range(len(requests))]
-
-        return continue_
+        return Continuations(self, problem, trajectories)
 
 
-def _score_question(cfg: Config, sampler: Sampler, scorer, problem: dict, trajectories: list[dict]) -> list[dict]:
+class Continuations:
+    """`generate(requests, n)` of the scorer protocol: n seeded continuations of each (trajectory index, prefix)."""
+
+    def __init__(self, sampler: Sampler, problem: dict, trajectories: list[dict]):
+        self.sampler, self.problem, self.trajectories = sampler, problem, trajectories
+
+    def jobs(self, requests: list[tuple[int, str]], n: int) -> list[tuple]:
+        cfg, out = self.sampler.cfg, []
+        for index, prefix in requests:
+            t = self.trajectories[index]
+            arm = cfg.arms[t["arm"]]
+            out += [(self.sampler.prompt(self.problem["question"], arm) + prefix, arm,
+                     trajectory_seed(cfg.seed, t["question_id"], t["arm"], t["sample"], "cf", k)) for k in range(n)]
+        return out
+
+    @staticmethod
+    def split(texts: list[str], requests: int, n: int) -> list[list[str]]:
+        return [texts[i * n:(i + 1) * n] for i in range(requests)]
+
+    def __call__(self, requests: list[tuple[int, str]], n: int) -> list[list[str]]:
+        return self.split([o.text for o in self.sampler.run(self.jobs(requests, n))], len(requests), n)
+
+
+def _score_question(cfg: Config, sampler: Sampler, scorer, problem: dict, trajectories: list[dict],
+                    generate_=None) -> list[dict]:
     components = scorer(question=problem["question"], gold=problem["gold"], trajectories=trajectories,
-                        generate=sampler.continuations(problem, trajectories),
+                        generate=generate_ or sampler.continuations(problem, trajectories),
                         extract_answer=lambda text: extract(text, cfg.rollout.answer_scorer), reward=cfg.reward)
     records = []
     for t, c in zip(trajectories, components):
@@ -87,6 +101,60 @@ def _score_question(cfg: Config, sampler: Sampler, scorer, problem: dict, trajec
         record["s_wm"] = coherence.weighted(record, cfg.reward)
         records.append(record)
     return records
+
+
+def score_together(cfg: Config, sampler: Sampler, scorer, problems: list[dict],
+                   trajectories: list[list[dict]]) -> list[list[dict]]:
+    """Score several questions side by side: each question's scorer runs in a thread of its own, and whenever every
+    scorer still running is waiting for continuations (s_cf), all their requests are decoded in one batched call.
+    So resampling costs a few large batches per chunk instead of a small one per question. Rows are seeded one by
+    one, so the records are exactly those of scoring the questions one at a time."""
+    lock = threading.Condition()
+    waiting: dict[int, tuple] = {}  # question index -> (jobs, slot for the outputs)
+    finished: dict[int, object] = {}  # question index -> records, or the exception its scorer raised
+
+    def batched(index: int):
+        direct = sampler.continuations(problems[index], trajectories[index])
+
+        def continue_(requests: list[tuple[int, str]], n: int) -> list[list[str]]:
+            result: list = []
+            with lock:
+                waiting[index] = (direct.jobs(requests, n), result)
+                lock.notify_all()
+                lock.wait_for(lambda: index not in waiting)
+            return direct.split([o.text for o in result], len(requests), n)
+
+        return continue_
+
+    def work(index: int):
+        try:
+            outcome = _score_question(cfg, sampler, scorer, problems[index], trajectories[index], batched(index))
+        except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread
+            outcome = error
+        with lock:
+            finished[index] = outcome
+            lock.notify_all()
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(problems))]
+    for thread in threads:
+        thread.start()
+    while True:
+        with lock:
+            lock.wait_for(lambda: len(waiting) + len(finished) == len(problems))
+            if len(finished) == len(problems):
+                break
+            batch = dict(waiting)
+        outputs = sampler.run([job for jobs, _ in batch.values() for job in jobs])
+        with lock:
+            for index, (jobs, result) in batch.items():
+                result.extend(outputs[: len(jobs)])
+                outputs = outputs[len(jobs):]
+                del waiting[index]
+            lock.notify_all()
+    for index in range(len(problems)):
+        if isinstance(finished[index], BaseException):
+            raise finished[index]
+    return [finished[i] for i in range(len(problems))]
 
 
 def _trajectories(cfg: Config, problem: dict, outputs_by_job: list) -> list[dict]:
@@ -131,10 +199,9 @@ def _sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], shard: Path)
             keys = [(p, name, arm, k, trajectory_seed(cfg.seed, p["id"], name, k))
                     for p in chunk for name, arm in cfg.arms.items() for k in range(arm.samples)]
             outputs = sampler.run([(sampler.prompt(p["question"], arm), arm, seed) for p, _, arm, _, seed in keys])
-            for problem in chunk:
-                mine = [((name, arm, k, seed), out) for (p, name, arm, k, seed), out in zip(keys, outputs)
-                        if p is problem]
-                records = _score_question(cfg, sampler, scorer, problem, _trajectories(cfg, problem, mine))
+            trajectories = [_trajectories(cfg, problem, [((name, arm, k, seed), out) for (p, name, arm, k, seed), out
+                                                         in zip(keys, outputs) if p is problem]) for problem in chunk]
+            for records in score_together(cfg, sampler, scorer, chunk, trajectories):
                 handle.write("".join(json.dumps(r) + "\n" for r in records))  # one write per question
                 handle.flush()
                 bar.update(1)

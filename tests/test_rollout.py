@@ -82,3 +82,31 @@ def test_two_processes_give_the_same_records_as_one(artifacts, tiny_sft, fast_cf
     assert sorted(p.name for p in artifact.glob("trajectories.rank*.jsonl")) == [
         "trajectories.rank0.jsonl", "trajectories.rank1.jsonl"]
     assert rollout.read_trajectories(artifact) == reference
+
+
+def test_a_chunks_continuations_are_decoded_together_and_give_the_same_records(artifacts, tiny_sft):
+    from hydra.utils import instantiate
+
+    from looper import models
+    from looper.data import load_splits
+
+    cfg = _regime_w(artifacts)
+    model, tokenizer = models.load_target(str(tiny_sft[3]), cfg.model)
+    sampler = rollout.Sampler(cfg, model, tokenizer)
+    scorer = instantiate(cfg.reward.scorer, _partial_=True)
+    problems = load_splits(cfg.data)["train"][:3]
+    trajectories = []
+    for problem in problems:
+        keys = [(name, arm, k, rollout.trajectory_seed(cfg.seed, problem["id"], name, k))
+                for name, arm in cfg.arms.items() for k in range(arm.samples)]
+        outputs = sampler.run([(sampler.prompt(problem["question"], arm), arm, seed) for _, arm, _, seed in keys])
+        trajectories.append(rollout._trajectories(cfg, problem, list(zip(keys, outputs))))
+    calls = []
+    run = sampler.run
+    sampler.run = lambda jobs: calls.append(len(jobs)) or run(jobs)
+    one_by_one = [rollout._score_question(cfg, sampler, scorer, p, t) for p, t in zip(problems, trajectories)]
+    assert len(calls) == 3  # one continuation batch per question
+    rows, calls[:] = sum(calls), []
+    together = rollout.score_together(cfg, sampler, scorer, problems, trajectories)
+    assert calls == [rows] and rows > 0  # the same continuations, in one batch
+    assert together == one_by_one
