@@ -123,8 +123,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
     """Complete each prompt, `batch_size` rows decoding at a time: greedy where a row's temperature is 0, else
     sampled with that row's `temperature`, `top_p` and seed (each one per prompt, or one value for all).
     `max_new_tokens` may be per row. Freed slots are refilled once a `refill_at` share of them is free (one prefill
-    serves them all). `on_result(i, generation)` is called as prompt i finishes; `stats`, a dict, receives counts of decode steps,
-    prefills and CUDA graphs. `desc=None` shows no progress bar."""
+    serves them all). `on_result(i, generation)` is called as prompt i finishes; `stats`, a dict, receives counts
+    of decode steps, prefills and CUDA graphs. `desc=None` shows no progress bar."""
     n = len(prompts)
     temperatures, top_ps = _per_row(temperature, n), _per_row(top_p, n)
     limits = _per_row(max_new_tokens, n)

@@ -57,7 +57,8 @@ class Sampler:
         outputs = generate(self.model, self.tokenizer, [p for p, _, _ in jobs], max_new_tokens=self.max_new_tokens,
                            batch_size=self.cfg.rollout.batch_size, temperature=[a.temperature for _, a, _ in jobs],
                            top_p=[a.top_p for _, a, _ in jobs], seeds=[s for _, _, s in jobs],
-                           add_special_tokens=self.cfg.model.prompt_format != "chat", refill_at=self.cfg.generation.refill_at,
+                           add_special_tokens=self.cfg.model.prompt_format != "chat",
+                           refill_at=self.cfg.generation.refill_at,
                            desc=None)
         self.real_tokens += sum(o.num_tokens for o in outputs)
         return outputs
