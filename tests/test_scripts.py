@@ -1,0 +1,30 @@
+"""The GPU tools run end to end on the CPU (tiny shapes): the benchmark and the greedy check of a trained model."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import FAST, ROOT
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+
+
+def test_the_benchmark_reports_real_tokens_and_the_greedy_check(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--arch", "tiny", "--sections", "rollout,eval",
+                             "--quick", "--baseline", "--check-greedy", "--out", str(out)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rollout = report["rollout"]["looper"]
+    assert rollout["real_tokens"] > 0 and rollout["sequences"] == 256
+    assert rollout["rank0_stats"]["decode_steps"] > 0 and report["rollout"]["plain_generate"]["tokens_per_s"] > 0
+    assert report["eval"]["greedy_check"]["float32"]["looper_equal_plain"] == "8/8"
+
+
+def test_the_greedy_check_compares_a_trained_model_with_plain_generate(artifacts, tiny_sft):
+    result = subprocess.run([sys.executable, "scripts/greedy_check.py", f"paths.artifacts={artifacts}", *FAST],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "looper greedy == plain generate for 24 of 24 prompts" in result.stdout, result.stdout
