@@ -1,5 +1,5 @@
-"""Process-group facts for `accelerate launch` / torchrun jobs (a plain run is rank 0 of 1), and GPU claiming for
-sweep jobs that run side by side."""
+"""Process-group facts for `accelerate launch` / torchrun jobs (a plain run is rank 0 of 1), and one GPU per
+single-process job (parallel sweep jobs each get their own)."""
 
 import fcntl
 import logging

@@ -81,7 +81,8 @@ def resolve_attention(name: str) -> str:
 
 
 def device() -> torch.device:
-    """This process's GPU (its local rank's under accelerate, the claimed one in a parallel sweep), else the CPU."""
+    """This process's GPU (its local rank's under accelerate; otherwise the one `distributed.claim_gpu` left
+    visible), else the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     if distributed.world_size() > 1:

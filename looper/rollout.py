@@ -91,10 +91,9 @@ class Continuations:
         return self.split([o.text for o in self.sampler.run(self.jobs(requests, n))], len(requests), n)
 
 
-def _score_question(cfg: Config, sampler: Sampler, scorer, problem: dict, trajectories: list[dict],
-                    generate_=None) -> list[dict]:
+def _score_question(cfg: Config, scorer, problem: dict, trajectories: list[dict], continuations) -> list[dict]:
     components = scorer(question=problem["question"], gold=problem["gold"], trajectories=trajectories,
-                        generate=generate_ or sampler.continuations(problem, trajectories),
+                        generate=continuations,
                         extract_answer=lambda text: extract(text, cfg.rollout.answer_scorer), reward=cfg.reward)
     records = []
     for t, c in zip(trajectories, components):
@@ -129,7 +128,7 @@ def score_together(cfg: Config, sampler: Sampler, scorer, problems: list[dict],
 
     def work(index: int):
         try:
-            outcome = _score_question(cfg, sampler, scorer, problems[index], trajectories[index], batched(index))
+            outcome = _score_question(cfg, scorer, problems[index], trajectories[index], batched(index))
         except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread
             outcome = error
         with lock:

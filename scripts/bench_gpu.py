@@ -190,7 +190,7 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
     return results
 
 
-def check_greedy(model, tokenizer, prompts, limits, args):
+def check_greedy(model, tokenizer, prompts, limits):
     """Greedy outputs of looper's path against plain `generate`, one prompt at a time, in float32 without TF32 (in
     bf16 with random weights the logits are nearly flat, so any change of kernel or batch shape flips argmaxes;
     plain `generate` batched against itself one at a time is printed as that noise floor)."""
@@ -242,7 +242,7 @@ def bench_eval(model, tokenizer, args, bandwidth, rng):
           f"{result['tokens_per_s']:,.0f} real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling "
           f"({result['rank0_stats']})", flush=True)
     if args.check_greedy:
-        results["greedy_check"] = check_greedy(model, tokenizer, prompts[:8], [min(64, x) for x in limits[:8]], args)
+        results["greedy_check"] = check_greedy(model, tokenizer, prompts[:8], [min(64, x) for x in limits[:8]])
     return results
 
 

@@ -56,3 +56,39 @@ def test_seeded_sampling_draws_from_the_tempered_top_p_distribution():
     # top_p=0.9 keeps 0.5, 0.3, 0.15 (0.95 >= 0.9 first reached there); renormalised: 0.526, 0.316, 0.158, 0
     assert counts[3] == 0
     assert torch.allclose(counts[:3] / 4000, torch.tensor([0.526, 0.316, 0.158]), atol=0.03)
+
+
+def test_refill_at_changes_how_often_slots_are_refilled_and_never_the_outputs(tiny_sft):
+    cfg, _, _, sft_dir = tiny_sft
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    prompts = _prompts(cfg, tokenizer, n=12)
+    limits = [3 + 7 * k for k in range(len(prompts))]
+    runs = {}
+    for refill_at in (0.25, 1.0):  # one free slot of four triggers a refill / only an all-free batch does
+        stats = {}
+        texts = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=4,
+                                          refill_at=refill_at, stats=stats, desc=None)]
+        runs[refill_at] = (texts, stats)
+    assert runs[0.25][0] == runs[1.0][0]
+    assert runs[0.25][1]["prefills"] > runs[1.0][1]["prefills"]
+    assert runs[0.25][1]["decode_steps"] < runs[1.0][1]["decode_steps"]  # fewer idle slots, fewer steps
+
+
+def test_a_model_loaded_with_another_attention_decodes_with_sdpa_and_gets_it_back():
+    from looper.generation import _masked_attention
+
+    class Model:  # set_attn_implementation as transformers models have it
+        def __init__(self, implementation):
+            self.config = type("Config", (), {"_attn_implementation": implementation})()
+            self.seen = []
+
+        def set_attn_implementation(self, name):
+            self.seen.append(name)
+            self.config._attn_implementation = name
+
+    flash, sdpa = Model("flash_attention_2"), Model("sdpa")
+    for model in (flash, sdpa):
+        with _masked_attention(model):
+            assert model.config._attn_implementation in ("sdpa", "eager")
+    assert flash.seen == ["sdpa", "flash_attention_2"] and flash.config._attn_implementation == "flash_attention_2"
+    assert sdpa.seen == []

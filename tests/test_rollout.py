@@ -104,7 +104,8 @@ def test_a_chunks_continuations_are_decoded_together_and_give_the_same_records(a
     calls = []
     run = sampler.run
     sampler.run = lambda jobs: calls.append(len(jobs)) or run(jobs)
-    one_by_one = [rollout._score_question(cfg, sampler, scorer, p, t) for p, t in zip(problems, trajectories)]
+    one_by_one = [rollout._score_question(cfg, scorer, p, t, sampler.continuations(p, t))
+                  for p, t in zip(problems, trajectories)]
     assert len(calls) == 3  # one continuation batch per question
     rows, calls[:] = sum(calls), []
     together = rollout.score_together(cfg, sampler, scorer, problems, trajectories)
