@@ -2,8 +2,9 @@
 
 Decoding runs on `slots` rows at once with continuous refill: when rows finish (EOS or their own token limit), the
 freed slots are refilled with the next prompts, so a finished row stops costing decode steps. Each slot keeps its
-own KV history in a preallocated `SlotCache`; a decode step attends over the longest live history only (rounded up),
-with a per-row mask. Prompts are taken longest first, so a refill prefill pads little and an out-of-memory shows at
+own KV history in a preallocated `SlotCache`. On a GPU a decode step runs FlashAttention-2 in its variable-length
+form, each row reading only its own history (`DecodeStep`), and is replayed as a CUDA graph; elsewhere it attends over
+the longest live history with a per-row mask. Prompts are taken longest first, so a refill prefill pads little and an out-of-memory shows at
 once. When no prompts are left and half the slots are idle, the cache is compacted to the live rows. Results come
 back in input order; `on_result` sees each as it finishes. Counts are of real tokens: generated tokens up to and
 including EOS, never padding.
@@ -14,6 +15,7 @@ produces exactly the records of an uninterrupted single-process one. Greedy deco
 (tests/test_generation.py on CPU; `scripts/bench_gpu.py --check-greedy` on a GPU).
 """
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -70,37 +72,41 @@ class Generation:
 
 
 class SlotCache:
-    """The KV cache of `slots` rows, each with its own history, in buffers [slots, kv_heads, capacity, head_dim] per
-    layer. The model sees it as a transformers `Cache` (it calls `update` once per layer): in a prefill, the new
-    rows' keys and values are stored at positions 0.. of their slots and attention runs over the prefill alone; in
-    a decode step, each row's new entry is stored at its own position and attention reads the first `width`
-    positions of every slot (the caller's mask hides what a row does not own)."""
+    """The KV cache of `slots` rows, each with its own history, in buffers [slots, capacity, kv_heads, head_dim] per
+    layer (token-major, so all slots together are one packed [slots * capacity, kv_heads, head_dim] sequence). The
+    model sees it as a transformers `Cache` (it calls `update` once per layer). A row's entries always start at
+    position 0 of its slot. In a prefill, the new rows' keys and values (left-padded prompts) are stored from
+    position 0 without their padding and attention runs over the prefill alone; in a decode step, each row's new
+    entry is stored at its own position and the attention function (`_slot_attention`) gets the whole buffers and
+    reads each row's own length."""
 
     def __init__(self, num_layers: int, slots: int, capacity: int):
         self.keys: list = [None] * num_layers
         self.values: list = [None] * num_layers
         self.slots, self.capacity = slots, capacity
         self.prefill_slots: Optional[torch.Tensor] = None  # set for a prefill: the slots being written
+        self.prefill_source: Optional[torch.Tensor] = None  # and, per new row, the prefill positions to keep
         self.positions: Optional[torch.Tensor] = None  # set for a decode step: where each slot writes
-        self.width = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always passed explicitly
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.keys[layer_idx] is None:
-            shape = (self.slots, key.shape[1], self.capacity, key.shape[3])
+            shape = (self.slots, self.capacity, key.shape[1], key.shape[3])
             self.keys[layer_idx] = key.new_zeros(shape)
             self.values[layer_idx] = value.new_zeros(shape)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self.prefill_slots is not None:
-            keys[self.prefill_slots, :, : key.shape[2]] = key
-            values[self.prefill_slots, :, : key.shape[2]] = value
+            rows = torch.arange(key.shape[0], device=key.device)[:, None]
+            width = self.prefill_source.shape[1]
+            keys[self.prefill_slots, :width] = key.transpose(1, 2)[rows, self.prefill_source]
+            values[self.prefill_slots, :width] = value.transpose(1, 2)[rows, self.prefill_source]
             return key, value
         rows = torch.arange(self.slots, device=key.device)
-        keys[rows, :, self.positions] = key[:, :, 0]
-        values[rows, :, self.positions] = value[:, :, 0]
-        return keys[:, :, : self.width], values[:, :, : self.width]
+        keys[rows, self.positions] = key[:, :, 0]
+        values[rows, self.positions] = value[:, :, 0]
+        return keys, values
 
     def keep(self, slots: torch.Tensor) -> None:
         """Keep only `slots` (in that order): the cache shrinks to len(slots) rows."""
@@ -108,6 +114,101 @@ class SlotCache:
             for layer, buffer in enumerate(buffers):  # one layer at a time: the old buffer goes before the next
                 buffers[layer] = None if buffer is None else buffer[slots]
         self.slots = len(slots)
+
+
+@dataclass
+class DecodeStep:
+    """What a decode step's attention needs besides the cache buffers: each slot's KV length after this step's
+    write, and the kernel. `flash` is PyTorch's built-in FlashAttention-2 in its variable-length form: all slots are
+    one packed sequence of keys (slot s starts at s * capacity) and each reads only its own `lengths[s]` entries, so
+    a step costs the real context, not the longest row's. `sdpa` (CPU, float32, or where flash does not run)
+    attends over the first `width` positions of every slot with a mask."""
+
+    kernel: str
+    lengths: torch.Tensor  # [slots], int32
+    width: int
+
+    def attend(self, module, query, keys, values, scaling):
+        slots, capacity, kv_heads, dim = keys.shape
+        if self.kernel == "triton":
+            from looper.triton_decode import decode_attention
+
+            output = decode_attention(query.transpose(1, 2).reshape(slots, -1, dim), keys, values, self.lengths,
+                                      scaling)
+            return output.view(slots, 1, -1, dim), None
+        if self.kernel == "flash":
+            starts = torch.arange(slots + 1, dtype=torch.int32, device=query.device)
+            output = torch.ops.aten._flash_attention_forward(
+                query.transpose(1, 2).reshape(slots, -1, dim), keys.view(-1, kv_heads, dim),
+                values.view(-1, kv_heads, dim), starts, starts * capacity, 1, capacity, 0.0, False, False,
+                scale=scaling, seqused_k=self.lengths)[0]
+            return output.view(slots, 1, -1, dim), None
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        mask = torch.arange(self.width, device=query.device)[None, :] < self.lengths[:, None]
+        return sdpa_attention_forward(module, query, keys[:, : self.width].transpose(1, 2),
+                                      values[:, : self.width].transpose(1, 2), mask[:, None, None, :],
+                                      scaling=scaling)
+
+
+def _slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, looper_decode=None,
+                    **kwargs):
+    """The attention function `generate` gives the model (a transformers `AttentionInterface` entry): a prefill is
+    sdpa over the prompts with the caller's mask; a decode step (`looper_decode`, a `DecodeStep`) reads the cache."""
+    if looper_decode is not None:
+        return looper_decode.attend(module, query, key, value, scaling)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+_ATTENTION = "looper_slots"
+
+
+@functools.lru_cache(maxsize=None)
+def decode_kernel(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> str:
+    """The fastest decode-step kernel that runs here and gives the masked sdpa step's result on a small case with
+    per-row lengths: `triton` (looper.triton_decode), else `flash`, else `sdpa` (always: CPU, float32, old GPUs)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim % 8 or head_dim > 256 \
+            or torch.cuda.get_device_capability(device) < (8, 0):
+        return "sdpa"
+    candidates = ["triton"] if head_dim & (head_dim - 1) == 0 else []  # Triton tiles need a power of two
+    candidates += ["flash"] if torch.backends.cuda.is_flash_attention_available() else []
+    generator = torch.Generator(device=device).manual_seed(0)
+    query = torch.randn(3, heads, 1, head_dim, device=device, dtype=dtype, generator=generator)
+    keys = torch.randn(3, 192, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
+    values = torch.randn(3, 192, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
+    lengths = torch.tensor([1, 77, 192], dtype=torch.int32, device=device)
+    module = type("Module", (), {"num_key_value_groups": heads // kv_heads, "is_causal": True})()
+    expected = DecodeStep("sdpa", lengths, 192).attend(module, query, keys, values, head_dim ** -0.5)[0].float()
+    for kernel in candidates:
+        try:
+            output = DecodeStep(kernel, lengths, 192).attend(module, query, keys, values, head_dim ** -0.5)[0]
+            error = (output.float() - expected).abs().max().item()
+        except Exception as exception:  # noqa: BLE001 - an older torch, no Triton: the next kernel
+            log.warning("generation: %s decoding unavailable here (%s)", kernel, exception)
+            continue
+        if error < 2e-2:
+            return kernel
+        log.warning("generation: %s decoding differs from sdpa by %.3g here; not used", kernel, error)
+    return "sdpa"
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        query = torch.randn(3, heads, 1, head_dim, device=device, dtype=dtype, generator=generator)
+        keys = torch.randn(3, 64, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
+        values = torch.randn(3, 64, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
+        lengths = torch.tensor([1, 37, 64], dtype=torch.int32, device=device)
+        module = type("Module", (), {"num_key_value_groups": heads // kv_heads, "is_causal": True})()
+        fast = DecodeStep("flash", lengths, 64).attend(module, query, keys, values, head_dim ** -0.5)[0]
+        slow = DecodeStep("sdpa", lengths, 64).attend(module, query, keys, values, head_dim ** -0.5)[0]
+        error = (fast.float() - slow.float()).abs().max().item()
+        if error < 2e-2:
+            return "flash"
+        log.warning("generation: flash decoding differs from sdpa by %.3g here; decoding with sdpa", error)
+    except Exception as error:  # noqa: BLE001 - an older torch or an unsupported GPU: the sdpa path always works
+        log.warning("generation: flash decoding unavailable (%s); decoding with sdpa", error)
+    return "sdpa"
 
 
 def _per_row(value: Union[float, Sequence[float]], n: int) -> list:
@@ -135,7 +236,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
     if n == 0:
         return []
     encoded = tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
-    with _masked_attention(model):
+    with _slot_attention_in(model):
         decoder = _Decoder(model, tokenizer, encoded, limits, [float(t) for t in temperatures],
                            [float(p) for p in top_ps], [s & _MASK32 for s in (seeds or [0] * n)], min(batch_size, n))
         bar = tqdm(total=n, desc=desc, unit="seq", leave=False, disable=desc is None)
@@ -153,8 +254,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
 
 class _Decoder:
     """The state of one `generate` call. Per slot, on the host: the prompt it serves (-1: free), its tokens so far
-    and its KV length; on the device: its first real position (left padding before it), its next write position, its
-    step and its sampling settings."""
+    and its KV length; on the device: its KV length (= its next write position and token position), its step and its
+    sampling settings."""
 
     _PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds activation memory)
 
@@ -165,16 +266,21 @@ class _Decoder:
         # CUDA graphs replay a decode step without Python and kernel-launch overhead (which otherwise bounds the
         # step time of a 7B model on an H100); one graph per (slots, width), captured on first use.
         self.graphs: dict = {}
+        self.pool = None
         self.use_graphs = model.device.type == "cuda" and not getattr(model, "is_quantized", False) and not getattr(
             getattr(model, "config", None), "quantization_config", None)
         self.eos_ids = set(_eos_ids(model, tokenizer))
         self.queue = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first
         self.device = model.device
-        self.cache = SlotCache(model.config.get_text_config().num_hidden_layers, slots,
+        text = model.config.get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.kernel = decode_kernel(self.device, model.dtype, text.num_attention_heads,
+                                    getattr(text, "num_key_value_heads", None) or text.num_attention_heads, head_dim)
+        self.cache = SlotCache(text.num_hidden_layers, slots,
                                capacity=_round_up(max(map(len, encoded)) + max(limits) + 1, _WIDTH_STEP))
         self.owner, self.produced, self.length = [-1] * slots, [[] for _ in range(slots)], [0] * slots
         zeros = dict(dtype=torch.long, device=self.device)
-        self.state = {"pad": torch.zeros(slots, **zeros), "length": torch.zeros(slots, **zeros),
+        self.state = {"length": torch.zeros(slots, **zeros),
                       "step": torch.zeros(slots, **zeros), "seed": torch.zeros(slots, **zeros),
                       "temperature": torch.zeros(slots, device=self.device),
                       "top_p": torch.ones(slots, device=self.device)}
@@ -182,7 +288,10 @@ class _Decoder:
         self.next_tokens = torch.zeros(slots, **zeros)
         self.results: list[Optional[Generation]] = [None] * len(encoded)
         self.real_tokens = 0
-        self.stats = {"decode_steps": 0, "prefills": 0, "prefill_tokens": 0, "graphs": 0, "capture_seconds": 0.0}
+        self.width = 0  # positions every slot's attention covers in a decode step (the sdpa kernel only)
+        self.stats = {"decode_steps": 0, "prefills": 0, "prefill_tokens": 0, "graphs": 0, "capture_seconds": 0.0,
+                      "prefill_seconds": 0.0,
+                      "kernel": self.kernel}
 
     def run(self, refill_at: float):
         """Yields (prompt index, Generation) as rows finish."""
@@ -201,6 +310,7 @@ class _Decoder:
 
     def prefill(self, free: list[int]):
         """Start the next prompts in the `free` slots; their first tokens are chosen from the prefill's logits."""
+        start = time.perf_counter()
         while free and self.queue:
             width = len(self.encoded[self.queue[0]])  # the longest waiting prompt
             take = max(1, min(len(free), len(self.queue), self._PREFILL_TOKENS // width))
@@ -218,29 +328,33 @@ class _Decoder:
             mask = (key[:, None] >= key[None, :]) & (real[:, None, :] | torch.eye(width, dtype=torch.bool))
             slots = torch.tensor(where, device=self.device)
             self.cache.prefill_slots = slots
+            self.cache.prefill_source = (key[None, :] + pads[:, None]).clamp(max=width - 1).to(self.device)
             try:
                 logits = self.forward(ids, mask[:, None], (key[None, :] - pads[:, None]).clamp(min=0))
             finally:
-                self.cache.prefill_slots = None
+                self.cache.prefill_slots = self.cache.prefill_source = None
             temperatures, top_ps, seeds = self.settings
             to = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
-            self.state["pad"][slots] = to(pads.tolist())
-            self.state["length"][slots] = width
+            lengths = [len(self.encoded[i]) for i in rows]
+            self.state["length"][slots] = to(lengths)
             self.state["step"][slots] = 0
             self.state["seed"][slots] = to([seeds[i] for i in rows])
             self.state["temperature"][slots] = to([temperatures[i] for i in rows], torch.float32)
             self.state["top_p"][slots] = to([top_ps[i] for i in rows], torch.float32)
             self.tokens[slots] = self.choose(logits, slots)
-            for slot, i in zip(where, rows):
-                self.owner[slot], self.produced[slot], self.length[slot] = i, [], width
-            yield from self.collect(where)
+            for slot, i, length in zip(where, rows, lengths):
+                self.owner[slot], self.produced[slot], self.length[slot] = i, [], length
+            finished = list(self.collect(where))  # (it waits for the chosen tokens: the time below is the GPU's)
+            self.stats["prefill_seconds"] += time.perf_counter() - start
+            yield from finished
+            start = time.perf_counter()
 
     def decode(self):
-        """One step for every slot (a free slot computes a throwaway token); attention reads the longest live
-        history, rounded up."""
+        """One step for every slot (a free slot computes a throwaway token at its position 0)."""
         live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
         self.cache.positions = self.state["length"]
-        self.cache.width = min(self.cache.capacity, _round_up(max(self.length[s] for s in live) + 1, _WIDTH_STEP))
+        if self.kernel == "sdpa":  # it attends over the longest live history, rounded up (few graph shapes)
+            self.width = min(self.cache.capacity, _round_up(max(self.length[s] for s in live) + 1, _WIDTH_STEP))
         self.stats["decode_steps"] += 1
         if self.use_graphs:
             self.replay()
@@ -256,14 +370,13 @@ class _Decoder:
         """The decode step proper: reads `tokens` and the slot state, writes the KV entries and `next_tokens` (the
         body of the CUDA graphs; running it twice with the same state writes the same values)."""
         state = self.state
-        key = torch.arange(self.cache.width, device=self.device)
-        mask = (key[None, :] >= state["pad"][:, None]) & (key[None, :] <= state["length"][:, None])
-        logits = self.forward(self.tokens[:, None], mask[:, None, None, :], (state["length"] - state["pad"])[:, None])
+        step = DecodeStep(self.kernel, (state["length"] + 1).to(torch.int32), self.width)
+        logits = self.forward(self.tokens[:, None], None, state["length"][:, None], looper_decode=step)
         self.next_tokens.copy_(seeded_choice(logits, state["seed"], state["step"], state["temperature"],
                                              state["top_p"], self.sampling, self.nucleus))
 
     def replay(self) -> None:
-        shape = (self.cache.slots, self.cache.width)
+        shape = (self.cache.slots, self.width)
         if shape not in self.graphs:
             try:
                 start = time.perf_counter()
@@ -272,14 +385,15 @@ class _Decoder:
                 self.stats["capture_seconds"] += time.perf_counter() - start
             except Exception as error:  # noqa: BLE001 - a model that cannot be captured still decodes, eagerly
                 log.warning("generation: CUDA graph capture failed (%s); decoding without graphs", error)
+                self.stats["graph_failure"] = repr(error)[:300]
                 self.use_graphs = False
                 self.step()
                 return
         self.graphs[shape].replay()
 
     def capture(self):
-        if not hasattr(self, "pool"):
-            self.pool = torch.cuda.graph_pool_handle()  # one memory pool for every graph of this call
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()  # one memory pool for the graphs of these slots
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -290,12 +404,10 @@ class _Decoder:
             self.step()
         return graph
 
-    def forward(self, ids, mask, positions):
-        if self.model.config._attn_implementation != "sdpa":  # eager attention adds the mask to its scores
-            mask = torch.where(mask, 0.0, torch.finfo(self.model.dtype).min).to(self.model.dtype)
-        output = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
-                            logits_to_keep=1)
+    def forward(self, ids, mask, positions, **attention):
+        output = self.model(input_ids=ids.to(self.device), attention_mask=None if mask is None else mask.to(
+            self.device), position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
+            logits_to_keep=1, **attention)
         return output.logits[:, -1]
 
     def choose(self, logits, slots):
@@ -322,9 +434,7 @@ class _Decoder:
                 freed.append(slot)
                 yield i, self.results[i]
         if freed:  # a free slot writes at position 0.. of its own row until it is refilled: never out of bounds
-            where = torch.tensor(freed, device=self.device)
-            self.state["pad"][where] = 0
-            self.state["length"][where] = 0
+            self.state["length"][torch.tensor(freed, device=self.device)] = 0
             for slot in freed:
                 self.length[slot] = 0
 
@@ -336,23 +446,27 @@ class _Decoder:
         self.length = [self.length[s] for s in slots]
         self.state = {k: v[where] for k, v in self.state.items()}
         self.tokens, self.next_tokens = self.tokens[where], self.next_tokens[where]
-        self.graphs.clear()  # they read the old tensors
+        # the graphs read the old tensors; their pool goes with them (capturing into a pool whose graphs are all
+        # gone trips an allocator assertion)
+        self.graphs.clear()
+        self.pool = None
 
 
-class _masked_attention:
-    """Generation passes explicit 4D masks, which sdpa and eager attention take: a model loaded with another
-    implementation (flash_attention_2) decodes with sdpa and is switched back afterwards."""
+class _slot_attention_in:
+    """Within `generate`, the model attends with `_slot_attention` (registered with transformers' attention
+    interface); its own implementation (sdpa, eager, flash_attention_2) is restored afterwards."""
 
     def __init__(self, model):
         self.model, self.original = model, model.config._attn_implementation
 
     def __enter__(self):
-        if self.original not in ("sdpa", "eager"):
-            self.model.set_attn_implementation("sdpa")
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(_ATTENTION, _slot_attention)
+        self.model.set_attn_implementation(_ATTENTION)
 
     def __exit__(self, *exc):
-        if self.original not in ("sdpa", "eager"):
-            self.model.set_attn_implementation(self.original)
+        self.model.set_attn_implementation(self.original)
 
 
 def _round_up(value: int, step: int) -> int:

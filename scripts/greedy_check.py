@@ -1,6 +1,8 @@
 """Greedy decoding through looper's generation path against plain `model.generate`, prompt by prompt, on a trained
 model: the SFT policy of the configuration given as Hydra overrides (built first if the cache has none; the default
-is the tiny demo's). Prints how many outputs are identical, in the model's dtype and in float32.
+is the tiny demo's). Prints how many outputs are identical, in the model's dtype and in float32, beside the noise
+floor (plain `generate` on left-padded batches against itself one at a time) and, on a GPU, looper with the masked
+sdpa decode step in place of the fast kernel.
 
     python scripts/greedy_check.py                              # tiny demo SFT, 64 synthetic test questions
     python scripts/greedy_check.py experiment=abel_platinum     # the 7B SFT adapter of that experiment
@@ -32,22 +34,42 @@ def main(overrides: list[str], n: int = 64) -> None:
     prompts = [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
     limit = cfg.eval.max_new_tokens or cfg.model.max_new_tokens
     special = cfg.model.prompt_format != "chat"
+    tokenizer.padding_side = "left"
     for dtype in (model.dtype, torch.float32):
         model.to(dtype)
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
-        ours = generation.generate(model, tokenizer, prompts, max_new_tokens=limit, batch_size=cfg.eval.batch_size,
-                                   add_special_tokens=special, desc=None)
-        same = 0
-        for prompt, output in zip(prompts, ours):
+        plain = []
+        for prompt in prompts:
             encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=special).to(model.device)
-            plain = model.generate(**encoded, max_new_tokens=limit, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)[0, encoded["input_ids"].shape[1]:]
-            same += tokenizer.decode(plain, skip_special_tokens=True) == output.text
+            output = model.generate(**encoded, max_new_tokens=limit, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)[0, encoded["input_ids"].shape[1]:]
+            plain.append(tokenizer.decode(output, skip_special_tokens=True))
+        # the noise floor: plain generate on left-padded batches against itself one prompt at a time
+        batched = []
+        for first in range(0, len(prompts), cfg.eval.batch_size):
+            encoded = tokenizer(prompts[first:first + cfg.eval.batch_size], return_tensors="pt", padding=True,
+                                add_special_tokens=special).to(model.device)
+            output = model.generate(**encoded, max_new_tokens=limit, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)[:, encoded["input_ids"].shape[1]:]
+            batched += tokenizer.batch_decode(output, skip_special_tokens=True)
+        runs = {"looper": generation.decode_kernel}
+        if model.device.type == "cuda":  # the same decoder with the masked sdpa step instead of the fast kernel
+            runs["looper, sdpa step"] = lambda *args: "sdpa"
+        counts = {"plain generate batched": sum(a == b for a, b in zip(batched, plain))}
+        for name, kernel in runs.items():
+            original, generation.decode_kernel = generation.decode_kernel, kernel
+            try:
+                ours = generation.generate(model, tokenizer, prompts, max_new_tokens=limit,
+                                           batch_size=cfg.eval.batch_size, add_special_tokens=special, desc=None,
+                                           stats=(stats := {}))
+            finally:
+                generation.decode_kernel = original
+            counts[f"{name} ({stats['kernel']})"] = sum(a.text == b for a, b in zip(ours, plain))
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        print(f"{model.device} {str(dtype).replace('torch.', '')}: looper greedy == plain generate for {same} of "
-              f"{len(prompts)} prompts (up to {limit} new tokens, {target.name})", flush=True)
-
+        print(f"{model.device} {str(dtype).replace('torch.', '')}, up to {limit} new tokens, {target.name}: equal "
+              f"to plain generate one prompt at a time: " + ", ".join(
+                  f"{name} {count}/{len(prompts)}" for name, count in counts.items()), flush=True)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

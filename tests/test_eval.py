@@ -88,10 +88,13 @@ def test_the_batch_check_passes_on_the_real_path_and_catches_a_broken_mask(tiny_
     problems = evaluation.eval_problems("synthetic_test", cfg)[:8]
     prompts = [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
     assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] == 0
-    # the classic bug: rows attend to padding (and, here, to whatever else their slot holds)
+    # the classic bug: prompts attend to their left padding
     forward = generation._Decoder.forward
-    monkeypatch.setattr(generation._Decoder, "forward",
-                        lambda self, ids, mask, positions: forward(self, ids, torch.ones_like(mask), positions))
+
+    def unmasked(self, ids, mask, positions, **attention):
+        return forward(self, ids, None if mask is None else torch.ones_like(mask), positions, **attention)
+
+    monkeypatch.setattr(generation._Decoder, "forward", unmasked)
     assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] > 0
 
 

@@ -1,0 +1,62 @@
+"""A Triton kernel for one decode step of attention over the slot cache: each (row, KV head) program streams only
+that row's own `length` keys and values, so a step reads the real context and nothing more.
+
+Why not a library kernel: in PyTorch's built-in FlashAttention-2 (variable-length form, `seqused_k`) a one-token
+query still occupies a 64-row tile and the step read at 1.7 TB/s of the H100's 3.0 (`scripts/bench_gpu.py`);
+cuDNN's SDPA reads at full speed but cannot skip a row's unused positions. Only imported on CUDA (Triton ships with
+PyTorch's CUDA builds); `generation.decode_kernel` checks it against the masked sdpa step before using it.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode(q_ptr, k_ptr, v_ptr, out_ptr, lengths_ptr, scale,
+            stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_ob, stride_oh,
+            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    row, kv_head = tl.program_id(0), tl.program_id(1)
+    length = tl.load(lengths_ptr + row)
+    g, d, n = tl.arange(0, BLOCK_G), tl.arange(0, HEAD_DIM), tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + g  # the query heads that share this KV head
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None],
+                other=0.0)
+    q = (q * (scale * 1.4426950408889634)).to(q.dtype)  # exp2 below
+    best = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    base = row * stride_kb + kv_head * stride_kh
+    for start in range(0, length, BLOCK_N):
+        t = start + n
+        valid = t < length
+        offsets = base + t[:, None] * stride_kt + d[None, :]
+        k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, 1))
+        p = tl.math.exp2(scores - new_best[:, None])
+        alpha = tl.math.exp2(best - new_best)
+        total = total * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        best = new_best
+    out = acc / total[:, None]
+    tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(g < GROUP)[:, None])
+
+
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                     scale: float, block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """query [rows, heads, head_dim]; keys/values [rows, capacity, kv_heads, head_dim] (last dim contiguous);
+    lengths [rows] int32, each >= 1. Returns [rows, heads, head_dim]."""
+    rows, heads, head_dim = query.shape
+    kv_heads = keys.shape[2]
+    group = heads // kv_heads
+    out = torch.empty_like(query)
+    _decode[(rows, kv_heads)](
+        query, keys, values, out, lengths, scale,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, HEAD_DIM=head_dim,
+        num_warps=num_warps, num_stages=num_stages)
+    return out
