@@ -3,9 +3,9 @@
 Decoding runs on `slots` rows at once with continuous refill: when rows finish (EOS or their own token limit), the
 freed slots are refilled with the next prompts, so a finished row stops costing decode steps. Each slot keeps its
 own KV history in a preallocated `SlotCache`. On a GPU a decode step runs FlashAttention-2 in its variable-length
-form, each row reading only its own history (`DecodeStep`), and is replayed as a CUDA graph; elsewhere it attends over
-the longest live history with a per-row mask. Prompts are taken longest first, so a refill prefill pads little and an out-of-memory shows at
-once. When no prompts are left and half the slots are idle, the cache is compacted to the live rows. Results come
+form, each row reading only its own history (`looper.attention`), and is replayed as a CUDA graph; elsewhere it attends
+over the longest live history with a per-row mask. A prefill packs its prompts into one row without padding. Prompts
+are taken longest first, so an out-of-memory shows at once. When no prompts are left and half the slots are idle, the cache is compacted to the live rows. Results come
 back in input order; `on_result` sees each as it finishes. Counts are of real tokens: generated tokens up to and
 including EOS, never padding.
 
@@ -15,7 +15,6 @@ produces exactly the records of an uninterrupted single-process one. Greedy deco
 (tests/test_generation.py on CPU; `scripts/bench_gpu.py --check-greedy` on a GPU).
 """
 
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
+
+from looper import attention
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +74,18 @@ class Generation:
 
 class SlotCache:
     """The KV cache of `slots` rows, each with its own history, in buffers [slots, capacity, kv_heads, head_dim] per
-    layer (token-major, so all slots together are one packed [slots * capacity, kv_heads, head_dim] sequence). The
-    model sees it as a transformers `Cache` (it calls `update` once per layer). A row's entries always start at
-    position 0 of its slot. In a prefill, the new rows' keys and values (left-padded prompts) are stored from
-    position 0 without their padding and attention runs over the prefill alone; in a decode step, each row's new
-    entry is stored at its own position and the attention function (`_slot_attention`) gets the whole buffers and
-    reads each row's own length."""
+    layer (token-major: all slots together are one packed [slots * capacity, kv_heads, head_dim] key sequence). The
+    model sees it as a transformers `Cache` (it calls `update` once per layer). A row's entries start at position 0
+    of its slot. In a prefill (prompts packed into one row), each prompt token's key and value are stored at
+    (`prefill_slots`, `prefill_positions`) and attention runs over the prefill alone; in a decode step, each row's
+    new entry is stored at its own position and attention (`looper.attention.DecodeStep`) gets the whole buffers."""
 
     def __init__(self, num_layers: int, slots: int, capacity: int):
         self.keys: list = [None] * num_layers
         self.values: list = [None] * num_layers
         self.slots, self.capacity = slots, capacity
-        self.prefill_slots: Optional[torch.Tensor] = None  # set for a prefill: the slots being written
-        self.prefill_source: Optional[torch.Tensor] = None  # and, per new row, the prefill positions to keep
+        self.prefill_slots: Optional[torch.Tensor] = None  # set for a prefill: each packed token's slot
+        self.prefill_positions: Optional[torch.Tensor] = None  # and its position there
         self.positions: Optional[torch.Tensor] = None  # set for a decode step: where each slot writes
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -98,10 +98,8 @@ class SlotCache:
             self.values[layer_idx] = value.new_zeros(shape)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self.prefill_slots is not None:
-            rows = torch.arange(key.shape[0], device=key.device)[:, None]
-            width = self.prefill_source.shape[1]
-            keys[self.prefill_slots, :width] = key.transpose(1, 2)[rows, self.prefill_source]
-            values[self.prefill_slots, :width] = value.transpose(1, 2)[rows, self.prefill_source]
+            keys[self.prefill_slots, self.prefill_positions] = key[0].transpose(0, 1)
+            values[self.prefill_slots, self.prefill_positions] = value[0].transpose(0, 1)
             return key, value
         rows = torch.arange(self.slots, device=key.device)
         keys[rows, self.positions] = key[:, :, 0]
@@ -114,101 +112,6 @@ class SlotCache:
             for layer, buffer in enumerate(buffers):  # one layer at a time: the old buffer goes before the next
                 buffers[layer] = None if buffer is None else buffer[slots]
         self.slots = len(slots)
-
-
-@dataclass
-class DecodeStep:
-    """What a decode step's attention needs besides the cache buffers: each slot's KV length after this step's
-    write, and the kernel. `flash` is PyTorch's built-in FlashAttention-2 in its variable-length form: all slots are
-    one packed sequence of keys (slot s starts at s * capacity) and each reads only its own `lengths[s]` entries, so
-    a step costs the real context, not the longest row's. `sdpa` (CPU, float32, or where flash does not run)
-    attends over the first `width` positions of every slot with a mask."""
-
-    kernel: str
-    lengths: torch.Tensor  # [slots], int32
-    width: int
-
-    def attend(self, module, query, keys, values, scaling):
-        slots, capacity, kv_heads, dim = keys.shape
-        if self.kernel == "triton":
-            from looper.triton_decode import decode_attention
-
-            output = decode_attention(query.transpose(1, 2).reshape(slots, -1, dim), keys, values, self.lengths,
-                                      scaling)
-            return output.view(slots, 1, -1, dim), None
-        if self.kernel == "flash":
-            starts = torch.arange(slots + 1, dtype=torch.int32, device=query.device)
-            output = torch.ops.aten._flash_attention_forward(
-                query.transpose(1, 2).reshape(slots, -1, dim), keys.view(-1, kv_heads, dim),
-                values.view(-1, kv_heads, dim), starts, starts * capacity, 1, capacity, 0.0, False, False,
-                scale=scaling, seqused_k=self.lengths)[0]
-            return output.view(slots, 1, -1, dim), None
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        mask = torch.arange(self.width, device=query.device)[None, :] < self.lengths[:, None]
-        return sdpa_attention_forward(module, query, keys[:, : self.width].transpose(1, 2),
-                                      values[:, : self.width].transpose(1, 2), mask[:, None, None, :],
-                                      scaling=scaling)
-
-
-def _slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, looper_decode=None,
-                    **kwargs):
-    """The attention function `generate` gives the model (a transformers `AttentionInterface` entry): a prefill is
-    sdpa over the prompts with the caller's mask; a decode step (`looper_decode`, a `DecodeStep`) reads the cache."""
-    if looper_decode is not None:
-        return looper_decode.attend(module, query, key, value, scaling)
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
-
-
-_ATTENTION = "looper_slots"
-
-
-@functools.lru_cache(maxsize=None)
-def decode_kernel(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> str:
-    """The fastest decode-step kernel that runs here and gives the masked sdpa step's result on a small case with
-    per-row lengths: `triton` (looper.triton_decode), else `flash`, else `sdpa` (always: CPU, float32, old GPUs)."""
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim % 8 or head_dim > 256 \
-            or torch.cuda.get_device_capability(device) < (8, 0):
-        return "sdpa"
-    candidates = ["triton"] if head_dim & (head_dim - 1) == 0 else []  # Triton tiles need a power of two
-    candidates += ["flash"] if torch.backends.cuda.is_flash_attention_available() else []
-    generator = torch.Generator(device=device).manual_seed(0)
-    query = torch.randn(3, heads, 1, head_dim, device=device, dtype=dtype, generator=generator)
-    keys = torch.randn(3, 192, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
-    values = torch.randn(3, 192, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
-    lengths = torch.tensor([1, 77, 192], dtype=torch.int32, device=device)
-    module = type("Module", (), {"num_key_value_groups": heads // kv_heads, "is_causal": True})()
-    expected = DecodeStep("sdpa", lengths, 192).attend(module, query, keys, values, head_dim ** -0.5)[0].float()
-    for kernel in candidates:
-        try:
-            output = DecodeStep(kernel, lengths, 192).attend(module, query, keys, values, head_dim ** -0.5)[0]
-            error = (output.float() - expected).abs().max().item()
-        except Exception as exception:  # noqa: BLE001 - an older torch, no Triton: the next kernel
-            log.warning("generation: %s decoding unavailable here (%s)", kernel, exception)
-            continue
-        if error < 2e-2:
-            return kernel
-        log.warning("generation: %s decoding differs from sdpa by %.3g here; not used", kernel, error)
-    return "sdpa"
-    try:
-        generator = torch.Generator(device=device).manual_seed(0)
-        query = torch.randn(3, heads, 1, head_dim, device=device, dtype=dtype, generator=generator)
-        keys = torch.randn(3, 64, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
-        values = torch.randn(3, 64, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
-        lengths = torch.tensor([1, 37, 64], dtype=torch.int32, device=device)
-        module = type("Module", (), {"num_key_value_groups": heads // kv_heads, "is_causal": True})()
-        fast = DecodeStep("flash", lengths, 64).attend(module, query, keys, values, head_dim ** -0.5)[0]
-        slow = DecodeStep("sdpa", lengths, 64).attend(module, query, keys, values, head_dim ** -0.5)[0]
-        error = (fast.float() - slow.float()).abs().max().item()
-        if error < 2e-2:
-            return "flash"
-        log.warning("generation: flash decoding differs from sdpa by %.3g here; decoding with sdpa", error)
-    except Exception as error:  # noqa: BLE001 - an older torch or an unsupported GPU: the sdpa path always works
-        log.warning("generation: flash decoding unavailable (%s); decoding with sdpa", error)
-    return "sdpa"
 
 
 def _per_row(value: Union[float, Sequence[float]], n: int) -> list:
@@ -236,7 +139,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
     if n == 0:
         return []
     encoded = tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
-    with _slot_attention_in(model):
+    with _looper_attention_in(model):
         decoder = _Decoder(model, tokenizer, encoded, limits, [float(t) for t in temperatures],
                            [float(p) for p in top_ps], [s & _MASK32 for s in (seeds or [0] * n)], min(batch_size, n))
         bar = tqdm(total=n, desc=desc, unit="seq", leave=False, disable=desc is None)
@@ -274,8 +177,9 @@ class _Decoder:
         self.device = model.device
         text = model.config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.kernel = decode_kernel(self.device, model.dtype, text.num_attention_heads,
-                                    getattr(text, "num_key_value_heads", None) or text.num_attention_heads, head_dim)
+        self.packed_kernel, self.kernel = attention.kernels(
+            self.device, model.dtype, text.num_attention_heads,
+            getattr(text, "num_key_value_heads", None) or text.num_attention_heads, head_dim)
         self.cache = SlotCache(text.num_hidden_layers, slots,
                                capacity=_round_up(max(map(len, encoded)) + max(limits) + 1, _WIDTH_STEP))
         self.owner, self.produced, self.length = [-1] * slots, [[] for _ in range(slots)], [0] * slots
@@ -309,33 +213,35 @@ class _Decoder:
             yield from self.decode()
 
     def prefill(self, free: list[int]):
-        """Start the next prompts in the `free` slots; their first tokens are chosen from the prefill's logits."""
+        """Start the next prompts in the `free` slots, packed into one row without padding (up to
+        `_PREFILL_TOKENS` tokens a forward); their first tokens are chosen from the prefill's logits."""
         start = time.perf_counter()
         while free and self.queue:
-            width = len(self.encoded[self.queue[0]])  # the longest waiting prompt
-            take = max(1, min(len(free), len(self.queue), self._PREFILL_TOKENS // width))
+            take, tokens = 0, 0
+            while take < min(len(free), len(self.queue)) and (
+                    take == 0 or tokens + len(self.encoded[self.queue[take]]) <= self._PREFILL_TOKENS):
+                tokens += len(self.encoded[self.queue[take]])
+                take += 1
             rows, self.queue = self.queue[:take], self.queue[take:]
-            self.stats["prefills"] += 1
-            self.stats["prefill_tokens"] += take * width
             where, free = free[:take], free[take:]
-            pads = torch.tensor([width - len(self.encoded[i]) for i in rows])
-            ids = torch.full((take, width), self.tokenizer.pad_token_id, dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, pads[r]:] = torch.tensor(self.encoded[i], dtype=torch.long)
-            key = torch.arange(width)
-            real = key[None, :] >= pads[:, None]
-            # causal, padding hidden; a padding query sees itself (no all-masked row, no NaN in the cache)
-            mask = (key[:, None] >= key[None, :]) & (real[:, None, :] | torch.eye(width, dtype=torch.bool))
+            lengths = [len(self.encoded[i]) for i in rows]
+            self.stats["prefills"] += 1
+            self.stats["prefill_tokens"] += tokens
+            ids = torch.tensor([token for i in rows for token in self.encoded[i]])[None]
+            positions = torch.cat([torch.arange(n) for n in lengths])
+            ends = torch.tensor(lengths).cumsum(0)
             slots = torch.tensor(where, device=self.device)
-            self.cache.prefill_slots = slots
-            self.cache.prefill_source = (key[None, :] + pads[:, None]).clamp(max=width - 1).to(self.device)
+            self.cache.prefill_slots = slots.repeat_interleave(torch.tensor(lengths, device=self.device))
+            self.cache.prefill_positions = positions.to(self.device)
+            packed = attention.Packed(self.packed_kernel, torch.cat([torch.zeros(1, dtype=torch.int32),
+                                                                     ends.to(torch.int32)]).to(self.device),
+                                      max(lengths))
             try:
-                logits = self.forward(ids, mask[:, None], (key[None, :] - pads[:, None]).clamp(min=0))
+                logits = self.forward(ids, positions[None], (ends - 1).to(self.device), looper_packed=packed)[0]
             finally:
-                self.cache.prefill_slots = self.cache.prefill_source = None
+                self.cache.prefill_slots = self.cache.prefill_positions = None
             temperatures, top_ps, seeds = self.settings
             to = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
-            lengths = [len(self.encoded[i]) for i in rows]
             self.state["length"][slots] = to(lengths)
             self.state["step"][slots] = 0
             self.state["seed"][slots] = to([seeds[i] for i in rows])
@@ -370,8 +276,8 @@ class _Decoder:
         """The decode step proper: reads `tokens` and the slot state, writes the KV entries and `next_tokens` (the
         body of the CUDA graphs; running it twice with the same state writes the same values)."""
         state = self.state
-        step = DecodeStep(self.kernel, (state["length"] + 1).to(torch.int32), self.width)
-        logits = self.forward(self.tokens[:, None], None, state["length"][:, None], looper_decode=step)
+        step = attention.DecodeStep(self.kernel, (state["length"] + 1).to(torch.int32), self.width)
+        logits = self.forward(self.tokens[:, None], state["length"][:, None], 1, looper_decode=step)[:, -1]
         self.next_tokens.copy_(seeded_choice(logits, state["seed"], state["step"], state["temperature"],
                                              state["top_p"], self.sampling, self.nucleus))
 
@@ -404,11 +310,9 @@ class _Decoder:
             self.step()
         return graph
 
-    def forward(self, ids, mask, positions, **attention):
-        output = self.model(input_ids=ids.to(self.device), attention_mask=None if mask is None else mask.to(
-            self.device), position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
-            logits_to_keep=1, **attention)
-        return output.logits[:, -1]
+    def forward(self, ids, positions, keep, **attention):
+        return self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                          past_key_values=self.cache, use_cache=True, logits_to_keep=keep, **attention).logits
 
     def choose(self, logits, slots):
         state = self.state
@@ -452,18 +356,16 @@ class _Decoder:
         self.pool = None
 
 
-class _slot_attention_in:
-    """Within `generate`, the model attends with `_slot_attention` (registered with transformers' attention
+class _looper_attention_in:
+    """Within `generate`, the model attends with `looper.attention` (registered with transformers' attention
     interface); its own implementation (sdpa, eager, flash_attention_2) is restored afterwards."""
 
     def __init__(self, model):
         self.model, self.original = model, model.config._attn_implementation
 
     def __enter__(self):
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(_ATTENTION, _slot_attention)
-        self.model.set_attn_implementation(_ATTENTION)
+        attention.register()
+        self.model.set_attn_implementation(attention.GENERATION)
 
     def __exit__(self, *exc):
         self.model.set_attn_implementation(self.original)

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from looper import distributed, models
+from looper import attention, distributed, models
 from looper.artifacts import ArtifactStore
 from looper.config import Config, LoraSettings
 from looper.data import load_splits
@@ -54,6 +54,11 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
     from trl import SFTConfig, SFTTrainer
 
     model = models.load_causal_lm(base, cfg.model, cfg.lora)
+    if cfg.sft.padding_free and model.config._attn_implementation == "sdpa":
+        # flattened batches attend through looper's function: FlashAttention-2 varlen over TRL's cu_seq_lens on a
+        # GPU (no block-diagonal mask, no per-shape plan), transformers' sdpa with its packed mask elsewhere
+        attention.register()
+        model.set_attn_implementation(attention.TRAINING)
     tokenizer = models.load_tokenizer(base, cfg.model)
     tokenizer.padding_side = "right"  # training pads on the right; generation loads it left-padded again
     dataset = Dataset.from_list(examples if examples is not None else training_examples(cfg, tokenizer))
@@ -89,6 +94,8 @@ def _train(cfg: Config, base: str, out: Path) -> None:
         trainer = make_trainer(cfg, base, out, tracker.report_to)
         result = trainer.train()
         tracker.summary({"sft/train_loss": result.training_loss})
+    if trainer.model.config._attn_implementation == attention.TRAINING:  # a saved full model names its own
+        trainer.model.set_attn_implementation("sdpa")
     trainer.save_model(str(out))  # on the main process only
     if distributed.is_main_process():
         tokenizer = trainer.processing_class

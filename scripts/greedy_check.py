@@ -2,7 +2,7 @@
 model: the SFT policy of the configuration given as Hydra overrides (built first if the cache has none; the default
 is the tiny demo's). Prints how many outputs are identical, in the model's dtype and in float32, beside the noise
 floor (plain `generate` on left-padded batches against itself one at a time) and, on a GPU, looper with the masked
-sdpa decode step in place of the fast kernel.
+sdpa in place of the fast kernels.
 
     python scripts/greedy_check.py                              # tiny demo SFT, 64 synthetic test questions
     python scripts/greedy_check.py experiment=abel_platinum     # the 7B SFT adapter of that experiment
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from looper import generation, models, sft  # noqa: E402
+from looper import attention, generation, models, sft  # noqa: E402
 from looper.artifacts import ArtifactStore  # noqa: E402
 from looper.config import register_configs  # noqa: E402
 from looper.data import load_splits  # noqa: E402
@@ -53,18 +53,18 @@ def main(overrides: list[str], n: int = 64) -> None:
             output = model.generate(**encoded, max_new_tokens=limit, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id)[:, encoded["input_ids"].shape[1]:]
             batched += tokenizer.batch_decode(output, skip_special_tokens=True)
-        runs = {"looper": generation.decode_kernel}
-        if model.device.type == "cuda":  # the same decoder with the masked sdpa step instead of the fast kernel
-            runs["looper, sdpa step"] = lambda *args: "sdpa"
+        runs = {"looper": attention.kernels}
+        if model.device.type == "cuda":  # the same decoder with sdpa in place of the fast kernels
+            runs["looper, sdpa kernels"] = lambda *args: ("sdpa", "sdpa")
         counts = {"plain generate batched": sum(a == b for a, b in zip(batched, plain))}
         for name, kernel in runs.items():
-            original, generation.decode_kernel = generation.decode_kernel, kernel
+            original, attention.kernels = attention.kernels, kernel
             try:
                 ours = generation.generate(model, tokenizer, prompts, max_new_tokens=limit,
                                            batch_size=cfg.eval.batch_size, add_special_tokens=special, desc=None,
                                            stats=(stats := {}))
             finally:
-                generation.decode_kernel = original
+                attention.kernels = original
             counts[f"{name} ({stats['kernel']})"] = sum(a.text == b for a, b in zip(ours, plain))
         torch.backends.cuda.matmul.allow_tf32 = tf32
         print(f"{model.device} {str(dtype).replace('torch.', '')}, up to {limit} new tokens, {target.name}: equal "

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from looper import evaluation, generation, models
+from looper import attention, evaluation, models
 from looper.artifacts import ArtifactStore
 from looper.models import PLATINUM_PROMPT
 from tests.conftest import ROOT, looper_cli, shared_file
@@ -88,13 +87,13 @@ def test_the_batch_check_passes_on_the_real_path_and_catches_a_broken_mask(tiny_
     problems = evaluation.eval_problems("synthetic_test", cfg)[:8]
     prompts = [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
     assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] == 0
-    # the classic bug: prompts attend to their left padding
-    forward = generation._Decoder.forward
+    # the classic bug: prompts of one prefill attend to each other
+    packed = attention.packed_attention
 
-    def unmasked(self, ids, mask, positions, **attention):
-        return forward(self, ids, None if mask is None else torch.ones_like(mask), positions, **attention)
+    def as_one(module, query, key, value, starts, max_length, *args, **kwargs):
+        return packed(module, query, key, value, starts[[0, -1]], int(starts[-1]), *args, **kwargs)
 
-    monkeypatch.setattr(generation._Decoder, "forward", unmasked)
+    monkeypatch.setattr(attention, "packed_attention", as_one)
     assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] > 0
 
 

@@ -75,7 +75,7 @@ def test_refill_at_changes_how_often_slots_are_refilled_and_never_the_outputs(ti
 
 
 def test_generate_attends_with_its_own_function_and_gives_the_models_back(tiny_sft):
-    from looper.generation import _slot_attention_in
+    from looper.generation import _looper_attention_in
 
     cfg, _, _, sft_dir = tiny_sft
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
@@ -93,42 +93,6 @@ def test_generate_attends_with_its_own_function_and_gives_the_models_back(tiny_s
             self.config._attn_implementation = name
 
     flash = Model("flash_attention_2")
-    with _slot_attention_in(flash):
+    with _looper_attention_in(flash):
         assert flash.config._attn_implementation == "looper_slots"
     assert flash.seen == ["looper_slots", "flash_attention_2"]
-
-
-def _decode_case(device, dtype, heads, kv_heads, dim=64, slots=5, capacity=128):
-    generator = torch.Generator(device=device).manual_seed(0)
-    query = torch.randn(slots, heads, 1, dim, device=device, dtype=dtype, generator=generator)
-    keys = torch.randn(slots, capacity, kv_heads, dim, device=device, dtype=dtype, generator=generator)
-    values = torch.randn(slots, capacity, kv_heads, dim, device=device, dtype=dtype, generator=generator)
-    lengths = torch.tensor([1, 17, 64, 100, 128][:slots], dtype=torch.int32, device=device)
-    module = type("Module", (), {"num_key_value_groups": heads // kv_heads, "is_causal": True})()
-    return module, query, keys, values, lengths
-
-
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_a_decode_step_reads_each_slot_up_to_its_own_length(kv_heads):
-    from looper.generation import DecodeStep
-
-    module, query, keys, values, lengths = _decode_case("cpu", torch.float32, 4, kv_heads)
-    output = DecodeStep("sdpa", lengths, 128).attend(module, query, keys, values, 0.125)[0]  # [slots, 1, heads, dim]
-    for s, n in enumerate(lengths.tolist()):
-        k = keys[s, :n].repeat_interleave(4 // kv_heads, dim=1)  # [n, heads, dim]
-        weights = (torch.einsum("hd,nhd->hn", query[s, :, 0], k) * 0.125).softmax(dim=-1)
-        expected = torch.einsum("hn,nhd->hd", weights, values[s, :n].repeat_interleave(4 // kv_heads, dim=1))
-        assert torch.allclose(output[s, 0], expected, atol=1e-5)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton and FlashAttention decode kernels need a CUDA GPU")
-@pytest.mark.parametrize("kv_heads", [8, 2])
-def test_gpu_decode_kernels_equal_the_masked_sdpa_step(kv_heads):
-    from looper.generation import DecodeStep, decode_kernel
-
-    assert decode_kernel(torch.device("cuda"), torch.bfloat16, 8, kv_heads, 64) == "triton"
-    module, query, keys, values, lengths = _decode_case("cuda", torch.bfloat16, 8, kv_heads)
-    slow = DecodeStep("sdpa", lengths, 128).attend(module, query, keys, values, 0.125)[0]
-    for kernel in ("triton", "flash"):
-        fast = DecodeStep(kernel, lengths, 128).attend(module, query, keys, values, 0.125)[0]
-        assert torch.allclose(fast.float(), slow.float(), atol=1e-2), kernel

@@ -1,0 +1,153 @@
+"""The attention function looper gives models (a transformers `AttentionInterface` entry), for packed sequences and
+for decode steps over the slot cache, with the kernel chosen once per shape:
+
+- packed sequences (a generation prefill, a padding-free SFT batch): rows concatenated into one without padding,
+  `starts` marking where each begins (cumulative lengths); each attends causally within itself. On a GPU this is
+  PyTorch's built-in FlashAttention-2 in its variable-length form (differentiable: SFT trains through it), so no
+  mask is built and no per-shape cuDNN plan is made; elsewhere, sdpa one sequence at a time.
+- a decode step (`DecodeStep`): one query per slot, each reading only its own KV length from the cache buffers
+  [slots, capacity, kv_heads, head_dim]: the Triton kernel of `looper.triton_decode` on a GPU (else FlashAttention
+  varlen), and masked sdpa over the longest history elsewhere.
+
+Anything else (a padded batch with a mask) goes to transformers' sdpa attention unchanged.
+"""
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+GENERATION = "looper_slots"  # the implementation generation switches a model to (no mask is ever built for it)
+TRAINING = "looper_varlen"  # the implementation padding-free SFT uses (transformers builds sdpa masks for it)
+
+
+def _sdpa(module, query, key, value, mask, scaling, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
+
+
+def packed_attention(module, query, key, value, starts: torch.Tensor, max_length: int, scaling: float,
+                     kernel: str, dropout: float = 0.0):
+    """query/key/value [1, heads, tokens, head_dim] of sequences packed back to back, sequence i at positions
+    starts[i]:starts[i + 1] (int32, on the device); causal within each sequence. Returns [1, tokens, heads, dim]."""
+    _, heads, tokens, dim = query.shape
+    if kernel == "flash":
+        output = torch.ops.aten._flash_attention_forward(
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), starts, starts, max_length,
+            max_length, dropout, True, False, scale=scaling)[0]
+        return output.unsqueeze(0), None
+    bounds = starts.tolist()
+    pieces = [_sdpa(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, scaling, dropout=dropout,
+                    is_causal=True)[0] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return torch.cat(pieces, dim=1), None
+
+
+@dataclass
+class DecodeStep:
+    """What a decode step's attention needs besides the cache buffers: each slot's KV length after this step's
+    write, the kernel, and (sdpa only) how many positions of every slot to attend over."""
+
+    kernel: str
+    lengths: torch.Tensor  # [slots], int32
+    width: int
+
+    def attend(self, module, query, keys, values, scaling):
+        slots, capacity, kv_heads, dim = keys.shape
+        if self.kernel == "triton":
+            from looper.triton_decode import decode_attention
+
+            output = decode_attention(query.transpose(1, 2).reshape(slots, -1, dim), keys, values, self.lengths,
+                                      scaling)
+            return output.view(slots, 1, -1, dim), None
+        if self.kernel == "flash":  # all slots as one packed key sequence, slot s from s * capacity, seqused_k
+            starts = torch.arange(slots + 1, dtype=torch.int32, device=query.device)
+            output = torch.ops.aten._flash_attention_forward(
+                query.transpose(1, 2).reshape(slots, -1, dim), keys.view(-1, kv_heads, dim),
+                values.view(-1, kv_heads, dim), starts, starts * capacity, 1, capacity, 0.0, False, False,
+                scale=scaling, seqused_k=self.lengths)[0]
+            return output.view(slots, 1, -1, dim), None
+        mask = torch.arange(self.width, device=query.device)[None, :] < self.lengths[:, None]
+        return _sdpa(module, query, keys[:, : self.width].transpose(1, 2), values[:, : self.width].transpose(1, 2),
+                     mask[:, None, None, :], scaling)
+
+
+@dataclass
+class Packed:
+    """A generation prefill: the prompts packed into one row (see `packed_attention`)."""
+
+    kernel: str
+    starts: torch.Tensor
+    max_length: int
+
+
+def looper_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     looper_decode: Optional[DecodeStep] = None, looper_packed: Optional[Packed] = None, **kwargs):
+    """The registered attention function (signature of transformers' attention interface)."""
+    if looper_decode is not None:
+        return looper_decode.attend(module, query, key, value, scaling)
+    if looper_packed is not None:
+        return packed_attention(module, query, key, value, looper_packed.starts, looper_packed.max_length, scaling,
+                                looper_packed.kernel)
+    starts = kwargs.get("cu_seq_lens_q")  # a padding-free training batch (TRL's collator gives these)
+    if starts is not None and query.shape[0] == 1:
+        kernel = kernels(query.device, query.dtype, query.shape[1], key.shape[1], query.shape[3])[0]
+        if kernel == "flash":
+            starts = starts.to(query.device, torch.int32)
+            longest = kwargs.get("max_length_q") or int(starts.diff().max())
+            return packed_attention(module, query, key, value, starts, int(longest), scaling, kernel,
+                                    dropout if module.training else 0.0)
+    return _sdpa(module, query, key, value, attention_mask, scaling, dropout=dropout, **kwargs)
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GENERATION, looper_attention)
+    AttentionInterface.register(TRAINING, looper_attention)
+    AttentionMaskInterface.register(TRAINING, sdpa_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> tuple[str, str]:
+    """(packed kernel, decode kernel) for these shapes here: each the fastest that runs and gives sdpa's result on a
+    small case. Packed: `flash` or `sdpa`; decode: `triton`, `flash` or `sdpa` (always: CPU, float32, old GPUs)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim % 8 or head_dim > 256 \
+            or torch.cuda.get_device_capability(device) < (8, 0):
+        return "sdpa", "sdpa"
+    flash = ["flash"] if torch.backends.cuda.is_flash_attention_available() else []
+    generator = torch.Generator(device=device).manual_seed(0)
+    module = type("Module", (), {"num_key_value_groups": heads // kv_heads, "is_causal": True})()
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=generator)
+
+    def first(candidates, run, what):
+        expected = run("sdpa").float()
+        for kernel in candidates:
+            try:
+                error = (run(kernel).float() - expected).abs().max().item()
+            except Exception as exception:  # noqa: BLE001 - an older torch, no Triton: the next kernel
+                log.warning("attention: %s %s unavailable here (%s)", kernel, what, exception)
+                continue
+            if error < 2e-2:
+                return kernel
+            log.warning("attention: %s %s differs from sdpa by %.3g here; not used", kernel, what, error)
+        return "sdpa"
+
+    query, keys, values = randn(3, heads, 1, head_dim), randn(3, 192, kv_heads, head_dim), randn(3, 192, kv_heads,
+                                                                                                  head_dim)
+    lengths = torch.tensor([1, 77, 192], dtype=torch.int32, device=device)
+    decode = first((["triton"] if head_dim & (head_dim - 1) == 0 else []) + flash,  # Triton tiles: a power of two
+                   lambda k: DecodeStep(k, lengths, 192).attend(module, query, keys, values, head_dim ** -0.5)[0],
+                   "decoding")
+    starts = torch.tensor([0, 1, 70, 200], dtype=torch.int32, device=device)
+    q, k, v = randn(1, heads, 200, head_dim), randn(1, kv_heads, 200, head_dim), randn(1, kv_heads, 200, head_dim)
+    packed = first(flash, lambda kernel: packed_attention(module, q, k, v, starts, 130, head_dim ** -0.5, kernel)[0],
+                   "packed attention")
+    return packed, decode
