@@ -45,17 +45,29 @@ def _policy(cfg: Config, sft_dir: Path):
     return model, tokenizer, sft.peft_config(cfg.dpo.fresh_lora)
 
 
+def _on_disk(rows: list[dict], where: Path):
+    """The pairs as a dataset saved by the main process and loaded from disk by every process. TRL writes the
+    precomputed reference log-probs next to the dataset's files and reads them back on every rank; an in-memory
+    dataset's files go to a per-process temporary directory that the other ranks cannot see (FileNotFoundError on
+    rank 1 under DDP, measured on 2 GPUs)."""
+    from datasets import Dataset, load_from_disk
+
+    if distributed.is_main_process():
+        Dataset.from_list(rows).save_to_disk(str(where))
+    distributed.barrier()
+    return load_from_disk(str(where))
+
+
 def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path, report_to: str = "none"):
     """The configured DPOTrainer: policy = the SFT policy made trainable, reference = the frozen SFT policy."""
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     model, tokenizer, peft_config = _policy(cfg, sft_dir)
     tokenizer.padding_side = "right"
     with open(pairs_dir / "pairs.jsonl") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                                 for r in rows])
+    dataset = _on_disk([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows],
+                       out / "trainer" / "pairs")
     args = DPOConfig(
         output_dir=str(out / "trainer"), beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type],
         learning_rate=cfg.dpo.learning_rate, num_train_epochs=cfg.dpo.epochs, max_steps=cfg.dpo.max_steps,

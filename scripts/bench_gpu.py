@@ -87,9 +87,21 @@ def build(arch: str, out: Path):
         torch.set_default_dtype(dtype)
         model = LlamaForCausalLM(config)
         torch.set_default_dtype(torch.float32)
-    model.save_pretrained(out)
-    fast.save_pretrained(out)
+    if distributed.is_main_process():  # one copy on disk for all processes (transformers saves on the main only)
+        model.save_pretrained(out)
+        fast.save_pretrained(out)
+    distributed.barrier()
     return model, fast
+
+
+def shared_tempdir() -> Path:
+    """A new temporary directory, the main process's for all processes (as looper's artifact directories are)."""
+    path = [tempfile.mkdtemp()]
+    if distributed.world_size() > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(path, src=0)
+    return Path(path[0])
 
 
 def words(rng: random.Random, n: int, vocab: int) -> str:
@@ -270,36 +282,39 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     n = args.train_batch * (args.steps + 2)
     prompt_lengths = lognormal_lengths(rng, n, 90, 30, 300)
     completion_lengths = lognormal_lengths(rng, n, 130, 30, 500)
-    out = Path(tempfile.mkdtemp())
+    out = shared_tempdir()
     if stage == "sft":
         examples = [{"prompt": words(rng, p, vocab), "completion": words(rng, c, vocab)}
                     for p, c in zip(prompt_lengths, completion_lengths)]
         trainer = sft.make_trainer(cfg, str(model_dir), out, examples=examples)
     else:
-        pairs = out / "pairs"
-        pairs.mkdir()
-        (pairs / "pairs.jsonl").write_text("".join(json.dumps({
+        pairs, adapter = out / "pairs", out / "sft_adapter"  # DPO continues an SFT adapter, as in the pipeline
+        text = "".join(json.dumps({
             "prompt": words(rng, p, vocab), "chosen": words(rng, c, vocab),
             "rejected": words(rng, max(30, c + rng.randint(-40, 40)), vocab)}) + "\n"
-            for p, c in zip(prompt_lengths, completion_lengths)))
-        adapter = out / "sft_adapter"  # DPO continues an SFT adapter, as in the pipeline
+            for p, c in zip(prompt_lengths, completion_lengths))
         peft_model = sft.make_trainer(cfg, str(model_dir), out, examples=[{"prompt": "w5", "completion": "w6"}]).model
-        peft_model.save_pretrained(adapter)
-        models.load_tokenizer(str(model_dir), cfg.model).save_pretrained(adapter)
+        if distributed.is_main_process():  # the directory is shared: one writer
+            pairs.mkdir()
+            (pairs / "pairs.jsonl").write_text(text)
+            peft_model.save_pretrained(adapter)
+            models.load_tokenizer(str(model_dir), cfg.model).save_pretrained(adapter)
+        distributed.barrier()
         del peft_model
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
         trainer = dpo.make_trainer(cfg, adapter, pairs, out)
     tokens, times = [], []
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            torch.cuda.synchronize()
+            sync()
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - self.t)
 
     trainer.add_callback(Clock())
@@ -328,24 +343,24 @@ def bench_training(model_dir: Path, args, rng, stage: str):
         return original(model, inputs, *a, **k)
 
     trainer.compute_loss = counting
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     trainer.train()
     warm = 2  # the first steps pay allocation and kernel selection
     seconds, real = across_processes(sum(times[warm:]), sum(tokens[warm:len(times)]))
     params = sum(p.numel() for p in trainer.model.parameters() if p.dtype in (torch.bfloat16, torch.float16))
     flops_per_token = 4 * params * (1.5 if stage == "dpo" else 1)  # frozen base: forward 2N + input-grad 2N
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), float("nan"))
     result = {"steps_timed": len(times) - warm, "processes": distributed.world_size(),
               "real_tokens_per_s": round(real / seconds, 1), "padding_free": trainer.args.padding_free
               if stage == "sft" else False,
               "mfu": round(real / seconds * flops_per_token / peak / distributed.world_size(), 3), "peak_memory_gib":
-              round(torch.cuda.max_memory_allocated() / 2 ** 30, 1), "batch_size": trainer.args.per_device_train_batch_size,
+              round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if torch.cuda.is_available() else None, "batch_size": trainer.args.per_device_train_batch_size,
               "gradient_checkpointing": args.gradient_checkpointing, "flops_per_token": flops_per_token}
     print(f"{stage:8s} LoRA r64: {result['real_tokens_per_s']:,.0f} real tok/s, MFU {100 * result['mfu']:.0f}%, "
           f"peak {result['peak_memory_gib']} GiB", flush=True)
     del trainer
-    torch.cuda.empty_cache()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return result
 
 
@@ -387,7 +402,7 @@ def main():
     bandwidth = copy_bandwidth(device)
     report["copy_bandwidth_tb_s"] = round(bandwidth / 1e12, 3)
     print(f"{report['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
-    model_dir = Path(tempfile.mkdtemp()) / "model"
+    model_dir = shared_tempdir() / "model"
     model, tokenizer = build(args.arch, model_dir)
     tokenizer = models.load_tokenizer(str(model_dir), models.ModelConfig(name_or_path=str(model_dir)))
     model.eval()
@@ -397,7 +412,7 @@ def main():
                 report[section] = fn(model, tokenizer, args, bandwidth, rng)
             except Exception as error:  # noqa: BLE001 - a failed section must not lose the others' figures
                 report[section] = {"error": repr(error)[:500]}
-                print(f"{section}: failed: {error!r}"[:500], flush=True)
+                print(f"{section}: failed on rank {distributed.rank()}: {error!r}"[:500], file=sys.stderr, flush=True)
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
             if main_process:
                 args.out.write_text(json.dumps(report, indent=2))
@@ -409,7 +424,7 @@ def main():
                 report[stage] = bench_training(model_dir, args, rng, stage)
             except Exception as error:  # noqa: BLE001 - a failed section must not lose the others' figures
                 report[stage] = {"error": repr(error)}
-                print(f"{stage}: failed: {error!r}", flush=True)
+                print(f"{stage}: failed on rank {distributed.rank()}: {error!r}", file=sys.stderr, flush=True)
             if main_process:
                 args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "args"}, indent=2))

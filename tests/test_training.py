@@ -2,6 +2,8 @@
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -130,3 +132,7 @@ def test_dpo_reference_log_probs_can_be_precomputed(tiny_sft, tmp_path, precompu
     cfg = fast_cfg(f"dpo.precompute_ref_log_probs={str(precompute).lower()}")
     trainer = dpo.make_trainer(cfg, tiny_sft[3], _pairs_dir(cfg, str(tiny_sft[3]), tmp_path), tmp_path)
     assert ("ref_chosen_logps" in trainer.train_dataset.column_names) is precompute
+    # every file of the dataset, the cached reference log-probs included, lies in the run's directory (which all
+    # processes share), not in a per-process temporary directory that other ranks cannot read
+    files = [f["filename"] for f in trainer.train_dataset.cache_files]
+    assert files and all(Path(f).is_relative_to(tmp_path / "trainer" / "pairs") for f in files)
