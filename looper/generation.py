@@ -2,17 +2,19 @@
 
 Decoding runs on `slots` rows at once with continuous refill: when rows finish (EOS or their own token limit), the
 freed slots are refilled with the next prompts, so a finished row stops costing decode steps. Each slot keeps its
-own KV history in a preallocated `SlotCache`. On a GPU a decode step runs FlashAttention-2 in its variable-length
-form, each row reading only its own history (`looper.attention`), and is replayed as a CUDA graph; elsewhere it attends
-over the longest live history with a per-row mask. A prefill packs its prompts into one row without padding. Prompts
-are taken longest first, so an out-of-memory shows at once. When no prompts are left and half the slots are idle, the cache is compacted to the live rows. Results come
-back in input order; `on_result` sees each as it finishes. Counts are of real tokens: generated tokens up to and
-including EOS, never padding.
+own KV history in a preallocated `SlotCache`. A decode step reads each row's own history only (on a GPU a Triton
+kernel, see `looper.attention`; elsewhere masked sdpa over the longest live history) and is replayed as a CUDA
+graph on a GPU. A prefill packs its prompts into one row without padding (FlashAttention-2 varlen on a GPU). Prompts
+are taken longest first, so an out-of-memory shows at once. When no prompts are left and half the slots are idle,
+the cache is compacted to the live rows. Results come back in input order; `on_result` sees each as it finishes.
+Counts are of real tokens: generated tokens up to and including EOS, never padding.
 
 Sampling is seeded per row (`seeded_choice`): a row's draws depend on its own seed and step only, never on which rows
 share its batch, their order, padding, the batch size or the number of processes. So a resumed or sharded rollout
 produces exactly the records of an uninterrupted single-process one. Greedy decoding equals plain `model.generate`
-(tests/test_generation.py on CPU; `scripts/bench_gpu.py --check-greedy` on a GPU).
+in float32 (tests/test_generation.py on CPU; `scripts/bench_gpu.py --check-greedy` and `scripts/greedy_check.py`
+on a GPU); in bfloat16 the fast kernels' different summation order flips a few near-tied argmaxes, about as often
+as batching plain `generate` does.
 """
 
 import logging

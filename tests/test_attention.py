@@ -43,10 +43,10 @@ def test_a_decode_step_reads_each_slot_up_to_its_own_length(kv_heads):
 
 
 @gpu
-@pytest.mark.parametrize("kv_heads", [8, 2])
-def test_gpu_decode_kernels_equal_the_masked_sdpa_step(kv_heads):
-    assert kernels(torch.device("cuda"), torch.bfloat16, 8, kv_heads, 64) == ("flash", "triton")
-    module, query, keys, values, lengths = _decode_case("cuda", torch.bfloat16, 8, kv_heads)
+@pytest.mark.parametrize("kv_heads,dim", [(8, 64), (2, 64)])
+def test_gpu_decode_kernels_equal_the_masked_sdpa_step(kv_heads, dim):
+    assert kernels(torch.device("cuda"), torch.bfloat16, 8, kv_heads, dim) == ("flash", "triton")
+    module, query, keys, values, lengths = _decode_case("cuda", torch.bfloat16, 8, kv_heads, dim=dim)
     slow = DecodeStep("sdpa", lengths, 128).attend(module, query, keys, values, 0.125)[0]
     for kernel in ("triton", "flash"):
         fast = DecodeStep(kernel, lengths, 128).attend(module, query, keys, values, 0.125)[0]
