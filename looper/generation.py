@@ -169,7 +169,8 @@ class _Decoder:
         self.settings = (temperatures, top_ps, seeds)
         self.sampling, self.nucleus = any(t > 0 for t in temperatures), any(p < 1 for p in top_ps)
         # CUDA graphs replay a decode step without Python and kernel-launch overhead (which otherwise bounds the
-        # step time of a 7B model on an H100); one graph per (slots, width), captured on first use.
+        # step time of a 7B model on an H100); one graph per slot count (and, for the sdpa kernel, width), captured
+        # on first use.
         self.graphs: dict = {}
         self.pool = None
         self.use_graphs = model.device.type == "cuda" and not getattr(model, "is_quantized", False) and not getattr(
@@ -195,9 +196,8 @@ class _Decoder:
         self.results: list[Optional[Generation]] = [None] * len(encoded)
         self.real_tokens = 0
         self.width = 0  # positions every slot's attention covers in a decode step (the sdpa kernel only)
-        self.stats = {"decode_steps": 0, "prefills": 0, "prefill_tokens": 0, "graphs": 0, "capture_seconds": 0.0,
-                      "prefill_seconds": 0.0,
-                      "kernel": self.kernel}
+        self.stats = {"decode_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_seconds": 0.0, "graphs": 0,
+                      "capture_seconds": 0.0, "kernel": self.kernel}
 
     def run(self, refill_at: float):
         """Yields (prompt index, Generation) as rows finish."""
