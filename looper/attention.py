@@ -35,7 +35,6 @@ def packed_attention(module, query, key, value, starts: torch.Tensor, max_length
                      kernel: str, dropout: float = 0.0):
     """query/key/value [1, heads, tokens, head_dim] of sequences packed back to back, sequence i at positions
     starts[i]:starts[i + 1] (int32, on the device); causal within each sequence. Returns [1, tokens, heads, dim]."""
-    _, heads, tokens, dim = query.shape
     if kernel == "flash":
         output = torch.ops.aten._flash_attention_forward(
             query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), starts, starts, max_length,

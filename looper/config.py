@@ -174,8 +174,9 @@ class SFTConfig:
     gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", 1)
     max_length: int = doc("Tokens per prompt+completion; longer examples are left out (and counted in the log).", 1024)
     padding_free: bool = doc("Concatenate each batch's sequences into one row without padding (position ids mark "
-                             "the boundaries; sdpa, eager and flash_attention_2 all keep sequences apart). Same "
-                             "loss as padded batches, no compute spent on padding.", True)
+                             "the boundaries; sdpa, eager and flash_attention_2 all keep sequences apart; a model "
+                             "loaded with sdpa trains through FlashAttention-2 varlen on a GPU). Same loss as padded "
+                             "batches, no compute spent on padding.", True)
     warmup_ratio: float = doc("Share of steps with linear warmup.", 0.03)
     gradient_checkpointing: bool = doc("Recompute activations in backward (less memory, ~30% slower).", False)
     group_by_length: bool = doc("Batch sequences of similar length together: less padding, but batches of one "

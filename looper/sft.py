@@ -67,8 +67,8 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
         max_steps=cfg.sft.max_steps, per_device_train_batch_size=cfg.sft.batch_size,
         gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps, max_length=None,
         padding_free=cfg.sft.padding_free,
-        # a flattened batch is padded to a multiple of 64 tokens: few distinct shapes, so attention kernels' plans
-        # (cuDNN builds one per shape, ~2.5 ms of host time per layer) are reused
+        # a flattened batch is padded to a multiple of 64 tokens: few distinct shapes, so per-shape work is reused
+        # (kernel choices; on the sdpa path cuDNN builds a plan per shape, ~2.5 ms of host time per layer)
         pad_to_multiple_of=64 if cfg.sft.padding_free else None,
         warmup_steps=cfg.sft.warmup_ratio, lr_scheduler_type="cosine",
         gradient_checkpointing=cfg.sft.gradient_checkpointing, completion_only_loss=True,
