@@ -285,6 +285,11 @@ class GenerationSettings:
     refill_at: float = doc("Share of the decoding slots (rollout/eval `batch_size`) that must be free before they are "
                            "refilled with new prompts in one prefill: lower refills sooner (fewer idle slots, more "
                            "prefill passes). Speed only; outputs do not depend on it.", 0.125)
+    compile: bool = doc("Run each decode step's model forward through torch.compile (inductor fuses its small "
+                        "kernels): ~20% faster steps for a one-off compilation (~80 s for a 7B model on an H200, "
+                        "less once inductor's on-disk cache is warm). Worth it for rollouts of thousands of "
+                        "sequences; in bfloat16 the fused arithmetic rounds differently, so samples differ from "
+                        "the uncompiled path's.", False)
 
     def __post_init__(self):
         _check(0 < self.refill_at <= 1, "generation.refill_at", f"must be in (0, 1], got {self.refill_at}")

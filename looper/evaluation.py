@@ -131,7 +131,8 @@ def _decode_shard(cfg: Config, target: str, load, dataset: str, problems: list[d
         generate(model, tokenizer, [prompt_for(cfg, tokenizer, p, pool) for p in todo],
                  max_new_tokens=_max_new_tokens(cfg), batch_size=cfg.eval.batch_size,
                  add_special_tokens=cfg.model.prompt_format != "chat", refill_at=cfg.generation.refill_at,
-                 on_result=write, desc=f"eval {target} on {dataset} ({len(done)} of {len(problems)} done before)")
+                 compile_decode=cfg.generation.compile, on_result=write,
+                 desc=f"eval {target} on {dataset} ({len(done)} of {len(problems)} done before)")
 
 
 def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) -> None:

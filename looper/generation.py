@@ -17,6 +17,7 @@ on a GPU); in bfloat16 the fast kernels' different summation order flips a few n
 as batching plain `generate` does.
 """
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from looper import attention
 log = logging.getLogger(__name__)
 
 _MASK32 = 0xFFFFFFFF
+_MIN_SLOTS = 8  # draining stops halving the slots here (below it a step costs about the same: the weights' read)
 _WIDTH_STEP = 64  # attention width is rounded up to a multiple of this (fewer shapes, so fewer CUDA graphs)
 
 
@@ -125,12 +127,13 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
              temperature: Union[float, Sequence[float]] = 0.0, top_p: Union[float, Sequence[float]] = 1.0,
              seeds: Optional[Sequence[int]] = None, add_special_tokens: bool = True, refill_at: float = 0.125,
              on_result: Optional[Callable[[int, Generation], None]] = None, stats: Optional[dict] = None,
-             desc: Optional[str] = "generate") -> list[Generation]:
+             desc: Optional[str] = "generate", compile_decode: bool = False) -> list[Generation]:
     """Complete each prompt, `batch_size` rows decoding at a time: greedy where a row's temperature is 0, else
     sampled with that row's `temperature`, `top_p` and seed (each one per prompt, or one value for all).
     `max_new_tokens` may be per row. Freed slots are refilled once a `refill_at` share of them is free (one prefill
     serves them all). `on_result(i, generation)` is called as prompt i finishes; `stats`, a dict, receives counts
-    of decode steps, prefills and CUDA graphs. `desc=None` shows no progress bar."""
+    of decode steps, prefills and CUDA graphs. `desc=None` shows no progress bar. `compile_decode` runs the decode
+    step's model forward through `torch.compile` (see `_compiled_decode_logits`)."""
     n = len(prompts)
     temperatures, top_ps = _per_row(temperature, n), _per_row(top_p, n)
     limits = _per_row(max_new_tokens, n)
@@ -143,7 +146,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
     encoded = tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
     with _looper_attention_in(model):
         decoder = _Decoder(model, tokenizer, encoded, limits, [float(t) for t in temperatures],
-                           [float(p) for p in top_ps], [s & _MASK32 for s in (seeds or [0] * n)], min(batch_size, n))
+                           [float(p) for p in top_ps], [s & _MASK32 for s in (seeds or [0] * n)],
+                           # compiled: never one slot (a size-1 dimension would be compiled again)
+                           max(min(batch_size, n), 2 if compile_decode else 1), compile_decode)
         bar = tqdm(total=n, desc=desc, unit="seq", leave=False, disable=desc is None)
         start = time.time()
         for i, result in decoder.run(refill_at):
@@ -164,8 +169,9 @@ class _Decoder:
 
     _PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds activation memory)
 
-    def __init__(self, model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots):
+    def __init__(self, model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots, compile_decode):
         self.model, self.tokenizer, self.encoded, self.limits = model, tokenizer, encoded, limits
+        self.decode_logits = _compiled_decode_logits(COMPILE_BACKEND) if compile_decode else _decode_logits
         self.settings = (temperatures, top_ps, seeds)
         self.sampling, self.nucleus = any(t > 0 for t in temperatures), any(p < 1 for p in top_ps)
         # CUDA graphs replay a decode step without Python and kernel-launch overhead (which otherwise bounds the
@@ -197,7 +203,7 @@ class _Decoder:
         self.real_tokens = 0
         self.width = 0  # positions every slot's attention covers in a decode step (the sdpa kernel only)
         self.stats = {"decode_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_seconds": 0.0, "graphs": 0,
-                      "capture_seconds": 0.0, "kernel": self.kernel}
+                      "capture_seconds": 0.0, "kernel": self.kernel, "compiled_decode": compile_decode}
 
     def run(self, refill_at: float):
         """Yields (prompt index, Generation) as rows finish."""
@@ -210,7 +216,8 @@ class _Decoder:
             if len(free) == self.cache.slots:
                 return
             live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
-            if not self.queue and len(live) <= self.cache.slots // 2:  # draining: halve the slots (few shapes)
+            half = self.cache.slots // 2
+            if not self.queue and len(live) <= half and half >= _MIN_SLOTS:  # draining: halve the slots
                 self.keep(live + free[: self.cache.slots // 2 - len(live)])
             yield from self.decode()
 
@@ -279,7 +286,7 @@ class _Decoder:
         body of the CUDA graphs; running it twice with the same state writes the same values)."""
         state = self.state
         step = attention.DecodeStep(self.kernel, (state["length"] + 1).to(torch.int32), self.width)
-        logits = self.forward(self.tokens[:, None], state["length"][:, None], 1, looper_decode=step)[:, -1]
+        logits = self.decode_logits(self.model, self.cache, self.tokens, state["length"], step)
         self.next_tokens.copy_(seeded_choice(logits, state["seed"], state["step"], state["temperature"],
                                              state["top_p"], self.sampling, self.nucleus))
 
@@ -356,6 +363,25 @@ class _Decoder:
         # gone trips an allocator assertion)
         self.graphs.clear()
         self.pool = None
+
+
+def _decode_logits(model, cache, tokens, lengths, step):
+    """The logits [slots, vocab] of one decode step: each slot's token at position `lengths`."""
+    return model(input_ids=tokens[:, None], position_ids=lengths[:, None], past_key_values=cache, use_cache=True,
+                 logits_to_keep=1, looper_decode=step).logits[:, -1]
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for `compile_decode` (tests use "eager": tracing only)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_decode_logits(backend: str):
+    """`_decode_logits` through torch.compile, one per process: inductor fuses the step's hundreds of small
+    elementwise kernels (RMSNorm, rotary embedding, SiLU, residual adds) into a few. Shapes are dynamic (one
+    compilation serves every slot count); the first call compiles (~80 s for a 7B model on an H200; inductor's
+    on-disk cache shortens later processes), and a step then takes ~20% less time (`scripts/bench_gpu.py
+    --compile`). Looper's own CUDA graph capture replays the compiled kernels as it does eager ones."""
+    return torch.compile(_decode_logits, dynamic=True, backend=backend)
 
 
 class _looper_attention_in:

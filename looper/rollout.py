@@ -59,6 +59,7 @@ class Sampler:
                            top_p=[a.top_p for _, a, _ in jobs], seeds=[s for _, _, s in jobs],
                            add_special_tokens=self.cfg.model.prompt_format != "chat",
                            refill_at=self.cfg.generation.refill_at,
+                           compile_decode=self.cfg.generation.compile,
                            desc=None)
         self.real_tokens += sum(o.num_tokens for o in outputs)
         return outputs

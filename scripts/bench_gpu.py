@@ -134,7 +134,8 @@ def across_processes(seconds: float, tokens: int) -> tuple[float, int]:
     return max(g[0] for g in gathered), sum(g[1] for g in gathered)
 
 
-def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature, bandwidth, refill_at, seeds=None):
+def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature, bandwidth, refill_at, compile_decode,
+                   seeds=None):
     world, rank = distributed.world_size(), distributed.rank()
     total = len(prompts)
     prompts, limits = prompts[rank::world], limits[rank::world]
@@ -145,7 +146,8 @@ def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature
     start = time.perf_counter()
     outputs = generation.generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=batch_size,
                                   temperature=temperature, top_p=0.95 if temperature else 1.0, seeds=seeds,
-                                  add_special_tokens=False, refill_at=refill_at, stats=(stats := {}), desc=None)
+                                  add_special_tokens=False, refill_at=refill_at, stats=(stats := {}), desc=None,
+                                  compile_decode=compile_decode)
     sync()
     mine = sum(o.num_tokens for o in outputs)
     seconds, real = across_processes(time.perf_counter() - start, mine)
@@ -189,11 +191,12 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
         print(f"rollout  plain generate batch {args.rollout_batch}: "
               f"{results['plain_generate']['tokens_per_s']:>9,.0f} real tok/s, "
               f"{results['plain_generate']['ms_per_step']} ms/step", flush=True)
-    run_generation(model, tokenizer, prompts[:8], limits[:8], batch_size=8, temperature=1.0, bandwidth=bandwidth,
-                   refill_at=args.refill_at, seeds=seeds[:8])  # warm-up
+    results["warmup_seconds"] = run_generation(  # first use: kernel choice, CUDA graphs, compilation (--compile)
+        model, tokenizer, prompts[:8], limits[:8], batch_size=8, temperature=1.0, bandwidth=bandwidth,
+        refill_at=args.refill_at, compile_decode=args.compile, seeds=seeds[:8])["seconds"]
     for refill_at in args.rollout_refill_at:
         result = run_generation(model, tokenizer, prompts, limits, batch_size=args.rollout_batch, temperature=1.0,
-                                bandwidth=bandwidth, refill_at=refill_at, seeds=seeds)
+                                bandwidth=bandwidth, refill_at=refill_at, compile_decode=args.compile, seeds=seeds)
         result.pop("outputs")
         results["looper" if refill_at == args.refill_at else f"looper_refill_at_{refill_at}"] = result
         print(f"rollout  looper batch {args.rollout_batch}, refill_at {refill_at}: {result['tokens_per_s']:>9,.0f} "
@@ -202,7 +205,7 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
     return results
 
 
-def check_greedy(model, tokenizer, prompts, limits):
+def check_greedy(model, tokenizer, prompts, limits, compile_decode=False):
     """Greedy outputs of looper's path against plain `generate`, one prompt at a time, in float32 without TF32 (in
     bf16 with random weights the logits are nearly flat, so any change of kernel or batch shape flips argmaxes;
     plain `generate` batched against itself one at a time is printed as that noise floor)."""
@@ -215,7 +218,7 @@ def check_greedy(model, tokenizer, prompts, limits):
         model.to(dtype)
         torch.backends.cuda.matmul.allow_tf32 = False
         ours = generation.generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=len(prompts),
-                                   add_special_tokens=False, desc=None)
+                                   add_special_tokens=False, desc=None, compile_decode=compile_decode)
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         batched = model.generate(**encoded, max_new_tokens=max(limits), do_sample=False, pad_token_id=0,
                                  eos_token_id=1)[:, encoded["input_ids"].shape[1]:]
@@ -246,15 +249,20 @@ def bench_eval(model, tokenizer, args, bandwidth, rng):
     prompts = [words(rng, length, vocab) for length in lognormal_lengths(rng, n, 140, 60, 400)]
     limits = lognormal_lengths(rng, n, args.eval_mean_new, 32, args.eval_max_new)
     results = {}
+    if args.compile:  # the compilation is timed apart (a process compiles once; the rollout section may have)
+        results["warmup_seconds"] = run_generation(model, tokenizer, prompts[:8], limits[:8], batch_size=8,
+                                                   temperature=0.0, bandwidth=bandwidth, refill_at=args.refill_at,
+                                                   compile_decode=True)["seconds"]
     result = run_generation(model, tokenizer, prompts, limits, batch_size=args.eval_batch, temperature=0.0,
-                            bandwidth=bandwidth, refill_at=args.refill_at)
+                            bandwidth=bandwidth, refill_at=args.refill_at, compile_decode=args.compile)
     result.pop("outputs")
     results["looper"] = result
     print(f"eval     looper batch {args.eval_batch}: {n} prompts in {result['seconds']:.0f} s, "
           f"{result['tokens_per_s']:,.0f} real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling "
           f"({result['rank0_stats']})", flush=True)
     if args.check_greedy:
-        results["greedy_check"] = check_greedy(model, tokenizer, prompts[:8], [min(64, x) for x in limits[:8]])
+        results["greedy_check"] = check_greedy(model, tokenizer, prompts[:8], [min(64, x) for x in limits[:8]],
+                                               args.compile)
     return results
 
 
@@ -370,6 +378,8 @@ def main():
     parser.add_argument("--sections", default="rollout,eval,sft,dpo")
     parser.add_argument("--baseline", action="store_true", help="also time plain generate on the rollout batches")
     parser.add_argument("--refill-at", type=float, default=0.125, help="generation.refill_at")
+    parser.add_argument("--compile", action="store_true", help="generation.compile=true (torch.compile the decode "
+                        "step; its compilation is timed in the warm-up, apart from the figures)")
     parser.add_argument("--rollout-batches", type=int, default=4, help="rollout work, in batches")
     parser.add_argument("--rollout-refill-at", default="", help="comma-separated generation.refill_at values to "
                         "compare on the rollout (default: --refill-at)")

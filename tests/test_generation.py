@@ -96,3 +96,22 @@ def test_generate_attends_with_its_own_function_and_gives_the_models_back(tiny_s
     with _looper_attention_in(flash):
         assert flash.config._attn_implementation == "looper_slots"
     assert flash.seen == ["looper_slots", "flash_attention_2"]
+
+
+def test_generation_compile_runs_the_decode_step_through_torch_compile_with_the_same_outputs(tiny_sft, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from looper import generation, rollout
+
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", "eager")  # dynamo traces the step; no C++ build on a CPU
+    cfg, _, _, sft_dir = tiny_sft
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    arm = next(iter(cfg.arms.values()))
+    jobs = [(p, arm, 11 * k) for k, p in enumerate(_prompts(cfg, tokenizer, n=10))]
+    outputs = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(cfg.generation, "compile", compiled)  # (the session's cfg: restored afterwards)
+        traced = counters["stats"]["unique_graphs"]
+        outputs[compiled] = [g.text for g in rollout.Sampler(cfg, model, tokenizer).run(jobs)]
+        assert (counters["stats"]["unique_graphs"] > traced) == compiled
+    assert outputs[True] == outputs[False]

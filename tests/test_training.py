@@ -136,3 +136,21 @@ def test_dpo_reference_log_probs_can_be_precomputed(tiny_sft, tmp_path, precompu
     # processes share), not in a per-process temporary directory that other ranks cannot read
     files = [f["filename"] for f in trainer.train_dataset.cache_files]
     assert files and all(Path(f).is_relative_to(tmp_path / "trainer" / "pairs") for f in files)
+
+
+def test_an_adapter_loaded_for_inference_is_merged_into_its_base(fast_cfg, tiny_sft):
+    from peft import PeftModel
+
+    from looper import models
+
+    cfg = fast_cfg("lora=r64", "sft.max_steps=5")
+    lora_sft = str(sft.run(cfg, tiny_sft[1]))
+    merged, tokenizer = models.load_target(lora_sft, cfg.model, cfg.lora)
+    assert not isinstance(merged, PeftModel) and not any("lora_" in n for n, _ in merged.named_parameters())
+    base = models.load_causal_lm(models.adapter_base(lora_sft), cfg.model).eval()
+    ids = tokenizer(["Q: 3 + 4 = ?"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        plain = base(ids).logits
+        unmerged = PeftModel.from_pretrained(base, lora_sft).eval()(ids).logits
+        assert (unmerged - plain).abs().max() > 1e-3  # the adapter matters
+        torch.testing.assert_close(merged(ids).logits, unmerged, atol=1e-4, rtol=1e-4)
