@@ -172,16 +172,20 @@ class _Decoder:
 
     def __init__(self, model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots, compile_decode):
         self.model, self.tokenizer, self.encoded, self.limits = model, tokenizer, encoded, limits
-        self.decode_logits = _compiled_decode_logits(COMPILE_BACKEND) if compile_decode else _decode_logits
         self.settings = (temperatures, top_ps, seeds)
         self.sampling, self.nucleus = any(t > 0 for t in temperatures), any(p < 1 for p in top_ps)
+        quantized = getattr(model, "is_quantized", False) or getattr(getattr(model, "config", None),
+                                                                     "quantization_config", None)
+        if compile_decode and quantized:  # bitsandbytes layers are neither captured nor compiled here
+            log.warning("generation.compile: not for a quantized model; decoding uncompiled")
+            compile_decode = False
+        self.decode_logits = _compiled_decode_logits(COMPILE_BACKEND) if compile_decode else _decode_logits
         # CUDA graphs replay a decode step without Python and kernel-launch overhead (which otherwise bounds the
         # step time of a 7B model on an H100); one graph per slot count (and, for the sdpa kernel, width), captured
         # on first use.
         self.graphs: dict = {}
         self.pool = None
-        self.use_graphs = model.device.type == "cuda" and not getattr(model, "is_quantized", False) and not getattr(
-            getattr(model, "config", None), "quantization_config", None)
+        self.use_graphs = model.device.type == "cuda" and not quantized
         self.eos_ids = set(_eos_ids(model, tokenizer))
         self.queue = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first
         self.device = model.device
@@ -382,7 +386,8 @@ def _compiled_decode_logits(backend: str):
     compilation serves every slot count). On an H100 with a 7B model the first call compiles for ~100 s (~60 s in a
     later process: inductor's on-disk cache), then a batch-256 rollout runs at 8.3k instead of 7.1k tokens/s
     (`scripts/bench_gpu.py --compile`). Looper's own CUDA graph capture replays the compiled kernels as it does
-    eager ones. (The prefill is not compiled: its packed shapes recompiled on every refill.)"""
+    eager ones. The prefill stays eager: in a probe, compiling it too cost two more compilations (the first prefill of
+    a call, before the cache buffers exist, guards differently) and its gain went unmeasured."""
     return torch.compile(_decode_logits, dynamic=True, backend=backend)
 
 

@@ -115,3 +115,16 @@ def test_generation_compile_runs_the_decode_step_through_torch_compile_with_the_
         outputs[compiled] = [g.text for g in rollout.Sampler(cfg, model, tokenizer).run(jobs)]
         assert (counters["stats"]["unique_graphs"] > traced) == compiled
     assert outputs[True] == outputs[False]
+
+
+def test_generation_compile_leaves_a_quantized_model_uncompiled(tiny_sft, monkeypatch, caplog):
+    from looper import generation
+
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", "eager")
+    cfg, _, _, sft_dir = tiny_sft
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    monkeypatch.setattr(model.config, "quantization_config", {"quant_method": "bitsandbytes"}, raising=False)
+    stats = {}
+    generate(model, tokenizer, _prompts(cfg, tokenizer, n=2), max_new_tokens=4, batch_size=2, stats=stats,
+             compile_decode=True, desc=None)
+    assert stats["compiled_decode"] is False and "not for a quantized model" in caplog.text
