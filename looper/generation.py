@@ -251,7 +251,8 @@ class _Decoder:
                                                                      ends.to(torch.int32)]).to(self.device),
                                       max(lengths))
             try:
-                logits = self.forward(ids, positions[None], (ends - 1).to(self.device), looper_packed=packed)[0]
+                logits = _logits(self.model, self.cache, ids.to(self.device), positions[None].to(self.device),
+                                 (ends - 1).to(self.device), looper_packed=packed)[0]
             finally:
                 self.cache.prefill_slots = self.cache.prefill_positions = None
             temperatures, top_ps, seeds = self.settings
@@ -324,10 +325,6 @@ class _Decoder:
             self.step()
         return graph
 
-    def forward(self, ids, positions, keep, **attention):
-        return self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
-                          past_key_values=self.cache, use_cache=True, logits_to_keep=keep, **attention).logits
-
     def choose(self, logits, slots):
         state = self.state
         chosen = seeded_choice(logits, state["seed"][slots], state["step"][slots], state["temperature"][slots],
@@ -370,10 +367,16 @@ class _Decoder:
         self.pool = None
 
 
+def _logits(model, cache, ids, positions, keep, **attention_args):
+    """The model's logits at `keep` (a count from the end, or the positions) of `ids`, with `cache` as its KV cache
+    and the `looper.attention` arguments (`looper_packed` for a prefill, `looper_decode` for a decode step)."""
+    return model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=keep,
+                 **attention_args).logits
+
+
 def _decode_logits(model, cache, tokens, lengths, step):
     """The logits [slots, vocab] of one decode step: each slot's token at position `lengths`."""
-    return model(input_ids=tokens[:, None], position_ids=lengths[:, None], past_key_values=cache, use_cache=True,
-                 logits_to_keep=1, looper_decode=step).logits[:, -1]
+    return _logits(model, cache, tokens[:, None], lengths[:, None], 1, looper_decode=step)[:, -1]
 
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for `compile_decode` (tests use "eager": tracing only)

@@ -33,8 +33,7 @@ def main(overrides: list[str], n: int = 64) -> None:
     problems = load_splits(cfg.data)["test"][:n]
     prompts = [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
     limit = cfg.eval.max_new_tokens or cfg.model.max_new_tokens
-    special = cfg.model.prompt_format != "chat"
-    tokenizer.padding_side = "left"
+    special = cfg.model.prompt_format != "chat"  # (models.load_tokenizer pads on the left, for batched generate)
     for dtype in (model.dtype, torch.float32):
         model.to(dtype)
         tf32 = torch.backends.cuda.matmul.allow_tf32
