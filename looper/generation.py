@@ -4,14 +4,17 @@ Decoding runs on `slots` rows at once with continuous refill: when rows finish (
 freed slots are refilled with the next prompts, so a finished row stops costing decode steps. Each slot keeps its
 own KV history in a preallocated `SlotCache`. A decode step reads each row's own history only (on a GPU a Triton
 kernel, see `looper.attention`; elsewhere masked sdpa over the longest live history) and is replayed as a CUDA
-graph on a GPU. A prefill packs its prompts into one row without padding (FlashAttention-2 varlen on a GPU). Prompts
-are taken longest first, so an out-of-memory shows at once. When no prompts are left and half the slots are idle,
-the cache is compacted to the live rows (down to 8 slots). With `compile_decode`, the decode step's model forward
-runs through torch.compile. Results come back in input order; `on_result` sees each as it finishes. Counts are of
-real tokens: generated tokens up to and including EOS, never padding.
+graph on a GPU; its tokens are read on the host while the next step runs. A prefill packs its prompts into one row
+without padding (FlashAttention-2 varlen on a GPU); identical prompts (samples of one prompt) are computed once and
+their KV entries written to each of their slots. Prompts are taken longest first, so an out-of-memory shows at once.
+When no prompts are left and half the slots are idle, the cache is compacted to the live rows (down to 8 slots).
+With `compile_decode`, the decode step's model forward runs through torch.compile. Results come back in input order;
+`on_result` sees each as it finishes. Counts are of real tokens: generated tokens up to and including EOS, never
+padding.
 
-Sampling is seeded per row (`seeded_choice`): a row's draws depend on its own seed and step only, never on which rows
-share its batch, their order, padding, the batch size or the number of processes. So a resumed or sharded rollout
+Sampling is seeded per row (`seeded_choice`; on a GPU one Triton kernel, `looper.triton_sampling`): a row's draws
+depend on its own seed and step only, never on which rows share its batch, their order, padding, the batch size or
+the number of processes. So a resumed or sharded rollout
 produces exactly the records of an uninterrupted single-process one. Greedy decoding equals plain `model.generate`
 in float32 (tests/test_generation.py on CPU; `scripts/bench_gpu.py --check-greedy` and `scripts/greedy_check.py`
 on a GPU); in bfloat16 the fast kernels' different summation order flips a few near-tied argmaxes, about as often
@@ -55,6 +58,16 @@ def seeded_choice(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor
     depends on them or on any other row."""
     if not sampling:
         return logits.argmax(dim=-1)
+    row = _hash32(_hash32(seeds) ^ steps)
+    if _triton_sampler(logits.device):
+        from looper import triton_sampling
+
+        return triton_sampling.seeded_choice(logits, row, temperatures, top_ps, nucleus)
+    return _torch_choice(logits, row, temperatures, top_ps, nucleus)
+
+
+def _torch_choice(logits, row, temperatures, top_ps, nucleus):
+    """`seeded_choice` in PyTorch (`row`: each row's noise key): the reference, and the path off CUDA."""
     greedy = temperatures <= 0
     logits = logits.float() / torch.where(greedy, 1.0, temperatures)[:, None]
     if nucleus:
@@ -63,11 +76,36 @@ def seeded_choice(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor
         # the top token always stays; a row with top_p >= 1 keeps everything
         drop_sorted = (probs.cumsum(dim=-1) - probs > top_ps[:, None]) & (top_ps < 1)[:, None]
         logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
-    row = _hash32(_hash32(seeds) ^ steps)
     tokens = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int64)
     bits = _hash32(row[:, None] + tokens[None, :] * 0x9E3779B1) >> 8  # 24 bits: exact in float32
     gumbel = -torch.log(-torch.log((bits.float() + 0.5) / 2.0 ** 24))  # uniform strictly inside (0, 1)
     return torch.where(greedy[:, None], logits, logits + gumbel).argmax(dim=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_sampler(device: torch.device) -> bool:
+    """Whether `seeded_choice` runs as `looper.triton_sampling`'s kernel here: on CUDA, when the kernel compiles and
+    picks what the PyTorch path picks on a test case (all greedy rows; sampled rows but a few at rounding ties)."""
+    if device.type != "cuda":
+        return False
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows, vocab = 64, 32000
+    logits = (3 * torch.randn(rows, vocab, device=device, generator=generator)).to(torch.bfloat16)
+    temperatures = torch.tensor([0.0, 0.6, 1.0, 1.3] * (rows // 4), device=device)
+    top_ps = torch.tensor([0.95, 1.0, 0.9, 0.5] * (rows // 4), device=device)
+    keys = _hash32(torch.arange(rows, device=device) * 7919)
+    try:
+        from looper import triton_sampling
+
+        got = triton_sampling.seeded_choice(logits, keys, temperatures, top_ps, nucleus=True)
+    except Exception as error:  # noqa: BLE001 - no Triton, an old GPU: sample with PyTorch
+        log.warning("generation: Triton sampling unavailable here (%s); sampling with PyTorch", error)
+        return False
+    same = got == _torch_choice(logits, keys, temperatures, top_ps, nucleus=True)
+    if bool(same[temperatures <= 0].all()) and int(same.sum()) >= rows - 2:
+        return True
+    log.warning("generation: Triton sampling agrees with PyTorch on %d of %d rows here; not used", int(same.sum()), rows)
+    return False
 
 
 @dataclass
@@ -91,6 +129,7 @@ class SlotCache:
         self.slots, self.capacity = slots, capacity
         self.prefill_slots: Optional[torch.Tensor] = None  # set for a prefill: each packed token's slot
         self.prefill_positions: Optional[torch.Tensor] = None  # and its position there
+        self.prefill_sources: Optional[torch.Tensor] = None  # and the packed token it copies (None: in order)
         self.positions: Optional[torch.Tensor] = None  # set for a decode step: where each slot writes
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -103,9 +142,14 @@ class SlotCache:
             self.values[layer_idx] = value.new_zeros(shape)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self.prefill_slots is not None:
-            keys[self.prefill_slots, self.prefill_positions] = key[0].transpose(0, 1)
-            values[self.prefill_slots, self.prefill_positions] = value[0].transpose(0, 1)
+            new_keys, new_values = key[0].transpose(0, 1), value[0].transpose(0, 1)
+            if self.prefill_sources is not None:
+                new_keys, new_values = new_keys[self.prefill_sources], new_values[self.prefill_sources]
+            keys[self.prefill_slots, self.prefill_positions] = new_keys
+            values[self.prefill_slots, self.prefill_positions] = new_values
             return key, value
+        # (indexed assignment: index_copy_ on a flat view of the buffers was no faster eagerly, and compiled it made
+        # a step take 100 ms instead of 17 on an H100 — as if each layer's whole buffer were copied back)
         rows = torch.arange(self.slots, device=key.device)
         keys[rows, self.positions] = key[:, :, 0]
         values[rows, self.positions] = value[:, :, 0]
@@ -187,7 +231,8 @@ class _Decoder:
         self.pool = None
         self.use_graphs = model.device.type == "cuda" and not quantized
         self.eos_ids = set(_eos_ids(model, tokenizer))
-        self.queue = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first
+        # longest first; identical prompts side by side, so that one prefill computes their KV entries once
+        self.queue = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), encoded[i]))
         self.device = model.device
         text = model.config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -204,49 +249,72 @@ class _Decoder:
                       "top_p": torch.ones(slots, device=self.device)}
         self.tokens = torch.zeros(slots, **zeros)
         self.next_tokens = torch.zeros(slots, **zeros)
+        self.pending = None  # (slots, their owners, tokens on the host, done event) of the step launched last
         self.results: list[Optional[Generation]] = [None] * len(encoded)
         self.real_tokens = 0
         self.width = 0  # positions every slot's attention covers in a decode step (the sdpa kernel only)
-        self.stats = {"decode_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_seconds": 0.0, "graphs": 0,
+        self.stats = {"decode_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_shared": 0,
+                      "prefill_seconds": 0.0, "graphs": 0,
                       "capture_seconds": 0.0, "kernel": self.kernel, "compiled_decode": compile_decode}
 
     def run(self, refill_at: float):
-        """Yields (prompt index, Generation) as rows finish."""
+        """Yields (prompt index, Generation) as rows finish. A decode step's tokens are read while the next step
+        runs (`pending`), so the GPU never waits for the host; before the slots change (a prefill, draining, the
+        end) the pending step is collected first."""
         yield from self.prefill(list(range(self.cache.slots)))
         while True:
             free = [s for s in range(self.cache.slots) if self.owner[s] < 0]
-            if self.queue and len(free) >= max(1, min(len(self.queue), refill_at * self.cache.slots)):
-                yield from self.prefill(free)
-                continue
-            if len(free) == self.cache.slots:
-                return
             live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
             half = self.cache.slots // 2
-            if not self.queue and len(live) <= half and half >= _MIN_SLOTS:  # draining: halve the slots
-                self.keep(live + free[: half - len(live)])
-            yield from self.decode()
+            refill = self.queue and len(free) >= max(1, min(len(self.queue), refill_at * self.cache.slots))
+            drain = not self.queue and len(live) <= half and half >= _MIN_SLOTS
+            if (refill or drain or not live) and self.pending is not None:
+                yield from self.collect_pending()  # decide on the newest tokens
+                continue
+            if refill:
+                yield from self.prefill(free)
+            elif not live:
+                return
+            else:
+                if drain:  # halve the slots
+                    self.keep(live + free[: half - len(live)])
+                yield from self.decode()
 
     def prefill(self, free: list[int]):
         """Start the next prompts in the `free` slots, packed into one row without padding (up to
         `_PREFILL_TOKENS` tokens a forward); their first tokens are chosen from the prefill's logits."""
         start = time.perf_counter()
         while free and self.queue:
-            take, tokens = 0, 0
-            while take < min(len(free), len(self.queue)) and (
-                    take == 0 or tokens + len(self.encoded[self.queue[take]]) <= self._PREFILL_TOKENS):
-                tokens += len(self.encoded[self.queue[take]])
+            # identical prompts (queued side by side) are computed once: `unique` holds the first row of each
+            # distinct prompt taken, `source[k]` row k's prompt among them
+            take, unique, source, tokens = 0, [], [], 0
+            while take < min(len(free), len(self.queue)):
+                prompt = self.encoded[self.queue[take]]
+                if not unique or prompt != self.encoded[self.queue[unique[-1]]]:
+                    if unique and tokens + len(prompt) > self._PREFILL_TOKENS:
+                        break
+                    unique.append(take)
+                    tokens += len(prompt)
+                source.append(len(unique) - 1)
                 take += 1
             rows, self.queue = self.queue[:take], self.queue[take:]
             where, free = free[:take], free[take:]
             lengths = [len(self.encoded[i]) for i in rows]
             self.stats["prefills"] += 1
             self.stats["prefill_tokens"] += tokens
-            ids = torch.tensor([token for i in rows for token in self.encoded[i]])[None]
-            positions = torch.cat([torch.arange(n) for n in lengths])
-            ends = torch.tensor(lengths).cumsum(0)
+            self.stats["prefill_shared"] += take - len(unique)
+            unique_lengths = [lengths[u] for u in unique]
+            ids = torch.tensor([token for u in unique for token in self.encoded[rows[u]]])[None]
+            positions = torch.cat([torch.arange(n) for n in unique_lengths])
+            ends = torch.tensor(unique_lengths).cumsum(0)
             slots = torch.tensor(where, device=self.device)
+            # every row's slot receives its prompt's entries; rows sharing a prompt read the same packed tokens
             self.cache.prefill_slots = slots.repeat_interleave(torch.tensor(lengths, device=self.device))
-            self.cache.prefill_positions = positions.to(self.device)
+            self.cache.prefill_positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
+            if len(unique) < take:
+                starts = (ends - torch.tensor(unique_lengths)).tolist()
+                self.cache.prefill_sources = torch.cat([torch.arange(n) + starts[source[k]]
+                                                        for k, n in enumerate(lengths)]).to(self.device)
             packed = attention.Packed(self.packed_kernel, torch.cat([torch.zeros(1, dtype=torch.int32),
                                                                      ends.to(torch.int32)]).to(self.device),
                                       max(lengths))
@@ -254,7 +322,9 @@ class _Decoder:
                 logits = _logits(self.model, self.cache, ids.to(self.device), positions[None].to(self.device),
                                  (ends - 1).to(self.device), looper_packed=packed)[0]
             finally:
-                self.cache.prefill_slots = self.cache.prefill_positions = None
+                self.cache.prefill_slots = self.cache.prefill_positions = self.cache.prefill_sources = None
+            if len(unique) < take:
+                logits = logits[torch.tensor(source, device=self.device)]
             temperatures, top_ps, seeds = self.settings
             to = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
             self.state["length"][slots] = to(lengths)
@@ -265,7 +335,8 @@ class _Decoder:
             self.tokens[slots] = self.choose(logits, slots)
             for slot, i, length in zip(where, rows, lengths):
                 self.owner[slot], self.produced[slot], self.length[slot] = i, [], length
-            finished = list(self.collect(where))  # (it waits for the chosen tokens: the time below is the GPU's)
+            # (it waits for the chosen tokens: the time below is the GPU's)
+            finished = list(self.collect(where, self.tokens.tolist()))
             self.stats["prefill_seconds"] += time.perf_counter() - start
             yield from finished
             start = time.perf_counter()
@@ -285,7 +356,24 @@ class _Decoder:
         self.state["length"] += 1
         self.state["step"] += 1
         self.length = [v + 1 for v in self.length]
-        yield from self.collect(live)
+        on_gpu = self.tokens.is_cuda
+        launched = (live, [self.owner[s] for s in live],
+                    self.tokens.to("cpu", non_blocking=True) if on_gpu else self.tokens.clone(),
+                    torch.cuda.Event() if on_gpu else None)
+        if on_gpu:
+            launched[3].record()
+        if self.pending is not None:
+            yield from self.collect_pending()
+        self.pending = launched
+
+    def collect_pending(self):
+        """Collect the last decode step launched (its rows as they were then: a row that ended one step earlier
+        has computed a token that is not its own)."""
+        live, owners, tokens, done = self.pending
+        self.pending = None
+        if done is not None:
+            done.synchronize()
+        yield from self.collect([s for s, i in zip(live, owners) if self.owner[s] == i], tokens.tolist())
 
     def step(self) -> None:
         """The decode step proper: reads `tokens` and the slot state, writes the KV entries and `next_tokens` (the
@@ -332,10 +420,9 @@ class _Decoder:
         state["step"][slots] += 1
         return chosen
 
-    def collect(self, slots: list[int]):
-        """Record the newest token of `slots`; a row that ends frees its slot."""
+    def collect(self, slots: list[int], tokens: list[int]):
+        """Record `tokens[slot]` for each of `slots`; a row that ends frees its slot."""
         freed = []
-        tokens = self.tokens.tolist()
         for slot in slots:
             i, produced = self.owner[slot], self.produced[slot]
             produced.append(tokens[slot])

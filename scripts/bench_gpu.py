@@ -182,8 +182,14 @@ def plain_generate_baseline(model, tokenizer, prompts, limits, batch_size):
 def bench_rollout(model, tokenizer, args, bandwidth, rng):
     vocab = model.config.vocab_size
     n = args.rollout_batch * (1 if args.quick else args.rollout_batches)
-    prompts = [words(rng, rng.randint(80, 180), vocab) for _ in range(n)]
-    limits = lognormal_lengths(rng, n, args.rollout_mean_new, 16, args.rollout_max_new)
+    distinct = -(-n // args.rollout_samples)
+    if args.issue_setting:  # the issue's baseline table: 128-token prompts, every row 256 new tokens
+        prompts = [words(rng, 128, vocab) for _ in range(distinct)]
+        limits = [256] * n
+    else:
+        prompts = [words(rng, rng.randint(80, 180), vocab) for _ in range(distinct)]
+        limits = lognormal_lengths(rng, n, args.rollout_mean_new, 16, args.rollout_max_new)
+    prompts = [prompt for prompt in prompts for _ in range(args.rollout_samples)][:n]  # samples side by side
     seeds = list(range(n))
     results = {}
     if args.baseline:
@@ -199,6 +205,7 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
                                 bandwidth=bandwidth, refill_at=refill_at, compile_decode=args.compile, seeds=seeds)
         result.pop("outputs")
         results["looper" if refill_at == args.refill_at else f"looper_refill_at_{refill_at}"] = result
+        result["samples_per_prompt"], result["issue_setting"] = args.rollout_samples, args.issue_setting
         print(f"rollout  looper batch {args.rollout_batch}, refill_at {refill_at}: {result['tokens_per_s']:>9,.0f} "
               f"real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling ({n} sequences, "
               f"{result['seconds']} s; {result['rank0_stats']})", flush=True)
@@ -384,6 +391,10 @@ def main():
     parser.add_argument("--rollout-refill-at", default="", help="comma-separated generation.refill_at values to "
                         "compare on the rollout (default: --refill-at)")
     parser.add_argument("--rollout-batch", type=int, default=256)
+    parser.add_argument("--rollout-samples", type=int, default=1, help="samples per distinct prompt (arms=single: "
+                        "8; regime_w: 1, each arm its own system prompt)")
+    parser.add_argument("--issue-setting", action="store_true", help="rollout prompts of exactly 128 tokens, every "
+                        "row 256 new tokens (the setting of the issue's plain-generate baseline)")
     parser.add_argument("--rollout-mean-new", type=int, default=150)
     parser.add_argument("--rollout-max-new", type=int, default=256)
     parser.add_argument("--eval-batch", type=int, default=96)

@@ -128,3 +128,19 @@ def test_generation_compile_leaves_a_quantized_model_uncompiled(tiny_sft, monkey
     generate(model, tokenizer, _prompts(cfg, tokenizer, n=2), max_new_tokens=4, batch_size=2, stats=stats,
              compile_decode=True, desc=None)
     assert stats["compiled_decode"] is False and "not for a quantized model" in caplog.text
+
+
+def test_identical_prompts_are_prefilled_once_and_sample_as_if_alone(tiny_sft):
+    cfg, _, _, sft_dir = tiny_sft
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    prompts = _prompts(cfg, tokenizer, n=3) * 4  # three questions, four samples each (as arms=single samples)
+    seeds = list(range(7, 7 + len(prompts)))
+    kwargs = {"max_new_tokens": 24, "temperature": 1.0, "top_p": 0.95}
+    stats = {}
+    shared = [g.text for g in generate(model, tokenizer, prompts, batch_size=12, seeds=seeds, stats=stats,
+                                       desc=None, **kwargs)]
+    alone = [generate(model, tokenizer, [p], batch_size=1, seeds=[s], desc=None, **kwargs)[0].text
+             for p, s in zip(prompts, seeds)]
+    assert shared == alone
+    assert stats["prefill_shared"] == 9
+    assert stats["prefill_tokens"] == sum(len(tokenizer(p)["input_ids"]) for p in prompts[:3])

@@ -1,0 +1,86 @@
+"""looper's Triton kernels (decode attention, sampling) give what their PyTorch references give. On the CPU they run
+through Triton's interpreter (`TRITON_INTERPRET=1`, in a subprocess: the interpreter is chosen when a kernel is
+defined); on a GPU, compiled."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")
+
+
+def _interpreted(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+SAMPLING_CASE = """
+    import torch
+    from looper.generation import _hash32, _torch_choice
+    from looper.triton_sampling import seeded_choice
+
+    generator = torch.Generator().manual_seed(0)
+    rows, vocab = 32, 1000
+    logits = 3 * torch.randn(rows, vocab, generator=generator)
+    logits[5, 7] = logits[5, 9] = 40.0  # a tie at the top: the first index wins, as in torch.argmax
+    temperatures = torch.tensor([0.0, 0.6, 1.0, 1.3] * (rows // 4))
+    top_ps = torch.tensor([0.95, 1.0, 0.9, 0.5, 0.2, 0.99, 1.0, 0.8] * (rows // 8))
+    keys = _hash32(torch.arange(rows) * 7919)
+    for nucleus in (True, False):
+        expected = _torch_choice(logits, keys, temperatures, top_ps, nucleus)
+        for block in (256, 1024):  # several chunks a row / one chunk
+            got = seeded_choice(logits, keys, temperatures, top_ps, nucleus, block=block)
+            print(nucleus, block, (got == expected).sum().item(), rows)
+"""
+
+
+def test_the_sampling_kernel_picks_what_pytorch_picks_interpreted():
+    lines = _interpreted(SAMPLING_CASE).split()
+    results = [lines[i:i + 4] for i in range(0, len(lines), 4)]
+    assert len(results) == 4
+    assert all(same == rows for _, _, same, rows in results), results
+
+
+def test_the_decode_attention_kernel_reads_each_row_up_to_its_length_interpreted():
+    out = _interpreted("""
+        import torch
+        from looper.attention import DecodeStep
+        from looper.triton_decode import decode_attention
+
+        generator = torch.Generator().manual_seed(0)
+        slots, heads, kv_heads, dim, capacity = 4, 4, 2, 16, 80
+        query = torch.randn(slots, heads, 1, dim, generator=generator)
+        keys = torch.randn(slots, capacity, kv_heads, dim, generator=generator)
+        values = torch.randn(slots, capacity, kv_heads, dim, generator=generator)
+        lengths = torch.tensor([1, 16, 17, 80], dtype=torch.int32)
+        module = type("Module", (), {"num_key_value_groups": heads // kv_heads, "is_causal": True})()
+        expected = DecodeStep("sdpa", lengths, capacity).attend(module, query, keys, values, 0.25)[0][:, 0]
+        got = decode_attention(query[:, :, 0], keys, values, lengths, 0.25, block_n=16)
+        print((got - expected).abs().max().item())
+    """)
+    assert float(out) < 1e-4
+
+
+@gpu
+def test_gpu_sampling_uses_the_kernel_and_agrees_with_pytorch():
+    from looper.generation import _hash32, _torch_choice, _triton_sampler
+    from looper.triton_sampling import seeded_choice
+
+    assert _triton_sampler(torch.device("cuda", torch.cuda.current_device()))
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    rows = 256
+    logits = torch.randn(rows, 32000, device="cuda", generator=generator).to(torch.bfloat16)
+    temperatures = torch.tensor([0.0, 0.7, 1.0, 1.2] * (rows // 4), device="cuda")
+    top_ps = torch.tensor([0.95, 0.9, 1.0, 0.5] * (rows // 4), device="cuda")
+    keys = _hash32(torch.arange(rows, device="cuda"))
+    same = seeded_choice(logits, keys, temperatures, top_ps, True) == _torch_choice(logits, keys, temperatures,
+                                                                                     top_ps, True)
+    assert same[temperatures <= 0].all() and same.sum() >= rows - 3
