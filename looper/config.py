@@ -195,7 +195,8 @@ class SFTConfig:
 @dataclass
 class RolloutConfig:
     num_questions: Optional[int] = doc("Training problems to roll out (the first N; null: all).", None)
-    batch_size: int = doc("Sequences generated together.", 64)
+    batch_size: int = doc("Sequences decoding together (slots); a generate call, and the unit of resuming, is 8 "
+                          "batches' worth of whole questions.", 64)
     max_new_tokens: Optional[int] = doc("Generation limit (null: model.max_new_tokens).", None)
     answer_scorer: str = doc("Scorer that decides `correct` (see looper.answers).", "strict")
 
@@ -252,7 +253,7 @@ class EvalConfig:
     scorers: List[str] = doc("Answer scorers reported side by side (see looper.answers).",
                              factory=lambda: ["strict", "flexible", "platinum"])
     primary_scorer: str = doc("Scorer of the headline accuracy.", "strict")
-    batch_size: int = doc("Prompts decoded together (greedy, length-sorted, left-padded).", 32)
+    batch_size: int = doc("Prompts decoding together (slots, refilled as rows end; greedy).", 32)
     num_questions: Optional[int] = doc("Evaluate only the first N questions of each dataset (null: all).", None)
     max_new_tokens: Optional[int] = doc("Generation limit (null: model.max_new_tokens).", None)
     platinum_path: Optional[str] = doc("Local GSM8K-Platinum JSONL (null: the hub's madrylab/gsm8k-platinum).", None)
