@@ -23,6 +23,18 @@ def test_the_benchmark_reports_real_tokens_and_the_greedy_check(tmp_path):
     assert report["eval"]["greedy_check"]["float32"]["looper_equal_plain"] == "8/8"
 
 
+def test_the_benchmark_rolls_out_the_issue_setting_with_shared_prompts(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--arch", "tiny", "--sections", "rollout",
+                             "--quick", "--issue-setting", "--rollout-samples", "8", "--out", str(out)], cwd=ROOT,
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rollout = json.loads(out.read_text())["rollout"]["looper"]
+    assert rollout["issue_setting"] and rollout["samples_per_prompt"] == 8
+    stats = rollout["rank0_stats"]
+    assert stats["prefill_tokens"] == 32 * 128 and stats["prefill_shared"] == 256 - 32  # 32 prompts of 128, 8 each
+
+
 def test_the_greedy_check_compares_a_trained_model_with_plain_generate(artifacts, tiny_sft):
     result = subprocess.run([sys.executable, "scripts/greedy_check.py", f"paths.artifacts={artifacts}", *FAST],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
