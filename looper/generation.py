@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from looper import attention
+from looper import attention, models
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +217,7 @@ class _Decoder:
         self.model, self.tokenizer, self.encoded, self.limits = model, tokenizer, encoded, limits
         self.settings = (temperatures, top_ps, seeds)
         self.sampling, self.nucleus = any(t > 0 for t in temperatures), any(p < 1 for p in top_ps)
-        quantized = getattr(model, "is_quantized", False) or getattr(getattr(model, "config", None),
-                                                                     "quantization_config", None)
+        quantized = models.is_quantized(model)
         if compile_decode and quantized:  # bitsandbytes layers are neither captured nor compiled here
             log.warning("generation.compile: not for a quantized model; decoding uncompiled")
             compile_decode = False
@@ -355,12 +354,14 @@ class _Decoder:
         self.state["length"] += 1
         self.state["step"] += 1
         self.length = [v + 1 for v in self.length]
-        on_gpu = self.tokens.is_cuda
-        launched = (live, [self.owner[s] for s in live],
-                    self.tokens.to("cpu", non_blocking=True) if on_gpu else self.tokens.clone(),
-                    torch.cuda.Event() if on_gpu else None)
-        if on_gpu:
-            launched[3].record()
+        done = None
+        if self.tokens.is_cuda:
+            host = self.tokens.to("cpu", non_blocking=True)  # (into pinned memory)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = self.tokens.clone()
+        launched = (live, [self.owner[s] for s in live], host, done)  # owners as they are now, before collecting
         if self.pending is not None:
             yield from self.collect_pending()
         self.pending = launched

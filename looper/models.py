@@ -146,6 +146,12 @@ def load_causal_lm(path: str, model: ModelConfig, lora: Optional[LoraSettings] =
     return loaded
 
 
+def is_quantized(model) -> bool:
+    """Whether `model`'s weights are quantized (bitsandbytes, or a checkpoint saved quantized)."""
+    return bool(getattr(model, "is_quantized", False)
+                or getattr(getattr(model, "config", None), "quantization_config", None))
+
+
 def is_adapter(path: str) -> bool:
     """Whether `path` is a PEFT adapter directory (rather than a full model or a hub id)."""
     return (Path(path) / "adapter_config.json").is_file()
@@ -166,8 +172,7 @@ def load_target(path: str, model: ModelConfig, lora: Optional[LoraSettings] = No
 
         base = load_causal_lm(adapter_base(path), model, lora)
         loaded = PeftModel.from_pretrained(base, path, is_trainable=trainable)
-        quantized = lora is not None and lora.quantization != "none"  # as load_causal_lm loaded the base
-        if not trainable and not quantized:
+        if not trainable and not is_quantized(base):
             loaded = loaded.merge_and_unload()
     else:
         loaded = load_causal_lm(path, model, lora)

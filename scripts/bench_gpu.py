@@ -3,6 +3,7 @@
 Builds a model of a named architecture with random weights (default: Llama-2-7B shape, Abel-7B-002's architecture)
 and a local word-level tokenizer, then measures, with looper's code:
 
+- seeded top-p sampling of one decode step (PyTorch's path against the Triton kernel);
 - rollout generation (arms x samples, sampling, prompts of 80-180 tokens, rows ending at different lengths);
 - evaluation generation (greedy, 1209 prompts of Platinum-like lengths, up to 512 new tokens);
 - LoRA SFT and DPO steps on GSM8K-like variable lengths.
@@ -212,6 +213,42 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
     return results
 
 
+def bench_sampling(model, tokenizer, args, bandwidth, rng):
+    """`seeded_choice` on one decode step's logits [rollout batch, vocab] (T=1, top-p 0.95): PyTorch's path and,
+    where `generation` uses it, the Triton kernel, with how many rows pick the same token."""
+    from looper.generation import _hash32, _torch_choice, _triton_sampler
+
+    rows, device = args.rollout_batch, model.device
+    generator = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(rows, model.config.vocab_size, device=device, generator=generator).to(model.dtype)
+    keys = _hash32(torch.arange(rows, device=device))
+    temperatures, top_ps = torch.ones(rows, device=device), torch.full((rows,), 0.95, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def milliseconds(fn, reps=20):
+        fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return round(1000 * (time.perf_counter() - start) / reps, 3)
+
+    expected = _torch_choice(logits, keys, temperatures, top_ps, True)
+    result = {"rows": rows, "vocab": logits.shape[1],
+              "torch_ms": milliseconds(lambda: _torch_choice(logits, keys, temperatures, top_ps, True))}
+    if _triton_sampler(device):
+        from looper import triton_sampling
+
+        result["triton_ms"] = milliseconds(lambda: triton_sampling.seeded_choice(logits, keys, temperatures, top_ps,
+                                                                                 True))
+        same = triton_sampling.seeded_choice(logits, keys, temperatures, top_ps, True) == expected
+        result["same_tokens"] = f"{int(same.sum())}/{rows}"
+    print(f"sampling {rows} x {logits.shape[1]}, top-p 0.95: PyTorch {result['torch_ms']} ms, Triton "
+          f"{result.get('triton_ms', 'not used here')} ms, same tokens {result.get('same_tokens', '-')}", flush=True)
+    return result
+
+
 def check_greedy(model, tokenizer, prompts, limits, compile_decode=False):
     """Greedy outputs of looper's path against plain `generate`, one prompt at a time, in float32 without TF32 (in
     bf16 with random weights the logits are nearly flat, so any change of kernel or batch shape flips argmaxes;
@@ -382,7 +419,7 @@ def bench_training(model_dir: Path, args, rng, stage: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="llama2-7b", choices=sorted(ARCHS))
-    parser.add_argument("--sections", default="rollout,eval,sft,dpo")
+    parser.add_argument("--sections", default="sampling,rollout,eval,sft,dpo")
     parser.add_argument("--baseline", action="store_true", help="also time plain generate on the rollout batches")
     parser.add_argument("--refill-at", type=float, default=0.125, help="generation.refill_at")
     parser.add_argument("--compile", action="store_true", help="generation.compile=true (torch.compile the decode "
@@ -428,7 +465,7 @@ def main():
     model, tokenizer = build(args.arch, model_dir)
     tokenizer = models.load_tokenizer(str(model_dir), models.ModelConfig(name_or_path=str(model_dir)))
     model.eval()
-    for section, fn in (("rollout", bench_rollout), ("eval", bench_eval)):
+    for section, fn in (("sampling", bench_sampling), ("rollout", bench_rollout), ("eval", bench_eval)):
         if section in sections:
             try:
                 report[section] = fn(model, tokenizer, args, bandwidth, rng)

@@ -25,11 +25,13 @@ def test_the_benchmark_reports_real_tokens_and_the_greedy_check(tmp_path):
 
 def test_the_benchmark_rolls_out_the_issue_setting_with_shared_prompts(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--arch", "tiny", "--sections", "rollout",
-                             "--quick", "--issue-setting", "--rollout-samples", "8", "--out", str(out)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--arch", "tiny", "--sections",
+                             "sampling,rollout", "--quick", "--issue-setting", "--rollout-samples", "8", "--out", str(out)], cwd=ROOT,
                             env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rollout = json.loads(out.read_text())["rollout"]["looper"]
+    report = json.loads(out.read_text())
+    assert report["sampling"]["torch_ms"] > 0 and report["sampling"]["vocab"] == 1000
+    rollout = report["rollout"]["looper"]
     assert rollout["issue_setting"] and rollout["samples_per_prompt"] == 8
     stats = rollout["rank0_stats"]
     assert stats["prefill_tokens"] == 32 * 128 and stats["prefill_shared"] == 256 - 32  # 32 prompts of 128, 8 each
