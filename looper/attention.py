@@ -5,6 +5,8 @@ for decode steps over the slot cache, with the kernel chosen once per shape:
   `starts` marking where each begins (cumulative lengths); each attends causally within itself. On a GPU this is
   PyTorch's built-in FlashAttention-2 in its variable-length form (differentiable: SFT trains through it), so no
   mask is built and no per-shape cuDNN plan is made; elsewhere, sdpa one sequence at a time.
+- the rest of prompts whose first tokens (a prefix shared with other prompts) are already in the slot cache: each
+  attends to its slot's entries up to its own position, FlashAttention-2 varlen reading the cache buffers on a GPU.
 - a decode step (`DecodeStep`): one query per slot, each reading only its own KV length from the cache buffers
   [slots, capacity, kv_heads, head_dim]: the Triton kernel of `looper.triton_decode` on a GPU (else FlashAttention
   varlen), and masked sdpa over the longest history elsewhere.
@@ -77,11 +79,37 @@ class DecodeStep:
 
 @dataclass
 class Packed:
-    """A generation prefill: the prompts packed into one row (see `packed_attention`)."""
+    """A generation prefill: the prompts packed into one row (see `packed_attention`); with `history`, the rest of
+    prompts whose first entries are already in the slot cache (see `prefix_attention`)."""
 
     kernel: str
     starts: torch.Tensor
     max_length: int
+    history: Optional[list] = None  # per sequence: the slot holding its entries, prefix and its own
+    key_lengths: Optional[list] = None  # per sequence: entries it attends to there (prefix + its own)
+
+
+def prefix_attention(module, query, keys, values, packed: Packed, scaling: float):
+    """Queries [1, heads, tokens, head_dim] of sequences packed back to back (`packed.starts`), each the end of a
+    sequence whose entries, its earlier ones and its own (written before this call), are the first
+    `key_lengths[i]` positions of slot `history[i]` of the cache buffers [slots, capacity, kv_heads, head_dim]:
+    query t of sequence i sees those entries up to its own position (causal, aligned at the end). Slots ascending.
+    Returns [1, tokens, heads, head_dim]."""
+    slots, capacity, kv_heads, dim = keys.shape
+    if packed.kernel == "flash":  # slot s as a key sequence from s * capacity, `seqused_k` of it used
+        where = torch.tensor(packed.history + [packed.history[-1] + 1], dtype=torch.int32, device=query.device)
+        used = torch.tensor(packed.key_lengths, dtype=torch.int32, device=query.device)
+        output = torch.ops.aten._flash_attention_forward(
+            query[0].transpose(0, 1), keys.view(-1, kv_heads, dim), values.view(-1, kv_heads, dim), packed.starts,
+            where * capacity, packed.max_length, max(packed.key_lengths), 0.0, True, False, scale=scaling,
+            seqused_k=used)[0]
+        return output.unsqueeze(0), None
+    bounds, pieces = packed.starts.tolist(), []
+    for slot, n, a, b in zip(packed.history, packed.key_lengths, bounds[:-1], bounds[1:]):
+        visible = torch.ones(b - a, n, dtype=torch.bool, device=query.device).tril(n - (b - a))
+        pieces.append(_sdpa(module, query[:, :, a:b], keys[slot, :n].transpose(0, 1)[None],
+                            values[slot, :n].transpose(0, 1)[None], visible[None, None], scaling)[0])
+    return torch.cat(pieces, dim=1), None
 
 
 def looper_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -89,6 +117,8 @@ def looper_attention(module, query, key, value, attention_mask, scaling=None, dr
     """The registered attention function (signature of transformers' attention interface)."""
     if looper_decode is not None:
         return looper_decode.attend(module, query, key, value, scaling)
+    if looper_packed is not None and looper_packed.history is not None:
+        return prefix_attention(module, query, key, value, looper_packed, scaling)
     if looper_packed is not None:
         return packed_attention(module, query, key, value, looper_packed.starts, looper_packed.max_length, scaling,
                                 looper_packed.kernel)
@@ -150,3 +180,28 @@ def kernels(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
     packed = first(flash, lambda kernel: packed_attention(module, q, k, v, starts, 130, head_dim ** -0.5, kernel)[0],
                    "packed attention")
     return packed, decode
+
+
+@functools.lru_cache(maxsize=None)
+def prefix_kernel(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> str:
+    """The kernel of `prefix_attention` for these shapes here: `flash` where the packed kernel is flash and it gives
+    the sdpa path's result on a small case, else `sdpa`."""
+    if kernels(device, dtype, heads, kv_heads, head_dim)[0] != "flash":
+        return "sdpa"
+    generator = torch.Generator(device=device).manual_seed(1)
+    module = type("Module", (), {"num_key_value_groups": heads // kv_heads, "is_causal": True})()
+    keys, values = (torch.randn(4, 256, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
+                    for _ in range(2))
+    query = torch.randn(1, heads, 90, head_dim, device=device, dtype=dtype, generator=generator)
+    starts = torch.tensor([0, 1, 60, 90], dtype=torch.int32, device=device)
+    run = lambda kernel: prefix_attention(module, query, keys, values,  # noqa: E731
+                                          Packed(kernel, starts, 59, [0, 2, 3], [1, 200, 31]), head_dim ** -0.5)[0]
+    try:
+        error = (run("flash").float() - run("sdpa").float()).abs().max().item()
+    except Exception as exception:  # noqa: BLE001 - an older torch: sdpa
+        log.warning("attention: flash unavailable for prompts after a shared prefix (%s)", exception)
+        return "sdpa"
+    if error < 2e-2:
+        return "flash"
+    log.warning("attention: flash differs from sdpa by %.3g after a shared prefix here; not used", error)
+    return "sdpa"

@@ -6,7 +6,9 @@ own KV history in a preallocated `SlotCache`. A decode step reads each row's own
 kernel, see `looper.attention`; elsewhere masked sdpa over the longest live history) and is replayed as a CUDA
 graph on a GPU; its tokens are read on the host while the next step runs. A prefill packs its prompts into one row
 without padding (FlashAttention-2 varlen on a GPU); identical prompts (samples of one prompt) are computed once and
-their KV entries written to each of their slots. Prompts are taken longest first, so an out-of-memory shows at once.
+their KV entries written to each of their slots, and so are the first tokens that prompts of one prefill share (an
+arm's system prompt, few-shot examples, a trajectory cut at several points): the rest of each prompt then attends
+to them in its slot. Prompts are taken in token order, so those that begin alike are prefilled together.
 When no prompts are left and half the slots are idle, the cache is compacted to the live rows (down to 8 slots).
 With `compile_decode`, the decode step's model forward runs through torch.compile. Results come back in input order;
 `on_result` sees each as it finishes. Counts are of real tokens: generated tokens up to and including EOS, never
@@ -119,16 +121,18 @@ class SlotCache:
     layer (token-major: all slots together are one packed [slots * capacity, kv_heads, head_dim] key sequence). The
     model sees it as a transformers `Cache` (it calls `update` once per layer). A row's entries start at position 0
     of its slot. In a prefill (prompts packed into one row), each prompt token's key and value are stored at
-    (`prefill_slots`, `prefill_positions`) and attention runs over the prefill alone; in a decode step, each row's
-    new entry is stored at its own position and attention (`looper.attention.DecodeStep`) gets the whole buffers."""
+    `prefill_index` (slot * capacity + position) and attention runs over the prefill alone, or, after a shared
+    prefix (`prefill_reads_cache`), over the cache; in a decode step, each row's new entry is stored at its own
+    position and attention (`looper.attention.DecodeStep`) gets the whole buffers."""
 
     def __init__(self, num_layers: int, slots: int, capacity: int):
         self.keys: list = [None] * num_layers
         self.values: list = [None] * num_layers
         self.slots, self.capacity = slots, capacity
-        self.prefill_slots: Optional[torch.Tensor] = None  # set for a prefill: each packed token's slot
-        self.prefill_positions: Optional[torch.Tensor] = None  # and its position there
+        self.prefill_index: Optional[torch.Tensor] = None  # set for a prefill: where each entry goes (slot *
+        # capacity + position)
         self.prefill_sources: Optional[torch.Tensor] = None  # and the packed token it copies (None: in order)
+        self.prefill_reads_cache = False  # whether the prefill's attention reads the cache (a shared prefix)
         self.positions: Optional[torch.Tensor] = None  # set for a decode step: where each slot writes
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -140,13 +144,15 @@ class SlotCache:
             self.keys[layer_idx] = key.new_zeros(shape)
             self.values[layer_idx] = value.new_zeros(shape)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self.prefill_slots is not None:
+        if self.prefill_index is not None:
             new_keys, new_values = key[0].transpose(0, 1), value[0].transpose(0, 1)
             if self.prefill_sources is not None:
                 new_keys, new_values = new_keys[self.prefill_sources], new_values[self.prefill_sources]
-            keys[self.prefill_slots, self.prefill_positions] = new_keys
-            values[self.prefill_slots, self.prefill_positions] = new_values
-            return key, value
+            # (index_copy_ on the flat buffers: on an H100 a third of the time of indexed assignment by slot and
+            # position)
+            keys.view(-1, *keys.shape[2:]).index_copy_(0, self.prefill_index, new_keys)
+            values.view(-1, *values.shape[2:]).index_copy_(0, self.prefill_index, new_values)
+            return (keys, values) if self.prefill_reads_cache else (key, value)
         # (indexed assignment: index_copy_ on a flat view of the buffers was no faster eagerly, and compiled it made
         # a step take 100 ms instead of 17 on an H100 — as if each layer's whole buffer were copied back)
         rows = torch.arange(self.slots, device=key.device)
@@ -160,6 +166,29 @@ class SlotCache:
             for layer, buffer in enumerate(buffers):  # one layer at a time: the old buffer goes before the next
                 buffers[layer] = None if buffer is None else buffer[slots]
         self.slots = len(slots)
+
+
+def _common_prefix(a: list, b: list) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _shared_prefixes(prompts: list[list[int]], minimum: int) -> list[tuple[int, int, int]]:
+    """Runs of neighbouring prompts (the queue is in token order, so prompts that begin alike are neighbours) that
+    begin with the same `minimum` or more tokens, as (first, end, length): prompts[first:end] share their first
+    `length` tokens, and each keeps at least one token of its own. A run grows while that saves more tokens
+    ((members - 1) * length): an arm's system prompt, few-shot examples, a trajectory cut at several points."""
+    groups, first = [], 0
+    while first < len(prompts):
+        end, length = first + 1, len(prompts[first]) - 1
+        while end < len(prompts):
+            common = min(length, _common_prefix(prompts[first], prompts[end]), len(prompts[end]) - 1)
+            if common < minimum or (end - first) * common < (end - first - 1) * length:
+                break
+            end, length = end + 1, common
+        if end - first > 1:
+            groups.append((first, end, length))
+        first = end
+    return groups
 
 
 def _per_row(value: Union[float, Sequence[float]], n: int) -> list:
@@ -212,6 +241,8 @@ class _Decoder:
     sampling settings."""
 
     _PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds activation memory)
+    _MIN_SHARED = 8  # a prefix shared by prompts of one prefill is computed once if it has this many tokens
+    _MIN_SAVED = 512  # and if the prefixes of a prefill save this many in all (their forward costs ~ 200 tokens')
 
     def __init__(self, model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots, compile_decode):
         self.model, self.tokenizer, self.encoded, self.limits = model, tokenizer, encoded, limits
@@ -229,14 +260,16 @@ class _Decoder:
         self.pool = None
         self.use_graphs = model.device.type == "cuda" and not quantized
         self.eos_ids = set(_eos_ids(model, tokenizer))
-        # longest first; identical prompts side by side, so that one prefill computes their KV entries once
-        self.queue = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), encoded[i]))
+        # in token order: identical prompts, and prompts that begin alike, side by side, so that one prefill
+        # computes their shared entries once
+        self.queue = sorted(range(len(encoded)), key=lambda i: encoded[i])
         self.device = model.device
         text = model.config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.packed_kernel, self.kernel = attention.kernels(
-            self.device, model.dtype, text.num_attention_heads,
-            getattr(text, "num_key_value_heads", None) or text.num_attention_heads, head_dim)
+        shape = (self.device, model.dtype, text.num_attention_heads,
+                 getattr(text, "num_key_value_heads", None) or text.num_attention_heads, head_dim)
+        self.packed_kernel, self.kernel = attention.kernels(*shape)
+        self.prefix_kernel = attention.prefix_kernel(*shape)
         self.cache = SlotCache(text.num_hidden_layers, slots,
                                capacity=_round_up(max(map(len, encoded)) + max(limits) + 1, _WIDTH_STEP))
         self.owner, self.produced, self.length = [-1] * slots, [[] for _ in range(slots)], [0] * slots
@@ -251,8 +284,8 @@ class _Decoder:
         self.results: list[Optional[Generation]] = [None] * len(encoded)
         self.real_tokens = 0
         self.width = 0  # positions every slot's attention covers in a decode step (the sdpa kernel only)
-        self.stats = {"decode_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_shared": 0,
-                      "prefill_seconds": 0.0, "graphs": 0,
+        self.stats = {"decode_steps": 0, "slot_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_shared": 0,
+                      "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "graphs": 0,
                       "capture_seconds": 0.0, "kernel": self.kernel, "compiled_decode": compile_decode}
 
     def run(self, refill_at: float):
@@ -280,7 +313,9 @@ class _Decoder:
 
     def prefill(self, free: list[int]):
         """Start the next prompts in the `free` slots, packed into one row without padding (up to
-        `_PREFILL_TOKENS` tokens a forward); their first tokens are chosen from the prefill's logits."""
+        `_PREFILL_TOKENS` tokens a forward); their first tokens are chosen from the prefill's logits. Identical
+        prompts are computed once; prompts that begin with the same tokens (`_shared_prefixes`) have those computed
+        once in a forward of their own, and the rest of each prompt attends to them in the slot cache."""
         start = time.perf_counter()
         while free and self.queue:
             # identical prompts (queued side by side) are computed once: `unique` holds the first row of each
@@ -297,34 +332,32 @@ class _Decoder:
                 take += 1
             rows, self.queue = self.queue[:take], self.queue[take:]
             where, free = free[:take], free[take:]
-            lengths = [len(self.encoded[i]) for i in rows]
+            distinct = [self.encoded[rows[u]] for u in unique]
+            groups = _shared_prefixes(distinct, self._MIN_SHARED)
+            if sum((end - first - 1) * length for first, end, length in groups) < self._MIN_SAVED:
+                groups = []  # too little to save for a forward of its own
+            shared = [0] * len(distinct)  # each distinct prompt's tokens computed in its group's forward
+            if groups:  # the prefixes, each once; every row of a group receives its entries
+                group_of = {}
+                for g, (first, end, length) in enumerate(groups):
+                    for d in range(first, end):
+                        shared[d], group_of[d] = length, g
+                self._forward([distinct[first][:length] for first, _, length in groups], [0] * len(groups),
+                              [(where[k], group_of[source[k]]) for k in range(take) if source[k] in group_of])
+            history = [where[u] for u in unique] if groups else None  # the slot holding each prompt's prefix
+            logits = self._forward([d[n:] for d, n in zip(distinct, shared)], shared,
+                                   [(where[k], source[k]) for k in range(take)], history)
             self.stats["prefills"] += 1
-            self.stats["prefill_tokens"] += tokens
+            self.stats["prefill_tokens"] += sum(len(d) - n for d, n in zip(distinct, shared)) + \
+                sum(length for _, _, length in groups)
             self.stats["prefill_shared"] += take - len(unique)
-            unique_lengths = [lengths[u] for u in unique]
-            ids = torch.tensor([token for u in unique for token in self.encoded[rows[u]]])[None]
-            positions = torch.cat([torch.arange(n) for n in unique_lengths])
-            ends = torch.tensor(unique_lengths).cumsum(0)
-            slots = torch.tensor(where, device=self.device)
-            # every row's slot receives its prompt's entries; rows sharing a prompt read the same packed tokens
-            self.cache.prefill_slots = slots.repeat_interleave(torch.tensor(lengths, device=self.device))
-            self.cache.prefill_positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
-            if len(unique) < take:
-                starts = (ends - torch.tensor(unique_lengths)).tolist()
-                self.cache.prefill_sources = torch.cat([torch.arange(n) + starts[source[k]]
-                                                        for k, n in enumerate(lengths)]).to(self.device)
-            packed = attention.Packed(self.packed_kernel, torch.cat([torch.zeros(1, dtype=torch.int32),
-                                                                     ends.to(torch.int32)]).to(self.device),
-                                      max(lengths))
-            try:
-                logits = _logits(self.model, self.cache, ids.to(self.device), positions[None].to(self.device),
-                                 (ends - 1).to(self.device), looper_packed=packed)[0]
-            finally:
-                self.cache.prefill_slots = self.cache.prefill_positions = self.cache.prefill_sources = None
+            self.stats["prefix_shared_tokens"] += sum((end - first - 1) * length for first, end, length in groups)
             if len(unique) < take:
                 logits = logits[torch.tensor(source, device=self.device)]
             temperatures, top_ps, seeds = self.settings
             to = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
+            slots = to(where)
+            lengths = [len(self.encoded[i]) for i in rows]
             self.state["length"][slots] = to(lengths)
             self.state["step"][slots] = 0
             self.state["seed"][slots] = to([seeds[i] for i in rows])
@@ -339,6 +372,36 @@ class _Decoder:
             yield from finished
             start = time.perf_counter()
 
+    def _forward(self, pieces: list[list[int]], offsets: list[int], targets: list[tuple[int, int]],
+                 history: Optional[list[int]] = None) -> torch.Tensor:
+        """One prefill forward: the token lists `pieces` packed into one row, piece j at positions offsets[j]...
+        Each (slot, j) of `targets` receives piece j's KV entries at those positions of its slot. Without `history`
+        each piece attends to itself alone; with it, piece j attends to the first offsets[j] entries of slot
+        history[j] (its prefix, already there) and to itself. Returns the logits at each piece's last token."""
+        lengths = [len(piece) for piece in pieces]
+        ends = torch.tensor(lengths).cumsum(0)
+        starts = (ends - torch.tensor(lengths)).tolist()
+        ids = torch.tensor([token for piece in pieces for token in piece], device=self.device)[None]
+        positions = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lengths)])
+        capacity = self.cache.capacity
+        self.cache.prefill_index = torch.cat([torch.arange(offsets[j], offsets[j] + lengths[j]) + slot * capacity
+                                              for slot, j in targets]).to(self.device)
+        if [j for _, j in targets] != list(range(len(pieces))):  # a piece written to several slots
+            self.cache.prefill_sources = torch.cat([torch.arange(lengths[j]) + starts[j]
+                                                    for _, j in targets]).to(self.device)
+        query_starts = torch.cat([torch.zeros(1, dtype=torch.int32), ends.to(torch.int32)]).to(self.device)
+        packed = attention.Packed(self.packed_kernel, query_starts, max(lengths))
+        if history is not None:
+            packed = attention.Packed(self.prefix_kernel, query_starts, max(lengths), history,
+                                      [o + n for o, n in zip(offsets, lengths)])
+            self.cache.prefill_reads_cache = True
+        try:
+            return _logits(self.model, self.cache, ids, positions[None].to(self.device), (ends - 1).to(self.device),
+                           looper_packed=packed)[0]
+        finally:
+            self.cache.prefill_index = self.cache.prefill_sources = None
+            self.cache.prefill_reads_cache = False
+
     def decode(self):
         """One step for every slot (a free slot computes a throwaway token at its position 0)."""
         live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
@@ -346,6 +409,7 @@ class _Decoder:
         if self.kernel == "sdpa":  # it attends over the longest live history, rounded up (few graph shapes)
             self.width = min(self.cache.capacity, _round_up(max(self.length[s] for s in live) + 1, _WIDTH_STEP))
         self.stats["decode_steps"] += 1
+        self.stats["slot_steps"] += self.cache.slots  # (real tokens - prompts) / slot_steps: the slots' occupancy
         if self.use_graphs:
             self.replay()
         else:

@@ -4,6 +4,7 @@ Builds a model of a named architecture with random weights (default: Llama-2-7B 
 and a local word-level tokenizer, then measures, with looper's code:
 
 - seeded top-p sampling of one decode step (PyTorch's path against the Triton kernel);
+- one generation prefill (rollout-length prompts packed into one forward): its MFU;
 - rollout generation (arms x samples, sampling, prompts of 80-180 tokens, rows ending at different lengths);
 - evaluation generation (greedy, 1209 prompts of Platinum-like lengths, up to 512 new tokens);
 - LoRA SFT and DPO steps on GSM8K-like variable lengths.
@@ -23,6 +24,7 @@ processes over the slowest process's time.
 """
 
 import argparse
+import gc
 import json
 import os
 import math
@@ -30,6 +32,7 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
@@ -187,6 +190,14 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
     if args.issue_setting:  # the issue's baseline table: 128-token prompts, every row 256 new tokens
         prompts = [words(rng, 128, vocab) for _ in range(distinct)]
         limits = [256] * n
+    elif args.rollout_arms:  # the template of an arm's prompt: system prompt, question, style, answer cue
+        arms = [(words(rng, rng.randint(10, 25), vocab), words(rng, rng.randint(10, 15), vocab))
+                for _ in range(args.rollout_arms)]
+        marker, cue = words(rng, 1, vocab), words(rng, 6, vocab)
+        questions = [words(rng, rng.randint(50, 130), vocab) for _ in range(-(-distinct // args.rollout_arms))]
+        prompts = [f"{system} {marker} {question} {style} {cue}" for question in questions
+                   for system, style in arms][:distinct]
+        limits = lognormal_lengths(rng, n, args.rollout_mean_new, 16, args.rollout_max_new)
     else:
         prompts = [words(rng, rng.randint(80, 180), vocab) for _ in range(distinct)]
         limits = lognormal_lengths(rng, n, args.rollout_mean_new, 16, args.rollout_max_new)
@@ -207,6 +218,7 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
         result.pop("outputs")
         results["looper" if refill_at == args.refill_at else f"looper_refill_at_{refill_at}"] = result
         result["samples_per_prompt"], result["issue_setting"] = args.rollout_samples, args.issue_setting
+        result["arms"] = args.rollout_arms
         print(f"rollout  looper batch {args.rollout_batch}, refill_at {refill_at}: {result['tokens_per_s']:>9,.0f} "
               f"real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling ({n} sequences, "
               f"{result['seconds']} s; {result['rank0_stats']})", flush=True)
@@ -246,6 +258,56 @@ def bench_sampling(model, tokenizer, args, bandwidth, rng):
         result["same_tokens"] = f"{int(same.sum())}/{rows}"
     print(f"sampling {rows} x {logits.shape[1]}, top-p 0.95: PyTorch {result['torch_ms']} ms, Triton "
           f"{result.get('triton_ms', 'not used here')} ms, same tokens {result.get('same_tokens', '-')}", flush=True)
+    return result
+
+
+def bench_prefill(model, tokenizer, args, bandwidth, rng):
+    """One generation prefill of rollout-length prompts (80-180 tokens) packed into a single forward (as many as fit
+    in generation's 16,384 tokens a forward): seconds, MFU (2 FLOPs per non-embedding parameter per token, against
+    the dense bf16 peak); with `--profile`, the top kernels of one prefill."""
+    vocab, device = model.config.vocab_size, model.device
+    encoded, tokens = [], 0
+    while len(encoded) < (16 if args.quick else 10 ** 6):
+        prompt = tokenizer(words(rng, rng.randint(80, 180), vocab), add_special_tokens=False)["input_ids"]
+        if tokens + len(prompt) > generation._Decoder._PREFILL_TOKENS:
+            break
+        encoded.append(prompt)
+        tokens += len(prompt)
+    n = len(encoded)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @torch.no_grad()
+    def once():
+        gc.collect()
+        with generation._looper_attention_in(model):
+            decoder = generation._Decoder(model, tokenizer, encoded, [1] * n, [1.0] * n, [0.95] * n, list(range(n)),
+                                          n, args.compile)
+            sync()
+            start = time.perf_counter()
+            for _ in decoder.prefill(list(range(n))):  # every row ends at its first token
+                pass
+            sync()
+        assert decoder.stats["prefills"] == 1
+        if device.type == "cuda":
+            print(f"  prefill peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB", flush=True)
+        return time.perf_counter() - start
+
+    warmup = once()  # compilation, if any, and kernel choice
+    seconds = min(once() for _ in range(3))
+    cfg = model.config
+    matmul_params = sum(p.numel() for p in model.parameters()) - 2 * cfg.vocab_size * cfg.hidden_size
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), float("nan"))
+    result = {"prompts": n, "tokens": tokens, "seconds": round(seconds, 4), "warmup_seconds": round(warmup, 1),
+              "compiled": args.compile, "mfu": round(tokens * 2 * matmul_params / seconds / peak, 3)}
+    print(f"prefill  {n} prompts, {tokens} tokens: {1000 * seconds:.0f} ms, MFU {100 * result['mfu']:.0f}% "
+          f"(compiled: {args.compile}; first call {warmup:.1f} s)", flush=True)
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            once()
+        print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70),
+              flush=True)
     return result
 
 
@@ -419,7 +481,7 @@ def bench_training(model_dir: Path, args, rng, stage: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="llama2-7b", choices=sorted(ARCHS))
-    parser.add_argument("--sections", default="sampling,rollout,eval,sft,dpo")
+    parser.add_argument("--sections", default="sampling,prefill,rollout,eval,sft,dpo")
     parser.add_argument("--baseline", action="store_true", help="also time plain generate on the rollout batches")
     parser.add_argument("--refill-at", type=float, default=0.125, help="generation.refill_at")
     parser.add_argument("--compile", action="store_true", help="generation.compile=true (torch.compile the decode "
@@ -430,6 +492,9 @@ def main():
     parser.add_argument("--rollout-batch", type=int, default=256)
     parser.add_argument("--rollout-samples", type=int, default=1, help="samples per distinct prompt (arms=single: "
                         "8; regime_w: 1, each arm its own system prompt)")
+    parser.add_argument("--rollout-arms", type=int, default=0, help="prompts in an arm's template: each question "
+                        "under N arms, each arm's own system prompt (10-25 tokens, shared by its prompts) and style; "
+                        "prompts of 77-177 tokens (default 0: prompts of 80-180 random tokens)")
     parser.add_argument("--issue-setting", action="store_true", help="rollout prompts of exactly 128 tokens, every "
                         "row 256 new tokens (the setting of the issue's plain-generate baseline)")
     parser.add_argument("--rollout-mean-new", type=int, default=150)
@@ -446,7 +511,8 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
     parser.add_argument("--padded", action="store_true", help="SFT on padded batches (sft.padding_free=false)")
     parser.add_argument("--no-precompute", action="store_true", help="dpo.precompute_ref_log_probs=false")
-    parser.add_argument("--profile", action="store_true", help="print the top ops of one training step")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of one prefill and one "
+                        "training step")
     args = parser.parse_args()
     args.rollout_refill_at = [float(v) for v in args.rollout_refill_at.split(",") if v] or [args.refill_at]
     distributed.init()
@@ -465,13 +531,15 @@ def main():
     model, tokenizer = build(args.arch, model_dir)
     tokenizer = models.load_tokenizer(str(model_dir), models.ModelConfig(name_or_path=str(model_dir)))
     model.eval()
-    for section, fn in (("sampling", bench_sampling), ("rollout", bench_rollout), ("eval", bench_eval)):
+    for section, fn in (("sampling", bench_sampling), ("prefill", bench_prefill), ("rollout", bench_rollout),
+                        ("eval", bench_eval)):
         if section in sections:
             try:
                 report[section] = fn(model, tokenizer, args, bandwidth, rng)
             except Exception as error:  # noqa: BLE001 - a failed section must not lose the others' figures
                 report[section] = {"error": repr(error)[:500]}
                 print(f"{section}: failed on rank {distributed.rank()}: {error!r}"[:500], file=sys.stderr, flush=True)
+                traceback.print_exc()
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
             if main_process:
                 args.out.write_text(json.dumps(report, indent=2))
@@ -484,6 +552,7 @@ def main():
             except Exception as error:  # noqa: BLE001 - a failed section must not lose the others' figures
                 report[stage] = {"error": repr(error)}
                 print(f"{stage}: failed on rank {distributed.rank()}: {error!r}", file=sys.stderr, flush=True)
+                traceback.print_exc()
             if main_process:
                 args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "args"}, indent=2))

@@ -4,7 +4,7 @@ kernels (FlashAttention varlen, the Triton decode kernel) equal the sdpa paths, 
 import pytest
 import torch
 
-from looper.attention import DecodeStep, kernels, packed_attention
+from looper.attention import DecodeStep, Packed, kernels, packed_attention, prefix_attention, prefix_kernel
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast kernels need a CUDA GPU")
 
@@ -86,3 +86,36 @@ def test_flash_packed_attention_equals_sdpa_with_gradients_on_a_gpu(kv_heads):
         results[kernel] = [output, query.grad, key.grad, value.grad]
     for fast, slow in zip(results["flash"], results["sdpa"]):
         assert torch.allclose(fast.float(), slow.float(), atol=5e-2, rtol=2e-2)
+
+
+def _prefix_case(device, dtype, heads, kv_heads, dim=64):
+    """Three sequences whose entries sit in slots 0, 2 and 3 of a cache: 1 of 1, 40 of 100 and 30 of 31 queries."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    keys = torch.randn(4, 128, kv_heads, dim, device=device, dtype=dtype, generator=generator)
+    values = torch.randn(4, 128, kv_heads, dim, device=device, dtype=dtype, generator=generator)
+    query = torch.randn(1, heads, 71, dim, device=device, dtype=dtype, generator=generator)
+    starts = torch.tensor([0, 1, 41, 71], dtype=torch.int32, device=device)
+    return _module(heads, kv_heads), query, keys, values, starts, [0, 2, 3], [1, 100, 31]
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_the_rest_of_a_prompt_attends_to_its_prefix_in_the_cache(kv_heads):
+    module, query, keys, values, starts, history, used = _prefix_case("cpu", torch.float32, 4, kv_heads)
+    output = prefix_attention(module, query, keys, values, Packed("sdpa", starts, 40, history, used), 0.125)[0]
+    bounds = starts.tolist()
+    for slot, n, a, b in zip(history, used, bounds[:-1], bounds[1:]):
+        q = b - a
+        allowed = torch.arange(n)[None, :] <= torch.arange(q)[:, None] + (n - q)  # query t is at position n - q + t
+        expected = _reference(query[0, :, a:b], keys[slot, :n].transpose(0, 1), values[slot, :n].transpose(0, 1),
+                              allowed, 0.125)
+        assert torch.allclose(output[0, a:b].transpose(0, 1), expected, atol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_gpu_flash_attention_after_a_shared_prefix_equals_sdpa(kv_heads):
+    assert prefix_kernel(torch.device("cuda"), torch.bfloat16, 8, kv_heads, 64) == "flash"
+    module, query, keys, values, starts, history, used = _prefix_case("cuda", torch.bfloat16, 8, kv_heads)
+    slow = prefix_attention(module, query, keys, values, Packed("sdpa", starts, 40, history, used), 0.125)[0]
+    fast = prefix_attention(module, query, keys, values, Packed("flash", starts, 40, history, used), 0.125)[0]
+    assert (fast.float() - slow.float()).abs().max().item() < 2e-2

@@ -144,3 +144,40 @@ def test_identical_prompts_are_prefilled_once_and_sample_as_if_alone(tiny_sft):
     assert shared == alone
     assert stats["prefill_shared"] == 9
     assert stats["prefill_tokens"] == sum(len(tokenizer(p)["input_ids"]) for p in prompts[:3])
+
+
+def test_prompts_that_begin_alike_share_their_prefix_and_sample_as_if_alone(tiny_sft, monkeypatch):
+    from looper.generation import _Decoder
+
+    cfg, _, _, sft_dir = tiny_sft
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    questions = _prompts(cfg, tokenizer, n=6)
+    preambles = ["Solve this with care and check every step twice.\n", "Answer briefly.\n"]  # two "arms"
+    prompts = [p + q for p in preambles for q in questions] + [questions[0]]  # and one prompt with no preamble
+    seeds = list(range(3, 3 + len(prompts)))
+    kwargs = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 0.95}
+    monkeypatch.setattr(_Decoder, "_MIN_SAVED", 1)
+    stats = {}
+    shared = [g.text for g in generate(model, tokenizer, prompts, batch_size=8, refill_at=0.5, seeds=seeds,
+                                       stats=stats, desc=None, **kwargs)]
+    alone = [generate(model, tokenizer, [p], batch_size=1, seeds=[s], desc=None, **kwargs)[0].text
+             for p, s in zip(prompts, seeds)]
+    assert shared == alone
+    encoded = tokenizer(prompts)["input_ids"]
+    assert stats["prefix_shared_tokens"] > 0
+    assert stats["prefill_tokens"] == sum(map(len, encoded)) - stats["prefix_shared_tokens"]
+    greedy = generate(model, tokenizer, prompts, batch_size=8, max_new_tokens=12, desc=None)
+    for prompt, result in zip(prompts, greedy):
+        single = tokenizer(prompt, return_tensors="pt")
+        plain = model.generate(**single, max_new_tokens=12, do_sample=False)[0, single["input_ids"].shape[1]:]
+        assert result.text == tokenizer.decode(plain, skip_special_tokens=True)
+
+
+def test_shared_prefixes_group_neighbours_while_that_saves_tokens():
+    from looper.generation import _shared_prefixes
+
+    a, b = [1, 2, 3, 4], [1, 2, 3, 5, 6]
+    assert _shared_prefixes([a, b, [1, 2, 9], [7, 8]], 2) == [(0, 3, 2)]  # three share 2 (saves 4 > 3 by two)
+    assert _shared_prefixes([a, b, [1, 9]], 2) == [(0, 2, 3)]  # the third shares too little
+    assert _shared_prefixes([[1, 2], [1, 2, 3]], 1) == [(0, 2, 1)]  # each keeps a token of its own
+    assert _shared_prefixes([[1, 2, 3], [4, 5, 6]], 1) == []

@@ -42,3 +42,15 @@ def test_the_greedy_check_compares_a_trained_model_with_plain_generate(artifacts
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("looper (sdpa) 24/24") == 2, result.stdout
+
+
+def test_the_benchmark_rolls_out_prompts_in_arm_templates_sharing_their_prefixes(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--arch", "tiny", "--sections", "prefill,rollout",
+                             "--quick", "--rollout-arms", "8", "--out", str(out)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["prefill"]["tokens"] > 0 and report["prefill"]["prompts"] == 16
+    rollout = report["rollout"]["looper"]
+    assert rollout["arms"] == 8 and rollout["rank0_stats"]["prefix_shared_tokens"] > 0
