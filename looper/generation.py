@@ -242,7 +242,6 @@ class _Decoder:
 
     _PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds activation memory)
     _MIN_SHARED = 8  # a prefix shared by prompts of one prefill is computed once if it has this many tokens
-    _MIN_SAVED = 512  # and if the prefixes of a prefill save this many in all (their forward costs ~ 200 tokens')
 
     def __init__(self, model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots, compile_decode):
         self.model, self.tokenizer, self.encoded, self.limits = model, tokenizer, encoded, limits
@@ -314,8 +313,8 @@ class _Decoder:
     def prefill(self, free: list[int]):
         """Start the next prompts in the `free` slots, packed into one row without padding (up to
         `_PREFILL_TOKENS` tokens a forward); their first tokens are chosen from the prefill's logits. Identical
-        prompts are computed once; prompts that begin with the same tokens (`_shared_prefixes`) have those computed
-        once in a forward of their own, and the rest of each prompt attends to them in the slot cache."""
+        prompts are computed once, and so are the first tokens that prompts share (`_shared_prefixes`): the rest of
+        each prompt attends to them in the slot cache."""
         start = time.perf_counter()
         while free and self.queue:
             # identical prompts (queued side by side) are computed once: `unique` holds the first row of each
@@ -333,25 +332,34 @@ class _Decoder:
             rows, self.queue = self.queue[:take], self.queue[take:]
             where, free = free[:take], free[take:]
             distinct = [self.encoded[rows[u]] for u in unique]
-            groups = _shared_prefixes(distinct, self._MIN_SHARED)
-            if sum((end - first - 1) * length for first, end, length in groups) < self._MIN_SAVED:
-                groups = []  # too little to save for a forward of its own
-            shared = [0] * len(distinct)  # each distinct prompt's tokens computed in its group's forward
-            if groups:  # the prefixes, each once; every row of a group receives its entries
-                group_of = {}
-                for g, (first, end, length) in enumerate(groups):
-                    for d in range(first, end):
-                        shared[d], group_of[d] = length, g
-                self._forward([distinct[first][:length] for first, _, length in groups], [0] * len(groups),
-                              [(where[k], group_of[source[k]]) for k in range(take) if source[k] in group_of])
-            history = [where[u] for u in unique] if groups else None  # the slot holding each prompt's prefix
-            logits = self._forward([d[n:] for d, n in zip(distinct, shared)], shared,
-                                   [(where[k], source[k]) for k in range(take)], history)
+            slots_of = [[] for _ in distinct]  # each distinct prompt's slots
+            for k, d in enumerate(source):
+                slots_of[d].append(where[k])
+            shared, groups = [0] * len(distinct), {}  # tokens each prompt shares; group by first prompt
+            for first, end, length in _shared_prefixes(distinct, self._MIN_SHARED):
+                shared[first:end], groups[first] = [length] * (end - first), (end, length)
+            # one packed row: each distinct prompt (without its shared prefix), preceded by the prefix where it is
+            # its group's first; each piece's entries go to every slot that needs them. With groups, each piece
+            # attends to the entries in the slot of its prompt's first row: the prefix's (written in the same
+            # layer, before attention) and its own.
+            pieces, offsets, targets, answers, history = [], [], [], [], []
+            for d, prompt in enumerate(distinct):
+                if d in groups:
+                    end, length = groups[d]
+                    pieces.append(prompt[:length])
+                    offsets.append(0)
+                    targets += [(slot, len(pieces) - 1) for e in range(d, end) for slot in slots_of[e]]
+                    history.append(slots_of[d][0])
+                pieces.append(prompt[shared[d]:])
+                offsets.append(shared[d])
+                targets += [(slot, len(pieces) - 1) for slot in slots_of[d]]
+                history.append(slots_of[d][0])
+                answers.append(len(pieces) - 1)
+            logits = self._forward(pieces, offsets, targets, answers, history if groups else None)
             self.stats["prefills"] += 1
-            self.stats["prefill_tokens"] += sum(len(d) - n for d, n in zip(distinct, shared)) + \
-                sum(length for _, _, length in groups)
+            self.stats["prefill_tokens"] += sum(map(len, pieces))
             self.stats["prefill_shared"] += take - len(unique)
-            self.stats["prefix_shared_tokens"] += sum((end - first - 1) * length for first, end, length in groups)
+            self.stats["prefix_shared_tokens"] += tokens - sum(map(len, pieces))
             if len(unique) < take:
                 logits = logits[torch.tensor(source, device=self.device)]
             temperatures, top_ps, seeds = self.settings
@@ -373,11 +381,12 @@ class _Decoder:
             start = time.perf_counter()
 
     def _forward(self, pieces: list[list[int]], offsets: list[int], targets: list[tuple[int, int]],
-                 history: Optional[list[int]] = None) -> torch.Tensor:
+                 answers: list[int], history: Optional[list[int]] = None) -> torch.Tensor:
         """One prefill forward: the token lists `pieces` packed into one row, piece j at positions offsets[j]...
         Each (slot, j) of `targets` receives piece j's KV entries at those positions of its slot. Without `history`
         each piece attends to itself alone; with it, piece j attends to the first offsets[j] entries of slot
-        history[j] (its prefix, already there) and to itself. Returns the logits at each piece's last token."""
+        history[j] (its prefix) and to itself. Returns the logits at the last token of each of the pieces
+        `answers`."""
         lengths = [len(piece) for piece in pieces]
         ends = torch.tensor(lengths).cumsum(0)
         starts = (ends - torch.tensor(lengths)).tolist()
@@ -396,8 +405,8 @@ class _Decoder:
                                       [o + n for o, n in zip(offsets, lengths)])
             self.cache.prefill_reads_cache = True
         try:
-            return _logits(self.model, self.cache, ids, positions[None].to(self.device), (ends - 1).to(self.device),
-                           looper_packed=packed)[0]
+            return _logits(self.model, self.cache, ids, positions[None].to(self.device),
+                           (ends - 1)[answers].to(self.device), looper_packed=packed)[0]
         finally:
             self.cache.prefill_index = self.cache.prefill_sources = None
             self.cache.prefill_reads_cache = False

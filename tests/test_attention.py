@@ -89,13 +89,14 @@ def test_flash_packed_attention_equals_sdpa_with_gradients_on_a_gpu(kv_heads):
 
 
 def _prefix_case(device, dtype, heads, kv_heads, dim=64):
-    """Three sequences whose entries sit in slots 0, 2 and 3 of a cache: 1 of 1, 40 of 100 and 30 of 31 queries."""
+    """Three sequences whose entries sit in slots 0, 2 and 2 of a cache (a prefix and a prompt after it read the same
+    slot): 1 of 1, 40 of 100 and 30 of 31 queries."""
     generator = torch.Generator(device=device).manual_seed(0)
     keys = torch.randn(4, 128, kv_heads, dim, device=device, dtype=dtype, generator=generator)
     values = torch.randn(4, 128, kv_heads, dim, device=device, dtype=dtype, generator=generator)
     query = torch.randn(1, heads, 71, dim, device=device, dtype=dtype, generator=generator)
     starts = torch.tensor([0, 1, 41, 71], dtype=torch.int32, device=device)
-    return _module(heads, kv_heads), query, keys, values, starts, [0, 2, 3], [1, 100, 31]
+    return _module(heads, kv_heads), query, keys, values, starts, [0, 2, 2], [1, 100, 31]
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
