@@ -556,17 +556,61 @@ def _compiled_decode_logits(backend: str):
 
 class _looper_attention_in:
     """Within `generate`, the model attends with `looper.attention` (registered with transformers' attention
-    interface); its own implementation (sdpa, eager, flash_attention_2) is restored afterwards."""
+    interface), and on a GPU in bf16/fp16 its RMSNorm modules run as one Triton kernel each (`_fused_norms`); its
+    own attention implementation (sdpa, eager, flash_attention_2) and norms are restored afterwards."""
 
     def __init__(self, model):
         self.model, self.original = model, model.config._attn_implementation
+        self.norms = []
 
     def __enter__(self):
         attention.register()
         self.model.set_attn_implementation(attention.GENERATION)
+        self.norms = _fused_norms(self.model)
+        for module in self.norms:  # an instance attribute: nn.Module calls it instead of the class's forward
+            module.forward = functools.partial(_triton_rms_norm, weight=module.weight, eps=module.variance_epsilon)
+        return self
 
     def __exit__(self, *exc):
+        for module in self.norms:
+            del module.forward
         self.model.set_attn_implementation(self.original)
+
+
+def _triton_rms_norm(hidden_states, weight, eps):
+    from looper.triton_norm import rms_norm
+
+    return rms_norm(hidden_states, weight, eps)
+
+
+def _fused_norms(model) -> list:
+    """The model's RMSNorm modules that `looper.triton_norm` computes as they do: on CUDA in bf16/fp16, of a class
+    named *RMSNorm with a weight and `variance_epsilon`, whose own forward the kernel matches on a test input (a
+    variant such as Gemma's 1 + weight does not)."""
+    if model.device.type != "cuda" or model.dtype not in (torch.float16, torch.bfloat16):
+        return []
+    candidates = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm") and "forward" not in vars(m)
+                  and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None
+                  and m.weight.dim() == 1 and m.weight.dtype == model.dtype]
+    return [m for m in candidates if _norm_matches(type(m), m.weight.shape[0], m.weight.dtype, m.weight.device)]
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_matches(cls, width: int, dtype: torch.dtype, device: torch.device) -> bool:
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        try:
+            module = cls(width, eps=1e-5).to(device=device, dtype=dtype)
+            module.weight.copy_(torch.rand(width, device=device, generator=generator) + 0.5)
+            x = (4 * torch.randn(3, 5, width, device=device, generator=generator)).to(dtype)
+            got, expected = _triton_rms_norm(x, module.weight, module.variance_epsilon), module(x)
+        except Exception as error:  # noqa: BLE001 - no Triton, an old GPU, another constructor: the module's own
+            log.warning("generation: Triton RMSNorm unavailable for %s here (%s)", cls.__name__, error)
+            return False
+    if got.dtype == expected.dtype and torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2):
+        return True
+    log.warning("generation: Triton RMSNorm differs from %s here; not used", cls.__name__)
+    return False
 
 
 def _round_up(value: int, step: int) -> int:

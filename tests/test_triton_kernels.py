@@ -74,6 +74,43 @@ def test_the_decode_attention_kernel_reads_each_row_up_to_its_length_interpreted
     assert float(out) < 1e-4
 
 
+@interpreted
+def test_the_rms_norm_kernel_computes_llamas_norm_interpreted():
+    out = _interpreted("""
+        import torch
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        from looper.triton_norm import rms_norm
+
+        generator = torch.Generator().manual_seed(0)
+        for width in (48, 64):  # a width that is not a power of two, one that is
+            module = LlamaRMSNorm(width, eps=1e-5)
+            module.weight.data = torch.rand(width, generator=generator) + 0.5
+            x = 3 * torch.randn(2, 7, width, generator=generator)
+            print((rms_norm(x, module.weight, 1e-5) - module(x)).abs().max().item())
+    """)
+    assert all(float(error) < 1e-5 for error in out.split()), out
+
+
+@gpu
+def test_gpu_generation_runs_llamas_norms_as_one_kernel_and_restores_them():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from looper.generation import _looper_attention_in
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=100)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 100, (2, 9), device="cuda")
+    with torch.no_grad():
+        expected = model(ids).logits
+        with _looper_attention_in(model) as fused:
+            assert len(fused.norms) == 2 * 2 + 1
+            fast = model.model.norm(model.model.embed_tokens(ids))
+        assert not any("forward" in vars(m) for m in model.modules())
+        assert torch.allclose(fast.float(), model.model.norm(model.model.embed_tokens(ids)).float(), atol=2e-2)
+        assert torch.equal(model(ids).logits, expected)
+
+
 @gpu
 def test_gpu_sampling_uses_the_kernel_and_agrees_with_pytorch():
     from looper.generation import _hash32, _torch_choice, _triton_sampler
