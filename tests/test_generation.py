@@ -84,6 +84,8 @@ def test_generate_attends_with_its_own_function_and_gives_the_models_back(tiny_s
     assert model.config._attn_implementation == "eager"
 
     class Model:  # set_attn_implementation as transformers models have it; flash_attention_2 needs flash_attn
+        device, dtype = torch.device("cpu"), torch.float32
+
         def __init__(self, implementation):
             self.config = type("Config", (), {"_attn_implementation": implementation})()
             self.seen = []
