@@ -252,6 +252,8 @@ class _Decoder:
             log.warning("generation.compile: not for a quantized model; decoding uncompiled")
             compile_decode = False
         self.decode_logits = _compiled_decode_logits(COMPILE_BACKEND) if compile_decode else _decode_logits
+        self.compiled = compile_decode
+        self.norms = _fused_norms(model)  # RMSNorm as one Triton kernel in eager forwards (GPU, bf16/fp16)
         # CUDA graphs replay a decode step without Python and kernel-launch overhead (which otherwise bounds the
         # step time of a 7B model on an H100); one graph per slot count (and, for the sdpa kernel, width), captured
         # on first use.
@@ -405,8 +407,9 @@ class _Decoder:
                                       [o + n for o, n in zip(offsets, lengths)])
             self.cache.prefill_reads_cache = True
         try:
-            return _logits(self.model, self.cache, ids, positions[None].to(self.device),
-                           (ends - 1)[answers].to(self.device), looper_packed=packed)[0]
+            with _triton_norms_in(self.norms):
+                return _logits(self.model, self.cache, ids, positions[None].to(self.device),
+                               (ends - 1)[answers].to(self.device), looper_packed=packed)[0]
         finally:
             self.cache.prefill_index = self.cache.prefill_sources = None
             self.cache.prefill_reads_cache = False
@@ -453,7 +456,8 @@ class _Decoder:
         body of the CUDA graphs; running it twice with the same state writes the same values)."""
         state = self.state
         step = attention.DecodeStep(self.kernel, (state["length"] + 1).to(torch.int32), self.width)
-        logits = self.decode_logits(self.model, self.cache, self.tokens, state["length"], step)
+        with _triton_norms_in([] if self.compiled else self.norms):
+            logits = self.decode_logits(self.model, self.cache, self.tokens, state["length"], step)
         self.next_tokens.copy_(seeded_choice(logits, state["seed"], state["step"], state["temperature"],
                                              state["top_p"], self.sampling, self.nucleus))
 
@@ -556,25 +560,35 @@ def _compiled_decode_logits(backend: str):
 
 class _looper_attention_in:
     """Within `generate`, the model attends with `looper.attention` (registered with transformers' attention
-    interface), and on a GPU in bf16/fp16 its RMSNorm modules run as one Triton kernel each (`_fused_norms`); its
-    own attention implementation (sdpa, eager, flash_attention_2) and norms are restored afterwards."""
+    interface); its own implementation (sdpa, eager, flash_attention_2) is restored afterwards."""
 
     def __init__(self, model):
         self.model, self.original = model, model.config._attn_implementation
-        self.norms = []
 
     def __enter__(self):
         attention.register()
         self.model.set_attn_implementation(attention.GENERATION)
-        self.norms = _fused_norms(self.model)
-        for module in self.norms:  # an instance attribute: nn.Module calls it instead of the class's forward
+
+    def __exit__(self, *exc):
+        self.model.set_attn_implementation(self.original)
+
+
+class _triton_norms_in:
+    """Within it, the RMSNorm `modules` (`_fused_norms`) run as one Triton kernel each; their own forward is restored
+    afterwards. For eager forwards only: a compiled decode step fuses the norms itself (and a Triton kernel in it
+    made every new slot count compile again)."""
+
+    def __init__(self, modules: list):
+        self.modules = modules
+
+    def __enter__(self):
+        for module in self.modules:  # an instance attribute: nn.Module calls it instead of the class's forward
             module.forward = functools.partial(_triton_rms_norm, weight=module.weight, eps=module.variance_epsilon)
         return self
 
     def __exit__(self, *exc):
-        for module in self.norms:
+        for module in self.modules:
             del module.forward
-        self.model.set_attn_implementation(self.original)
 
 
 def _triton_rms_norm(hidden_states, weight, eps):

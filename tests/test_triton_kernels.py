@@ -95,7 +95,7 @@ def test_the_rms_norm_kernel_computes_llamas_norm_interpreted():
 def test_gpu_generation_runs_llamas_norms_as_one_kernel_and_restores_them():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from looper.generation import _looper_attention_in
+    from looper.generation import _fused_norms, _triton_norms_in
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=100)
@@ -103,8 +103,8 @@ def test_gpu_generation_runs_llamas_norms_as_one_kernel_and_restores_them():
     ids = torch.randint(0, 100, (2, 9), device="cuda")
     with torch.no_grad():
         expected = model(ids).logits
-        with _looper_attention_in(model) as fused:
-            assert len(fused.norms) == 2 * 2 + 1
+        with _triton_norms_in(_fused_norms(model)) as fused:
+            assert len(fused.modules) == 2 * 2 + 1
             fast = model.model.norm(model.model.embed_tokens(ids))
         assert not any("forward" in vars(m) for m in model.modules())
         assert torch.allclose(fast.float(), model.model.norm(model.model.embed_tokens(ids)).float(), atol=2e-2)
