@@ -551,10 +551,11 @@ def _compiled_decode_logits(backend: str):
     """`_decode_logits` through torch.compile, one per process: inductor fuses the step's hundreds of small
     elementwise kernels (RMSNorm, rotary embedding, SiLU, residual adds) into a few. Shapes are dynamic (one
     compilation serves every slot count). On an H100 with a 7B model the first call compiles for ~100 s (~60 s in a
-    later process: inductor's on-disk cache), then a batch-256 rollout runs at 8.3k instead of 7.1k tokens/s
-    (`scripts/bench_gpu.py --compile`). Looper's own CUDA graph capture replays the compiled kernels as it does
-    eager ones. The prefill stays eager: in a probe, compiling it too cost two more compilations (the first prefill of
-    a call, before the cache buffers exist, guards differently) and its gain went unmeasured."""
+    later process: inductor's on-disk cache), then a batch-256 rollout of 2,048
+    arm-template sequences runs at ~9.9k instead of ~9.0k tokens/s (`scripts/bench_gpu.py --rollout-batches 8
+    --rollout-arms 8 --compile`). Looper's own CUDA graph capture replays the compiled kernels as it does eager ones.
+    The prefill stays eager (with the Triton RMSNorm): compiled in a probe it was ~26% faster, but at the price of a
+    second ~115 s compilation and of compiling again for new shapes."""
     return torch.compile(_decode_logits, dynamic=True, backend=backend)
 
 
