@@ -289,8 +289,9 @@ class GenerationSettings:
     compile: bool = doc("Run each decode step's model forward through torch.compile (inductor fuses its small "
                         "kernels): a 7B rollout runs ~10% faster on an H100 (its decoding ~12%) for a compilation "
                         "once per process (~100 s cold, ~60 s with inductor's on-disk cache warm). Worth it for "
-                        "rollouts or evals of many thousands of sequences; in bfloat16 the fused arithmetic rounds differently, so "
-                        "samples differ from the uncompiled path's (float32 greedy outputs are the same).", False)
+                        "rollouts or evals of many thousands of sequences; in bfloat16 the fused arithmetic rounds "
+                        "differently, so samples differ from the uncompiled path's (float32 greedy outputs are the "
+                        "same).", False)
 
     def __post_init__(self):
         _check(0 < self.refill_at <= 1, "generation.refill_at", f"must be in (0, 1], got {self.refill_at}")
