@@ -1,5 +1,6 @@
 """Evaluation: prompts, per-example records, resume after an interruption, the batch check, and the report."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -87,13 +88,19 @@ def test_the_batch_check_passes_on_the_real_path_and_catches_a_broken_mask(tiny_
     problems = evaluation.eval_problems("synthetic_test", cfg)[:8]
     prompts = [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
     assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] == 0
-    # the classic bug: prompts of one prefill attend to each other
-    packed = attention.packed_attention
+    # the classic bug: prompts of one prefill attend to each other (packed, or after a shared prefix: every prompt
+    # reads the first prompt's slot)
+    packed, after_prefix = attention.packed_attention, attention.prefix_attention
 
     def as_one(module, query, key, value, starts, max_length, *args, **kwargs):
         return packed(module, query, key, value, starts[[0, -1]], int(starts[-1]), *args, **kwargs)
 
+    def one_slot(module, query, keys, values, packing, scaling):
+        wrong = dataclasses.replace(packing, history=packing.history[:1] * len(packing.history))
+        return after_prefix(module, query, keys, values, wrong, scaling)
+
     monkeypatch.setattr(attention, "packed_attention", as_one)
+    monkeypatch.setattr(attention, "prefix_attention", one_slot)
     assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] > 0
 
 

@@ -10,13 +10,17 @@ from tests.conftest import FAST, ROOT
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
 
 
-def test_the_benchmark_reports_real_tokens_and_the_greedy_check(tmp_path):
+def _bench(tmp_path, *args) -> dict:
+    """The report of `scripts/bench_gpu.py --arch tiny --quick *args`."""
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--arch", "tiny", "--sections", "rollout,eval",
-                             "--quick", "--baseline", "--check-greedy", "--out", str(out)], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--arch", "tiny", "--quick", *args, "--out",
+                             str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_the_benchmark_reports_real_tokens_and_the_greedy_check(tmp_path):
+    report = _bench(tmp_path, "--sections", "rollout,eval", "--baseline", "--check-greedy")
     rollout = report["rollout"]["looper"]
     assert rollout["real_tokens"] > 0 and rollout["sequences"] == 256
     assert rollout["rank0_stats"]["decode_steps"] > 0 and report["rollout"]["plain_generate"]["tokens_per_s"] > 0
@@ -24,12 +28,7 @@ def test_the_benchmark_reports_real_tokens_and_the_greedy_check(tmp_path):
 
 
 def test_the_benchmark_rolls_out_the_issue_setting_with_shared_prompts(tmp_path):
-    out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--arch", "tiny", "--sections",
-                             "sampling,rollout", "--quick", "--issue-setting", "--rollout-samples", "8", "--out", str(out)], cwd=ROOT,
-                            env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = _bench(tmp_path, "--sections", "sampling,rollout", "--issue-setting", "--rollout-samples", "8")
     assert report["sampling"]["torch_ms"] > 0 and report["sampling"]["vocab"] == 1000
     rollout = report["rollout"]["looper"]
     assert rollout["issue_setting"] and rollout["samples_per_prompt"] == 8
@@ -45,12 +44,7 @@ def test_the_greedy_check_compares_a_trained_model_with_plain_generate(artifacts
 
 
 def test_the_benchmark_rolls_out_prompts_in_arm_templates_sharing_their_prefixes(tmp_path):
-    out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--arch", "tiny", "--sections", "prefill,rollout",
-                             "--quick", "--rollout-arms", "8", "--out", str(out)], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = _bench(tmp_path, "--sections", "prefill,rollout", "--rollout-arms", "8")
     assert report["prefill"]["tokens"] > 0 and report["prefill"]["prompts"] == 16
     rollout = report["rollout"]["looper"]
     assert rollout["arms"] == 8 and rollout["rank0_stats"]["prefix_shared_tokens"] > 0
