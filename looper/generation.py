@@ -8,7 +8,9 @@ graph on a GPU; its tokens are read on the host while the next step runs. A pref
 without padding (FlashAttention-2 varlen on a GPU); identical prompts (samples of one prompt) are computed once and
 their KV entries written to each of their slots, and so are the first tokens that prompts of one prefill share (an
 arm's system prompt, few-shot examples, a trajectory cut at several points): the rest of each prompt then attends
-to them in its slot. Prompts are taken in token order, so those that begin alike are prefilled together.
+to them in its slot. Prompts are taken in token order, so those that begin alike are prefilled together. In eager
+forwards on a GPU (prefills; decode steps unless compiled) the model's RMSNorms run as one Triton kernel each
+(`looper.triton_norm`).
 When no prompts are left and half the slots are idle, the cache is compacted to the live rows (down to 8 slots).
 With `compile_decode`, the decode step's model forward runs through torch.compile. Results come back in input order;
 `on_result` sees each as it finishes. Counts are of real tokens: generated tokens up to and including EOS, never
