@@ -403,8 +403,9 @@ class _Decoder:
             self.cache.prefill_sources = torch.cat([torch.arange(lengths[j]) + starts[j]
                                                     for _, j in targets]).to(self.device)
         query_starts = torch.cat([torch.zeros(1, dtype=torch.int32), ends.to(torch.int32)]).to(self.device)
-        packed = attention.Packed(self.packed_kernel, query_starts, max(lengths))
-        if history is not None:
+        if history is None:
+            packed = attention.Packed(self.packed_kernel, query_starts, max(lengths))
+        else:
             packed = attention.Packed(self.prefix_kernel, query_starts, max(lengths), history,
                                       [o + n for o, n in zip(offsets, lengths)])
             self.cache.prefill_reads_cache = True
