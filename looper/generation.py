@@ -19,9 +19,9 @@ padding.
 Sampling is seeded per row (`seeded_choice`; on a GPU one Triton kernel, `looper.triton_sampling`): a row's draws
 depend on its own seed and step only, never on which rows share its batch, their order, padding, the batch size or
 the number of processes. So a resumed or sharded rollout produces exactly the records of an uninterrupted
-single-process one. Greedy decoding equals plain `model.generate` in float32 (tests/test_generation.py on CPU; `scripts/bench_gpu.py --check-greedy` and `scripts/greedy_check.py`
-on a GPU); in bfloat16 the fast kernels' different summation order flips a few near-tied argmaxes, about as often
-as batching plain `generate` does.
+single-process one. Greedy decoding equals plain `model.generate` in float32 (tests/test_generation.py on CPU;
+`scripts/bench_gpu.py --check-greedy` and `scripts/greedy_check.py` on a GPU); in bfloat16 the fast kernels'
+different summation order flips a few near-tied argmaxes, about as often as batching plain `generate` does.
 """
 
 import functools

@@ -27,10 +27,11 @@ def _rms_norm(x_ptr, weight_ptr, out_ptr, x_stride, width, eps, BLOCK: tl.conste
 
 
 def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`LlamaRMSNorm(hidden_states)` with `weight` and `eps` (any leading shape, last dim contiguous; the weight and
-    the input of one dtype)."""
+    """`LlamaRMSNorm(hidden_states)` with `weight` and `eps` (any shape; the weight and the input of one dtype)."""
     width = hidden_states.shape[-1]
     x = hidden_states.reshape(-1, width)
+    if x.stride(-1) != 1:  # the kernel reads each row as one contiguous run
+        x = x.contiguous()
     out = torch.empty(x.shape, dtype=hidden_states.dtype, device=hidden_states.device)
     block = triton.next_power_of_2(width)
     _rms_norm[(x.shape[0],)](x, weight, out, x.stride(0), width, eps, BLOCK=block,

@@ -56,6 +56,12 @@ ARCHS = {
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+def peak_flops() -> float:
+    """This GPU's dense bf16 peak FLOP/s (NaN where unknown, and so is the MFU)."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), float("nan"))
+
+
 def copy_bandwidth(device) -> float:
     """Bytes read + written per second by a large device-to-device copy."""
     if device.type != "cuda":
@@ -288,18 +294,14 @@ def bench_prefill(model, tokenizer, args, bandwidth, rng):
                 pass
             sync()
         assert decoder.stats["prefills"] == 1
-        if device.type == "cuda":
-            print(f"  prefill peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB", flush=True)
         return time.perf_counter() - start
 
     warmup = once()  # compilation, if any, and kernel choice
     seconds = min(once() for _ in range(3))
     cfg = model.config
     matmul_params = sum(p.numel() for p in model.parameters()) - 2 * cfg.vocab_size * cfg.hidden_size
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), float("nan"))
     result = {"prompts": n, "tokens": tokens, "seconds": round(seconds, 4), "warmup_seconds": round(warmup, 1),
-              "compiled": args.compile, "mfu": round(tokens * 2 * matmul_params / seconds / peak, 3)}
+              "compiled": args.compile, "mfu": round(tokens * 2 * matmul_params / seconds / peak_flops(), 3)}
     print(f"prefill  {n} prompts, {tokens} tokens: {1000 * seconds:.0f} ms, MFU {100 * result['mfu']:.0f}% "
           f"(compiled: {args.compile}; first call {warmup:.1f} s)", flush=True)
     if args.profile:
@@ -463,8 +465,7 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     seconds, real = across_processes(sum(times[warm:]), sum(tokens[warm:len(times)]))
     params = sum(p.numel() for p in trainer.model.parameters() if p.dtype in (torch.bfloat16, torch.float16))
     flops_per_token = 4 * params * (1.5 if stage == "dpo" else 1)  # frozen base: forward 2N + input-grad 2N
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), float("nan"))
+    peak = peak_flops()
     result = {"steps_timed": len(times) - warm, "processes": distributed.world_size(),
               "real_tokens_per_s": round(real / seconds, 1), "padding_free": trainer.args.padding_free
               if stage == "sft" else False,

@@ -87,6 +87,8 @@ def test_the_rms_norm_kernel_computes_llamas_norm_interpreted():
             module.weight.data = torch.rand(width, generator=generator) + 0.5
             x = 3 * torch.randn(2, 7, width, generator=generator)
             print((rms_norm(x, module.weight, 1e-5) - module(x)).abs().max().item())
+            columns = (3 * torch.randn(width, 14, generator=generator)).t()  # rows that are not contiguous
+            print((rms_norm(columns, module.weight, 1e-5) - module(columns)).abs().max().item())
     """)
     assert all(float(error) < 1e-5 for error in out.split()), out
 
