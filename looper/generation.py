@@ -273,8 +273,9 @@ class _Decoder:
                  getattr(text, "num_key_value_heads", None) or text.num_attention_heads, head_dim)
         self.packed_kernel, self.kernel = attention.kernels(*shape)
         self.prefix_kernel = attention.prefix_kernel(*shape)
-        self.cache = SlotCache(text.num_hidden_layers, slots,
-                               capacity=_round_up(max(map(len, encoded)) + max(limits) + 1, _WIDTH_STEP))
+        capacity = _round_up(max(map(len, encoded)) + max(limits) + 1, _WIDTH_STEP)
+        slots = _slots_that_fit(model, slots, capacity, 2 if compile_decode else 1)
+        self.cache = SlotCache(text.num_hidden_layers, slots, capacity)
         self.owner, self.produced, self.length = [-1] * slots, [[] for _ in range(slots)], [0] * slots
         zeros = dict(dtype=torch.long, device=self.device)
         self.state = {"length": torch.zeros(slots, **zeros),
@@ -289,7 +290,8 @@ class _Decoder:
         self.width = 0  # positions every slot's attention covers in a decode step (the sdpa kernel only)
         self.stats = {"decode_steps": 0, "slot_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_shared": 0,
                       "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "graphs": 0,
-                      "capture_seconds": 0.0, "kernel": self.kernel, "compiled_decode": compile_decode}
+                      "capture_seconds": 0.0, "kernel": self.kernel, "compiled_decode": compile_decode,
+                      "slots": slots}
 
     def run(self, refill_at: float):
         """Yields (prompt index, Generation) as rows finish. A decode step's tokens are read while the next step
@@ -629,6 +631,57 @@ def _norm_matches(cls, width: int, dtype: torch.dtype, device: torch.device) -> 
         return True
     log.warning("generation: Triton RMSNorm differs from %s here; not used", cls.__name__)
     return False
+
+
+def _kv_bytes_per_position(model) -> int:
+    """Bytes of KV cache one slot position takes (keys and values of every layer)."""
+    text = model.config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+
+
+def _working_bytes(model, slots: int) -> int:
+    """Memory a generate call needs besides its KV cache, from above: a prefill forward of `_PREFILL_TOKENS`
+    tokens (hidden states, q/k/v, the MLP's intermediates), one float32 logits row per slot a few times over
+    (prefill answers, sampling, the CUDA graphs' outputs), and 1 GiB for the allocator's slack."""
+    text = model.config.get_text_config()
+    hidden = text.hidden_size
+    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+    prefill = _Decoder._PREFILL_TOKENS * (6 * hidden + 4 * intermediate) * model.dtype.itemsize
+    return prefill + 4 * slots * text.vocab_size * 4 + (1 << 30)
+
+
+def _free_bytes(device: torch.device) -> Optional[int]:
+    """Bytes PyTorch can still allocate on `device` (free on the GPU plus cached and unused), None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _slots_that_fit(model, slots: int, capacity: int, least: int) -> int:
+    """`slots`, or fewer where the KV cache of that many slots of `capacity` positions would not fit in the
+    device's free memory (a warning says so; fewer than `least` is an error naming what to lower)."""
+    free = _free_bytes(model.device)
+    if free is None:
+        return slots
+    per_slot, working = capacity * _kv_bytes_per_position(model), _working_bytes(model, slots)
+    fits = max(0, (free - working) // per_slot)
+    if fits >= slots:
+        return slots
+    gib = lambda n: f"{n / 2 ** 30:.1f} GiB"  # noqa: E731
+    if fits < least:
+        raise RuntimeError(
+            f"generation: not enough GPU memory for the KV cache: {least} slot(s) of {capacity} positions (the "
+            f"longest prompt plus max_new_tokens) need {gib(least * per_slot)} besides {gib(working)} of working "
+            f"memory, and {gib(free)} is free on {model.device}. Lower max_new_tokens "
+            f"(rollout.max_new_tokens, eval.max_new_tokens) or the prompts' length (eval.shots), or free the GPU.")
+    log.warning("generation: %d slots of %d positions would need %s of KV cache; %s is free on %s, so %d slots "
+                "decode at a time (a batch_size of at most %d, rollout.batch_size or eval.batch_size, avoids this "
+                "message)", slots, capacity, gib(slots * per_slot), gib(free), model.device, fits, fits)
+    return int(fits)
 
 
 def _round_up(value: int, step: int) -> int:

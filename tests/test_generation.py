@@ -181,3 +181,27 @@ def test_shared_prefixes_group_neighbours_while_that_saves_tokens():
     assert _shared_prefixes([a, b, [1, 9]], 2) == [(0, 2, 3)]  # the third shares too little
     assert _shared_prefixes([[1, 2], [1, 2, 3]], 1) == [(0, 2, 1)]  # each keeps a token of its own
     assert _shared_prefixes([[1, 2, 3], [4, 5, 6]], 1) == []
+
+
+def test_slots_shrink_to_the_kv_cache_that_fits_and_too_little_memory_is_a_clear_error(tiny_sft, monkeypatch, caplog):
+    from looper import generation
+
+    cfg, _, _, sft_dir = tiny_sft
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    prompts = _prompts(cfg, tokenizer, n=10)
+    limit = 24
+    kwargs = {"max_new_tokens": limit, "temperature": 1.0, "seeds": list(range(len(prompts))), "desc": None}
+    full, fitted = {}, {}
+    roomy = [g.text for g in generate(model, tokenizer, prompts, batch_size=8, stats=full, **kwargs)]
+    assert full["slots"] == 8
+    longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    per_slot = generation._round_up(longest + limit + 1, generation._WIDTH_STEP) * \
+        generation._kv_bytes_per_position(model)
+    room = generation._working_bytes(model, 8) + 3 * per_slot + per_slot // 2  # three slots' cache and a half
+    monkeypatch.setattr(generation, "_free_bytes", lambda device: room)
+    tight = [g.text for g in generate(model, tokenizer, prompts, batch_size=8, stats=fitted, **kwargs)]
+    assert fitted["slots"] == 3 and "so 3 slots decode at a time" in caplog.text
+    assert tight == roomy  # fewer slots, the same samples
+    monkeypatch.setattr(generation, "_free_bytes", lambda device: per_slot // 2)
+    with pytest.raises(RuntimeError, match="not enough GPU memory for the KV cache.*Lower max_new_tokens"):
+        generate(model, tokenizer, prompts, batch_size=8, **kwargs)
