@@ -26,6 +26,7 @@ different summation order flips a few near-tied argmaxes, about as often as batc
 
 import functools
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -256,6 +257,8 @@ class _Decoder:
         self.decode_logits = _compiled_decode_logits(COMPILE_BACKEND) if compile_decode else _decode_logits
         self.compiled = compile_decode
         self.norms = _fused_norms(model)  # RMSNorm as one Triton kernel in eager forwards (GPU, bf16/fp16)
+        # with compile_decode, the prefills' MLPs and rotary embedding run compiled too
+        self.prefill_parts = _compilable_parts(model) if compile_decode else ([], [])
         # CUDA graphs replay a decode step without Python and kernel-launch overhead (which otherwise bounds the
         # step time of a 7B model on an H100); one graph per slot count (and, for the sdpa kernel, width), captured
         # on first use.
@@ -291,7 +294,8 @@ class _Decoder:
         self.stats = {"decode_steps": 0, "slot_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_shared": 0,
                       "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "graphs": 0,
                       "capture_seconds": 0.0, "kernel": self.kernel, "compiled_decode": compile_decode,
-                      "slots": slots}
+                      "slots": slots, "compiled_prefill": [type(m).__name__ for m in self.prefill_parts[0][:1]]
+                      + ["apply_rotary_pos_emb"] * bool(self.prefill_parts[1])}
 
     def run(self, refill_at: float):
         """Yields (prompt index, Generation) as rows finish. A decode step's tokens are read while the next step
@@ -412,7 +416,7 @@ class _Decoder:
                                       [o + n for o, n in zip(offsets, lengths)])
             self.cache.prefill_reads_cache = True
         try:
-            with _triton_norms_in(self.norms):
+            with _triton_norms_in(self.norms), _compiled_parts_in(*self.prefill_parts):
                 return _logits(self.model, self.cache, ids, positions[None].to(self.device),
                                (ends - 1)[answers].to(self.device), looper_packed=packed)[0]
         finally:
@@ -595,6 +599,45 @@ class _triton_norms_in:
     def __exit__(self, *exc):
         for module in self.modules:
             del module.forward
+
+
+class _compiled_parts_in:
+    """Within it, the `mlps` (modules) and each of the `modeling` modules' `apply_rotary_pos_emb` run through
+    torch.compile (`_compilable_parts`; a prefill with `compile_decode`): inductor fuses the MLP's activation and
+    product, and the rotary embedding's slices, negation, products and sum, where eager PyTorch makes a pass over
+    the prompts' activations for each. One compilation per function (dynamic shapes) serves every layer and
+    prefill size. The modules' own functions are restored afterwards."""
+
+    def __init__(self, mlps: list, modeling: list):
+        self.mlps, self.modeling, self.originals = mlps, modeling, []
+
+    def __enter__(self):
+        for module in self.mlps:  # an instance attribute: nn.Module calls it instead of the class's forward
+            module.forward = functools.partial(_compiled(type(module).forward, COMPILE_BACKEND), module)
+        self.originals = [python.apply_rotary_pos_emb for python in self.modeling]
+        for python, original in zip(self.modeling, self.originals):
+            python.apply_rotary_pos_emb = _compiled(original, COMPILE_BACKEND)
+        return self
+
+    def __exit__(self, *exc):
+        for module in self.mlps:
+            del module.forward
+        for python, original in zip(self.modeling, self.originals):
+            python.apply_rotary_pos_emb = original
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(function, backend: str):
+    return torch.compile(function, dynamic=True, backend=backend)
+
+
+def _compilable_parts(model) -> tuple[list, list]:
+    """(the model's MLP modules, the Python modules that define its attention classes and their
+    `apply_rotary_pos_emb`): what `_compiled_parts_in` compiles. MLPs are modules of a class named *MLP whose forward
+    is the class's own."""
+    mlps = [m for m in model.modules() if type(m).__name__.endswith("MLP") and "forward" not in vars(m)]
+    modeling = {sys.modules.get(type(m).__module__) for m in model.modules() if type(m).__name__.endswith("Attention")}
+    return mlps, [python for python in modeling if callable(getattr(python, "apply_rotary_pos_emb", None))]
 
 
 def _triton_rms_norm(hidden_states, weight, eps):

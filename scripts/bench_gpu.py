@@ -355,6 +355,10 @@ def bench_eval(model, tokenizer, args, bandwidth, rng):
     vocab = model.config.vocab_size
     n = 64 if args.quick else 1209
     prompts = [words(rng, length, vocab) for length in lognormal_lengths(rng, n, 140, 60, 400)]
+    if args.eval_shots:  # eval.shots: the same solved examples (~160 tokens each) before every question
+        lengths = lognormal_lengths(rng, args.eval_shots, 160, 80, 300)
+        shots = " ".join(words(rng, length, vocab) for length in lengths)
+        prompts = [f"{shots} {prompt}" for prompt in prompts]
     limits = lognormal_lengths(rng, n, args.eval_mean_new, 32, args.eval_max_new)
     results = {}
     if args.compile:  # the compilation is timed apart (a process compiles once; the rollout section may have)
@@ -364,7 +368,7 @@ def bench_eval(model, tokenizer, args, bandwidth, rng):
     result = run_generation(model, tokenizer, prompts, limits, batch_size=args.eval_batch, temperature=0.0,
                             bandwidth=bandwidth, refill_at=args.refill_at, compile_decode=args.compile)
     result.pop("outputs")
-    results["looper"] = result
+    results["looper"], result["shots"] = result, args.eval_shots
     print(f"eval     looper batch {args.eval_batch}: {n} prompts in {result['seconds']:.0f} s, "
           f"{result['tokens_per_s']:,.0f} real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling "
           f"({result['rank0_stats']})", flush=True)
@@ -501,6 +505,8 @@ def main():
     parser.add_argument("--rollout-mean-new", type=int, default=150)
     parser.add_argument("--rollout-max-new", type=int, default=256)
     parser.add_argument("--eval-batch", type=int, default=96)
+    parser.add_argument("--eval-shots", type=int, default=0, help="eval.shots: each eval prompt begins with the "
+                        "same N solved examples of 80-300 tokens (mean 160)")
     parser.add_argument("--eval-mean-new", type=int, default=180)
     parser.add_argument("--eval-max-new", type=int, default=512)
     parser.add_argument("--train-batch", type=int, default=16,

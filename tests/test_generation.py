@@ -119,6 +119,42 @@ def test_generation_compile_runs_the_decode_step_through_torch_compile_with_the_
     assert outputs[True] == outputs[False]
 
 
+def test_generation_compile_also_compiles_the_prefills_mlps_and_rotary_embedding_and_restores_them(tiny_sft,
+                                                                                                    monkeypatch):
+    from torch._dynamo.utils import counters
+    from transformers.models.llama import modeling_llama
+
+    from looper import generation
+
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", "eager")
+    cfg, _, _, sft_dir = tiny_sft
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    prompts, original = _prompts(cfg, tokenizer, n=6), modeling_llama.apply_rotary_pos_emb
+    plain = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4, desc=None)]
+    seen = []
+    patched = generation._compiled_parts_in.__enter__
+
+    def entered(self):  # what the prefill's forward runs with
+        patched(self)
+        seen.append((modeling_llama.apply_rotary_pos_emb, [vars(m).get("forward") for m in self.mlps]))
+        return self
+
+    monkeypatch.setattr(generation._compiled_parts_in, "__enter__", entered)
+    torch._dynamo.reset()  # so that this test traces its graphs whatever ran before it
+    generation._compiled.cache_clear()
+    generation._compiled_decode_logits.cache_clear()
+    traced, stats = counters["stats"]["unique_graphs"], {}
+    compiled = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4, desc=None,
+                                         compile_decode=True, stats=stats)]
+    assert compiled == plain
+    assert stats["compiled_prefill"] == ["LlamaMLP", "apply_rotary_pos_emb"]
+    rotary, forwards = seen[0]
+    assert rotary is not original and len(forwards) == model.config.num_hidden_layers and all(forwards)
+    assert counters["stats"]["unique_graphs"] >= traced + 3  # the decode step, an MLP, the rotary embedding
+    assert modeling_llama.apply_rotary_pos_emb is original  # restored
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
 def test_generation_compile_leaves_a_quantized_model_uncompiled(tiny_sft, monkeypatch, caplog):
     from looper import generation
 
