@@ -12,9 +12,11 @@ to them in its slot. Prompts are taken in token order, so those that begin alike
 forwards on a GPU (prefills; decode steps unless compiled) the model's RMSNorms run as one Triton kernel each
 (`looper.triton_norm`).
 When no prompts are left and half the slots are idle, the cache is compacted to the live rows (down to 8 slots).
-With `compile_decode`, the decode step's model forward runs through torch.compile. Results come back in input order;
-`on_result` sees each as it finishes. Counts are of real tokens: generated tokens up to and including EOS, never
-padding.
+The slots' KV cache is allocated for the longest prompt plus `max_new_tokens` in each slot; on a GPU, where that many
+slots would not fit in free memory, fewer decode at a time (a warning says how many). With `compile_decode`, the
+decode step's model forward runs through torch.compile, and so do the prefills' MLPs and rotary embedding. Results
+come back in input order; `on_result` sees each as it finishes. Counts are of real tokens: generated tokens up to and
+including EOS, never padding.
 
 Sampling is seeded per row (`seeded_choice`; on a GPU one Triton kernel, `looper.triton_sampling`): a row's draws
 depend on its own seed and step only, never on which rows share its batch, their order, padding, the batch size or
@@ -560,11 +562,12 @@ def _compiled_decode_logits(backend: str):
     """`_decode_logits` through torch.compile, one per process: inductor fuses the step's hundreds of small
     elementwise kernels (RMSNorm, rotary embedding, SiLU, residual adds) into a few. Shapes are dynamic (one
     compilation serves every slot count). On an H100 with a 7B model the first call compiles for ~100 s (~60 s in a
-    later process: inductor's on-disk cache), then a batch-256 rollout of 2,048
-    arm-template sequences runs at ~9.9k instead of ~9.0k tokens/s (`scripts/bench_gpu.py --rollout-batches 8
-    --rollout-arms 8 --compile`). Looper's own CUDA graph capture replays the compiled kernels as it does eager ones.
-    The prefill stays eager (with the Triton RMSNorm): compiled in a probe it was ~26% faster, but at the price of a
-    second ~115 s compilation and of compiling again for new shapes."""
+    later process: inductor's on-disk cache). Looper's own CUDA graph capture replays the compiled kernels as it
+    does eager ones. The prefill's forward as a whole stays eager (its attention and cache writes vary in shape from
+    one prefill to the next); only its MLPs and rotary embedding are compiled (`_compiled_parts_in`, a few seconds of
+    compilation), which took a 16,384-token prefill from 424 to 373 ms. A batch-256 rollout of 2,048 arm-template
+    sequences runs at ~10.0k instead of ~9.2k tokens/s (`scripts/bench_gpu.py --rollout-batches 8 --rollout-arms 8
+    --compile`)."""
     return torch.compile(_decode_logits, dynamic=True, backend=backend)
 
 

@@ -163,7 +163,8 @@ def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature
     seconds, real = across_processes(time.perf_counter() - start, mine)
     prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     mean_context = sum(prompt_tokens) / len(prompts) + mine / len(prompts) / 2
-    ceiling = world * ceiling_tokens_per_s(model, min(batch_size, len(prompts)), mean_context, bandwidth)
+    # at the slots generation decoded with (fewer than batch_size where their KV cache would not fit)
+    ceiling = world * ceiling_tokens_per_s(model, stats["slots"], mean_context, bandwidth)
     return {"seconds": round(seconds, 2), "sequences": total, "processes": world, "real_tokens": real,
             "tokens_per_s": round(real / seconds, 1), "ceiling_tokens_per_s": round(ceiling, 1),
             "share_of_ceiling": round(real / seconds / ceiling, 3) if ceiling == ceiling else None,

@@ -20,11 +20,14 @@ def _bench(tmp_path, *args) -> dict:
 
 
 def test_the_benchmark_reports_real_tokens_and_the_greedy_check(tmp_path):
-    report = _bench(tmp_path, "--sections", "rollout,eval", "--baseline", "--check-greedy")
+    report = _bench(tmp_path, "--sections", "rollout,eval", "--baseline", "--check-greedy", "--eval-shots", "2")
     rollout = report["rollout"]["looper"]
     assert rollout["real_tokens"] > 0 and rollout["sequences"] == 256
     assert rollout["rank0_stats"]["decode_steps"] > 0 and report["rollout"]["plain_generate"]["tokens_per_s"] > 0
     assert report["eval"]["greedy_check"]["float32"]["looper_equal_plain"] == "8/8"
+    # two solved examples before every eval question: their tokens are computed once per prefill
+    evaluation = report["eval"]["looper"]
+    assert evaluation["shots"] == 2 and evaluation["rank0_stats"]["prefix_shared_tokens"] > 0
 
 
 def test_the_benchmark_rolls_out_the_issue_setting_with_shared_prompts(tmp_path):
