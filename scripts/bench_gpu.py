@@ -5,6 +5,7 @@ and a local word-level tokenizer, then measures, with looper's code:
 
 - seeded top-p sampling of one decode step (PyTorch's path against the Triton kernel);
 - one generation prefill (rollout-length prompts packed into one forward): its MFU;
+- one decode step of the rollout batch at a rollout-like context: its time against its bandwidth ceiling;
 - rollout generation (arms x samples, sampling, prompts of 80-180 tokens, rows ending at different lengths);
 - evaluation generation (greedy, 1209 prompts of Platinum-like lengths, up to 512 new tokens);
 - LoRA SFT and DPO steps on GSM8K-like variable lengths.
@@ -314,6 +315,48 @@ def bench_prefill(model, tokenizer, args, bandwidth, rng):
     return result
 
 
+def bench_step(model, tokenizer, args, bandwidth, rng):
+    """One decode step of `--rollout-batch` slots whose histories are prompts of 150-300 tokens (mean ~225, about a
+    rollout's mean context): milliseconds as generation runs it (a CUDA graph replay; compiled with `--compile`)
+    against the step's bandwidth ceiling; with `--profile`, the top kernels of the step run outside the graph."""
+    vocab, device, slots = model.config.vocab_size, model.device, args.rollout_batch
+    encoded = [tokenizer(words(rng, rng.randint(150, 300), vocab), add_special_tokens=False)["input_ids"]
+               for _ in range(slots)]
+    context = sum(map(len, encoded)) / slots + 1
+    with torch.no_grad(), generation._looper_attention_in(model):
+        decoder = generation._Decoder(model, tokenizer, encoded, [16] * slots, [1.0] * slots, [0.95] * slots,
+                                      list(range(slots)), slots, args.compile)
+        for _ in decoder.prefill(list(range(decoder.cache.slots))):  # (no row ends at its first token)
+            pass
+        decoder.cache.positions = decoder.state["length"]
+        run = decoder.replay if decoder.use_graphs else decoder.step
+        run()  # capture (and compile, with --compile)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        start, reps = time.perf_counter(), 2 if args.quick else 20
+        for _ in range(reps):
+            run()
+        sync()
+        seconds = (time.perf_counter() - start) / reps
+        rows = decoder.cache.slots
+        ceiling = rows / ceiling_tokens_per_s(model, rows, context, bandwidth)
+        result = {"slots": rows, "mean_context": round(context, 1), "ms": round(1000 * seconds, 2),
+                  "ceiling_ms": round(1000 * ceiling, 2), "share_of_ceiling": round(ceiling / seconds, 3),
+                  "compiled": args.compile, "cuda_graph": decoder.use_graphs, "kernel": decoder.kernel}
+        print(f"step     {rows} slots, mean context {context:.0f}: {1000 * seconds:.1f} ms, ceiling "
+              f"{1000 * ceiling:.1f} ms ({100 * ceiling / seconds:.0f}%; compiled: {args.compile})", flush=True)
+        if args.profile:
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with torch.profiler.profile(activities=activities) as profiler:
+                decoder.step()
+                sync()
+            print(profiler.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else
+                                                "cpu_time_total", row_limit=20, max_name_column_width=70),
+                  flush=True)
+    return result
+
+
 def check_greedy(model, tokenizer, prompts, limits, compile_decode=False):
     """Greedy outputs of looper's path against plain `generate`, one prompt at a time, in float32 without TF32 (in
     bf16 with random weights the logits are nearly flat, so any change of kernel or batch shape flips argmaxes;
@@ -487,7 +530,7 @@ def bench_training(model_dir: Path, args, rng, stage: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="llama2-7b", choices=sorted(ARCHS))
-    parser.add_argument("--sections", default="sampling,prefill,rollout,eval,sft,dpo")
+    parser.add_argument("--sections", default="sampling,prefill,step,rollout,eval,sft,dpo")
     parser.add_argument("--baseline", action="store_true", help="also time plain generate on the rollout batches")
     parser.add_argument("--refill-at", type=float, default=0.125, help="generation.refill_at")
     parser.add_argument("--compile", action="store_true", help="generation.compile=true (torch.compile the decode "
@@ -519,7 +562,7 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
     parser.add_argument("--padded", action="store_true", help="SFT on padded batches (sft.padding_free=false)")
     parser.add_argument("--no-precompute", action="store_true", help="dpo.precompute_ref_log_probs=false")
-    parser.add_argument("--profile", action="store_true", help="print the top ops of one prefill and one "
+    parser.add_argument("--profile", action="store_true", help="print the top ops of one prefill, one decode step and one "
                         "training step")
     args = parser.parse_args()
     args.rollout_refill_at = [float(v) for v in args.rollout_refill_at.split(",") if v] or [args.refill_at]
@@ -539,8 +582,8 @@ def main():
     model, tokenizer = build(args.arch, model_dir)
     tokenizer = models.load_tokenizer(str(model_dir), models.ModelConfig(name_or_path=str(model_dir)))
     model.eval()
-    for section, fn in (("sampling", bench_sampling), ("prefill", bench_prefill), ("rollout", bench_rollout),
-                        ("eval", bench_eval)):
+    for section, fn in (("sampling", bench_sampling), ("prefill", bench_prefill), ("step", bench_step),
+                        ("rollout", bench_rollout), ("eval", bench_eval)):
         if section in sections:
             try:
                 report[section] = fn(model, tokenizer, args, bandwidth, rng)

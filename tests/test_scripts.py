@@ -47,7 +47,9 @@ def test_the_greedy_check_compares_a_trained_model_with_plain_generate(artifacts
 
 
 def test_the_benchmark_rolls_out_prompts_in_arm_templates_sharing_their_prefixes(tmp_path):
-    report = _bench(tmp_path, "--sections", "prefill,rollout", "--rollout-arms", "8")
+    report = _bench(tmp_path, "--sections", "prefill,step,rollout", "--rollout-arms", "8")
     assert report["prefill"]["tokens"] > 0 and report["prefill"]["prompts"] == 16
+    step = report["step"]  # one decode step of the rollout batch
+    assert step["slots"] == 256 and step["ms"] > 0 and 150 < step["mean_context"] < 300
     rollout = report["rollout"]["looper"]
     assert rollout["arms"] == 8 and rollout["rank0_stats"]["prefix_shared_tokens"] > 0
