@@ -259,8 +259,10 @@ class _Decoder:
         self.decode_logits = _compiled_decode_logits(COMPILE_BACKEND) if compile_decode else _decode_logits
         self.compiled = compile_decode
         self.norms = _fused_norms(model)  # RMSNorm as one Triton kernel in eager forwards (GPU, bf16/fp16)
-        # with compile_decode, the prefills' MLPs and rotary embedding run compiled too
+        # with compile_decode, the prefills' MLPs and rotary embedding run compiled too; without, the rotary
+        # embedding is one Triton kernel (GPU, bf16/fp16)
         self.prefill_parts = _compilable_parts(model) if compile_decode else ([], [])
+        self.rotary = [] if compile_decode else _fused_rotary(model)
         # CUDA graphs replay a decode step without Python and kernel-launch overhead (which otherwise bounds the
         # step time of a 7B model on an H100); one graph per slot count (and, for the sdpa kernel, width), captured
         # on first use.
@@ -418,7 +420,8 @@ class _Decoder:
                                       [o + n for o, n in zip(offsets, lengths)])
             self.cache.prefill_reads_cache = True
         try:
-            with _triton_norms_in(self.norms), _compiled_parts_in(*self.prefill_parts):
+            with _triton_norms_in(self.norms), _triton_rotary_in(self.rotary), \
+                    _compiled_parts_in(*self.prefill_parts):
                 return _logits(self.model, self.cache, ids, positions[None].to(self.device),
                                (ends - 1)[answers].to(self.device), looper_packed=packed)[0]
         finally:
@@ -467,7 +470,7 @@ class _Decoder:
         body of the CUDA graphs; running it twice with the same state writes the same values)."""
         state = self.state
         step = attention.DecodeStep(self.kernel, (state["length"] + 1).to(torch.int32), self.width)
-        with _triton_norms_in([] if self.compiled else self.norms):
+        with _triton_norms_in([] if self.compiled else self.norms), _triton_rotary_in(self.rotary):
             logits = self.decode_logits(self.model, self.cache, self.tokens, state["length"], step)
         self.next_tokens.copy_(seeded_choice(logits, state["seed"], state["step"], state["temperature"],
                                              state["top_p"], self.sampling, self.nucleus))
@@ -639,8 +642,79 @@ def _compilable_parts(model) -> tuple[list, list]:
     `apply_rotary_pos_emb`): what `_compiled_parts_in` compiles. MLPs are modules of a class named *MLP whose forward
     is the class's own."""
     mlps = [m for m in model.modules() if type(m).__name__.endswith("MLP") and "forward" not in vars(m)]
+    return mlps, _modeling_with_rotary(model)
+
+
+def _modeling_with_rotary(model) -> list:
+    """The Python modules that define the model's attention classes and an `apply_rotary_pos_emb` (transformers'
+    modeling_llama, modeling_qwen2, ...: the attention forward looks the function up there at each call)."""
     modeling = {sys.modules.get(type(m).__module__) for m in model.modules() if type(m).__name__.endswith("Attention")}
-    return mlps, [python for python in modeling if callable(getattr(python, "apply_rotary_pos_emb", None))]
+    return [python for python in modeling if callable(getattr(python, "apply_rotary_pos_emb", None))]
+
+
+class _triton_rotary_in:
+    """Within it, each of the `modeling` modules' `apply_rotary_pos_emb` (`_fused_rotary`) runs as looper's Triton
+    kernel where the call is one it handles, and as itself otherwise; the module's own function is restored
+    afterwards. For eager forwards only (a compiled decode step fuses the rotary embedding itself)."""
+
+    def __init__(self, modeling: list):
+        self.modeling, self.originals = modeling, []
+
+    def __enter__(self):
+        self.originals = [python.apply_rotary_pos_emb for python in self.modeling]
+        for python, original in zip(self.modeling, self.originals):
+            python.apply_rotary_pos_emb = functools.partial(_triton_rotary, original)
+        return self
+
+    def __exit__(self, *exc):
+        for python, original in zip(self.modeling, self.originals):
+            python.apply_rotary_pos_emb = original
+
+
+def _triton_rotary(original, q, k, cos, sin, *args, **kwargs):
+    """`original(q, k, cos, sin, ...)`, by `looper.triton_rotary` where the call is its plain form: q and k
+    [batch, heads, tokens, head_dim] (a power of two, the last dimension contiguous), cos/sin [batch, tokens,
+    head_dim] of their dtype."""
+    plain = not args and kwargs.get("unsqueeze_dim", 1) == 1 and set(kwargs) <= {"unsqueeze_dim"} \
+        and q.dim() == k.dim() == 4 and cos.dim() == sin.dim() == 3 and q.stride(-1) == k.stride(-1) == 1 \
+        and q.shape[-1] == k.shape[-1] == cos.shape[-1] and q.shape[-1] & (q.shape[-1] - 1) == 0 \
+        and q.dtype == k.dtype == cos.dtype == sin.dtype and q.is_cuda
+    if not plain:
+        return original(q, k, cos, sin, *args, **kwargs)
+    from looper.triton_rotary import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def _fused_rotary(model) -> list:
+    """The modules of `_modeling_with_rotary` whose `apply_rotary_pos_emb` `looper.triton_rotary` computes exactly
+    (on CUDA in bf16/fp16, checked on a test input: a variant such as an interleaved or partial rotary is not)."""
+    if model.device.type != "cuda" or model.dtype not in (torch.float16, torch.bfloat16):
+        return []
+    return [python for python in _modeling_with_rotary(model)
+            if _rotary_matches(python.apply_rotary_pos_emb, model.dtype, model.device)]
+
+
+@functools.lru_cache(maxsize=None)
+def _rotary_matches(function, dtype: torch.dtype, device: torch.device) -> bool:
+    generator = torch.Generator(device=device).manual_seed(0)
+    # q and k as the attention forward makes them: a projection [batch, tokens, heads * 64] viewed per head and
+    # transposed; 3 query heads (not a power of two), 2 key heads
+    q = torch.randn(2, 5, 3 * 64, device=device, generator=generator).to(dtype).view(2, 5, 3, 64).transpose(1, 2)
+    k = torch.randn(2, 5, 2 * 64, device=device, generator=generator).to(dtype).view(2, 5, 2, 64).transpose(1, 2)
+    angles = 40 * torch.rand(2, 5, 32, device=device, generator=generator)
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    try:
+        with torch.no_grad():
+            got, expected = _triton_rotary(function, q, k, cos, sin), function(q, k, cos, sin)
+    except Exception as error:  # noqa: BLE001 - no Triton, an old GPU, another signature: the model's own
+        log.warning("generation: Triton rotary embedding unavailable for %s here (%s)", function.__module__, error)
+        return False
+    if all(torch.equal(a, b) for a, b in zip(got, expected)):
+        return True
+    log.warning("generation: Triton rotary embedding differs from %s.apply_rotary_pos_emb here; not used",
+                function.__module__)
+    return False
 
 
 def _triton_rms_norm(hidden_states, weight, eps):

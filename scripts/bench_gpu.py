@@ -562,8 +562,8 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
     parser.add_argument("--padded", action="store_true", help="SFT on padded batches (sft.padding_free=false)")
     parser.add_argument("--no-precompute", action="store_true", help="dpo.precompute_ref_log_probs=false")
-    parser.add_argument("--profile", action="store_true", help="print the top ops of one prefill, one decode step and one "
-                        "training step")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of one prefill, one decode "
+                        "step and one training step")
     args = parser.parse_args()
     args.rollout_refill_at = [float(v) for v in args.rollout_refill_at.split(",") if v] or [args.refill_at]
     distributed.init()

@@ -2,6 +2,7 @@
 through Triton's interpreter (`TRITON_INTERPRET=1`, in a subprocess: the interpreter is chosen when a kernel is
 defined); on a GPU, compiled."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -128,3 +129,61 @@ def test_gpu_sampling_uses_the_kernel_and_agrees_with_pytorch():
     same = seeded_choice(logits, keys, temperatures, top_ps, True) == _torch_choice(logits, keys, temperatures,
                                                                                      top_ps, True)
     assert same[temperatures <= 0].all() and same.sum() >= rows - 3
+
+
+
+def rotary_case(device: str) -> list[tuple]:
+    """For bf16 and fp16, a prefill, a decode step and cos/sin broadcast over the batch, for q and k: (dtype, whether
+    looper's rotary kernel gives Llama's `apply_rotary_pos_emb` bit for bit, its largest difference relative to the
+    largest value, whether it is token-major underneath)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from looper.triton_rotary import apply_rotary_pos_emb as triton_rotary
+
+    generator, results = torch.Generator(device).manual_seed(0), []
+    for dtype in (torch.bfloat16, torch.float16):
+        for batch, cos_batch, tokens in ((1, 1, 9), (4, 4, 1), (3, 1, 2)):
+            # q and k as the attention forward makes them: a projection viewed per head and transposed
+            q = torch.randn(batch, tokens, 3 * 16, generator=generator, device=device).to(dtype)
+            k = torch.randn(batch, tokens, 2 * 16, generator=generator, device=device).to(dtype)
+            q, k = q.view(batch, tokens, 3, 16).transpose(1, 2), k.view(batch, tokens, 2, 16).transpose(1, 2)
+            angles = 50 * torch.rand(cos_batch, tokens, 8, generator=generator, device=device)
+            cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+            for a, b in zip(triton_rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
+                error = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                results.append((str(dtype), a.shape == b.shape and torch.equal(a, b), error,
+                                a.transpose(1, 2).is_contiguous()))
+    return results
+
+
+@interpreted
+def test_the_rotary_kernel_computes_llamas_rotary_embedding_interpreted():
+    out = _interpreted("from tests.test_triton_kernels import rotary_case; print(repr(rotary_case('cpu')))")
+    results = ast.literal_eval(out.strip())
+    assert len(results) == 12 and all(token_major for *_, token_major in results)
+    # float16: bit for bit. bfloat16 within two roundings: Triton 3.9's interpreter truncates float32 to bfloat16
+    # where the GPU rounds to nearest (the GPU test checks bfloat16 bit for bit)
+    assert all(equal for dtype, equal, _, _ in results if dtype == "torch.float16")
+    assert all(error < 2 * 2 ** -7 for dtype, _, error, _ in results if dtype == "torch.bfloat16")
+
+
+@gpu
+def test_gpu_rotary_kernel_equals_llamas_and_generation_patches_and_restores_it():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from looper.generation import _fused_rotary, _triton_rotary_in
+
+    assert all(equal and token_major for _, equal, _, token_major in rotary_case("cuda"))  # bit for bit
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    original = modeling_llama.apply_rotary_pos_emb
+    ids = torch.randint(0, 100, (2, 9), device="cuda")
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert _fused_rotary(model) == [modeling_llama]
+        with _triton_rotary_in(_fused_rotary(model)):
+            assert modeling_llama.apply_rotary_pos_emb is not original
+            assert torch.allclose(model(ids).logits.float(), expected.float(), atol=2e-2)
+        assert modeling_llama.apply_rotary_pos_emb is original
