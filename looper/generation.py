@@ -260,7 +260,7 @@ class _Decoder:
         self.compiled = compile_decode
         self.norms = _fused_norms(model)  # RMSNorm as one Triton kernel in eager forwards (GPU, bf16/fp16)
         # with compile_decode, the prefills' MLPs and rotary embedding run compiled too; without, the rotary
-        # embedding is one Triton kernel (GPU, bf16/fp16)
+        # embedding is one Triton kernel (GPU, bf16)
         self.prefill_parts = _compilable_parts(model) if compile_decode else ([], [])
         self.rotary = [] if compile_decode else _fused_rotary(model)
         # CUDA graphs replay a decode step without Python and kernel-launch overhead (which otherwise bounds the
@@ -674,11 +674,11 @@ class _triton_rotary_in:
 def _triton_rotary(original, q, k, cos, sin, *args, **kwargs):
     """`original(q, k, cos, sin, ...)`, by `looper.triton_rotary` where the call is its plain form: q and k
     [batch, heads, tokens, head_dim] (a power of two, the last dimension contiguous), cos/sin [batch, tokens,
-    head_dim] of their dtype."""
+    head_dim], all bfloat16."""
     plain = not args and kwargs.get("unsqueeze_dim", 1) == 1 and set(kwargs) <= {"unsqueeze_dim"} \
         and q.dim() == k.dim() == 4 and cos.dim() == sin.dim() == 3 and q.stride(-1) == k.stride(-1) == 1 \
         and q.shape[-1] == k.shape[-1] == cos.shape[-1] and q.shape[-1] & (q.shape[-1] - 1) == 0 \
-        and q.dtype == k.dtype == cos.dtype == sin.dtype and q.is_cuda
+        and q.dtype == k.dtype == cos.dtype == sin.dtype == torch.bfloat16 and q.is_cuda
     if not plain:
         return original(q, k, cos, sin, *args, **kwargs)
     from looper.triton_rotary import apply_rotary_pos_emb
@@ -688,8 +688,8 @@ def _triton_rotary(original, q, k, cos, sin, *args, **kwargs):
 
 def _fused_rotary(model) -> list:
     """The modules of `_modeling_with_rotary` whose `apply_rotary_pos_emb` `looper.triton_rotary` computes exactly
-    (on CUDA in bf16/fp16, checked on a test input: a variant such as an interleaved or partial rotary is not)."""
-    if model.device.type != "cuda" or model.dtype not in (torch.float16, torch.bfloat16):
+    (on CUDA in bfloat16, checked on a test input: a variant such as an interleaved or partial rotary is not)."""
+    if model.device.type != "cuda" or model.dtype != torch.bfloat16:
         return []
     return [python for python in _modeling_with_rotary(model)
             if _rotary_matches(python.apply_rotary_pos_emb, model.dtype, model.device)]

@@ -1,4 +1,4 @@
-"""The rotary position embedding as one Triton kernel, for generation on a GPU in bf16/fp16.
+"""The rotary position embedding as one Triton kernel, for generation on a GPU in bfloat16.
 
 Why: transformers' `apply_rotary_pos_emb` (`q * cos + rotate_half(q) * sin`) is about eight PyTorch kernels for q
 and k (slices, negation, a concatenation, products, sums), each a pass over the prompts' activations, and leaves q
@@ -6,13 +6,24 @@ and k head-major, so that writing k into the slot cache is a strided gather. In 
 H100 that was ~50 ms of 424 (`scripts/bench_gpu.py --sections prefill --profile`). This kernel reads each token's
 heads once and writes them token-major (the layout of the slot cache and of FlashAttention's packed input), and
 returns the same [batch, heads, tokens, head_dim] view. The arithmetic is the function's, rounding where it rounds:
-each product rounded to the input's dtype, then their sum, so the result equals PyTorch's bit for bit.
-`looper.generation` uses it only where it equals the model's own function on a test input, and never in float32.
+each product rounded to bfloat16, then their sum, so the result equals PyTorch's bit for bit. `looper.generation`
+uses it only where it equals the model's own function on a test input; never in float32 or float16 (whose
+rounding the kernel does not reproduce).
 """
 
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """float32 `x` rounded to the nearest bfloat16 (ties to even), still as float32. In integer arithmetic: a cast
+    there and back may be folded away by the compiler, and the product and sum around it fused into an FMA (on an
+    H100 that gave a result different from PyTorch's in a quarter of the elements)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -23,26 +34,24 @@ def _rotary(x_ptr, cos_ptr, sin_ptr, out_ptr, tokens, heads, x_stride_b, x_strid
     h, d = tl.arange(0, BLOCK_H), tl.arange(0, HALF)
     inside = (h < heads)[:, None]
     x = x_ptr + b * x_stride_b + t * x_stride_t + h[:, None] * x_stride_h + d[None, :]
-    x1 = tl.load(x, mask=inside, other=0.0)
-    x2 = tl.load(x + HALF, mask=inside, other=0.0)
+    x1 = tl.load(x, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(x + HALF, mask=inside, other=0.0).to(tl.float32)
     c = cos_ptr + b * c_stride_b + t * c_stride_t + d
     s = sin_ptr + b * c_stride_b + t * c_stride_t + d
     c1, c2 = tl.load(c)[None, :].to(tl.float32), tl.load(c + HALF)[None, :].to(tl.float32)
     s1, s2 = tl.load(s)[None, :].to(tl.float32), tl.load(s + HALF)[None, :].to(tl.float32)
-    dtype = out_ptr.dtype.element_ty
-    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-    # q * cos + cat(-q2, q1) * sin, each product and the sum rounded to the dtype, as PyTorch does
-    first = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
-    second = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+    # q * cos + cat(-q2, q1) * sin, each product and the sum rounded to bfloat16, as PyTorch does
+    first = _round_to_bf16(_round_to_bf16(x1 * c1) + _round_to_bf16(-x2 * s1))
+    second = _round_to_bf16(_round_to_bf16(x2 * c2) + _round_to_bf16(x1 * s2))
     out = out_ptr + row * heads * 2 * HALF + h[:, None] * 2 * HALF + d[None, :]
-    tl.store(out, first.to(dtype), mask=inside)
-    tl.store(out + HALF, second.to(dtype), mask=inside)
+    tl.store(out, first.to(tl.bfloat16), mask=inside)  # (exact: the values are bfloat16 already)
+    tl.store(out + HALF, second.to(tl.bfloat16), mask=inside)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`x * cos[:, None] + rotate_half(x) * sin[:, None]` for x [batch, heads, tokens, head_dim] (head_dim a power of
-    two, its last dimension contiguous) and cos/sin [batch, tokens, head_dim] of x's dtype; the result has x's shape,
-    stored token-major ([batch, tokens, heads, head_dim] underneath)."""
+    """`x * cos[:, None] + rotate_half(x) * sin[:, None]` for x [batch, heads, tokens, head_dim] in bfloat16
+    (head_dim a power of two, its last dimension contiguous) and cos/sin [batch, tokens, head_dim] in bfloat16; the
+    result has x's shape, stored token-major ([batch, tokens, heads, head_dim] underneath)."""
     batch, heads, tokens, dim = x.shape
     out = torch.empty(batch, tokens, heads, dim, dtype=x.dtype, device=x.device)
     cos, sin = cos.expand(batch, tokens, dim), sin.expand(batch, tokens, dim)

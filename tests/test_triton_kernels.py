@@ -2,7 +2,6 @@
 through Triton's interpreter (`TRITON_INTERPRET=1`, in a subprocess: the interpreter is chosen when a kernel is
 defined); on a GPU, compiled."""
 
-import ast
 import os
 import subprocess
 import sys
@@ -133,16 +132,15 @@ def test_gpu_sampling_uses_the_kernel_and_agrees_with_pytorch():
 
 
 def rotary_case(device: str) -> list[tuple]:
-    """For bf16 and fp16, a prefill, a decode step and cos/sin broadcast over the batch, for q and k: (dtype, whether
-    looper's rotary kernel gives Llama's `apply_rotary_pos_emb` bit for bit, its largest difference relative to the
-    largest value, whether it is token-major underneath)."""
+    """For a prefill, a decode step and cos/sin broadcast over the batch, in bfloat16, for q and k: whether looper's
+    rotary kernel gives Llama's `apply_rotary_pos_emb` bit for bit and token-major underneath."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     from looper.triton_rotary import apply_rotary_pos_emb as triton_rotary
 
     generator, results = torch.Generator(device).manual_seed(0), []
-    for dtype in (torch.bfloat16, torch.float16):
-        for batch, cos_batch, tokens in ((1, 1, 9), (4, 4, 1), (3, 1, 2)):
+    for dtype in (torch.bfloat16,):
+        for batch, cos_batch, tokens in ((1, 1, 9), (4, 4, 1), (3, 1, 2), (2, 2, 40)):
             # q and k as the attention forward makes them: a projection viewed per head and transposed
             q = torch.randn(batch, tokens, 3 * 16, generator=generator, device=device).to(dtype)
             k = torch.randn(batch, tokens, 2 * 16, generator=generator, device=device).to(dtype)
@@ -150,21 +148,14 @@ def rotary_case(device: str) -> list[tuple]:
             angles = 50 * torch.rand(cos_batch, tokens, 8, generator=generator, device=device)
             cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
             for a, b in zip(triton_rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
-                error = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-                results.append((str(dtype), a.shape == b.shape and torch.equal(a, b), error,
-                                a.transpose(1, 2).is_contiguous()))
+                results.append(a.shape == b.shape and torch.equal(a, b) and a.transpose(1, 2).is_contiguous())
     return results
 
 
 @interpreted
-def test_the_rotary_kernel_computes_llamas_rotary_embedding_interpreted():
-    out = _interpreted("from tests.test_triton_kernels import rotary_case; print(repr(rotary_case('cpu')))")
-    results = ast.literal_eval(out.strip())
-    assert len(results) == 12 and all(token_major for *_, token_major in results)
-    # float16: bit for bit. bfloat16 within two roundings: Triton 3.9's interpreter truncates float32 to bfloat16
-    # where the GPU rounds to nearest (the GPU test checks bfloat16 bit for bit)
-    assert all(equal for dtype, equal, _, _ in results if dtype == "torch.float16")
-    assert all(error < 2 * 2 ** -7 for dtype, _, error, _ in results if dtype == "torch.bfloat16")
+def test_the_rotary_kernel_equals_llamas_rotary_embedding_bit_for_bit_interpreted():
+    out = _interpreted("from tests.test_triton_kernels import rotary_case; print(rotary_case('cpu'))")
+    assert out.strip() == str([True] * 8), out
 
 
 @gpu
@@ -174,7 +165,7 @@ def test_gpu_rotary_kernel_equals_llamas_and_generation_patches_and_restores_it(
 
     from looper.generation import _fused_rotary, _triton_rotary_in
 
-    assert all(equal and token_major for _, equal, _, token_major in rotary_case("cuda"))  # bit for bit
+    assert rotary_case("cuda") == [True] * 8  # bit for bit
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=100)
     model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
