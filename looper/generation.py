@@ -259,10 +259,11 @@ class _Decoder:
         self.decode_logits = _compiled_decode_logits(COMPILE_BACKEND) if compile_decode else _decode_logits
         self.compiled = compile_decode
         self.norms = _fused_norms(model)  # RMSNorm as one Triton kernel in eager forwards (GPU, bf16/fp16)
-        # with compile_decode, the prefills' MLPs and rotary embedding run compiled too; without, the rotary
-        # embedding is one Triton kernel (GPU, bf16)
-        self.prefill_parts = _compilable_parts(model) if compile_decode else ([], [])
-        self.rotary = [] if compile_decode else _fused_rotary(model)
+        # the rotary embedding as one Triton kernel in eager forwards (GPU, bf16); with compile_decode, the
+        # prefills' MLPs (and the rotary embedding where the kernel is not used) run compiled
+        self.rotary = _fused_rotary(model)
+        mlps, modeling = _compilable_parts(model) if compile_decode else ([], [])
+        self.prefill_parts = (mlps, [python for python in modeling if python not in self.rotary])
         # CUDA graphs replay a decode step without Python and kernel-launch overhead (which otherwise bounds the
         # step time of a 7B model on an H100); one graph per slot count (and, for the sdpa kernel, width), captured
         # on first use.
@@ -299,7 +300,7 @@ class _Decoder:
                       "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "graphs": 0,
                       "capture_seconds": 0.0, "kernel": self.kernel, "compiled_decode": compile_decode,
                       "slots": slots, "compiled_prefill": [type(m).__name__ for m in self.prefill_parts[0][:1]]
-                      + ["apply_rotary_pos_emb"] * bool(self.prefill_parts[1])}
+                      + ["apply_rotary_pos_emb"] * bool(self.prefill_parts[1]), "triton_rotary": bool(self.rotary)}
 
     def run(self, refill_at: float):
         """Yields (prompt index, Generation) as rows finish. A decode step's tokens are read while the next step
@@ -470,7 +471,8 @@ class _Decoder:
         body of the CUDA graphs; running it twice with the same state writes the same values)."""
         state = self.state
         step = attention.DecodeStep(self.kernel, (state["length"] + 1).to(torch.int32), self.width)
-        with _triton_norms_in([] if self.compiled else self.norms), _triton_rotary_in(self.rotary):
+        with _triton_norms_in([] if self.compiled else self.norms), \
+                _triton_rotary_in([] if self.compiled else self.rotary):
             logits = self.decode_logits(self.model, self.cache, self.tokens, state["length"], step)
         self.next_tokens.copy_(seeded_choice(logits, state["seed"], state["step"], state["temperature"],
                                              state["top_p"], self.sampling, self.nucleus))
