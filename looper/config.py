@@ -286,12 +286,13 @@ class GenerationSettings:
     refill_at: float = doc("Share of the decoding slots (rollout/eval `batch_size`) that must be free before they are "
                            "refilled with new prompts in one prefill: lower refills sooner (fewer idle slots, more "
                            "prefill passes). Speed only; outputs do not depend on it.", 0.125)
-    compile: bool = doc("Run each decode step's model forward, and the prefills' MLPs and rotary embedding, through "
-                        "torch.compile (inductor fuses their small kernels): a 7B rollout runs ~9% faster on an H100 "
-                        "for a compilation once per process (~100 s cold, ~60 s with inductor's on-disk cache warm). "
-                        "Worth it for rollouts or evals of many thousands of sequences; in bfloat16 the fused "
-                        "arithmetic rounds differently, so samples differ from the uncompiled path's (float32 greedy "
-                        "outputs are the same).", False)
+    compile: bool = doc("Run each decode step's model forward, and the prefills' MLPs, through torch.compile "
+                        "(inductor fuses their small kernels), for a compilation once per process (~100 s cold, ~60 s "
+                        "with inductor's on-disk cache warm). With looper's Triton norm and rotary kernels in the "
+                        "uncompiled path it gains little for a Llama-shaped 7B model on an H100 (a decode step 4% "
+                        "faster, rollouts and evaluation within noise); it helps models those kernels do not serve. "
+                        "In bfloat16 the fused arithmetic rounds differently, so samples differ from the uncompiled "
+                        "path's (float32 greedy outputs are the same).", False)
 
     def __post_init__(self):
         _check(0 < self.refill_at <= 1, "generation.refill_at", f"must be in (0, 1], got {self.refill_at}")

@@ -10,11 +10,12 @@ their KV entries written to each of their slots, and so are the first tokens tha
 arm's system prompt, few-shot examples, a trajectory cut at several points): the rest of each prompt then attends
 to them in its slot. Prompts are taken in token order, so those that begin alike are prefilled together. In eager
 forwards on a GPU (prefills; decode steps unless compiled) the model's RMSNorms run as one Triton kernel each
-(`looper.triton_norm`).
+(`looper.triton_norm`), and in bfloat16 so does its rotary embedding (`looper.triton_rotary`), which also leaves q and
+k token-major, the layout of the slot cache and of FlashAttention's packed input.
 When no prompts are left and half the slots are idle, the cache is compacted to the live rows (down to 8 slots).
 The slots' KV cache is allocated for the longest prompt plus `max_new_tokens` in each slot; on a GPU, where that many
 slots would not fit in free memory, fewer decode at a time (a warning says how many). With `compile_decode`, the
-decode step's model forward runs through torch.compile, and so do the prefills' MLPs and rotary embedding. Results
+decode step's model forward runs through torch.compile, and so do the prefills' MLPs. Results
 come back in input order; `on_result` sees each as it finishes. Counts are of real tokens: generated tokens up to and
 including EOS, never padding.
 
@@ -569,10 +570,11 @@ def _compiled_decode_logits(backend: str):
     compilation serves every slot count). On an H100 with a 7B model the first call compiles for ~100 s (~60 s in a
     later process: inductor's on-disk cache). Looper's own CUDA graph capture replays the compiled kernels as it
     does eager ones. The prefill's forward as a whole stays eager (its attention and cache writes vary in shape from
-    one prefill to the next); only its MLPs and rotary embedding are compiled (`_compiled_parts_in`, a few seconds of
-    compilation), which took a 16,384-token prefill from 424 to 373 ms. A batch-256 rollout of 2,048 arm-template
-    sequences runs at ~10.0k instead of ~9.2k tokens/s (`scripts/bench_gpu.py --rollout-batches 8 --rollout-arms 8
-    --compile`)."""
+    one prefill to the next); only its MLPs are compiled (`_compiled_parts_in`, a few seconds), and its rotary
+    embedding where looper's Triton kernel does not serve. Since the eager step has looper's Triton norms and rotary
+    embedding, compiling gains little there: a step of 256 slots takes 18.2 instead of 18.9 ms, and a rollout of
+    2,048 arm-template sequences runs at the same ~9.9k tokens/s (`scripts/bench_gpu.py --sections step,rollout
+    --rollout-batches 8 --rollout-arms 8 [--compile]`)."""
     return torch.compile(_decode_logits, dynamic=True, backend=backend)
 
 
