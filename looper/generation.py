@@ -300,8 +300,9 @@ class _Decoder:
         self.stats = {"decode_steps": 0, "slot_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_shared": 0,
                       "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "graphs": 0,
                       "capture_seconds": 0.0, "kernel": self.kernel, "compiled_decode": compile_decode,
-                      "slots": slots, "compiled_prefill": [type(m).__name__ for m in self.prefill_parts[0][:1]]
-                      + ["apply_rotary_pos_emb"] * bool(self.prefill_parts[1]), "triton_rotary": bool(self.rotary)}
+                      "slots": slots, "triton_rotary": bool(self.rotary),
+                      "compiled_prefill": sorted({type(m).__name__ for m in mlps})
+                      + ["apply_rotary_pos_emb"] * bool(self.prefill_parts[1])}
 
     def run(self, refill_at: float):
         """Yields (prompt index, Generation) as rows finish. A decode step's tokens are read while the next step
