@@ -258,13 +258,14 @@ class _Decoder:
             log.warning("generation.compile: not for a quantized model; decoding uncompiled")
             compile_decode = False
         self.decode_logits = _compiled_decode_logits(COMPILE_BACKEND) if compile_decode else _decode_logits
-        self.compiled = compile_decode
-        self.norms = _fused_norms(model)  # RMSNorm as one Triton kernel in eager forwards (GPU, bf16/fp16)
-        # the rotary embedding as one Triton kernel in eager forwards (GPU, bf16); with compile_decode, the
-        # prefills' MLPs (and the rotary embedding where the kernel is not used) run compiled
-        self.rotary = _fused_rotary(model)
+        # in eager forwards (GPU): RMSNorm (bf16/fp16) and the rotary embedding (bf16) as one Triton kernel each;
+        # with compile_decode, the prefills' MLPs (and the rotary embedding where the kernel is not used) compiled
+        rotary = _fused_rotary(model)
         mlps, modeling = _compilable_parts(model) if compile_decode else ([], [])
-        self.prefill_parts = (mlps, [python for python in modeling if python not in self.rotary])
+        modeling = [python for python in modeling if python not in rotary]
+        eager = _norm_patches(_fused_norms(model)) + _rotary_patches(rotary)
+        self.prefill_patches = eager + _compiled_patches(mlps, modeling)
+        self.step_patches = [] if compile_decode else eager  # (a compiled step fuses them itself)
         # CUDA graphs replay a decode step without Python and kernel-launch overhead (which otherwise bounds the
         # step time of a 7B model on an H100); one graph per slot count (and, for the sdpa kernel, width), captured
         # on first use.
@@ -300,9 +301,9 @@ class _Decoder:
         self.stats = {"decode_steps": 0, "slot_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_shared": 0,
                       "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "graphs": 0,
                       "capture_seconds": 0.0, "kernel": self.kernel, "compiled_decode": compile_decode,
-                      "slots": slots, "triton_rotary": bool(self.rotary),
+                      "slots": slots, "triton_rotary": bool(rotary),
                       "compiled_prefill": sorted({type(m).__name__ for m in mlps})
-                      + ["apply_rotary_pos_emb"] * bool(self.prefill_parts[1])}
+                      + ["apply_rotary_pos_emb"] * bool(modeling)}
 
     def run(self, refill_at: float):
         """Yields (prompt index, Generation) as rows finish. A decode step's tokens are read while the next step
@@ -423,8 +424,7 @@ class _Decoder:
                                       [o + n for o, n in zip(offsets, lengths)])
             self.cache.prefill_reads_cache = True
         try:
-            with _triton_norms_in(self.norms), _triton_rotary_in(self.rotary), \
-                    _compiled_parts_in(*self.prefill_parts):
+            with _patched(self.prefill_patches):
                 return _logits(self.model, self.cache, ids, positions[None].to(self.device),
                                (ends - 1)[answers].to(self.device), looper_packed=packed)[0]
         finally:
@@ -473,8 +473,7 @@ class _Decoder:
         body of the CUDA graphs; running it twice with the same state writes the same values)."""
         state = self.state
         step = attention.DecodeStep(self.kernel, (state["length"] + 1).to(torch.int32), self.width)
-        with _triton_norms_in([] if self.compiled else self.norms), \
-                _triton_rotary_in([] if self.compiled else self.rotary):
+        with _patched(self.step_patches):
             logits = self.decode_logits(self.model, self.cache, self.tokens, state["length"], step)
         self.next_tokens.copy_(seeded_choice(logits, state["seed"], state["step"], state["temperature"],
                                              state["top_p"], self.sampling, self.nucleus))
@@ -571,7 +570,7 @@ def _compiled_decode_logits(backend: str):
     compilation serves every slot count). On an H100 with a 7B model the first call compiles for ~100 s (~60 s in a
     later process: inductor's on-disk cache). Looper's own CUDA graph capture replays the compiled kernels as it
     does eager ones. The prefill's forward as a whole stays eager (its attention and cache writes vary in shape from
-    one prefill to the next); only its MLPs are compiled (`_compiled_parts_in`, a few seconds), and its rotary
+    one prefill to the next); only its MLPs are compiled (`_compiled_patches`, a few seconds), and its rotary
     embedding where looper's Triton kernel does not serve. Since the eager step has looper's Triton norms and rotary
     embedding, compiling gains little there: a step of 256 slots takes 18.2 instead of 18.9 ms, and a rollout of
     2,048 arm-template sequences runs at the same ~9.9k tokens/s (`scripts/bench_gpu.py --sections step,rollout
@@ -594,47 +593,53 @@ class _looper_attention_in:
         self.model.set_attn_implementation(self.original)
 
 
-class _triton_norms_in:
-    """Within it, the RMSNorm `modules` (`_fused_norms`) run as one Triton kernel each; their own forward is restored
-    afterwards. For eager forwards only: a compiled decode step fuses the norms itself (and a Triton kernel in it
-    made every new slot count compile again)."""
+_ABSENT = object()
 
-    def __init__(self, modules: list):
-        self.modules = modules
+
+class _patched:
+    """Within it, each (owner, name, value) of `patches` is set: an nn.Module's instance `forward` (nn.Module calls it
+    instead of the class's), a modeling module's `apply_rotary_pos_emb` (the attention forward looks it up there at
+    each call). Afterwards each name is as it was, or gone where it was not there, so training never sees them."""
+
+    def __init__(self, patches: list):
+        self.patches, self.saved = patches, []
 
     def __enter__(self):
-        for module in self.modules:  # an instance attribute: nn.Module calls it instead of the class's forward
-            module.forward = functools.partial(_triton_rms_norm, weight=module.weight, eps=module.variance_epsilon)
+        self.saved = [vars(owner).get(name, _ABSENT) for owner, name, _ in self.patches]
+        for owner, name, value in self.patches:
+            setattr(owner, name, value)
         return self
 
     def __exit__(self, *exc):
-        for module in self.modules:
-            del module.forward
+        for (owner, name, _), before in zip(self.patches, self.saved):
+            if before is _ABSENT:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, before)
 
 
-class _compiled_parts_in:
-    """Within it, the `mlps` (modules) and each of the `modeling` modules' `apply_rotary_pos_emb` run through
-    torch.compile (`_compilable_parts`; a prefill with `compile_decode`): inductor fuses the MLP's activation and
-    product, and the rotary embedding's slices, negation, products and sum, where eager PyTorch makes a pass over
-    the prompts' activations for each. One compilation per function (dynamic shapes) serves every layer and
-    prefill size. The modules' own functions are restored afterwards."""
+def _norm_patches(modules: list) -> list:
+    """The RMSNorm `modules` (`_fused_norms`) as one Triton kernel each. Eager forwards only: in a compiled decode
+    step inductor fuses the norms itself, and a Triton kernel in it made every new slot count compile again."""
+    return [(m, "forward", functools.partial(_triton_rms_norm, weight=m.weight, eps=m.variance_epsilon))
+            for m in modules]
 
-    def __init__(self, mlps: list, modeling: list):
-        self.mlps, self.modeling, self.originals = mlps, modeling, []
 
-    def __enter__(self):
-        for module in self.mlps:  # an instance attribute: nn.Module calls it instead of the class's forward
-            module.forward = functools.partial(_compiled(type(module).forward, COMPILE_BACKEND), module)
-        self.originals = [python.apply_rotary_pos_emb for python in self.modeling]
-        for python, original in zip(self.modeling, self.originals):
-            python.apply_rotary_pos_emb = _compiled(original, COMPILE_BACKEND)
-        return self
+def _rotary_patches(modeling: list) -> list:
+    """Each of the `modeling` modules' `apply_rotary_pos_emb` (`_fused_rotary`) as looper's Triton kernel where the
+    call is one it handles, and as itself otherwise. Eager forwards only, as the norms."""
+    return [(python, "apply_rotary_pos_emb", functools.partial(_triton_rotary, python.apply_rotary_pos_emb))
+            for python in modeling]
 
-    def __exit__(self, *exc):
-        for module in self.mlps:
-            del module.forward
-        for python, original in zip(self.modeling, self.originals):
-            python.apply_rotary_pos_emb = original
+
+def _compiled_patches(mlps: list, modeling: list) -> list:
+    """The `mlps` and each of the `modeling` modules' `apply_rotary_pos_emb` through torch.compile (a prefill with
+    `compile_decode`): inductor fuses the MLP's activation and product, and the rotary embedding's slices, negation,
+    products and sum, where eager PyTorch makes a pass over the prompts' activations for each. One compilation per
+    function (dynamic shapes) serves every layer and prefill size."""
+    return [(m, "forward", functools.partial(_compiled(type(m).forward, COMPILE_BACKEND), m)) for m in mlps] + \
+        [(python, "apply_rotary_pos_emb", _compiled(python.apply_rotary_pos_emb, COMPILE_BACKEND))
+         for python in modeling]
 
 
 @functools.lru_cache(maxsize=None)
@@ -644,7 +649,7 @@ def _compiled(function, backend: str):
 
 def _compilable_parts(model) -> tuple[list, list]:
     """(the model's MLP modules, the Python modules that define its attention classes and their
-    `apply_rotary_pos_emb`): what `_compiled_parts_in` compiles. MLPs are modules of a class named *MLP whose forward
+    `apply_rotary_pos_emb`): what `_compiled_patches` compiles. MLPs are modules of a class named *MLP whose forward
     is the class's own."""
     mlps = [m for m in model.modules() if type(m).__name__.endswith("MLP") and "forward" not in vars(m)]
     return mlps, _modeling_with_rotary(model)
@@ -655,25 +660,6 @@ def _modeling_with_rotary(model) -> list:
     modeling_llama, modeling_qwen2, ...: the attention forward looks the function up there at each call)."""
     modeling = {sys.modules.get(type(m).__module__) for m in model.modules() if type(m).__name__.endswith("Attention")}
     return [python for python in modeling if callable(getattr(python, "apply_rotary_pos_emb", None))]
-
-
-class _triton_rotary_in:
-    """Within it, each of the `modeling` modules' `apply_rotary_pos_emb` (`_fused_rotary`) runs as looper's Triton
-    kernel where the call is one it handles, and as itself otherwise; the module's own function is restored
-    afterwards. For eager forwards only (a compiled decode step fuses the rotary embedding itself)."""
-
-    def __init__(self, modeling: list):
-        self.modeling, self.originals = modeling, []
-
-    def __enter__(self):
-        self.originals = [python.apply_rotary_pos_emb for python in self.modeling]
-        for python, original in zip(self.modeling, self.originals):
-            python.apply_rotary_pos_emb = functools.partial(_triton_rotary, original)
-        return self
-
-    def __exit__(self, *exc):
-        for python, original in zip(self.modeling, self.originals):
-            python.apply_rotary_pos_emb = original
 
 
 def _triton_rotary(original, q, k, cos, sin, *args, **kwargs):

@@ -127,10 +127,8 @@ def lognormal_lengths(rng: random.Random, n: int, mean: float, low: int, high: i
 
 def ceiling_tokens_per_s(model, batch: int, mean_context: float, bandwidth: float) -> float:
     """Tokens/s if every decode step of `batch` live rows ran at copy bandwidth."""
-    cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
-        * next(model.parameters()).element_size()
+    kv_per_token = generation._kv_bytes_per_position(model)
     return batch / ((weight_bytes + batch * mean_context * kv_per_token) / bandwidth)
 
 
@@ -290,6 +288,8 @@ def bench_prefill(model, tokenizer, args, bandwidth, rng):
         with generation._looper_attention_in(model):
             decoder = generation._Decoder(model, tokenizer, encoded, [1] * n, [1.0] * n, [0.95] * n, list(range(n)),
                                           n, args.compile)
+            if decoder.cache.slots < n:  # (generation shrank the slots to the free memory)
+                raise RuntimeError(f"prefill: {n} slots do not fit in the free GPU memory")
             sync()
             start = time.perf_counter()
             for _ in decoder.prefill(list(range(n))):  # every row ends at its first token

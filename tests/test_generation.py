@@ -132,14 +132,15 @@ def test_generation_compile_also_compiles_the_prefills_mlps_and_rotary_embedding
     prompts, original = _prompts(cfg, tokenizer, n=6), modeling_llama.apply_rotary_pos_emb
     plain = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4, desc=None)]
     seen = []
-    patched = generation._compiled_parts_in.__enter__
+    patched = generation._patched.__enter__
+    mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
 
-    def entered(self):  # what the prefill's forward runs with
+    def entered(self):  # what the forward runs with (the first: a prefill's)
         patched(self)
-        seen.append((modeling_llama.apply_rotary_pos_emb, [vars(m).get("forward") for m in self.mlps]))
+        seen.append((modeling_llama.apply_rotary_pos_emb, [vars(m).get("forward") for m in mlps]))
         return self
 
-    monkeypatch.setattr(generation._compiled_parts_in, "__enter__", entered)
+    monkeypatch.setattr(generation._patched, "__enter__", entered)
     torch._dynamo.reset()  # so that this test traces its graphs whatever ran before it
     generation._compiled.cache_clear()
     generation._compiled_decode_logits.cache_clear()
@@ -241,3 +242,22 @@ def test_slots_shrink_to_the_kv_cache_that_fits_and_too_little_memory_is_a_clear
     monkeypatch.setattr(generation, "_free_bytes", lambda device: per_slot // 2)
     with pytest.raises(RuntimeError, match="not enough GPU memory for the KV cache.*Lower max_new_tokens"):
         generate(model, tokenizer, prompts, batch_size=8, **kwargs)
+
+
+def test_the_kernel_patches_are_set_inside_and_restored_after_even_on_an_error():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from looper.generation import _norm_patches, _patched, _rotary_patches
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, vocab_size=50))
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    original = modeling_llama.apply_rotary_pos_emb
+    patches = _norm_patches(norms) + _rotary_patches([modeling_llama])
+    with pytest.raises(RuntimeError, match="inside"), _patched(patches):
+        assert all(vars(m)["forward"].keywords["weight"] is m.weight for m in norms)  # each norm its own weight
+        assert modeling_llama.apply_rotary_pos_emb.args == (original,)
+        raise RuntimeError("inside")
+    assert modeling_llama.apply_rotary_pos_emb is original
+    assert not any("forward" in vars(m) for m in model.modules())

@@ -97,7 +97,7 @@ def test_the_rms_norm_kernel_computes_llamas_norm_interpreted():
 def test_gpu_generation_runs_llamas_norms_as_one_kernel_and_restores_them():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from looper.generation import _fused_norms, _triton_norms_in
+    from looper.generation import _fused_norms, _norm_patches, _patched
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=100)
@@ -105,8 +105,8 @@ def test_gpu_generation_runs_llamas_norms_as_one_kernel_and_restores_them():
     ids = torch.randint(0, 100, (2, 9), device="cuda")
     with torch.no_grad():
         expected = model(ids).logits
-        with _triton_norms_in(_fused_norms(model)) as fused:
-            assert len(fused.modules) == 2 * 2 + 1
+        with _patched(_norm_patches(_fused_norms(model))) as fused:
+            assert len(fused.patches) == 2 * 2 + 1
             fast = model.model.norm(model.model.embed_tokens(ids))
         assert not any("forward" in vars(m) for m in model.modules())
         assert torch.allclose(fast.float(), model.model.norm(model.model.embed_tokens(ids)).float(), atol=2e-2)
@@ -163,7 +163,7 @@ def test_gpu_rotary_kernel_equals_llamas_and_generation_patches_and_restores_it(
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama import modeling_llama
 
-    from looper.generation import _fused_rotary, _triton_rotary_in
+    from looper.generation import _fused_rotary, _patched, _rotary_patches
 
     assert rotary_case("cuda") == [True] * 8  # bit for bit
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -174,7 +174,7 @@ def test_gpu_rotary_kernel_equals_llamas_and_generation_patches_and_restores_it(
     with torch.no_grad():
         expected = model(ids).logits
         assert _fused_rotary(model) == [modeling_llama]
-        with _triton_rotary_in(_fused_rotary(model)):
+        with _patched(_rotary_patches(_fused_rotary(model))):
             assert modeling_llama.apply_rotary_pos_emb is not original
             assert torch.allclose(model(ids).logits.float(), expected.float(), atol=2e-2)
         assert modeling_llama.apply_rotary_pos_emb is original
