@@ -195,14 +195,17 @@ class SFTConfig:
 @dataclass
 class RolloutConfig:
     num_questions: Optional[int] = doc("Training problems to roll out (the first N; null: all).", None)
-    batch_size: int = doc("Sequences decoding together (slots); a generate call, and the unit of resuming, is 8 "
-                          "batches' worth of whole questions.", 64)
+    batch_size: int = doc("Sequences decoding together (slots).", 64)
+    batches_per_call: int = doc("Batches' worth of whole questions per generate call, the unit of resuming: more "
+                                "means fewer drains (the slots empty at the end of a call; 16 rather than 8 made a "
+                                "7B rollout 5% faster on an H100) and more work redone after a crash.", 16)
     max_new_tokens: Optional[int] = doc("Generation limit (null: model.max_new_tokens).", None)
     answer_scorer: str = doc("Scorer that decides `correct` (see looper.answers).", "strict")
 
     def __post_init__(self):
         _positive(self.num_questions, "rollout.num_questions")
         _positive(self.batch_size, "rollout.batch_size")
+        _positive(self.batches_per_call, "rollout.batches_per_call")
         _positive(self.max_new_tokens, "rollout.max_new_tokens")
         _choice(self.answer_scorer, "rollout.answer_scorer", SCORERS)
 

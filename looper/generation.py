@@ -211,7 +211,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
     sampled with that row's `temperature`, `top_p` and seed (each one per prompt, or one value for all).
     `max_new_tokens` may be per row. Freed slots are refilled once a `refill_at` share of them is free (one prefill
     serves them all). `on_result(i, generation)` is called as prompt i finishes; `stats`, a dict, receives counts
-    of decode steps, prefills and CUDA graphs. `desc=None` shows no progress bar. `compile_decode` runs the decode
+    of decode steps, prefills and CUDA graphs, and the seconds of the prefills and of the drain (the steps after the
+    last prompt started: a finished row's slot is no longer refilled). `desc=None` shows no progress bar. `compile_decode` runs the decode
     step's model forward through `torch.compile` (see `_compiled_decode_logits`)."""
     n = len(prompts)
     temperatures, top_ps = _per_row(temperature, n), _per_row(top_p, n)
@@ -278,9 +279,8 @@ class _Decoder:
         self.queue = sorted(range(len(encoded)), key=lambda i: encoded[i])
         self.device = model.device
         text = model.config.get_text_config()
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         shape = (self.device, model.dtype, text.num_attention_heads,
-                 getattr(text, "num_key_value_heads", None) or text.num_attention_heads, head_dim)
+                 getattr(text, "num_key_value_heads", None) or text.num_attention_heads, _head_dim(model))
         self.packed_kernel, self.kernel = attention.kernels(*shape)
         self.prefix_kernel = attention.prefix_kernel(*shape)
         capacity = _round_up(max(map(len, encoded)) + max(limits) + 1, _WIDTH_STEP)
@@ -299,7 +299,8 @@ class _Decoder:
         self.real_tokens = 0
         self.width = 0  # positions every slot's attention covers in a decode step (the sdpa kernel only)
         self.stats = {"decode_steps": 0, "slot_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_shared": 0,
-                      "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "graphs": 0,
+                      "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "drain_steps": 0,
+                      "drain_seconds": 0.0, "graphs": 0,
                       "capture_seconds": 0.0, "kernel": self.kernel, "compiled_decode": compile_decode,
                       "slots": slots, "triton_rotary": bool(rotary),
                       "compiled_prefill": sorted({type(m).__name__ for m in mlps})
@@ -310,6 +311,7 @@ class _Decoder:
         runs (`pending`), so the GPU never waits for the host; before the slots change (a prefill, draining, the
         end) the pending step is collected first."""
         yield from self.prefill(list(range(self.cache.slots)))
+        drain_start = None  # when the queue ran out: from then on, ever fewer rows a step
         while True:
             free = [s for s in range(self.cache.slots) if self.owner[s] < 0]
             live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
@@ -322,10 +324,15 @@ class _Decoder:
             if refill:
                 yield from self.prefill(free)
             elif not live:
+                if drain_start is not None:
+                    self.stats["drain_seconds"] = time.perf_counter() - drain_start
                 return
             else:
                 if drain:  # halve the slots
                     self.keep(live + free[: half - len(live)])
+                if not self.queue:
+                    drain_start = drain_start or time.perf_counter()
+                    self.stats["drain_steps"] += 1
                 yield from self.decode()
 
     def prefill(self, free: list[int]):
@@ -679,8 +686,10 @@ def _triton_rotary(original, q, k, cos, sin, *args, **kwargs):
 
 def _fused_rotary(model) -> list:
     """The modules of `_modeling_with_rotary` whose `apply_rotary_pos_emb` `looper.triton_rotary` computes exactly
-    (on CUDA in bfloat16, checked on a test input: a variant such as an interleaved or partial rotary is not)."""
-    if model.device.type != "cuda" or model.dtype != torch.bfloat16:
+    (on CUDA in bfloat16, heads of a power-of-two size, checked on a test input: a variant such as an interleaved or
+    partial rotary is not). None where the kernel would never run: there `generation.compile` compiles it."""
+    head_dim = _head_dim(model)
+    if model.device.type != "cuda" or model.dtype != torch.bfloat16 or head_dim & (head_dim - 1):
         return []
     return [python for python in _modeling_with_rotary(model)
             if _rotary_matches(python.apply_rotary_pos_emb, model.dtype, model.device)]
@@ -747,10 +756,13 @@ def _norm_matches(cls, width: int, dtype: torch.dtype, device: torch.device) -> 
 def _kv_bytes_per_position(model) -> int:
     """Bytes of KV cache one slot position takes (keys and values of every layer)."""
     text = model.config.get_text_config()
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return 2 * text.num_hidden_layers * kv_heads * _head_dim(model) * model.dtype.itemsize
+
+
+def _head_dim(model) -> int:
+    text = model.config.get_text_config()
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
 def _working_bytes(model, slots: int) -> int:

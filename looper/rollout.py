@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from looper import coherence, distributed, models, sft
 from looper.answers import extract, is_correct
-from looper.artifacts import ArtifactStore, recover_jsonl
+from looper.artifacts import ArtifactStore, recover_jsonl, to_plain
 from looper.config import ArmConfig, Config
 from looper.data import load_splits
 from looper.generation import generate
@@ -192,10 +192,11 @@ def _sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], shard: Path)
     sampler = Sampler(cfg, model, tokenizer)
     scorer = instantiate(cfg.reward.scorer, _partial_=True)
     # several batches' worth of rows per generate call, so slots freed by short trajectories are refilled and the
-    # drain at the end of a call (ever fewer rows a step) weighs little: at 8 batches a call rather than 4, an H100
-    # rollout ran at 42% of the bandwidth ceiling instead of 40% (scripts/bench_gpu.py --rollout-batches 8). Records
-    # are written per call, so a crash loses at most one call's work (2,048 rows at batch 256: ~40 s on an H100).
-    questions_per_batch = max(1, 8 * cfg.rollout.batch_size // per_question)
+    # drain at the end of a call (ever fewer rows a step) weighs little: on an H100 a 7B arm-template rollout's drain
+    # took 3.5 s a call, and 16 batches a call rather than 8 gave 10,230 tokens/s instead of 9,708
+    # (scripts/bench_gpu.py --rollout-arms 8 --rollout-batches 16). Records are written per call, so a crash loses
+    # at most one call's work (4,096 rows at batch 256: ~60 s on an H100).
+    questions_per_batch = max(1, cfg.rollout.batches_per_call * cfg.rollout.batch_size // per_question)
     start = time.time()
     with open(shard, "a") as handle, tqdm(total=len(problems), initial=len(done), unit="q", desc="rollout") as bar:
         for first in range(0, len(todo), questions_per_batch):
@@ -276,9 +277,11 @@ def _build(cfg: Config, sft_dir: Path, out: Path) -> None:
 
 def rollout_spec(cfg: Config, sft_dir: Path) -> dict:
     """What determines the trajectories: the policy, arms, sampling and the scorer — not alpha, beta, the length
-    penalty or the w_* weights, which are applied later to the stored components."""
+    penalty or the w_* weights, which are applied later to the stored components, and not the batching, which no
+    record depends on."""
     scoring = {"scorer": cfg.reward.scorer, "cf_cut": cfg.reward.cf_cut, "cf_samples": cfg.reward.cf_samples}
-    return {"sft": sft_dir.name, "arms": cfg.arms, "rollout": cfg.rollout, "model": cfg.model, "data": cfg.data,
+    sampling = {k: v for k, v in to_plain(cfg.rollout).items() if k not in ("batch_size", "batches_per_call")}
+    return {"sft": sft_dir.name, "arms": cfg.arms, "rollout": sampling, "model": cfg.model, "data": cfg.data,
             "seed": cfg.seed, "scoring": scoring}
 
 

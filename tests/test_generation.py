@@ -72,6 +72,11 @@ def test_refill_at_changes_how_often_slots_are_refilled_and_never_the_outputs(ti
     assert runs[0.25][0] == runs[1.0][0]
     assert runs[0.25][1]["prefills"] > runs[1.0][1]["prefills"]
     assert runs[0.25][1]["decode_steps"] < runs[1.0][1]["decode_steps"]  # fewer idle slots, fewer steps
+    for _, stats in runs.values():  # the drain: the steps after the last prompt started
+        assert 0 < stats["drain_steps"] < stats["decode_steps"] and stats["drain_seconds"] > 0
+    stats = {}  # all prompts start at once: every step is a drain step
+    generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=len(prompts), stats=stats, desc=None)
+    assert stats["drain_steps"] == stats["decode_steps"] > 0
 
 
 def test_generate_attends_with_its_own_function_and_gives_the_models_back(tiny_sft):

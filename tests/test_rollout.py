@@ -37,6 +37,22 @@ def test_records_keep_the_raw_components_and_are_reproducible(artifacts, tiny_sf
     assert set(stats["arms"]) == set(cfg.arms) and stats["questions"] == 4
 
 
+def test_batches_per_call_sets_the_rows_of_each_generate_call_and_no_record(artifacts, tiny_sft, tmp_path,
+                                                                          monkeypatch):
+    calls = []
+    run = rollout.Sampler.run
+    monkeypatch.setattr(rollout.Sampler, "run", lambda self, jobs: calls.append(len(jobs)) or run(self, jobs))
+    records, specs = [], []
+    for batches in (1, 3):  # 9 trajectories a question, batches of 9: a question a batch
+        cfg = _regime_w(artifacts, "rollout.batch_size=9", f"rollout.batches_per_call={batches}",
+                        "reward.scorer._target_=tests.scorers.length_scorer", "+reward.scorer.unit=30")
+        calls.clear()
+        records.append(_build(cfg, tiny_sft[3], tmp_path / str(batches)))
+        specs.append(rollout.rollout_spec(cfg, tiny_sft[3]))
+        assert calls == {1: [9, 9, 9, 9], 3: [27, 9]}[batches]  # (no continuations with this scorer)
+    assert records[0] == records[1] and specs[0] == specs[1]  # one artifact either way
+
+
 def test_a_scorer_plugs_in_through_config_alone(artifacts, tiny_sft, tmp_path):
     result = looper_cli(f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path}", *FAST, "stage=rollout",
                         "rollout.num_questions=3", "reward.scorer._target_=tests.scorers.length_scorer",

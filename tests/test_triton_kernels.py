@@ -178,3 +178,7 @@ def test_gpu_rotary_kernel_equals_llamas_and_generation_patches_and_restores_it(
             assert modeling_llama.apply_rotary_pos_emb is not original
             assert torch.allclose(model(ids).logits.float(), expected.float(), atol=2e-2)
         assert modeling_llama.apply_rotary_pos_emb is original
+    # heads of 24: the kernel would never run, so it is not patched in (generation.compile compiles the function)
+    config = LlamaConfig(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100)
+    assert _fused_rotary(LlamaForCausalLM(config).to("cuda", torch.bfloat16)) == []
