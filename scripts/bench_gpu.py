@@ -535,7 +535,8 @@ def main():
     parser.add_argument("--refill-at", type=float, default=0.125, help="generation.refill_at")
     parser.add_argument("--compile", action="store_true", help="generation.compile=true (torch.compile the decode "
                         "step; its compilation is timed in the warm-up, apart from the figures)")
-    parser.add_argument("--rollout-batches", type=int, default=4, help="rollout work, in batches")
+    parser.add_argument("--rollout-batches", type=int, default=16, help="rollout work, in batches (16: one "
+                        "rollout generate call at the default rollout.batches_per_call)")
     parser.add_argument("--rollout-refill-at", default="", help="comma-separated generation.refill_at values to "
                         "compare on the rollout (default: --refill-at)")
     parser.add_argument("--rollout-batch", type=int, default=256)
