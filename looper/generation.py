@@ -212,8 +212,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
     `max_new_tokens` may be per row. Freed slots are refilled once a `refill_at` share of them is free (one prefill
     serves them all). `on_result(i, generation)` is called as prompt i finishes; `stats`, a dict, receives counts
     of decode steps, prefills and CUDA graphs, and the seconds of the prefills and of the drain (the steps after the
-    last prompt started: a finished row's slot is no longer refilled). `desc=None` shows no progress bar. `compile_decode` runs the decode
-    step's model forward through `torch.compile` (see `_compiled_decode_logits`)."""
+    last prompt started: a finished row's slot is no longer refilled). `desc=None` shows no progress bar.
+    `compile_decode` runs the decode step's model forward through `torch.compile` (see `_compiled_decode_logits`)."""
     n = len(prompts)
     temperatures, top_ps = _per_row(temperature, n), _per_row(top_p, n)
     limits = _per_row(max_new_tokens, n)
@@ -761,6 +761,7 @@ def _kv_bytes_per_position(model) -> int:
 
 
 def _head_dim(model) -> int:
+    """The size of one attention head."""
     text = model.config.get_text_config()
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
