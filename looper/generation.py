@@ -42,7 +42,7 @@ from looper import attention, models
 log = logging.getLogger(__name__)
 
 _MASK32 = 0xFFFFFFFF
-_MIN_SLOTS = 8  # draining stops halving the slots here (below it a step costs about the same: the weights' read)
+_MIN_SLOTS = 8  # the drain stops halving the slots here (below it a step costs about the same: the weights' read)
 _WIDTH_STEP = 64  # attention width is rounded up to a multiple of this (fewer shapes, so fewer CUDA graphs)
 
 
@@ -308,7 +308,7 @@ class _Decoder:
 
     def run(self, refill_at: float):
         """Yields (prompt index, Generation) as rows finish. A decode step's tokens are read while the next step
-        runs (`pending`), so the GPU never waits for the host; before the slots change (a prefill, draining, the
+        runs (`pending`), so the GPU never waits for the host; before the slots change (a prefill, halving, the
         end) the pending step is collected first."""
         yield from self.prefill(list(range(self.cache.slots)))
         drain_start = None  # when the queue ran out: from then on, ever fewer rows a step
@@ -317,8 +317,8 @@ class _Decoder:
             live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
             half = self.cache.slots // 2
             refill = self.queue and len(free) >= max(1, min(len(self.queue), refill_at * self.cache.slots))
-            drain = not self.queue and len(live) <= half and half >= _MIN_SLOTS
-            if (refill or drain or not live) and self.pending is not None:
+            halve = not self.queue and len(live) <= half and half >= _MIN_SLOTS
+            if (refill or halve or not live) and self.pending is not None:
                 yield from self.collect_pending()  # decide on the newest tokens
                 continue
             if refill:
@@ -328,7 +328,7 @@ class _Decoder:
                     self.stats["drain_seconds"] = time.perf_counter() - drain_start
                 return
             else:
-                if drain:  # halve the slots
+                if halve:  # the live rows fit in half the slots
                     self.keep(live + free[: half - len(live)])
                 if not self.queue:
                     drain_start = drain_start or time.perf_counter()

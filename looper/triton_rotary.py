@@ -6,8 +6,9 @@ and k head-major, so that writing k into the slot cache is a strided gather (in 
 H100, ~2.7 times as slow as a contiguous copy). This kernel reads each token's heads once and writes them
 token-major (the layout of the slot cache and of FlashAttention's packed input), and returns the same
 [batch, heads, tokens, head_dim] view. With it that prefill took 380 ms instead of 426, and a decode step of 256
-slots 18.9 instead of 20.1 ms (`scripts/bench_gpu.py --sections prefill,step`). The arithmetic is the function's, rounding where it rounds:
-each product rounded to bfloat16, then their sum, so the result equals PyTorch's bit for bit. `looper.generation`
+slots 18.9 instead of 20.1 ms (`scripts/bench_gpu.py --sections prefill,step`). The arithmetic is the function's,
+rounding where it rounds: each product rounded to bfloat16, then their sum, so the result equals PyTorch's bit for
+bit. `looper.generation`
 uses it only where it equals the model's own function on a test input; never in float32 or float16 (whose
 rounding the kernel does not reproduce).
 """
