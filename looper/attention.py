@@ -5,11 +5,13 @@ for decode steps over the slot cache, with the kernel chosen once per shape:
   `starts` marking where each begins (cumulative lengths); each attends causally within itself. On a GPU this is
   PyTorch's built-in FlashAttention-2 in its variable-length form (differentiable: SFT trains through it), so no
   mask is built and no per-shape cuDNN plan is made; elsewhere, sdpa one sequence at a time.
-- the rest of prompts whose first tokens (a prefix shared with other prompts) are already in the slot cache: each
-  attends to its slot's entries up to its own position, FlashAttention-2 varlen reading the cache buffers on a GPU.
-- a decode step (`DecodeStep`): one query per slot, each reading only its own KV length from the cache buffers
-  [slots, capacity, kv_heads, head_dim]: the Triton kernel of `looper.triton_decode` on a GPU (else FlashAttention
-  varlen), and masked sdpa over the longest history elsewhere.
+- the rest of prompts whose first tokens (a prefix shared with other prompts) are already in the KV cache: each
+  attends to its slot's entries up to its own position (gathered from the cache's pages), FlashAttention-2 varlen on
+  a GPU.
+- a decode step (`DecodeStep`): one query per slot, each reading only its own KV length from the paged cache (flat
+  buffers [pages * page, kv_heads, head_dim], a slot's positions found through its row of the page table): the
+  Triton kernel of `looper.triton_decode` on a GPU (else FlashAttention varlen over the rows gathered), and masked
+  sdpa over the longest history elsewhere.
 
 Anything else (a padded batch with a mask) goes to transformers' sdpa attention unchanged.
 """
@@ -48,67 +50,78 @@ def packed_attention(module, query, key, value, starts: torch.Tensor, max_length
     return torch.cat(pieces, dim=1), None
 
 
+def gather_rows(buffer: torch.Tensor, table: torch.Tensor, page: int, width: int) -> torch.Tensor:
+    """The first `width` positions (a multiple of `page`) of each slot of a paged buffer [pages * page, kv_heads,
+    head_dim], via the page table [slots, pages per slot]: [slots, width, kv_heads, head_dim]."""
+    index = table[:, : width // page, None].long() * page + torch.arange(page, device=table.device)
+    return buffer[index.view(table.shape[0], width)]
+
+
 @dataclass
 class DecodeStep:
     """What a decode step's attention needs besides the cache buffers: each slot's KV length after this step's
-    write, the kernel, and (sdpa only) how many positions of every slot to attend over."""
+    write, its page table, the kernel, and (sdpa, flash) how many positions of every slot to attend over."""
 
     kernel: str
     lengths: torch.Tensor  # [slots], int32
-    width: int
+    width: int  # a multiple of `page`
+    table: torch.Tensor  # [slots, pages per slot], int32: page j of slot s holds its positions j * page...
+    page: int
 
     def attend(self, module, query, keys, values, scaling):
-        slots, capacity, kv_heads, dim = keys.shape
+        """query [slots, heads, 1, head_dim]; keys/values [pages * page, kv_heads, head_dim]."""
+        slots, dim = query.shape[0], query.shape[-1]
         if self.kernel == "triton":
             from looper.triton_decode import decode_attention
 
             output = decode_attention(query.transpose(1, 2).reshape(slots, -1, dim), keys, values, self.lengths,
-                                      scaling)
+                                      self.table, self.page, scaling)
             return output.view(slots, 1, -1, dim), None
-        if self.kernel == "flash":  # all slots as one packed key sequence, slot s from s * capacity, seqused_k
+        keys, values = (gather_rows(buffer, self.table, self.page, self.width) for buffer in (keys, values))
+        if self.kernel == "flash":  # all slots as one packed key sequence, slot s from s * width, seqused_k
+            kv_heads = keys.shape[2]
             starts = torch.arange(slots + 1, dtype=torch.int32, device=query.device)
             output = torch.ops.aten._flash_attention_forward(
                 query.transpose(1, 2).reshape(slots, -1, dim), keys.view(-1, kv_heads, dim),
-                values.view(-1, kv_heads, dim), starts, starts * capacity, 1, capacity, 0.0, False, False,
+                values.view(-1, kv_heads, dim), starts, starts * self.width, 1, self.width, 0.0, False, False,
                 scale=scaling, seqused_k=self.lengths)[0]
             return output.view(slots, 1, -1, dim), None
         mask = torch.arange(self.width, device=query.device)[None, :] < self.lengths[:, None]
-        return _sdpa(module, query, keys[:, : self.width].transpose(1, 2), values[:, : self.width].transpose(1, 2),
-                     mask[:, None, None, :], scaling)
+        return _sdpa(module, query, keys.transpose(1, 2), values.transpose(1, 2), mask[:, None, None, :], scaling)
 
 
 @dataclass
 class Packed:
     """A generation prefill: the prompts packed into one row (see `packed_attention`); with `history`, the rest of
-    prompts whose first entries are already in the slot cache (see `prefix_attention`)."""
+    prompts whose first entries are already in the KV cache (see `prefix_attention`)."""
 
     kernel: str
     starts: torch.Tensor
     max_length: int
-    history: Optional[list] = None  # per sequence: the slot holding its entries, prefix and its own
-    key_lengths: Optional[list] = None  # per sequence: entries it attends to there (prefix + its own)
+    history: Optional[torch.Tensor] = None  # the cache positions each sequence attends to, back to back
+    key_lengths: Optional[list] = None  # per sequence: how many (its prefix and its own)
 
 
 def prefix_attention(module, query, keys, values, packed: Packed, scaling: float):
     """Queries [1, heads, tokens, head_dim] of sequences packed back to back (`packed.starts`), each the end of a
-    sequence whose entries, its earlier ones and its own (written before this call), are the first
-    `key_lengths[i]` positions of slot `history[i]` of the cache buffers [slots, capacity, kv_heads, head_dim]:
-    query t of sequence i sees those entries up to its own position (causal, aligned at the end). Slots ascending.
+    sequence whose entries, its earlier ones and its own (written before this call), are at the `key_lengths[i]`
+    positions of the cache buffers [positions, kv_heads, head_dim] that `packed.history` lists for it, in order:
+    query t of sequence i sees those entries up to its own position (causal, aligned at the end).
     Returns [1, tokens, heads, head_dim]."""
-    slots, capacity, kv_heads, dim = keys.shape
-    if packed.kernel == "flash":  # slot s as a key sequence from s * capacity, `seqused_k` of it used
-        where = torch.tensor(packed.history + [packed.history[-1] + 1], dtype=torch.int32, device=query.device)
-        used = torch.tensor(packed.key_lengths, dtype=torch.int32, device=query.device)
+    keys, values = keys[packed.history], values[packed.history]  # each sequence's entries, back to back
+    if packed.kernel == "flash":
+        ends = torch.tensor(packed.key_lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        key_starts = torch.cat([torch.zeros(1, dtype=torch.int32), ends]).to(query.device)
         output = torch.ops.aten._flash_attention_forward(
-            query[0].transpose(0, 1), keys.view(-1, kv_heads, dim), values.view(-1, kv_heads, dim), packed.starts,
-            where * capacity, packed.max_length, max(packed.key_lengths), 0.0, True, False, scale=scaling,
-            seqused_k=used)[0]
+            query[0].transpose(0, 1), keys, values, packed.starts, key_starts, packed.max_length,
+            max(packed.key_lengths), 0.0, True, False, scale=scaling)[0]
         return output.unsqueeze(0), None
-    bounds, pieces = packed.starts.tolist(), []
-    for slot, n, a, b in zip(packed.history, packed.key_lengths, bounds[:-1], bounds[1:]):
+    bounds, pieces, first = packed.starts.tolist(), [], 0
+    for n, a, b in zip(packed.key_lengths, bounds[:-1], bounds[1:]):
         visible = torch.ones(b - a, n, dtype=torch.bool, device=query.device).tril(n - (b - a))
-        pieces.append(_sdpa(module, query[:, :, a:b], keys[slot, :n].transpose(0, 1)[None],
-                            values[slot, :n].transpose(0, 1)[None], visible[None, None], scaling)[0])
+        pieces.append(_sdpa(module, query[:, :, a:b], keys[first:first + n].transpose(0, 1)[None],
+                            values[first:first + n].transpose(0, 1)[None], visible[None, None], scaling)[0])
+        first += n
     return torch.cat(pieces, dim=1), None
 
 
@@ -169,12 +182,13 @@ def kernels(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
             log.warning("attention: %s %s differs from sdpa by %.3g here; not used", kernel, what, error)
         return "sdpa"
 
-    query, keys, values = randn(3, heads, 1, head_dim), randn(3, 192, kv_heads, head_dim), randn(3, 192, kv_heads,
-                                                                                                  head_dim)
+    # three slots of 192 positions in pages of 16, the pages shuffled
+    query, keys, values = randn(3, heads, 1, head_dim), randn(576, kv_heads, head_dim), randn(576, kv_heads, head_dim)
+    table = torch.randperm(36, device=device, generator=generator).view(3, 12).to(torch.int32)
     lengths = torch.tensor([1, 77, 192], dtype=torch.int32, device=device)
     decode = first((["triton"] if head_dim & (head_dim - 1) == 0 else []) + flash,  # Triton tiles: a power of two
-                   lambda k: DecodeStep(k, lengths, 192).attend(module, query, keys, values, head_dim ** -0.5)[0],
-                   "decoding")
+                   lambda k: DecodeStep(k, lengths, 192, table, 16).attend(module, query, keys, values,
+                                                                            head_dim ** -0.5)[0], "decoding")
     starts = torch.tensor([0, 1, 70, 200], dtype=torch.int32, device=device)
     q, k, v = randn(1, heads, 200, head_dim), randn(1, kv_heads, 200, head_dim), randn(1, kv_heads, 200, head_dim)
     packed = first(flash, lambda kernel: packed_attention(module, q, k, v, starts, 130, head_dim ** -0.5, kernel)[0],
@@ -190,12 +204,13 @@ def prefix_kernel(device: torch.device, dtype: torch.dtype, heads: int, kv_heads
         return "sdpa"
     generator = torch.Generator(device=device).manual_seed(1)
     module = type("Module", (), {"num_key_value_groups": heads // kv_heads, "is_causal": True})()
-    keys, values = (torch.randn(4, 256, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
+    keys, values = (torch.randn(1024, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
                     for _ in range(2))
     query = torch.randn(1, heads, 90, head_dim, device=device, dtype=dtype, generator=generator)
     starts = torch.tensor([0, 1, 60, 90], dtype=torch.int32, device=device)
+    history = torch.cat([torch.arange(n) + first for first, n in ((0, 1), (512, 200), (512, 31))]).to(device)
     run = lambda kernel: prefix_attention(module, query, keys, values,  # noqa: E731
-                                          Packed(kernel, starts, 59, [0, 2, 2], [1, 200, 31]), head_dim ** -0.5)[0]
+                                          Packed(kernel, starts, 59, history, [1, 200, 31]), head_dim ** -0.5)[0]
     try:
         error = (run("flash").float() - run("sdpa").float()).abs().max().item()
     except Exception as exception:  # noqa: BLE001 - an older torch: sdpa

@@ -1,23 +1,24 @@
 """The one generation path, shared by rollouts and evaluation.
 
 Decoding runs on `slots` rows at once with continuous refill: when rows finish (EOS or their own token limit), the
-freed slots are refilled with the next prompts, so a finished row stops costing decode steps. Each slot keeps its
-own KV history in a preallocated `SlotCache`. A decode step reads each row's own history only (on a GPU a Triton
-kernel, see `looper.attention`; elsewhere masked sdpa over the longest live history) and is replayed as a CUDA
-graph on a GPU; its tokens are read on the host while the next step runs. A prefill packs its prompts into one row
-without padding (FlashAttention-2 varlen on a GPU); identical prompts (samples of one prompt) are computed once and
-their KV entries written to each of their slots, and so are the first tokens that prompts of one prefill share (an
-arm's system prompt, few-shot examples, a trajectory cut at several points): the rest of each prompt then attends
-to them in its slot. Prompts are taken in token order, so those that begin alike are prefilled together. In eager
-forwards on a GPU (prefills; decode steps unless compiled) the model's RMSNorms run as one Triton kernel each
-(`looper.triton_norm`), and in bfloat16 so does its rotary embedding (`looper.triton_rotary`), which also leaves q and
-k token-major, the layout of the slot cache and of FlashAttention's packed input.
-When no prompts are left and half the slots are idle, the cache is compacted to the live rows (down to 8 slots).
-The slots' KV cache is allocated for the longest prompt plus `max_new_tokens` in each slot; on a GPU, where that many
-slots would not fit in free memory, fewer decode at a time (a warning says how many). With `compile_decode`, the
-decode step's model forward runs through torch.compile, and so do the prefills' MLPs. Results
-come back in input order; `on_result` sees each as it finishes. Counts are of real tokens: generated tokens up to and
-including EOS, never padding.
+freed slots are refilled with the next prompts, so a finished row stops costing decode steps. The KV cache is paged
+(`PagedCache`): a row holds pages of 16 positions as it grows, not its worst case, so on a GPU `slots` rows decode
+together where their real lengths fit in free memory even when their worst cases (longest prompt plus
+`max_new_tokens`) would not. A prefill starts rows while their pages are free; where a step finds too few, the
+newest row is preempted and resumes later from the tokens it had produced, with the same draws. A decode step reads
+each row's own history only (on a GPU a Triton kernel that follows the page table, see `looper.attention`;
+elsewhere masked sdpa over the longest live history) and is replayed as a CUDA graph on a GPU; its tokens are read
+on the host while the next step runs. A prefill packs its prompts into one row without padding (FlashAttention-2
+varlen on a GPU); identical prompts (samples of one prompt) are computed once and their full pages serve all their
+slots, and so are the first tokens that prompts of one prefill share (an arm's system prompt, few-shot examples, a
+trajectory cut at several points): the rest of each prompt then attends to them in the cache. Prompts are taken in
+token order, so those that begin alike are prefilled together. In eager forwards on a GPU (prefills; decode steps
+unless compiled) the model's RMSNorms run as one Triton kernel each (`looper.triton_norm`), and in bfloat16 so does
+its rotary embedding (`looper.triton_rotary`), which also leaves q and k token-major, the layout of the cache and of
+FlashAttention's packed input. When no prompts are left and half the slots are idle, the live rows move into half
+the slots (down to 8: their page-table rows move, not their entries). With `compile_decode`, the decode step's model
+forward runs through torch.compile, and so do the prefills' MLPs. Results come back in input order; `on_result`
+sees each as it finishes. Counts are of real tokens: generated tokens up to and including EOS, never padding.
 
 Sampling is seeded per row (`seeded_choice`; on a GPU one Triton kernel, `looper.triton_sampling`): a row's draws
 depend on its own seed and step only, never on which rows share its batch, their order, padding, the batch size or
@@ -29,6 +30,7 @@ different summation order flips a few near-tied argmaxes, about as often as batc
 
 import functools
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -122,31 +124,43 @@ class Generation:
     finish_reason: str  # "stop" (EOS) or "length" (hit max_new_tokens)
 
 
-class SlotCache:
-    """The KV cache of `slots` rows, each with its own history, in buffers [slots, capacity, kv_heads, head_dim] per
-    layer (token-major: all slots together are one packed [slots * capacity, kv_heads, head_dim] key sequence). The
-    model sees it as a transformers `Cache` (it calls `update` once per layer). A row's entries start at position 0
-    of its slot. In a prefill (prompts packed into one row), each prompt token's key and value are stored at
-    `prefill_index` (slot * capacity + position) and attention runs over the prefill alone, or, after a shared
-    prefix (`prefill_reads_cache`), over the cache; in a decode step, each row's new entry is stored at its own
-    position and attention (`looper.attention.DecodeStep`) gets the whole buffers."""
+PAGE = 16  # positions per page of the KV cache
 
-    def __init__(self, num_layers: int, slots: int, capacity: int):
+
+class PagedCache:
+    """The KV cache of `slots` rows in pages of `PAGE` positions, handed out as rows grow: per layer one buffer of
+    keys and one of values, [pages * PAGE, kv_heads, head_dim] (token-major, the layout of FlashAttention's packed
+    input). Position t of slot s is entry `table[s, t // PAGE] * PAGE + t % PAGE`. Page 0 is scratch: the table rows
+    of free slots point there, so their throwaway decode writes touch no row's entries. Pages are handed out and
+    taken back on the host (`grow`, `share`, `release`); the table on the device follows at `flush`. A full page of a
+    prompt's first entries may serve several slots (samples of one prompt, prompts after one shared prefix): a full
+    page is never written again.
+
+    The model sees it as a transformers `Cache` (it calls `update` once per layer). In a prefill (prompts packed into
+    one row) each prompt token's key and value are stored at `prefill_index` and attention runs over the prefill
+    alone, or, after a shared prefix (`prefill_reads_cache`), over the cache; in a decode step each row's new entry
+    is stored at `write_index` and attention (`looper.attention.DecodeStep`) gets the whole buffers."""
+
+    def __init__(self, num_layers: int, slots: int, pages: int, pages_per_slot: int, device: torch.device):
         self.keys: list = [None] * num_layers
         self.values: list = [None] * num_layers
-        self.slots, self.capacity = slots, capacity
-        self.prefill_index: Optional[torch.Tensor] = None  # set for a prefill: where each entry goes (slot *
-        # capacity + position)
-        self.prefill_sources: Optional[torch.Tensor] = None  # and the packed token it copies (None: in order)
+        self.slots, self.pages = slots, pages
+        self.table = torch.zeros(slots, pages_per_slot, dtype=torch.int32, device=device)
+        self.owned: list[list[int]] = [[] for _ in range(slots)]  # each slot's pages, in position order
+        self.users = [0] * pages  # slots holding each page
+        self.free = list(range(pages - 1, 0, -1))  # (popped from the end: low pages first)
+        self.changes: dict = {}  # (slot, column) -> page, not yet in `table`
+        self.prefill_index: Optional[torch.Tensor] = None  # a prefill: the entry each packed token's KV goes to
+        self.prefill_sources: Optional[torch.Tensor] = None  # and the packed token each copies (None: in order)
         self.prefill_reads_cache = False  # whether the prefill's attention reads the cache (a shared prefix)
-        self.positions: Optional[torch.Tensor] = None  # set for a decode step: where each slot writes
+        self.write_index: Optional[torch.Tensor] = None  # a decode step: the entry each slot writes
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always passed explicitly
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.keys[layer_idx] is None:
-            shape = (self.slots, self.capacity, key.shape[1], key.shape[3])
+            shape = (self.pages * PAGE, key.shape[1], key.shape[3])
             self.keys[layer_idx] = key.new_zeros(shape)
             self.values[layer_idx] = value.new_zeros(shape)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
@@ -154,23 +168,57 @@ class SlotCache:
             new_keys, new_values = key[0].transpose(0, 1), value[0].transpose(0, 1)
             if self.prefill_sources is not None:
                 new_keys, new_values = new_keys[self.prefill_sources], new_values[self.prefill_sources]
-            # (index_copy_ on the flat buffers: on an H100 a third of the time of indexed assignment by slot and
-            # position)
-            keys.view(-1, *keys.shape[2:]).index_copy_(0, self.prefill_index, new_keys)
-            values.view(-1, *values.shape[2:]).index_copy_(0, self.prefill_index, new_values)
+            keys.index_copy_(0, self.prefill_index, new_keys)
+            values.index_copy_(0, self.prefill_index, new_values)
             return (keys, values) if self.prefill_reads_cache else (key, value)
-        # (indexed assignment: index_copy_ on a flat view of the buffers was no faster eagerly, and compiled it made
-        # a step take 100 ms instead of 17 on an H100 — as if each layer's whole buffer were copied back)
-        rows = torch.arange(self.slots, device=key.device)
-        keys[rows, self.positions] = key[:, :, 0]
-        values[rows, self.positions] = value[:, :, 0]
+        # (indexed assignment on the buffers themselves: compiled, index_copy_ on a view of them made a step take
+        # 100 ms instead of 17 on an H100, as if each layer's whole buffer were copied back)
+        keys[self.write_index] = key[:, :, 0]
+        values[self.write_index] = value[:, :, 0]
         return keys, values
 
-    def keep(self, slots: torch.Tensor) -> None:
-        """Keep only `slots` (in that order): the cache shrinks to len(slots) rows."""
-        for buffers in (self.keys, self.values):
-            for layer, buffer in enumerate(buffers):  # one layer at a time: the old buffer goes before the next
-                buffers[layer] = None if buffer is None else buffer[slots]
+    def grow(self, slot: int, count: int) -> None:
+        """`count` more pages for `slot` (the caller has checked that `free` holds them)."""
+        for _ in range(count):
+            page = self.free.pop()
+            self.users[page] = 1
+            self.changes[slot, len(self.owned[slot])] = page
+            self.owned[slot].append(page)
+
+    def share(self, slot: int, source: int, count: int) -> None:
+        """The first `count` pages of `source` (full ones) become the first pages of `slot`, which holds none."""
+        for page in self.owned[source][:count]:
+            self.users[page] += 1
+            self.changes[slot, len(self.owned[slot])] = page
+            self.owned[slot].append(page)
+
+    def release(self, slot: int) -> None:
+        """`slot` gives its pages back (a page goes back to `free` when no slot holds it) and points at scratch."""
+        for column, page in enumerate(self.owned[slot]):
+            self.users[page] -= 1
+            if not self.users[page]:
+                self.free.append(page)
+            self.changes[slot, column] = 0
+        self.owned[slot] = []
+
+    def flush(self) -> None:
+        """Write the page changes to the device's table (one transfer)."""
+        if self.changes:
+            (slots, columns), pages = zip(*self.changes), list(self.changes.values())
+            update = _on(self.table.device, [slots, columns, pages])
+            self.table[update[0], update[1]] = update[2].to(torch.int32)
+            self.changes = {}
+
+    def entries(self, slot: int, first: int, end: int) -> torch.Tensor:
+        """The buffer entries (on the host) of positions first..end-1 of `slot` (within its pages)."""
+        positions = torch.arange(first, end)
+        return torch.tensor(self.owned[slot], dtype=torch.long)[positions // PAGE] * PAGE + positions % PAGE
+
+    def keep(self, slots: list[int]) -> None:
+        """Keep only `slots` (in that order; the others hold no pages): the table shrinks to len(slots) rows."""
+        self.flush()
+        self.table = self.table[torch.tensor(slots, device=self.table.device)]
+        self.owned = [self.owned[s] for s in slots]
         self.slots = len(slots)
 
 
@@ -237,9 +285,34 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
             if on_result is not None:
                 on_result(i, result)
         bar.close()
+    if decoder.stats["preempted"]:
+        log.info("generation: %d times a row's KV pages were taken back and it resumed later (recomputing its "
+                 "prompt and tokens); a smaller batch size avoids that", decoder.stats["preempted"])
     if stats is not None:
         stats.update(decoder.stats, seconds=time.time() - start, real_tokens=decoder.real_tokens)
     return decoder.results
+
+
+def _pages(positions: int) -> int:
+    """Pages that hold `positions` positions."""
+    return -(-positions // PAGE)
+
+
+@dataclass
+class _Plan:
+    """The next queued rows as one prefill (`_Decoder._plan`): identical prompts computed once (`unique`: the first
+    of the `take` rows with each distinct prompt, `source[k]`: row k's among the `distinct` prompts), the first
+    tokens neighbouring distinct prompts share computed once (`groups`: a group's first prompt -> (end, prefix
+    length), `shared[d]`: prompt d's prefix length), and the `pages` the rows need."""
+
+    take: int
+    unique: list
+    source: list
+    distinct: list
+    shared: list
+    groups: dict
+    tokens: int
+    pages: int
 
 
 class _Decoder:
@@ -283,12 +356,19 @@ class _Decoder:
                  getattr(text, "num_key_value_heads", None) or text.num_attention_heads, _head_dim(model))
         self.packed_kernel, self.kernel = attention.kernels(*shape)
         self.prefix_kernel = attention.prefix_kernel(*shape)
-        capacity = _round_up(max(map(len, encoded)) + max(limits) + 1, _WIDTH_STEP)
-        slots = _slots_that_fit(model, slots, capacity, 2 if compile_decode else 1)
-        self.cache = SlotCache(text.num_hidden_layers, slots, capacity)
+        # a slot's worst case: its prompt and every token it may generate (a multiple of _WIDTH_STEP: the sdpa and
+        # flash steps attend over that many positions at most)
+        self.capacity = _round_up(max(map(len, encoded)) + max(limits) + 1, _WIDTH_STEP)
+        pages = _pages_that_fit(model, slots, self.capacity // PAGE)
+        self.cache = PagedCache(text.num_hidden_layers, slots, pages, self.capacity // PAGE, self.device)
+        # a prefill starts rows only while this many pages stay free besides theirs: the next step can then give
+        # every row a page, so a row started is never taken back before it has decoded
+        self.reserve = min(slots, pages - 1 - self.capacity // PAGE)
         self.owner, self.produced, self.length = [-1] * slots, [[] for _ in range(slots)], [0] * slots
+        self.started, self.starts = [0] * slots, 0  # when each slot's row started (the newest is preempted first)
+        self.resumed: dict[int, list[int]] = {}  # preempted rows waiting in the queue: the tokens they had produced
         zeros = dict(dtype=torch.long, device=self.device)
-        self.state = {"length": torch.zeros(slots, **zeros),
+        self.state = {"length": torch.zeros(slots, **zeros), "live": torch.zeros(slots, **zeros),
                       "step": torch.zeros(slots, **zeros), "seed": torch.zeros(slots, **zeros),
                       "temperature": torch.zeros(slots, device=self.device),
                       "top_p": torch.ones(slots, device=self.device)}
@@ -300,7 +380,7 @@ class _Decoder:
         self.width = 0  # positions every slot's attention covers in a decode step (the sdpa kernel only)
         self.stats = {"decode_steps": 0, "slot_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_shared": 0,
                       "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "drain_steps": 0,
-                      "drain_seconds": 0.0, "graphs": 0,
+                      "drain_seconds": 0.0, "graphs": 0, "kv_pages": pages - 1, "peak_pages": 0, "preempted": 0,
                       "capture_seconds": 0.0, "kernel": self.kernel, "compiled_decode": compile_decode,
                       "slots": slots, "triton_rotary": bool(rotary),
                       "compiled_prefill": sorted({type(m).__name__ for m in mlps})
@@ -309,14 +389,16 @@ class _Decoder:
     def run(self, refill_at: float):
         """Yields (prompt index, Generation) as rows finish. A decode step's tokens are read while the next step
         runs (`pending`), so the GPU never waits for the host; before the slots change (a prefill, halving, the
-        end) the pending step is collected first."""
+        end) the pending step is collected first. A refill waits for free pages as well as free slots: for
+        `refill_at` of the slots' worth of rows like the next one (or for one row, when none is decoding)."""
         yield from self.prefill(list(range(self.cache.slots)))
         drain_start = None  # when the queue ran out: from then on, ever fewer rows a step
         while True:
             free = [s for s in range(self.cache.slots) if self.owner[s] < 0]
             live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
             half = self.cache.slots // 2
-            refill = self.queue and len(free) >= max(1, min(len(self.queue), refill_at * self.cache.slots))
+            wanted = max(1, min(len(self.queue), math.ceil(refill_at * self.cache.slots)))
+            refill = self.queue and len(free) >= wanted and self._room_for(wanted if live else 1)
             halve = not self.queue and len(live) <= half and half >= _MIN_SLOTS
             if (refill or halve or not live) and self.pending is not None:
                 yield from self.collect_pending()  # decide on the newest tokens
@@ -324,6 +406,8 @@ class _Decoder:
             if refill:
                 yield from self.prefill(free)
             elif not live:
+                if self.queue:  # (cannot happen: with no row decoding, every page but scratch is free)
+                    raise RuntimeError(f"generation: {len(self.queue)} prompts left and no KV pages for the next")
                 if drain_start is not None:
                     self.stats["drain_seconds"] = time.perf_counter() - drain_start
                 return
@@ -335,38 +419,77 @@ class _Decoder:
                     self.stats["drain_steps"] += 1
                 yield from self.decode()
 
+    def _prompt(self, i: int) -> list[int]:
+        """Row i's tokens to prefill: its prompt, and after a preemption the tokens it had produced but the last
+        (the input of its next step, as it was)."""
+        return self.encoded[i] + self.resumed[i][:-1] if i in self.resumed else self.encoded[i]
+
+    def _room_for(self, rows: int) -> bool:
+        """Whether the pages of `rows` rows like the next queued one are free, besides the reserve."""
+        return rows * _pages(len(self._prompt(self.queue[0]))) + self.reserve <= len(self.cache.free)
+
+    def _plan(self, count: int) -> "_Plan":
+        """The next `count` queued rows as one prefill (fewer where `_PREFILL_TOKENS` ends it first)."""
+        unique, source, tokens, take = [], [], 0, 0
+        while take < count:
+            prompt = self._prompt(self.queue[take])
+            if not unique or prompt != self._prompt(self.queue[unique[-1]]):
+                if unique and tokens + len(prompt) > self._PREFILL_TOKENS:
+                    break
+                unique.append(take)
+                tokens += len(prompt)
+            source.append(len(unique) - 1)
+            take += 1
+        distinct = [self._prompt(self.queue[u]) for u in unique]
+        shared, groups = [0] * len(distinct), {}
+        for first, end, length in _shared_prefixes(distinct, self._MIN_SHARED):
+            shared[first:end], groups[first] = [length] * (end - first), (end, length)
+        rows = [source.count(d) for d in range(len(distinct))]  # (source is ascending)
+        pages = sum(_pages(len(prompt)) - (shared[d] // PAGE if d not in groups else 0)
+                    + (rows[d] - 1) * (_pages(len(prompt)) - len(prompt) // PAGE) for d, prompt in enumerate(distinct))
+        return _Plan(take, unique, source, distinct, shared, groups, tokens, pages)
+
     def prefill(self, free: list[int]):
-        """Start the next prompts in the `free` slots, packed into one row without padding (up to
-        `_PREFILL_TOKENS` tokens a forward); their first tokens are chosen from the prefill's logits. Identical
-        prompts are computed once, and so are the first tokens that prompts share (`_shared_prefixes`): the rest of
-        each prompt attends to them in the slot cache."""
+        """Start the next prompts in the `free` slots, as many as their pages allow (`_plan`, `reserve`), packed
+        into one row without padding (up to `_PREFILL_TOKENS` tokens a forward); their first tokens are chosen from
+        the prefill's logits. Identical prompts are computed once, and so are the first tokens that prompts share
+        (`_shared_prefixes`): the rest of each prompt attends to them in the cache. The full pages of those shared
+        entries serve every row that shares them. A preempted row goes on from its last token, as it was."""
         start = time.perf_counter()
         while free and self.queue:
-            # identical prompts (queued side by side) are computed once: `unique` holds the first row of each
-            # distinct prompt taken, `source[k]` row k's prompt among them
-            take, unique, source, tokens = 0, [], [], 0
-            while take < min(len(free), len(self.queue)):
-                prompt = self.encoded[self.queue[take]]
-                if not unique or prompt != self.encoded[self.queue[unique[-1]]]:
-                    if unique and tokens + len(prompt) > self._PREFILL_TOKENS:
-                        break
-                    unique.append(take)
-                    tokens += len(prompt)
-                source.append(len(unique) - 1)
-                take += 1
-            rows, self.queue = self.queue[:take], self.queue[take:]
-            where, free = free[:take], free[take:]
-            distinct = [self.encoded[rows[u]] for u in unique]
+            room = len(self.cache.free) - self.reserve
+            plan = self._plan(min(len(free), len(self.queue)))
+            while plan.pages > room and plan.take > 1:  # fewer rows (in proportion) until their pages are free
+                plan = self._plan(max(1, min(plan.take - 1, plan.take * room // plan.pages)))
+            if plan.pages > room:
+                break
+            rows, self.queue = self.queue[:plan.take], self.queue[plan.take:]
+            where, free = free[:plan.take], free[plan.take:]
+            distinct, shared, groups = plan.distinct, plan.shared, plan.groups
             slots_of = [[] for _ in distinct]  # each distinct prompt's slots
-            for k, d in enumerate(source):
+            for k, d in enumerate(plan.source):
                 slots_of[d].append(where[k])
-            shared, groups = [0] * len(distinct), {}  # tokens each prompt shares; group by first prompt
-            for first, end, length in _shared_prefixes(distinct, self._MIN_SHARED):
-                shared[first:end], groups[first] = [length] * (end - first), (end, length)
+            # pages: a prompt's first slot shares its group's prefix pages (full ones) with the group's first slot
+            # and has its own for the rest; its other slots share its full pages. `own[slot]`: where the entries
+            # that slot's targets write begin (the pages before are written for another slot).
+            own, group_slot = {}, None
+            for d, prompt in enumerate(distinct):
+                first = slots_of[d][0]
+                if d in groups:
+                    group_slot = first
+                elif shared[d]:
+                    self.cache.share(first, group_slot, shared[d] // PAGE)
+                own[first] = len(self.cache.owned[first]) * PAGE
+                self.cache.grow(first, _pages(len(prompt)) - len(self.cache.owned[first]))
+                for slot in slots_of[d][1:]:
+                    self.cache.share(slot, first, len(prompt) // PAGE)
+                    own[slot] = len(prompt) // PAGE * PAGE
+                    self.cache.grow(slot, _pages(len(prompt)) - len(prompt) // PAGE)
+            self._count_pages()
             # one packed row: each distinct prompt (without its shared prefix), preceded by the prefix where it is
             # its group's first; each piece's entries go to every slot that needs them. With groups, each piece
-            # attends to the entries in the slot of its prompt's first row: the prefix's (written in the same
-            # layer, before attention) and its own.
+            # attends to the entries of its prompt's first slot: the prefix's (written in the same layer, before
+            # attention) and its own.
             pieces, offsets, targets, answers, history = [], [], [], [], []
             for d, prompt in enumerate(distinct):
                 if d in groups:
@@ -380,55 +503,67 @@ class _Decoder:
                 targets += [(slot, len(pieces) - 1) for slot in slots_of[d]]
                 history.append(slots_of[d][0])
                 answers.append(len(pieces) - 1)
-            logits = self._forward(pieces, offsets, targets, answers, history if groups else None)
+            logits = self._forward(pieces, offsets, targets, own, answers, history if groups else None)
             self.stats["prefills"] += 1
             self.stats["prefill_tokens"] += sum(map(len, pieces))
-            self.stats["prefill_shared"] += take - len(unique)
-            self.stats["prefix_shared_tokens"] += tokens - sum(map(len, pieces))
-            if len(unique) < take:
-                logits = logits[torch.tensor(source, device=self.device)]
+            self.stats["prefill_shared"] += plan.take - len(plan.unique)
+            self.stats["prefix_shared_tokens"] += plan.tokens - sum(map(len, pieces))
+            if len(plan.unique) < plan.take:
+                logits = logits[torch.tensor(plan.source, device=self.device)]
             temperatures, top_ps, seeds = self.settings
-            to = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
+            to = functools.partial(_on, self.device)
             slots = to(where)
-            lengths = [len(self.encoded[i]) for i in rows]
+            lengths = [len(self._prompt(i)) for i in rows]
             self.state["length"][slots] = to(lengths)
+            self.state["live"][slots] = 1
             self.state["step"][slots] = 0
             self.state["seed"][slots] = to([seeds[i] for i in rows])
             self.state["temperature"][slots] = to([temperatures[i] for i in rows], torch.float32)
             self.state["top_p"][slots] = to([top_ps[i] for i in rows], torch.float32)
             self.tokens[slots] = self.choose(logits, slots)
             for slot, i, length in zip(where, rows, lengths):
-                self.owner[slot], self.produced[slot], self.length[slot] = i, [], length
+                self.owner[slot], self.produced[slot], self.length[slot] = i, self.resumed.pop(i, []), length
+                self.started[slot], self.starts = self.starts, self.starts + 1
+            fresh = [slot for slot in where if not self.produced[slot]]
+            if len(fresh) < len(where):  # resumed rows: their own last token and step, not the ones chosen
+                back = [slot for slot in where if self.produced[slot]]
+                self.tokens[to(back)] = to([self.produced[slot][-1] for slot in back])
+                self.state["step"][to(back)] = to([len(self.produced[slot]) for slot in back])
             # (it waits for the chosen tokens: the time below is the GPU's)
-            finished = list(self.collect(where, self.tokens.tolist()))
+            finished = list(self.collect(fresh, self.tokens.tolist()))
             self.stats["prefill_seconds"] += time.perf_counter() - start
             yield from finished
             start = time.perf_counter()
 
     def _forward(self, pieces: list[list[int]], offsets: list[int], targets: list[tuple[int, int]],
-                 answers: list[int], history: Optional[list[int]] = None) -> torch.Tensor:
+                 own: dict, answers: list[int], history: Optional[list[int]] = None) -> torch.Tensor:
         """One prefill forward: the token lists `pieces` packed into one row, piece j at positions offsets[j]...
-        Each (slot, j) of `targets` receives piece j's KV entries at those positions of its slot. Without `history`
-        each piece attends to itself alone; with it, piece j attends to the first offsets[j] entries of slot
-        history[j] (its prefix) and to itself. Returns the logits at the last token of each of the pieces
-        `answers`."""
+        Each (slot, j) of `targets` receives piece j's KV entries at those positions of its slot, from position
+        `own[slot]` on (before it, its pages are another slot's). Without `history` each piece attends to itself
+        alone; with it, piece j attends to the first offsets[j] entries of slot history[j] (its prefix) and to
+        itself. Returns the logits at the last token of each of the pieces `answers`."""
         lengths = [len(piece) for piece in pieces]
         ends = torch.tensor(lengths).cumsum(0)
         starts = (ends - torch.tensor(lengths)).tolist()
         ids = torch.tensor([token for piece in pieces for token in piece], device=self.device)[None]
         positions = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lengths)])
-        capacity = self.cache.capacity
-        self.cache.prefill_index = torch.cat([torch.arange(offsets[j], offsets[j] + lengths[j]) + slot * capacity
-                                              for slot, j in targets]).to(self.device)
-        if [j for _, j in targets] != list(range(len(pieces))):  # a piece written to several slots
-            self.cache.prefill_sources = torch.cat([torch.arange(lengths[j]) + starts[j]
-                                                    for _, j in targets]).to(self.device)
+        entries, sources = [], []
+        for slot, j in targets:
+            first, end = max(offsets[j], own[slot]), offsets[j] + lengths[j]
+            if first < end:
+                entries.append(self.cache.entries(slot, first, end))
+                sources.append(torch.arange(first, end) - offsets[j] + starts[j])
+        sources = torch.cat(sources)
+        self.cache.prefill_index = torch.cat(entries).to(self.device)
+        if not torch.equal(sources, torch.arange(int(ends[-1]))):  # a piece written to several slots, or part of one
+            self.cache.prefill_sources = sources.to(self.device)
         query_starts = torch.cat([torch.zeros(1, dtype=torch.int32), ends.to(torch.int32)]).to(self.device)
         if history is None:
             packed = attention.Packed(self.packed_kernel, query_starts, max(lengths))
         else:
-            packed = attention.Packed(self.prefix_kernel, query_starts, max(lengths), history,
-                                      [o + n for o, n in zip(offsets, lengths)])
+            seen = [o + n for o, n in zip(offsets, lengths)]
+            where = torch.cat([self.cache.entries(slot, 0, n) for slot, n in zip(history, seen)])
+            packed = attention.Packed(self.prefix_kernel, query_starts, max(lengths), where.to(self.device), seen)
             self.cache.prefill_reads_cache = True
         try:
             with _patched(self.prefill_patches):
@@ -438,12 +573,54 @@ class _Decoder:
             self.cache.prefill_index = self.cache.prefill_sources = None
             self.cache.prefill_reads_cache = False
 
+    def make_room(self):
+        """Give each row whose next entry starts a page a new page. Where too few are free, first collect the step
+        in flight (rows it ended give theirs back), then preempt the newest rows."""
+        while True:
+            live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
+            short = [s for s in live if self.length[s] >= len(self.cache.owned[s]) * PAGE]
+            if len(short) <= len(self.cache.free):
+                break
+            if self.pending is not None:
+                yield from self.collect_pending()
+            else:
+                self.preempt(max(live, key=self.started.__getitem__))
+        for slot in short:
+            self.cache.grow(slot, 1)
+        self._count_pages()
+
+    def preempt(self, slot: int) -> None:
+        """Send `slot`'s row back to the front of the queue with the tokens it has produced, and free its pages: it
+        goes on from those tokens (a prefill of its prompt and them) when pages are free again."""
+        i = self.owner[slot]
+        self.resumed[i] = self.produced[slot]
+        self.queue.insert(0, i)
+        self.free_slots([slot])
+        self.stats["preempted"] += 1
+
+    def free_slots(self, slots: list[int]) -> None:
+        """`slots` serve no row: their pages go back, and their throwaway steps write at position 0 of their table
+        rows, now all the scratch page."""
+        for slot in slots:
+            self.cache.release(slot)
+            self.owner[slot], self.produced[slot], self.length[slot] = -1, [], 0
+        where = _on(self.device, slots)
+        self.state["length"][where] = 0
+        self.state["live"][where] = 0
+
+    def _count_pages(self) -> None:
+        self.stats["peak_pages"] = max(self.stats["peak_pages"], self.cache.pages - 1 - len(self.cache.free))
+
     def decode(self):
-        """One step for every slot (a free slot computes a throwaway token at its position 0)."""
+        """One step for every slot (a free slot computes a throwaway token at its position 0, in the scratch
+        page)."""
+        yield from self.make_room()
         live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
-        self.cache.positions = self.state["length"]
-        if self.kernel == "sdpa":  # it attends over the longest live history, rounded up (few graph shapes)
-            self.width = min(self.cache.capacity, _round_up(max(self.length[s] for s in live) + 1, _WIDTH_STEP))
+        if not live:  # (the step in flight ended them all)
+            return
+        self.cache.flush()
+        if self.kernel != "triton":  # it attends over the longest live history, rounded up (few graph shapes)
+            self.width = min(self.capacity, _round_up(max(self.length[s] for s in live) + 1, _WIDTH_STEP))
         self.stats["decode_steps"] += 1
         self.stats["slot_steps"] += self.cache.slots  # (real tokens - prompts) / slot_steps: the slots' occupancy
         if self.use_graphs:
@@ -451,9 +628,10 @@ class _Decoder:
         else:
             self.step()
         self.tokens.copy_(self.next_tokens)
-        self.state["length"] += 1
+        self.state["length"] += self.state["live"]
         self.state["step"] += 1
-        self.length = [v + 1 for v in self.length]
+        for slot in live:
+            self.length[slot] += 1
         done = None
         if self.tokens.is_cuda:
             host = self.tokens.to("cpu", non_blocking=True)  # (into pinned memory)
@@ -478,8 +656,10 @@ class _Decoder:
     def step(self) -> None:
         """The decode step proper: reads `tokens` and the slot state, writes the KV entries and `next_tokens` (the
         body of the CUDA graphs; running it twice with the same state writes the same values)."""
-        state = self.state
-        step = attention.DecodeStep(self.kernel, (state["length"] + 1).to(torch.int32), self.width)
+        state, table = self.state, self.cache.table
+        page = table.gather(1, (state["length"] // PAGE)[:, None])[:, 0].long()
+        self.cache.write_index = page * PAGE + state["length"] % PAGE
+        step = attention.DecodeStep(self.kernel, (state["length"] + 1).to(torch.int32), self.width, table, PAGE)
         with _patched(self.step_patches):
             logits = self.decode_logits(self.model, self.cache, self.tokens, state["length"], step)
         self.next_tokens.copy_(seeded_choice(logits, state["seed"], state["step"], state["temperature"],
@@ -533,18 +713,16 @@ class _Decoder:
                 self.results[i] = Generation(self.tokenizer.decode(body, skip_special_tokens=True), len(produced),
                                              "stop" if stop else "length")
                 self.real_tokens += len(produced)
-                self.owner[slot] = -1
                 freed.append(slot)
                 yield i, self.results[i]
-        if freed:  # a free slot writes at position 0.. of its own row until it is refilled: never out of bounds
-            self.state["length"][torch.tensor(freed, device=self.device)] = 0
-            for slot in freed:
-                self.length[slot] = 0
+        if freed:
+            self.free_slots(freed)
 
     def keep(self, slots: list[int]) -> None:
         where = torch.tensor(slots, device=self.device)
-        self.cache.keep(where)
+        self.cache.keep(slots)
         self.owner = [self.owner[s] for s in slots]
+        self.started = [self.started[s] for s in slots]
         self.produced = [self.produced[s] for s in slots]
         self.length = [self.length[s] for s in slots]
         self.state = {k: v[where] for k, v in self.state.items()}
@@ -768,13 +946,15 @@ def _head_dim(model) -> int:
 
 def _working_bytes(model, slots: int) -> int:
     """Memory a generate call needs besides its KV cache, from above: a prefill forward of `_PREFILL_TOKENS`
-    tokens (hidden states, q/k/v, the MLP's intermediates), one float32 logits row per slot a few times over
-    (prefill answers, sampling, the CUDA graphs' outputs), and 1 GiB for the allocator's slack."""
+    tokens (hidden states, q/k/v, the MLP's intermediates, and one layer's keys and values that prompts after a
+    shared prefix attend to, gathered), one float32 logits row per slot a few times over (prefill answers, sampling,
+    the CUDA graphs' outputs), and 1 GiB for the allocator's slack."""
     text = model.config.get_text_config()
     hidden = text.hidden_size
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
     prefill = _Decoder._PREFILL_TOKENS * (6 * hidden + 4 * intermediate) * model.dtype.itemsize
-    return prefill + 4 * slots * text.vocab_size * 4 + (1 << 30)
+    history = 2 * 2 * _Decoder._PREFILL_TOKENS * _kv_bytes_per_position(model) // text.num_hidden_layers
+    return prefill + history + 4 * slots * text.vocab_size * 4 + (1 << 30)
 
 
 def _free_bytes(device: torch.device) -> Optional[int]:
@@ -785,27 +965,35 @@ def _free_bytes(device: torch.device) -> Optional[int]:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def _slots_that_fit(model, slots: int, capacity: int, least: int) -> int:
-    """`slots`, or fewer where the KV cache of that many slots of `capacity` positions would not fit in the
-    device's free memory (a warning says so; fewer than `least` is an error naming what to lower)."""
+def _pages_that_fit(model, slots: int, pages_per_slot: int) -> int:
+    """Pages of the KV cache, scratch included: every slot's worst case (`pages_per_slot`), or as many as fit in the
+    device's free memory, where that is less (rows then start while pages last, and the newest is preempted where
+    they run out; a log line says so). Too little memory for one slot's worst case is an error naming what to
+    lower."""
+    want = slots * pages_per_slot + 1
     free = _free_bytes(model.device)
     if free is None:
-        return slots
-    per_slot, working = capacity * _kv_bytes_per_position(model), _working_bytes(model, slots)
-    fits = max(0, (free - working) // per_slot)
-    if fits >= slots:
-        return slots
+        return want
+    page_bytes, working = PAGE * _kv_bytes_per_position(model), _working_bytes(model, slots)
+    fits = max(0, (free - working) // page_bytes)
+    if fits >= want:
+        return want
     gib = lambda n: f"{n / 2 ** 30:.1f} GiB"  # noqa: E731
-    if fits < least:
+    if fits < pages_per_slot + 1:
         raise RuntimeError(
-            f"generation: not enough GPU memory for the KV cache: {least} slot(s) of {capacity} positions (the "
-            f"longest prompt plus max_new_tokens) need {gib(least * per_slot)} besides {gib(working)} of working "
-            f"memory, and {gib(free)} is free on {model.device}. Lower max_new_tokens "
+            f"generation: not enough GPU memory for the KV cache: one slot of {pages_per_slot * PAGE} positions (the "
+            f"longest prompt plus max_new_tokens) needs {gib(pages_per_slot * page_bytes)} besides {gib(working)} of "
+            f"working memory, and {gib(free)} is free on {model.device}. Lower max_new_tokens "
             f"(rollout.max_new_tokens, eval.max_new_tokens) or the prompts' length (eval.shots), or free the GPU.")
-    log.warning("generation: %d slots of %d positions would need %s of KV cache; %s is free on %s, so %d slots "
-                "decode at a time (a batch_size of at most %d, rollout.batch_size or eval.batch_size, avoids this "
-                "message)", slots, capacity, gib(slots * per_slot), gib(free), model.device, fits, fits)
+    log.info("generation: KV cache of %d pages (%s): %.0f%% of %d slots' worst case of %d positions; rows start "
+             "while pages last", fits - 1, gib(fits * page_bytes), 100 * fits / want, slots, pages_per_slot * PAGE)
     return int(fits)
+
+
+def _on(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """`values` as a tensor on `device`; to a GPU through pinned memory, without waiting: a copy from pageable memory
+    waits for the GPU's queued work, so the host could no longer prepare a step while the one in flight runs."""
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
 def _round_up(value: int, step: int) -> int:

@@ -1,5 +1,6 @@
-"""A Triton kernel for one decode step of attention over the slot cache: each (row, KV head) program streams only
-that row's own `length` keys and values, so a step reads the real context and nothing more.
+"""A Triton kernel for one decode step of attention over the paged KV cache: each (row, KV head) program streams
+only that row's own `length` keys and values, finding each position's page through the row's page table, so a step
+reads the real context and nothing more.
 
 Why not a library kernel: PyTorch's built-in FlashAttention-2 (variable-length form, `seqused_k`) skips the unused
 positions too, but a one-token query still fills a whole tile. At batch 256, 32 heads of 128, 250 keys a row on
@@ -16,9 +17,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _decode(q_ptr, k_ptr, v_ptr, out_ptr, lengths_ptr, scale,
-            stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_ob, stride_oh,
-            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _decode(q_ptr, k_ptr, v_ptr, out_ptr, lengths_ptr, table_ptr, scale,
+            stride_qb, stride_qh, stride_kt, stride_kh, stride_ob, stride_oh, stride_table,
+            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+            PAGE: tl.constexpr):
     row, kv_head = tl.program_id(0), tl.program_id(1)
     length = tl.load(lengths_ptr + row)
     g, d, n = tl.arange(0, BLOCK_G), tl.arange(0, HEAD_DIM), tl.arange(0, BLOCK_N)
@@ -29,11 +31,11 @@ def _decode(q_ptr, k_ptr, v_ptr, out_ptr, lengths_ptr, scale,
     best = tl.full([BLOCK_G], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    base = row * stride_kb + kv_head * stride_kh
     for start in range(0, length, BLOCK_N):
         t = start + n
         valid = t < length
-        offsets = base + t[:, None] * stride_kt + d[None, :]
+        page = tl.load(table_ptr + row * stride_table + t // PAGE, mask=valid, other=0).to(tl.int64)
+        offsets = (page * PAGE + t % PAGE)[:, None] * stride_kt + kv_head * stride_kh + d[None, :]
         k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k))
         scores = tl.where(valid[None, :], scores, float("-inf"))
@@ -50,16 +52,18 @@ def _decode(q_ptr, k_ptr, v_ptr, out_ptr, lengths_ptr, scale,
 
 
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                     scale: float, block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """query [rows, heads, head_dim]; keys/values [rows, capacity, kv_heads, head_dim] (last dim contiguous);
-    lengths [rows] int32, each >= 1. Returns [rows, heads, head_dim]."""
+                     table: torch.Tensor, page: int, scale: float, block_n: int = 64, num_warps: int = 4,
+                     num_stages: int = 3) -> torch.Tensor:
+    """query [rows, heads, head_dim]; keys/values [pages * page, kv_heads, head_dim] (last dim contiguous), row r's
+    position t at page table[r, t // page], offset t % page; lengths [rows] int32, each >= 1. Returns [rows, heads,
+    head_dim]."""
     rows, heads, head_dim = query.shape
-    kv_heads = keys.shape[2]
+    kv_heads = keys.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(query)
     _decode[(rows, kv_heads)](
-        query, keys, values, out, lengths, scale,
-        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, HEAD_DIM=head_dim,
+        query, keys, values, out, lengths, table, scale,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1), table.stride(0),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, HEAD_DIM=head_dim, PAGE=page,
         num_warps=num_warps, num_stages=num_stages)
     return out

@@ -1,6 +1,7 @@
 """Decode-step attention kernels on a GPU: the masked sdpa step (cuDNN; it reads every row up to the longest),
 PyTorch's FlashAttention-2 varlen with per-row lengths, and looper's Triton kernel. Prints milliseconds per call and
-the bandwidth on the keys and values each row really owns (the figure to compare with the copy bandwidth).
+the bandwidth on the keys and values each row really owns (the figure to compare with the copy bandwidth). The
+keys and values are paged as generation pages them, the pages shuffled.
 
     python scripts/bench_attention.py                       # batch 256, 32 heads of 128, rows of 80-420 keys
     python scripts/bench_attention.py --kv-heads 8 --batch 96
@@ -15,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from looper import generation  # noqa: E402
 from looper.attention import DecodeStep  # noqa: E402
 
 
@@ -49,16 +51,19 @@ def main():
                             dtype=torch.int32)
     width = -(-int(lengths.max()) // 64) * 64
     query = torch.randn(args.batch, args.heads, 1, args.head_dim, device=device, dtype=dtype, generator=generator)
-    shape = (args.batch, args.capacity, args.kv_heads, args.head_dim)
+    shape = (args.batch * args.capacity, args.kv_heads, args.head_dim)  # paged as generation pages it, shuffled
     keys = torch.randn(shape, device=device, dtype=dtype, generator=generator)
     values = torch.randn(shape, device=device, dtype=dtype, generator=generator)
+    page = generation.PAGE
+    table = torch.randperm(args.batch * args.capacity // page, device=device, generator=generator)
+    table = table.view(args.batch, -1).to(torch.int32)
     module = type("Module", (), {"num_key_value_groups": args.heads // args.kv_heads, "is_causal": True})()
     real_bytes = int(lengths.sum()) * args.kv_heads * args.head_dim * keys.element_size() * 2
     scale = args.head_dim ** -0.5
     report = {"device": torch.cuda.get_device_name(), "args": vars(args), "mean_keys": lengths.float().mean().item()}
-    expected = DecodeStep("sdpa", lengths, width).attend(module, query, keys, values, scale)[0].float()
+    expected = DecodeStep("sdpa", lengths, width, table, page).attend(module, query, keys, values, scale)[0].float()
     for kernel in ("sdpa", "flash", "triton"):
-        step = DecodeStep(kernel, lengths, width)
+        step = DecodeStep(kernel, lengths, width, table, page)
         ms = milliseconds(lambda: step.attend(module, query, keys, values, scale))
         error = (step.attend(module, query, keys, values, scale)[0].float() - expected).abs().max().item()
         report[kernel] = {"ms": round(ms, 4), "real_tb_s": round(real_bytes / ms / 1e9, 2), "max_abs_diff": error}

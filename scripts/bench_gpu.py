@@ -162,7 +162,7 @@ def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature
     seconds, real = across_processes(time.perf_counter() - start, mine)
     prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     mean_context = sum(prompt_tokens) / len(prompts) + mine / len(prompts) / 2
-    # at the slots generation decoded with (fewer than batch_size where their KV cache would not fit)
+    # at batch_size rows a step (where the KV pages do not hold that many rows, fewer decode: the share is then low)
     ceiling = world * ceiling_tokens_per_s(model, stats["slots"], mean_context, bandwidth)
     return {"seconds": round(seconds, 2), "sequences": total, "processes": world, "real_tokens": real,
             "tokens_per_s": round(real / seconds, 1), "ceiling_tokens_per_s": round(ceiling, 1),
@@ -288,14 +288,13 @@ def bench_prefill(model, tokenizer, args, bandwidth, rng):
         with generation._looper_attention_in(model):
             decoder = generation._Decoder(model, tokenizer, encoded, [1] * n, [1.0] * n, [0.95] * n, list(range(n)),
                                           n, args.compile)
-            if decoder.cache.slots < n:  # (generation shrank the slots to the free memory)
-                raise RuntimeError(f"prefill: {n} slots do not fit in the free GPU memory")
             sync()
             start = time.perf_counter()
             for _ in decoder.prefill(list(range(n))):  # every row ends at its first token
                 pass
             sync()
-        assert decoder.stats["prefills"] == 1
+        if decoder.stats["prefills"] != 1 or decoder.queue:
+            raise RuntimeError(f"prefill: the KV pages of {n} prompts do not fit in one prefill here")
         return time.perf_counter() - start
 
     warmup = once()  # compilation, if any, and kernel choice
@@ -328,7 +327,9 @@ def bench_step(model, tokenizer, args, bandwidth, rng):
                                       list(range(slots)), slots, args.compile)
         for _ in decoder.prefill(list(range(decoder.cache.slots))):  # (no row ends at its first token)
             pass
-        decoder.cache.positions = decoder.state["length"]
+        for _ in decoder.make_room():  # (each row's page for its next entry)
+            pass
+        decoder.cache.flush()
         run = decoder.replay if decoder.use_graphs else decoder.step
         run()  # capture (and compile, with --compile)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

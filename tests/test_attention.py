@@ -21,20 +21,34 @@ def _reference(query, key, value, allowed, scale):
     return torch.einsum("hqk,hkd->hqd", scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1), value)
 
 
+def paged(rows: torch.Tensor, page: int = 16, seed: int = 0):
+    """Rows [slots, capacity, kv_heads, dim] as a paged buffer [pages * page, kv_heads, dim] with the pages shuffled,
+    and its page table [slots, capacity // page]."""
+    slots, capacity = rows.shape[:2]
+    order = torch.randperm(slots * capacity // page, generator=torch.Generator().manual_seed(seed))
+    buffer = torch.empty_like(rows).view(-1, page, *rows.shape[2:])
+    buffer[order.to(rows.device)] = rows.reshape(-1, page, *rows.shape[2:])
+    return buffer.view(-1, *rows.shape[2:]), order.view(slots, -1).to(device=rows.device, dtype=torch.int32)
+
+
 def _decode_case(device, dtype, heads, kv_heads, dim=64, slots=5, capacity=128):
+    """A decode step's query, keys and values [slots, capacity, kv_heads, dim] and lengths: the last two also paged
+    (`paged`)."""
     generator = torch.Generator(device=device).manual_seed(0)
     query = torch.randn(slots, heads, 1, dim, device=device, dtype=dtype, generator=generator)
     keys = torch.randn(slots, capacity, kv_heads, dim, device=device, dtype=dtype, generator=generator)
     values = torch.randn(slots, capacity, kv_heads, dim, device=device, dtype=dtype, generator=generator)
     lengths = torch.tensor([1, 17, 64, 100, 128][:slots], dtype=torch.int32, device=device)
+    (paged_keys, table), (paged_values, _) = paged(keys), paged(values)
     module = _module(heads, kv_heads)
-    return module, query, keys, values, lengths
+    return module, query, keys, values, lengths, paged_keys, paged_values, table
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_a_decode_step_reads_each_slot_up_to_its_own_length(kv_heads):
-    module, query, keys, values, lengths = _decode_case("cpu", torch.float32, 4, kv_heads)
-    output = DecodeStep("sdpa", lengths, 128).attend(module, query, keys, values, 0.125)[0]  # [slots, 1, heads, dim]
+def test_a_decode_step_reads_each_slot_up_to_its_own_length_through_its_page_table(kv_heads):
+    module, query, keys, values, lengths, paged_keys, paged_values, table = _decode_case("cpu", torch.float32, 4,
+                                                                                         kv_heads)
+    output = DecodeStep("sdpa", lengths, 128, table, 16).attend(module, query, paged_keys, paged_values, 0.125)[0]
     for s, n in enumerate(lengths.tolist()):
         k = keys[s, :n].repeat_interleave(4 // kv_heads, dim=1)  # [n, heads, dim]
         weights = (torch.einsum("hd,nhd->hn", query[s, :, 0], k) * 0.125).softmax(dim=-1)
@@ -46,10 +60,10 @@ def test_a_decode_step_reads_each_slot_up_to_its_own_length(kv_heads):
 @pytest.mark.parametrize("kv_heads,dim", [(8, 64), (2, 64)])
 def test_gpu_decode_kernels_equal_the_masked_sdpa_step(kv_heads, dim):
     assert kernels(torch.device("cuda"), torch.bfloat16, 8, kv_heads, dim) == ("flash", "triton")
-    module, query, keys, values, lengths = _decode_case("cuda", torch.bfloat16, 8, kv_heads, dim=dim)
-    slow = DecodeStep("sdpa", lengths, 128).attend(module, query, keys, values, 0.125)[0]
+    module, query, _, _, lengths, keys, values, table = _decode_case("cuda", torch.bfloat16, 8, kv_heads, dim=dim)
+    slow = DecodeStep("sdpa", lengths, 128, table, 16).attend(module, query, keys, values, 0.125)[0]
     for kernel in ("triton", "flash"):
-        fast = DecodeStep(kernel, lengths, 128).attend(module, query, keys, values, 0.125)[0]
+        fast = DecodeStep(kernel, lengths, 128, table, 16).attend(module, query, keys, values, 0.125)[0]
         assert torch.allclose(fast.float(), slow.float(), atol=1e-2), kernel
 
 
@@ -89,26 +103,28 @@ def test_flash_packed_attention_equals_sdpa_with_gradients_on_a_gpu(kv_heads):
 
 
 def _prefix_case(device, dtype, heads, kv_heads, dim=64):
-    """Three sequences whose entries sit in slots 0, 2 and 2 of a cache (a prefix and a prompt after it read the same
-    slot): 1 of 1, 40 of 100 and 30 of 31 queries."""
+    """Three sequences whose entries sit at positions 0.., 256.. and 256.. of a cache [512, kv_heads, dim] (a prefix
+    and a prompt after it read the same entries): 1 of 1, 40 of 100 and 30 of 31 queries."""
     generator = torch.Generator(device=device).manual_seed(0)
-    keys = torch.randn(4, 128, kv_heads, dim, device=device, dtype=dtype, generator=generator)
-    values = torch.randn(4, 128, kv_heads, dim, device=device, dtype=dtype, generator=generator)
+    keys = torch.randn(512, kv_heads, dim, device=device, dtype=dtype, generator=generator)
+    values = torch.randn(512, kv_heads, dim, device=device, dtype=dtype, generator=generator)
     query = torch.randn(1, heads, 71, dim, device=device, dtype=dtype, generator=generator)
     starts = torch.tensor([0, 1, 41, 71], dtype=torch.int32, device=device)
-    return _module(heads, kv_heads), query, keys, values, starts, [0, 2, 2], [1, 100, 31]
+    firsts, used = [0, 256, 256], [1, 100, 31]
+    history = torch.cat([torch.arange(n) + first for first, n in zip(firsts, used)]).to(device)
+    return _module(heads, kv_heads), query, keys, values, starts, firsts, history, used
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_the_rest_of_a_prompt_attends_to_its_prefix_in_the_cache(kv_heads):
-    module, query, keys, values, starts, history, used = _prefix_case("cpu", torch.float32, 4, kv_heads)
+    module, query, keys, values, starts, firsts, history, used = _prefix_case("cpu", torch.float32, 4, kv_heads)
     output = prefix_attention(module, query, keys, values, Packed("sdpa", starts, 40, history, used), 0.125)[0]
     bounds = starts.tolist()
-    for slot, n, a, b in zip(history, used, bounds[:-1], bounds[1:]):
+    for first, n, a, b in zip(firsts, used, bounds[:-1], bounds[1:]):
         q = b - a
         allowed = torch.arange(n)[None, :] <= torch.arange(q)[:, None] + (n - q)  # query t is at position n - q + t
-        expected = _reference(query[0, :, a:b], keys[slot, :n].transpose(0, 1), values[slot, :n].transpose(0, 1),
-                              allowed, 0.125)
+        expected = _reference(query[0, :, a:b], keys[first:first + n].transpose(0, 1),
+                              values[first:first + n].transpose(0, 1), allowed, 0.125)
         assert torch.allclose(output[0, a:b].transpose(0, 1), expected, atol=1e-5)
 
 
@@ -116,7 +132,7 @@ def test_the_rest_of_a_prompt_attends_to_its_prefix_in_the_cache(kv_heads):
 @pytest.mark.parametrize("kv_heads", [8, 2])
 def test_gpu_flash_attention_after_a_shared_prefix_equals_sdpa(kv_heads):
     assert prefix_kernel(torch.device("cuda"), torch.bfloat16, 8, kv_heads, 64) == "flash"
-    module, query, keys, values, starts, history, used = _prefix_case("cuda", torch.bfloat16, 8, kv_heads)
+    module, query, keys, values, starts, _, history, used = _prefix_case("cuda", torch.bfloat16, 8, kv_heads)
     slow = prefix_attention(module, query, keys, values, Packed("sdpa", starts, 40, history, used), 0.125)[0]
     fast = prefix_attention(module, query, keys, values, Packed("flash", starts, 40, history, used), 0.125)[0]
     assert (fast.float() - slow.float()).abs().max().item() < 2e-2

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from looper import attention, evaluation, models
 from looper.artifacts import ArtifactStore
@@ -89,14 +90,14 @@ def test_the_batch_check_passes_on_the_real_path_and_catches_a_broken_mask(tiny_
     prompts = [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
     assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] == 0
     # the classic bug: prompts of one prefill attend to each other (packed, or after a shared prefix: every prompt
-    # reads the first prompt's slot)
+    # reads the entries of the prefill's first prompts instead of its own)
     packed, after_prefix = attention.packed_attention, attention.prefix_attention
 
     def as_one(module, query, key, value, starts, max_length, *args, **kwargs):
         return packed(module, query, key, value, starts[[0, -1]], int(starts[-1]), *args, **kwargs)
 
     def one_slot(module, query, keys, values, packing, scaling):
-        wrong = dataclasses.replace(packing, history=packing.history[:1] * len(packing.history))
+        wrong = dataclasses.replace(packing, history=torch.cat([packing.history[:n] for n in packing.key_lengths]))
         return after_prefix(module, query, keys, values, wrong, scaling)
 
     monkeypatch.setattr(attention, "packed_attention", as_one)

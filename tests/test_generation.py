@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from looper import models
+from looper import generation, models
 from looper.generation import generate, seeded_choice
 
 
@@ -189,6 +189,11 @@ def test_identical_prompts_are_prefilled_once_and_sample_as_if_alone(tiny_sft):
     assert stats["prefill_shared"] == 9
     distinct_tokens = sum(len(tokenizer(p)["input_ids"]) for p in prompts[:3])
     assert stats["prefill_tokens"] == distinct_tokens - stats["prefix_shared_tokens"]
+    # the samples of a prompt hold its full KV pages together: each other sample has only its last, partial page
+    first = {}
+    generate(model, tokenizer, prompts, batch_size=12, max_new_tokens=1, stats=first, desc=None)
+    page, lengths = generation.PAGE, [len(tokenizer(p)["input_ids"]) for p in prompts[:3]]
+    assert first["peak_pages"] == sum(-(-n // page) + 3 * (-(-n // page) - n // page) for n in lengths)
 
 
 def test_prompts_that_begin_alike_share_their_prefix_and_sample_as_if_alone(tiny_sft):
@@ -208,6 +213,10 @@ def test_prompts_that_begin_alike_share_their_prefix_and_sample_as_if_alone(tiny
     encoded = tokenizer(prompts)["input_ids"]
     assert stats["prefix_shared_tokens"] > 0
     assert stats["prefill_tokens"] == sum(map(len, encoded)) - stats["prefix_shared_tokens"]
+    first = {}  # the full KV pages of a shared prefix serve every prompt after it
+    generate(model, tokenizer, prompts, batch_size=len(prompts), max_new_tokens=1, stats=first, desc=None)
+    assert first["prefix_shared_tokens"] > 2 * generation.PAGE
+    assert first["peak_pages"] < sum(-(-len(ids) // generation.PAGE) for ids in encoded) - 2
     greedy = generate(model, tokenizer, prompts, batch_size=8, max_new_tokens=12, desc=None)
     for prompt, result in zip(prompts, greedy):
         single = tokenizer(prompt, return_tensors="pt")
@@ -225,26 +234,32 @@ def test_shared_prefixes_group_neighbours_while_that_saves_tokens():
     assert _shared_prefixes([[1, 2, 3], [4, 5, 6]], 1) == []
 
 
-def test_slots_shrink_to_the_kv_cache_that_fits_and_too_little_memory_is_a_clear_error(tiny_sft, monkeypatch, caplog):
+def test_a_kv_cache_smaller_than_the_slots_worst_case_preempts_and_resumes_rows_with_the_same_samples(
+        tiny_sft, monkeypatch, caplog):
     from looper import generation
 
     cfg, _, _, sft_dir = tiny_sft
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
     prompts = _prompts(cfg, tokenizer, n=10)
-    limit = 24
-    kwargs = {"max_new_tokens": limit, "temperature": 1.0, "seeds": list(range(len(prompts))), "desc": None}
-    full, fitted = {}, {}
-    roomy = [g.text for g in generate(model, tokenizer, prompts, batch_size=8, stats=full, **kwargs)]
-    assert full["slots"] == 8
+    kwargs = {"max_new_tokens": 48, "temperature": 3.0, "seeds": list(range(len(prompts))), "desc": None}
+    roomy, tight = {}, {}
+    expected = [(g.text, g.num_tokens) for g in generate(model, tokenizer, prompts, batch_size=8, stats=roomy,
+                                                        **kwargs)]
     longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
-    per_slot = generation._round_up(longest + limit + 1, generation._WIDTH_STEP) * \
-        generation._kv_bytes_per_position(model)
-    room = generation._working_bytes(model, 8) + 3 * per_slot + per_slot // 2  # three slots' cache and a half
-    monkeypatch.setattr(generation, "_free_bytes", lambda device: room)
-    tight = [g.text for g in generate(model, tokenizer, prompts, batch_size=8, stats=fitted, **kwargs)]
-    assert fitted["slots"] == 3 and "so 3 slots decode at a time" in caplog.text
-    assert tight == roomy  # fewer slots, the same samples
-    monkeypatch.setattr(generation, "_free_bytes", lambda device: per_slot // 2)
+    per_slot = generation._round_up(longest + 48 + 1, generation._WIDTH_STEP) // generation.PAGE
+    assert roomy["kv_pages"] == 8 * per_slot and roomy["preempted"] == 0  # off a GPU: every slot's worst case
+    page_bytes = generation.PAGE * generation._kv_bytes_per_position(model)
+    pages = int(2.5 * per_slot)  # rows of ~84 positions: 6 pages each at the end, 3 at the start
+    monkeypatch.setattr(generation, "_free_bytes",
+                        lambda device: generation._working_bytes(model, 8) + (pages + 1) * page_bytes)
+    with caplog.at_level("INFO", logger="looper.generation"):
+        got = [(g.text, g.num_tokens) for g in generate(model, tokenizer, prompts, batch_size=8, stats=tight,
+                                                         **kwargs)]
+    assert tight["kv_pages"] == pages and tight["slots"] == 8
+    assert tight["preempted"] > 0 and tight["peak_pages"] <= pages < roomy["peak_pages"]
+    assert got == expected  # rows preempted and resumed: the same samples
+    assert "rows start while pages last" in caplog.text and "resumed later" in caplog.text
+    monkeypatch.setattr(generation, "_free_bytes", lambda device: generation._working_bytes(model, 8) + page_bytes)
     with pytest.raises(RuntimeError, match="not enough GPU memory for the KV cache.*Lower max_new_tokens"):
         generate(model, tokenizer, prompts, batch_size=8, **kwargs)
 

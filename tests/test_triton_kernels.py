@@ -54,21 +54,23 @@ def test_the_sampling_kernel_picks_what_pytorch_picks_interpreted():
 
 
 @interpreted
-def test_the_decode_attention_kernel_reads_each_row_up_to_its_length_interpreted():
+def test_the_decode_attention_kernel_reads_each_row_up_to_its_length_through_its_pages_interpreted():
     out = _interpreted("""
         import torch
         from looper.attention import DecodeStep
         from looper.triton_decode import decode_attention
 
         generator = torch.Generator().manual_seed(0)
-        slots, heads, kv_heads, dim, capacity = 4, 4, 2, 16, 80
+        slots, heads, kv_heads, dim, capacity, page = 4, 4, 2, 16, 80, 8
         query = torch.randn(slots, heads, 1, dim, generator=generator)
-        keys = torch.randn(slots, capacity, kv_heads, dim, generator=generator)
-        values = torch.randn(slots, capacity, kv_heads, dim, generator=generator)
+        keys = torch.randn(slots * capacity, kv_heads, dim, generator=generator)  # 40 pages of 8, in any order
+        values = torch.randn(slots * capacity, kv_heads, dim, generator=generator)
+        table = torch.randperm(slots * capacity // page, generator=generator).view(slots, -1).to(torch.int32)
         lengths = torch.tensor([1, 16, 17, 80], dtype=torch.int32)
         module = type("Module", (), {"num_key_value_groups": heads // kv_heads, "is_causal": True})()
-        expected = DecodeStep("sdpa", lengths, capacity).attend(module, query, keys, values, 0.25)[0][:, 0]
-        got = decode_attention(query[:, :, 0], keys, values, lengths, 0.25, block_n=16)
+        step = DecodeStep("sdpa", lengths, capacity, table, page)
+        expected = step.attend(module, query, keys, values, 0.25)[0][:, 0]
+        got = decode_attention(query[:, :, 0], keys, values, lengths, table, page, 0.25, block_n=16)
         print((got - expected).abs().max().item())
     """)
     assert float(out) < 1e-4
