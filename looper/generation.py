@@ -150,6 +150,7 @@ class PagedCache:
         self.users = [0] * pages  # slots holding each page
         self.free = list(range(pages - 1, 0, -1))  # (popped from the end: low pages first)
         self.changes: dict = {}  # (slot, column) -> page, not yet in `table`
+        self.shared = 0  # positions slots read from pages another slot also holds (once per extra holder)
         self.prefill_index: Optional[torch.Tensor] = None  # a prefill: the entry each packed token's KV goes to
         self.prefill_sources: Optional[torch.Tensor] = None  # and the packed token each copies (None: in order)
         self.prefill_reads_cache = False  # whether the prefill's attention reads the cache (a shared prefix)
@@ -189,6 +190,7 @@ class PagedCache:
         """The first `count` pages of `source` (full ones) become the first pages of `slot`, which holds none."""
         for page in self.owned[source][:count]:
             self.users[page] += 1
+            self.shared += PAGE
             self.changes[slot, len(self.owned[slot])] = page
             self.owned[slot].append(page)
 
@@ -196,7 +198,9 @@ class PagedCache:
         """`slot` gives its pages back (a page goes back to `free` when no slot holds it) and points at scratch."""
         for column, page in enumerate(self.owned[slot]):
             self.users[page] -= 1
-            if not self.users[page]:
+            if self.users[page]:
+                self.shared -= PAGE
+            else:
                 self.free.append(page)
             self.changes[slot, column] = 0
         self.owned[slot] = []
@@ -381,6 +385,7 @@ class _Decoder:
         self.stats = {"decode_steps": 0, "slot_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_shared": 0,
                       "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "drain_steps": 0,
                       "drain_seconds": 0.0, "graphs": 0, "kv_pages": pages - 1, "peak_pages": 0, "preempted": 0,
+                      "kv_positions": 0, "kv_shared_positions": 0,
                       "capture_seconds": 0.0, "kernel": self.kernel, "compiled_decode": compile_decode,
                       "slots": slots, "triton_rotary": bool(rotary),
                       "compiled_prefill": sorted({type(m).__name__ for m in mlps})
@@ -623,6 +628,8 @@ class _Decoder:
             self.width = min(self.capacity, _round_up(max(self.length[s] for s in live) + 1, _WIDTH_STEP))
         self.stats["decode_steps"] += 1
         self.stats["slot_steps"] += self.cache.slots  # (real tokens - prompts) / slot_steps: the slots' occupancy
+        self.stats["kv_positions"] += sum(self.length[s] for s in live)  # the KV entries the step's rows read,
+        self.stats["kv_shared_positions"] += self.cache.shared  # of which on pages another row also reads
         if self.use_graphs:
             self.replay()
         else:

@@ -25,11 +25,13 @@ processes over the slowest process's time.
 """
 
 import argparse
+import atexit
 import gc
 import json
 import os
 import math
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -79,8 +81,9 @@ def copy_bandwidth(device) -> float:
     return 2 * n * reps / (time.perf_counter() - start)
 
 
-def build(arch: str, out: Path):
-    """Random-weight model of the architecture plus a word-level tokenizer, saved to `out` (looper loads it)."""
+def build(arch: str, out: Path, save_weights: bool):
+    """Random-weight model of the architecture plus a word-level tokenizer, saved to `out` (looper loads it; the
+    weights only with `save_weights`: the training sections load them, and a 7B model takes 13.5 GB of disk)."""
     from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, decoders
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -99,7 +102,8 @@ def build(arch: str, out: Path):
         model = LlamaForCausalLM(config)
         torch.set_default_dtype(torch.float32)
     if distributed.is_main_process():  # one copy on disk for all processes (transformers saves on the main only)
-        model.save_pretrained(out)
+        if save_weights:
+            model.save_pretrained(out)
         fast.save_pretrained(out)
     distributed.barrier()
     return model, fast
@@ -162,12 +166,16 @@ def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature
     seconds, real = across_processes(time.perf_counter() - start, mine)
     prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     mean_context = sum(prompt_tokens) / len(prompts) + mine / len(prompts) / 2
-    # at batch_size rows a step (where the KV pages do not hold that many rows, fewer decode: the share is then low)
-    ceiling = world * ceiling_tokens_per_s(model, stats["slots"], mean_context, bandwidth)
+    # at batch_size rows a step (where the KV pages do not hold that many rows, fewer decode: the share is then low),
+    # each reading the weights and its context; a page several rows hold (a prompt's samples, a shared prefix) is
+    # one copy in memory, so its entries count once
+    shared = stats["kv_shared_positions"] / max(stats["kv_positions"], 1)
+    ceiling = world * ceiling_tokens_per_s(model, stats["slots"], mean_context * (1 - shared), bandwidth)
     return {"seconds": round(seconds, 2), "sequences": total, "processes": world, "real_tokens": real,
             "tokens_per_s": round(real / seconds, 1), "ceiling_tokens_per_s": round(ceiling, 1),
             "share_of_ceiling": round(real / seconds / ceiling, 3) if ceiling == ceiling else None,
-            "batch_size": batch_size, "refill_at": refill_at, "rank0_stats": stats, "outputs": outputs}
+            "kv_shared_share": round(shared, 3), "batch_size": batch_size, "refill_at": refill_at, "rank0_stats": stats,
+            "outputs": outputs}
 
 
 def plain_generate_baseline(model, tokenizer, prompts, limits, batch_size):
@@ -581,7 +589,9 @@ def main():
     report["copy_bandwidth_tb_s"] = round(bandwidth / 1e12, 3)
     print(f"{report['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     model_dir = shared_tempdir() / "model"
-    model, tokenizer = build(args.arch, model_dir)
+    if main_process:  # (the saved model goes when the benchmark ends, however it ends)
+        atexit.register(shutil.rmtree, model_dir.parent, ignore_errors=True)
+    model, tokenizer = build(args.arch, model_dir, save_weights=bool({"sft", "dpo"} & set(sections)))
     tokenizer = models.load_tokenizer(str(model_dir), models.ModelConfig(name_or_path=str(model_dir)))
     model.eval()
     for section, fn in (("sampling", bench_sampling), ("prefill", bench_prefill), ("step", bench_step),

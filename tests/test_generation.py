@@ -194,6 +194,7 @@ def test_identical_prompts_are_prefilled_once_and_sample_as_if_alone(tiny_sft):
     generate(model, tokenizer, prompts, batch_size=12, max_new_tokens=1, stats=first, desc=None)
     page, lengths = generation.PAGE, [len(tokenizer(p)["input_ids"]) for p in prompts[:3]]
     assert first["peak_pages"] == sum(-(-n // page) + 3 * (-(-n // page) - n // page) for n in lengths)
+    assert stats["kv_shared_positions"] > 0  # decode steps read the shared pages (once in memory)
 
 
 def test_prompts_that_begin_alike_share_their_prefix_and_sample_as_if_alone(tiny_sft):
@@ -232,6 +233,30 @@ def test_shared_prefixes_group_neighbours_while_that_saves_tokens():
     assert _shared_prefixes([a, b, [1, 9]], 2) == [(0, 2, 3)]  # the third shares too little
     assert _shared_prefixes([[1, 2], [1, 2, 3]], 1) == [(0, 2, 1)]  # each keeps a token of its own
     assert _shared_prefixes([[1, 2, 3], [4, 5, 6]], 1) == []
+
+
+def test_the_paged_cache_hands_out_shares_and_takes_back_pages_and_its_table_follows():
+    from looper.generation import PAGE, PagedCache
+
+    cache = PagedCache(num_layers=1, slots=3, pages=8, pages_per_slot=4, device=torch.device("cpu"))
+    assert len(cache.free) == 7  # page 0 is scratch
+    cache.grow(0, 3)
+    cache.share(1, 0, 2)  # slot 1 reads slot 0's first two (full) pages
+    cache.grow(1, 1)
+    cache.flush()
+    assert cache.table.tolist() == [[1, 2, 3, 0], [1, 2, 4, 0], [0, 0, 0, 0]]
+    assert cache.shared == 2 * PAGE and len(cache.free) == 3
+    assert cache.entries(1, PAGE - 1, PAGE + 2).tolist() == [2 * PAGE - 1, 2 * PAGE, 2 * PAGE + 1]
+    cache.release(0)  # pages 1 and 2 stay: slot 1 still holds them
+    assert sorted(cache.free) == [3, 5, 6, 7] and cache.shared == 0
+    cache.grow(2, 1)  # (the page slot 0 gave back)
+    cache.flush()
+    assert cache.table.tolist() == [[0, 0, 0, 0], [1, 2, 4, 0], [3, 0, 0, 0]]
+    cache.keep([2, 1])
+    assert cache.table.tolist() == [[3, 0, 0, 0], [1, 2, 4, 0]] and cache.owned == [[3], [1, 2, 4]]
+    cache.release(1)
+    cache.release(0)
+    assert sorted(cache.free) == list(range(1, 8)) and cache.shared == 0
 
 
 def test_a_kv_cache_smaller_than_the_slots_worst_case_preempts_and_resumes_rows_with_the_same_samples(
