@@ -195,7 +195,7 @@ class SFTConfig:
 @dataclass
 class RolloutConfig:
     num_questions: Optional[int] = doc("Training problems to roll out (the first N; null: all).", None)
-    batch_size: int = doc("Sequences decoding together (slots).", 64)
+    batch_size: int = doc("Sequences decoding together (slots; their KV pages are handed out as rows grow).", 64)
     batches_per_call: int = doc("Batches' worth of whole questions per generate call, the unit of resuming: more "
                                 "means fewer drains (the slots empty at the end of a call; 16 rather than 8 made a "
                                 "7B rollout 5% faster on an H100) and more work redone after a crash.", 16)
