@@ -366,7 +366,8 @@ class _Decoder:
         pages = _pages_that_fit(model, slots, self.capacity // PAGE)
         self.cache = PagedCache(text.num_hidden_layers, slots, pages, self.capacity // PAGE, self.device)
         # a prefill starts rows only while this many pages stay free besides theirs: the next step can then give
-        # every row a page, so a row started is never taken back before it has decoded
+        # every row a page, so a row started is not taken back before it has decoded (where the pool holds a page
+        # per slot beyond one slot's worst case; a smaller pool keeps what it can)
         self.reserve = min(slots, pages - 1 - self.capacity // PAGE)
         self.owner, self.produced, self.length = [-1] * slots, [[] for _ in range(slots)], [0] * slots
         self.started, self.starts = [0] * slots, 0  # when each slot's row started (the newest is preempted first)
