@@ -1,5 +1,5 @@
 """The attention function looper gives models (a transformers `AttentionInterface` entry), for packed sequences and
-for decode steps over the slot cache, with the kernel chosen once per shape:
+for decode steps over the paged KV cache, with the kernel chosen once per shape:
 
 - packed sequences (a generation prefill, a padding-free SFT batch): rows concatenated into one without padding,
   `starts` marking where each begins (cumulative lengths); each attends causally within itself. On a GPU this is

@@ -263,8 +263,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
     sampled with that row's `temperature`, `top_p` and seed (each one per prompt, or one value for all).
     `max_new_tokens` may be per row. Freed slots are refilled once a `refill_at` share of them is free (one prefill
     serves them all). `on_result(i, generation)` is called as prompt i finishes; `stats`, a dict, receives counts
-    of decode steps, prefills and CUDA graphs, and the seconds of the prefills and of the drain (the steps after the
-    last prompt started: a finished row's slot is no longer refilled). `desc=None` shows no progress bar.
+    of decode steps, prefills and CUDA graphs, the seconds of the prefills and of the drain (the steps after the last
+    prompt started: a finished row's slot is no longer refilled), and the KV pages' (the pool, its peak use, rows
+    preempted, the entries decode steps read and those on shared pages). `desc=None` shows no progress bar.
     `compile_decode` runs the decode step's model forward through `torch.compile` (see `_compiled_decode_logits`)."""
     n = len(prompts)
     temperatures, top_ps = _per_row(temperature, n), _per_row(top_p, n)
@@ -382,7 +383,7 @@ class _Decoder:
         self.pending = None  # (slots, their owners, tokens on the host, done event) of the step launched last
         self.results: list[Optional[Generation]] = [None] * len(encoded)
         self.real_tokens = 0
-        self.width = 0  # positions every slot's attention covers in a decode step (the sdpa kernel only)
+        self.width = 0  # positions every slot's attention covers in a decode step (sdpa and flash kernels)
         self.stats = {"decode_steps": 0, "slot_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_shared": 0,
                       "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "drain_steps": 0,
                       "drain_seconds": 0.0, "graphs": 0, "kv_pages": pages - 1, "peak_pages": 0, "preempted": 0,

@@ -2,9 +2,9 @@
 
 Why: transformers' `apply_rotary_pos_emb` (`q * cos + rotate_half(q) * sin`) is about eight PyTorch kernels for q
 and k (slices, negation, a concatenation, products, sums), each a pass over the prompts' activations, and leaves q
-and k head-major, so that writing k into the slot cache is a strided gather (in a 7B prefill of 16,384 tokens on an
+and k head-major, so that writing k into the KV cache is a strided gather (in a 7B prefill of 16,384 tokens on an
 H100, ~2.7 times as slow as a contiguous copy). This kernel reads each token's heads once and writes them
-token-major (the layout of the slot cache and of FlashAttention's packed input), and returns the same
+token-major (the layout of the KV cache and of FlashAttention's packed input), and returns the same
 [batch, heads, tokens, head_dim] view. With it that prefill took 380 ms instead of 426, and a decode step of 256
 slots 18.9 instead of 20.1 ms (`scripts/bench_gpu.py --sections prefill,step`). The arithmetic is the function's,
 rounding where it rounds: each product rounded to bfloat16, then their sum, so the result equals PyTorch's bit for
