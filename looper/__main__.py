@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from looper import distributed, dpo, evaluation, preferences, rollout, sft
+from looper import distributed, dpo, evaluation, preferences, rollout, sft, throughput
 from looper.artifacts import ArtifactStore
 from looper.config import Config, register_configs
 from looper.data import load_splits
@@ -40,7 +40,8 @@ def log_reused(cfg: Config, store: ArtifactStore) -> None:
         stats = json.loads((path / "stats.json").read_text()) if (path / "stats.json").exists() else {}
         with stage_run(cfg, stage) as tracker:
             tracker.summary({f"{stage}/reused_artifact": str(path),
-                             **{f"{stage}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}})
+                             **{f"{stage}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
+                             **throughput.metrics(stage, stats.get("generation", {}))})
 
 
 def run(cfg: Config, run_dir: Path) -> Optional[float]:

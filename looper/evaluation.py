@@ -1,10 +1,12 @@
 """Stage `eval`: greedy, batched evaluation of `eval.targets` on `eval.datasets`, every scorer side by side.
 
-One artifact per (target, dataset) — `predictions.jsonl`, `summary.json` and, when asked, `batch_consistency.json` —
-so the base and SFT evaluations are computed once and shared by every DPO run of a sweep (the design's single eval
-directory per run would redo them). Predictions are appended as batches finish, so an interrupted evaluation resumes
-where it stopped; under `accelerate launch` the questions are split over the processes and rank 0 merges them. The comparison across targets (`report.md` with intervals and paired tests, `accuracy.png`,
-`eval_table.md`) goes to the Hydra run directory; see looper/eval_report.py.
+One artifact per (target, dataset) — `predictions.jsonl`, `summary.json` (accuracies, and how fast generation ran:
+looper/throughput.py) and, when asked, `batch_consistency.json` — so the base and SFT evaluations are computed once
+and shared by every DPO run of a sweep (the design's single eval directory per run would redo them). Predictions are
+appended as batches finish, so an interrupted evaluation resumes where it stopped; under `accelerate launch` the
+questions are split over the processes and rank 0 merges them. The comparison across targets (`report.md` with
+intervals and paired tests, `accuracy.png`, `eval_table.md`) goes to the Hydra run directory; see
+looper/eval_report.py.
 """
 
 import functools
@@ -14,7 +16,7 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from looper import distributed, dpo, eval_report, models, sft
+from looper import distributed, dpo, eval_report, models, sft, throughput
 from looper.answers import extract, is_correct, math_verify_available
 from looper.artifacts import ArtifactStore, recover_jsonl
 from looper.config import Config, DataConfig
@@ -131,8 +133,9 @@ def _decode_shard(cfg: Config, target: str, load, dataset: str, problems: list[d
         generate(model, tokenizer, [prompt_for(cfg, tokenizer, p, pool) for p in todo],
                  max_new_tokens=_max_new_tokens(cfg), batch_size=cfg.eval.batch_size,
                  add_special_tokens=cfg.model.prompt_format != "chat", refill_at=cfg.generation.refill_at,
-                 compile_decode=cfg.generation.compile, on_result=write,
+                 compile_decode=cfg.generation.compile, on_result=write, stats=(figures := {}),
                  desc=f"eval {target} on {dataset} ({len(done)} of {len(problems)} done before)")
+    throughput.record(shard.parent / f"generation.rank{distributed.rank()}.jsonl", figures)
 
 
 def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) -> None:
@@ -160,7 +163,7 @@ def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) 
     records = [by_id[p["id"]] for p in problems if p["id"] in by_id]
     (out / PREDICTIONS).write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = {"target": target, "target_path": target_path, "dataset": dataset,
-               **eval_report.accuracy_summary(records, scorers)}
+               **eval_report.accuracy_summary(records, scorers), "generation": throughput.summary(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
@@ -216,6 +219,8 @@ def run(cfg: Config, store: ArtifactStore, run_dir: Optional[Path] = None) -> li
         eval_report.write(run_dir, results, records, scorers, cfg.eval.primary_scorer)
     with stage_run(cfg, "eval") as tracker:
         tracker.summary({f"eval/{r['dataset']}/{r['target']}/acc_{k}": r[f"acc_{k}"] for r in results for k in scorers})
+        for r in results:  # (an artifact made before these figures were kept has none)
+            tracker.summary(throughput.metrics(f"eval/{r['dataset']}/{r['target']}", r.get("generation", {})))
         for (dataset, target), rows in records.items():
             wrong_first = sorted(rows, key=lambda r: r[f"correct_{cfg.eval.primary_scorer}"])[:200]
             tracker.table(f"eval/{dataset}/{target}/examples", wrong_first)

@@ -262,8 +262,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
     """Complete each prompt, `batch_size` rows decoding at a time: greedy where a row's temperature is 0, else
     sampled with that row's `temperature`, `top_p` and seed (each one per prompt, or one value for all).
     `max_new_tokens` may be per row. Freed slots are refilled once a `refill_at` share of them is free (one prefill
-    serves them all). `on_result(i, generation)` is called as prompt i finishes; `stats`, a dict, receives counts
-    of decode steps, prefills and CUDA graphs, the seconds of the prefills and of the drain (the steps after the last
+    serves them all). `on_result(i, generation)` is called as prompt i finishes; `stats`, a dict, receives the
+    sequences, real tokens and seconds, counts of decode steps (and of the slots and live rows they ran), prefills and
+    CUDA graphs, the seconds of the prefills and of the drain (the steps after the last
     prompt started: a finished row's slot is no longer refilled), and the KV pages' (the pool, its peak use, rows
     preempted, the entries decode steps read and those on shared pages). `desc=None` shows no progress bar.
     `compile_decode` runs the decode step's model forward through `torch.compile` (see `_compiled_decode_logits`)."""
@@ -294,7 +295,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
         log.info("generation: %d times a row's KV pages were taken back and it resumed later (recomputing its "
                  "prompt and tokens); a smaller batch size avoids that", decoder.stats["preempted"])
     if stats is not None:
-        stats.update(decoder.stats, seconds=time.time() - start, real_tokens=decoder.real_tokens)
+        stats.update(decoder.stats, seconds=time.time() - start, real_tokens=decoder.real_tokens, sequences=n)
     return decoder.results
 
 
@@ -384,8 +385,8 @@ class _Decoder:
         self.results: list[Optional[Generation]] = [None] * len(encoded)
         self.real_tokens = 0
         self.width = 0  # positions every slot's attention covers in a decode step (sdpa and flash kernels)
-        self.stats = {"decode_steps": 0, "slot_steps": 0, "prefills": 0, "prefill_tokens": 0, "prefill_shared": 0,
-                      "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "drain_steps": 0,
+        self.stats = {"decode_steps": 0, "slot_steps": 0, "row_steps": 0, "prefills": 0, "prefill_tokens": 0,
+                      "prefill_shared": 0, "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "drain_steps": 0,
                       "drain_seconds": 0.0, "graphs": 0, "kv_pages": pages - 1, "peak_pages": 0, "preempted": 0,
                       "kv_positions": 0, "kv_shared_positions": 0,
                       "capture_seconds": 0.0, "kernel": self.kernel, "compiled_decode": compile_decode,
@@ -629,7 +630,8 @@ class _Decoder:
         if self.kernel != "triton":  # it attends over the longest live history, rounded up (few graph shapes)
             self.width = min(self.capacity, _round_up(max(self.length[s] for s in live) + 1, _WIDTH_STEP))
         self.stats["decode_steps"] += 1
-        self.stats["slot_steps"] += self.cache.slots  # (real tokens - prompts) / slot_steps: the slots' occupancy
+        self.stats["slot_steps"] += self.cache.slots
+        self.stats["row_steps"] += len(live)  # row_steps / slot_steps: the slots' occupancy
         self.stats["kv_positions"] += sum(self.length[s] for s in live)  # the KV entries the step's rows read,
         self.stats["kv_shared_positions"] += self.cache.shared  # of which on pages another row also reads
         if self.use_graphs:

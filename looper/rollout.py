@@ -2,7 +2,8 @@
 
 Artifact: `trajectories.jsonl` — one record per question x arm x sample, sorted by (question, arm, sample), with the
 raw score components so that rewards are recomputed later with the current `reward.*` (the stored `s_wm` uses the
-weights of the run that made the artifact; preferences recompute it) — and `stats.json`.
+weights of the run that made the artifact; preferences recompute it) — and `stats.json` (per-arm accuracy and mean
+components, and how fast generation ran: looper/throughput.py).
 
 Each (question, arm, sample) has its own seed, drawn from the run seed, and sampling is seeded per row
 (looper/generation.py), so the records do not depend on batching, sharding or restarts. Records are written question
@@ -18,11 +19,12 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 from hydra.utils import instantiate
 from tqdm.auto import tqdm
 
-from looper import coherence, distributed, models, sft
+from looper import coherence, distributed, models, sft, throughput
 from looper.answers import extract, is_correct
 from looper.artifacts import ArtifactStore, recover_jsonl, to_plain
 from looper.config import ArmConfig, Config
@@ -44,10 +46,11 @@ def trajectory_seed(run_seed: int, question_id: str, arm: str, sample: int, *ext
 class Sampler:
     """Samples trajectories and continuations from one policy with the rollout's settings."""
 
-    def __init__(self, cfg: Config, model, tokenizer):
+    def __init__(self, cfg: Config, model, tokenizer, figures: Optional[Path] = None):
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.max_new_tokens = cfg.rollout.max_new_tokens or cfg.model.max_new_tokens
         self.real_tokens = 0
+        self.figures = figures  # where each generate call's figures go (looper/throughput.py)
 
     def prompt(self, question: str, arm: ArmConfig) -> str:
         return models.build_prompt(self.cfg.model, self.tokenizer, question, arm)
@@ -60,8 +63,10 @@ class Sampler:
                            add_special_tokens=self.cfg.model.prompt_format != "chat",
                            refill_at=self.cfg.generation.refill_at,
                            compile_decode=self.cfg.generation.compile,
-                           desc=None)
+                           stats=(figures := {}), desc=None)
         self.real_tokens += sum(o.num_tokens for o in outputs)
+        if self.figures is not None:
+            throughput.record(self.figures, figures)
         return outputs
 
     def continuations(self, problem: dict, trajectories: list[dict]) -> "Continuations":
@@ -189,7 +194,7 @@ def _sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], shard: Path)
     if not todo:
         return
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
-    sampler = Sampler(cfg, model, tokenizer)
+    sampler = Sampler(cfg, model, tokenizer, shard.parent / f"generation.rank{distributed.rank()}.jsonl")
     scorer = instantiate(cfg.reward.scorer, _partial_=True)
     # several batches' worth of rows per generate call, so slots freed by short trajectories are refilled and the
     # drain at the end of a call (ever fewer rows a step) weighs little: on an H100 a 7B arm-template rollout's drain
@@ -247,6 +252,7 @@ def arm_stats(records: list[dict]) -> dict:
 
 def _log(tracker, stats: dict, records: list[dict]) -> None:
     tracker.summary({"rollout/accuracy": stats["overall"]["accuracy"], "rollout/questions": stats["questions"]})
+    tracker.summary(throughput.metrics("rollout", stats.get("generation", {})))
     tracker.summary({f"rollout/{arm}/{key}": value for arm, s in stats["arms"].items() for key, value in s.items()
                      if key in ("accuracy", "mean_s_end", "mean_s_wm", "mean_tokens")})
 
@@ -267,7 +273,7 @@ def _build(cfg: Config, sft_dir: Path, out: Path) -> None:
     records = merge_shards(out, problems, list(cfg.arms))
     with open(out / TRAJECTORIES, "w") as handle:
         handle.write("".join(json.dumps(r) + "\n" for r in records))
-    stats = arm_stats(records)
+    stats = {**arm_stats(records), "generation": throughput.summary(out)}
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     with stage_run(cfg, "rollout") as tracker:
         _log(tracker, stats, records)

@@ -48,6 +48,9 @@ def test_records_carry_every_scorer_and_the_summary_splits_by_cleaning_status(fa
         assert key in records[0]
     summary = json.loads((artifact / "summary.json").read_text())
     assert sum(block["n"] for block in summary["by_status"].values()) == 40
+    figures = summary["generation"]  # how fast it ran (looper/throughput.py)
+    assert figures["sequences"] == 40 and figures["real_tokens"] == sum(r["num_tokens"] for r in records)
+    assert figures["slots"] == min(cfg.eval.batch_size, 40) and figures["tokens_per_s"] > 0
 
 
 def test_an_interrupted_evaluation_resumes_without_redoing_finished_questions(fast_cfg, tiny_sft, monkeypatch):

@@ -50,6 +50,11 @@ def test_batches_per_call_sets_the_rows_of_each_generate_call_and_no_record(arti
         records.append(_build(cfg, tiny_sft[3], tmp_path / str(batches)))
         specs.append(rollout.rollout_spec(cfg, tiny_sft[3]))
         assert calls == {1: [9, 9, 9, 9], 3: [27, 9]}[batches]  # (no continuations with this scorer)
+        # each call's generation figures are kept with the artifact (looper/throughput.py)
+        figures = json.loads((tmp_path / str(batches) / "stats.json").read_text())["generation"]
+        assert figures["calls"] == len(calls) and figures["sequences"] == 36 and figures["slots"] == 9
+        assert figures["real_tokens"] == sum(r["num_tokens"] for r in records[-1])
+        assert 0 < figures["slot_occupancy"] <= 1 and 0 < figures["prefill_share"] < 1
     assert records[0] == records[1] and specs[0] == specs[1]  # one artifact either way
 
 
