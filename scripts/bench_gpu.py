@@ -12,8 +12,10 @@ and a local word-level tokenizer, then measures, with looper's code:
 
 Throughput counts real tokens only (no padding, nothing after EOS). The bandwidth ceiling of a decode step is
 (bytes of all weights + bytes of the KV cache it reads) / copy bandwidth, the copy bandwidth measured in the same run;
-"share" = measured real tokens/s over the ceiling tokens/s at the operating batch and mean context. Training reports
-MFU against the GPU's dense bf16 peak. Prints a table and writes JSON.
+"share" = measured real tokens/s over the ceiling tokens/s at the operating batch and mean context. The bandwidth
+ceiling leaves out the prompts, whose forward is compute-bound; "share of the roofline" counts it: (the real tokens
+at the bandwidth ceiling + the computed prompt tokens' FLOPs at the dense bf16 peak) / the measured seconds.
+Training reports MFU against the GPU's dense bf16 peak. Prints a table and writes JSON.
 
     python scripts/bench_gpu.py --out bench.json                       # everything, Llama-2-7B shape
     python scripts/bench_gpu.py --arch tiny --sections rollout --quick  # a CPU smoke test
@@ -63,6 +65,13 @@ def peak_flops() -> float:
     """This GPU's dense bf16 peak FLOP/s (NaN where unknown, and so is the MFU)."""
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), float("nan"))
+
+
+def flops_per_prompt_token(model) -> float:
+    """2 FLOPs per parameter a prompt token's forward multiplies by: all but the embeddings and the LM head (a
+    prefill computes logits at each prompt's last token only); attention's own FLOPs are left out."""
+    cfg = model.config
+    return 2 * (sum(p.numel() for p in model.parameters()) - 2 * cfg.vocab_size * cfg.hidden_size)
 
 
 def copy_bandwidth(device) -> float:
@@ -171,11 +180,25 @@ def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature
     # one copy in memory, so its entries count once
     shared = stats["kv_shared_positions"] / max(stats["kv_positions"], 1)
     ceiling = world * ceiling_tokens_per_s(model, stats["slots"], mean_context * (1 - shared), bandwidth)
+    # the roofline besides: the same decoding at the bandwidth ceiling plus the forward of the prompt tokens (rank 0's;
+    # every process has its own share) at the dense bf16 peak: compute-bound work no schedule can skip
+    prefill_floor = stats["prefill_tokens"] * flops_per_prompt_token(model) / peak_flops()
+    roofline = real / ceiling + prefill_floor
     return {"seconds": round(seconds, 2), "sequences": total, "processes": world, "real_tokens": real,
             "tokens_per_s": round(real / seconds, 1), "ceiling_tokens_per_s": round(ceiling, 1),
             "share_of_ceiling": round(real / seconds / ceiling, 3) if ceiling == ceiling else None,
+            "prefill_floor_seconds": round(prefill_floor, 2),
+            "share_of_roofline": round(roofline / seconds, 3) if roofline == roofline else None,
+            "occupancy": round(stats["row_steps"] / max(stats["slot_steps"], 1), 3),
             "kv_shared_share": round(shared, 3), "batch_size": batch_size, "refill_at": refill_at, "rank0_stats": stats,
             "outputs": outputs}
+
+
+def time_split(result: dict) -> str:
+    """Where rank 0's generation time went, in words."""
+    stats = result["rank0_stats"]
+    return (f"prefills {stats['prefill_seconds']:.1f} s (floor at peak {result['prefill_floor_seconds']} s), drain "
+            f"{stats['drain_seconds']:.1f} s, slot occupancy {100 * result['occupancy']:.0f}%")
 
 
 def plain_generate_baseline(model, tokenizer, prompts, limits, batch_size):
@@ -234,8 +257,9 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
         result["samples_per_prompt"], result["issue_setting"] = args.rollout_samples, args.issue_setting
         result["arms"] = args.rollout_arms
         print(f"rollout  looper batch {args.rollout_batch}, refill_at {refill_at}: {result['tokens_per_s']:>9,.0f} "
-              f"real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling ({n} sequences, "
-              f"{result['seconds']} s; {result['rank0_stats']})", flush=True)
+              f"real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling, "
+              f"{100 * (result['share_of_roofline'] or 0):.0f}% of the roofline ({n} sequences, {result['seconds']} s: "
+              f"{time_split(result)}; {result['rank0_stats']})", flush=True)
     return results
 
 
@@ -307,10 +331,8 @@ def bench_prefill(model, tokenizer, args, bandwidth, rng):
 
     warmup = once()  # compilation, if any, and kernel choice
     seconds = min(once() for _ in range(3))
-    cfg = model.config
-    matmul_params = sum(p.numel() for p in model.parameters()) - 2 * cfg.vocab_size * cfg.hidden_size
     result = {"prompts": n, "tokens": tokens, "seconds": round(seconds, 4), "warmup_seconds": round(warmup, 1),
-              "compiled": args.compile, "mfu": round(tokens * 2 * matmul_params / seconds / peak_flops(), 3)}
+              "compiled": args.compile, "mfu": round(tokens * flops_per_prompt_token(model) / seconds / peak_flops(), 3)}
     print(f"prefill  {n} prompts, {tokens} tokens: {1000 * seconds:.0f} ms, MFU {100 * result['mfu']:.0f}% "
           f"(compiled: {args.compile}; first call {warmup:.1f} s)", flush=True)
     if args.profile:
@@ -423,8 +445,9 @@ def bench_eval(model, tokenizer, args, bandwidth, rng):
     result.pop("outputs")
     results["looper"], result["shots"] = result, args.eval_shots
     print(f"eval     looper batch {args.eval_batch}: {n} prompts in {result['seconds']:.0f} s, "
-          f"{result['tokens_per_s']:,.0f} real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling "
-          f"({result['rank0_stats']})", flush=True)
+          f"{result['tokens_per_s']:,.0f} real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling, "
+          f"{100 * (result['share_of_roofline'] or 0):.0f}% of the roofline ({time_split(result)}; "
+          f"{result['rank0_stats']})", flush=True)
     if args.check_greedy:
         results["greedy_check"] = check_greedy(model, tokenizer, prompts[:8], [min(64, x) for x in limits[:8]],
                                                args.compile)
