@@ -309,7 +309,9 @@ class _Plan:
     """The next queued rows as one prefill (`_Decoder._plan`): identical prompts computed once (`unique`: the first
     of the `take` rows with each distinct prompt, `source[k]`: row k's among the `distinct` prompts), the first
     tokens neighbouring distinct prompts share computed once (`groups`: a group's first prompt -> (end, prefix
-    length), `shared[d]`: prompt d's prefix length), and the `pages` the rows need."""
+    length), `shared[d]`: prompt d's prefix length) or, where that saves more, read from the full pages of a row
+    already decoding (`resident`: its slot; `shared[d]`: the positions of those pages prompt d shares, no groups),
+    and the `pages` the rows need."""
 
     take: int
     unique: list
@@ -319,6 +321,7 @@ class _Plan:
     groups: dict
     tokens: int
     pages: int
+    resident: Optional[int] = None
 
 
 class _Decoder:
@@ -452,17 +455,36 @@ class _Decoder:
         shared, groups = [0] * len(distinct), {}
         for first, end, length in _shared_prefixes(distinct, self._MIN_SHARED):
             shared[first:end], groups[first] = [length] * (end - first), (end, length)
+        resident, on_pages = self._resident(distinct)
+        if sum(on_pages) > sum(length for d, length in enumerate(shared) if d not in groups):  # (tokens saved)
+            shared, groups = on_pages, {}
+        else:
+            resident = None
         rows = [source.count(d) for d in range(len(distinct))]  # (source is ascending)
         pages = sum(_pages(len(prompt)) - (shared[d] // PAGE if d not in groups else 0)
                     + (rows[d] - 1) * (_pages(len(prompt)) - len(prompt) // PAGE) for d, prompt in enumerate(distinct))
-        return _Plan(take, unique, source, distinct, shared, groups, tokens, pages)
+        return _Plan(take, unique, source, distinct, shared, groups, tokens, pages, resident)
+
+    def _resident(self, distinct: list[list[int]]) -> tuple[Optional[int], list[int]]:
+        """The newest row decoding (the queue is in token order, so the likeliest to begin as the next prompts do)
+        and, per prompt of `distinct`, the positions of that row's full prompt pages it begins with (a multiple of
+        `PAGE`; at least its last token left to compute): few-shot examples, an arm's system prompt, written once
+        for all the prefills that need them while a row holds them."""
+        live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
+        if not live:
+            return None, [0] * len(distinct)
+        newest = max(live, key=self.started.__getitem__)
+        written = self.encoded[self.owner[newest]]  # (its prompt's entries are all in its pages)
+        return newest, [min(_common_prefix(written, prompt), len(prompt) - 1) // PAGE * PAGE for prompt in distinct]
 
     def prefill(self, free: list[int]):
         """Start the next prompts in the `free` slots, as many as their pages allow (`_plan`, `reserve`), packed
         into one row without padding (up to `_PREFILL_TOKENS` tokens a forward); their first tokens are chosen from
         the prefill's logits. Identical prompts are computed once, and so are the first tokens that prompts share
-        (`_shared_prefixes`): the rest of each prompt attends to them in the cache. The full pages of those shared
-        entries serve every row that shares them. A preempted row goes on from its last token, as it was."""
+        (`_shared_prefixes`), or, where that saves more, the first full pages they share with the newest row already
+        decoding are its pages (`_resident`): the rest of each prompt attends to them in the cache. The full pages
+        of those shared entries serve every row that shares them. A preempted row goes on from its last token, as it
+        was."""
         start = time.perf_counter()
         while free and self.queue:
             room = len(self.cache.free) - self.reserve
@@ -480,7 +502,7 @@ class _Decoder:
             # pages: a prompt's first slot shares its group's prefix pages (full ones) with the group's first slot
             # and has its own for the rest; its other slots share its full pages. `own[slot]`: where the entries
             # that slot's targets write begin (the pages before are written for another slot).
-            own, group_slot = {}, None
+            own, group_slot = {}, plan.resident  # (with a resident row: every prompt's prefix is its pages)
             for d, prompt in enumerate(distinct):
                 first = slots_of[d][0]
                 if d in groups:
@@ -511,7 +533,8 @@ class _Decoder:
                 targets += [(slot, len(pieces) - 1) for slot in slots_of[d]]
                 history.append(slots_of[d][0])
                 answers.append(len(pieces) - 1)
-            logits = self._forward(pieces, offsets, targets, own, answers, history if groups else None)
+            logits = self._forward(pieces, offsets, targets, own, answers,
+                                   history if groups or plan.resident is not None else None)
             self.stats["prefills"] += 1
             self.stats["prefill_tokens"] += sum(map(len, pieces))
             self.stats["prefill_shared"] += plan.take - len(plan.unique)

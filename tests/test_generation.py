@@ -225,6 +225,31 @@ def test_prompts_that_begin_alike_share_their_prefix_and_sample_as_if_alone(tiny
         assert result.text == tokenizer.decode(plain, skip_special_tokens=True)
 
 
+def test_later_prefills_read_a_prefix_from_the_pages_of_a_row_already_decoding(tiny_sft, monkeypatch):
+    cfg, _, _, sft_dir = tiny_sft
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    examples = "".join(f"Question: what is {a} plus {a + 1}?\nAnswer: {2 * a + 1}.\n" for a in range(2, 7))
+    prompts = [examples + q for q in _prompts(cfg, tokenizer, n=8)]  # the same "few-shot" examples before each
+    seeds = list(range(11, 11 + len(prompts)))
+    limits = [5, 12, 7, 16, 6, 10, 8, 14]  # (rows end apart, so a refill finds a row still decoding)
+    kwargs = {"temperature": 1.0, "top_p": 0.95, "desc": None}
+    runs = {}
+    for reading in (True, False):  # four slots: after the first prefill, one or two prompts a prefill
+        if not reading:
+            monkeypatch.setattr(generation._Decoder, "_resident", lambda self, distinct: (None, [0] * len(distinct)))
+        stats = {}
+        runs[reading] = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=4,
+                                                  refill_at=0.25, seeds=seeds, stats=stats, **kwargs)], stats
+    (read, stats), (computed, without) = runs[True], runs[False]
+    alone = [generate(model, tokenizer, [p], max_new_tokens=n, batch_size=1, seeds=[s], **kwargs)[0].text
+             for p, n, s in zip(prompts, limits, seeds)]
+    assert read == computed == alone
+    examples_pages = len(tokenizer(examples)["input_ids"]) // generation.PAGE
+    saved = stats["prefix_shared_tokens"] - without["prefix_shared_tokens"]
+    assert examples_pages >= 3 and saved >= 2 * examples_pages * generation.PAGE  # (two later prefills, at least)
+    assert stats["prefill_tokens"] == without["prefill_tokens"] - saved
+
+
 def test_shared_prefixes_group_neighbours_while_that_saves_tokens():
     from looper.generation import _shared_prefixes
 
