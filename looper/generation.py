@@ -264,9 +264,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
     `max_new_tokens` may be per row. Freed slots are refilled once a `refill_at` share of them is free (one prefill
     serves them all). `on_result(i, generation)` is called as prompt i finishes; `stats`, a dict, receives the
     sequences, real tokens and seconds, counts of decode steps (and of the slots and live rows they ran), prefills and
-    CUDA graphs, the seconds of the prefills and of the drain (the steps after the last
-    prompt started: a finished row's slot is no longer refilled), and the KV pages' (the pool, its peak use, rows
-    preempted, the entries decode steps read and those on shared pages). `desc=None` shows no progress bar.
+    CUDA graphs, the seconds of the prefills and of the drain (the steps after the last prompt started: a finished
+    row's slot is no longer refilled), and the KV pages' (the pool, its peak use, rows preempted, the entries decode
+    steps read and those on shared pages). `desc=None` shows no progress bar.
     `compile_decode` runs the decode step's model forward through `torch.compile` (see `_compiled_decode_logits`)."""
     n = len(prompts)
     temperatures, top_ps = _per_row(temperature, n), _per_row(top_p, n)
