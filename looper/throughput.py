@@ -34,7 +34,12 @@ def record(path: Path, stats: dict) -> None:
 
 def summary(directory: Path) -> dict:
     """Every process's calls in `directory` merged into one set of figures (empty if none ran)."""
-    calls = [call for path in sorted(directory.glob(PATTERN)) for call in recover_jsonl(path)]
+    paths = sorted(directory.glob(PATTERN))
+    return merged([call for path in paths for call in recover_jsonl(path)], processes=len(paths))
+
+
+def merged(calls: list[dict], processes: int = 1) -> dict:
+    """The figures of `generate` calls' stats (`generate(stats=...)`) taken together (empty for none)."""
     if not calls:
         return {}
 
@@ -42,7 +47,7 @@ def summary(directory: Path) -> dict:
         return sum(call.get(key, 0) for call in calls)
 
     seconds = max(total("seconds"), 1e-9)
-    return {"calls": len(calls), "processes": len(list(directory.glob(PATTERN))),
+    return {"calls": len(calls), "processes": processes,
             "sequences": total("sequences"), "real_tokens": total("real_tokens"), "seconds": round(total("seconds"), 2),
             "tokens_per_s": round(total("real_tokens") / seconds, 1),
             "prefill_share": round(total("prefill_seconds") / seconds, 3),

@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from looper import distributed, generation, models  # noqa: E402
+from looper import distributed, generation, models, throughput  # noqa: E402
 
 ARCHS = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -189,7 +189,7 @@ def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature
             "share_of_ceiling": round(real / seconds / ceiling, 3) if ceiling == ceiling else None,
             "prefill_floor_seconds": round(prefill_floor, 2),
             "share_of_roofline": round(roofline / seconds, 3) if roofline == roofline else None,
-            "occupancy": round(stats["row_steps"] / max(stats["slot_steps"], 1), 3),
+            "occupancy": throughput.merged([stats])["slot_occupancy"],
             "kv_shared_share": round(shared, 3), "batch_size": batch_size, "refill_at": refill_at, "rank0_stats": stats,
             "outputs": outputs}
 
@@ -331,8 +331,9 @@ def bench_prefill(model, tokenizer, args, bandwidth, rng):
 
     warmup = once()  # compilation, if any, and kernel choice
     seconds = min(once() for _ in range(3))
+    mfu = tokens * flops_per_prompt_token(model) / seconds / peak_flops()
     result = {"prompts": n, "tokens": tokens, "seconds": round(seconds, 4), "warmup_seconds": round(warmup, 1),
-              "compiled": args.compile, "mfu": round(tokens * flops_per_prompt_token(model) / seconds / peak_flops(), 3)}
+              "compiled": args.compile, "mfu": round(mfu, 3)}
     print(f"prefill  {n} prompts, {tokens} tokens: {1000 * seconds:.0f} ms, MFU {100 * result['mfu']:.0f}% "
           f"(compiled: {args.compile}; first call {warmup:.1f} s)", flush=True)
     if args.profile:
