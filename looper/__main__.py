@@ -46,7 +46,8 @@ def log_reused(cfg: Config, store: ArtifactStore) -> None:
 
 def run(cfg: Config, run_dir: Path) -> Optional[float]:
     """Run `cfg.stage.name`. When eval runs, writes `summary.json` and returns the objective: the primary-scorer
-    accuracy of the last of `eval.targets` on the first of `eval.datasets` (what an Optuna search maximises)."""
+    accuracy of the last of `eval.targets` on a dev split (`evaluation.objective_dataset`; what a sweep ranks by and
+    an Optuna search maximises), never a test set unless `eval.select_on` asks for one."""
     load_splits(cfg.data)  # a bad data line stops the run here, before anything expensive starts
     store = ArtifactStore(Path(cfg.paths.artifacts), run_dir / "artifacts.jsonl")
     stage = cfg.stage.name
@@ -62,13 +63,14 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
     print((run_dir / "eval_table.md").read_text(), flush=True)  # the headline result, whatever the logging setup
     log.info("accuracy table (greedy, same held-out questions for every target): %s", run_dir / "eval_table.md")
     primary = f"acc_{cfg.eval.primary_scorer}"
-    objective = next(r for r in reversed(results) if r["dataset"] == cfg.eval.datasets[0])[primary]
+    selected_on = evaluation.objective_dataset(cfg)
+    objective = next(r for r in results if r["dataset"] == selected_on and r["target"] == cfg.eval.targets[-1])[primary]
     summary = {
         "model": cfg.model.name,
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
         "params": {key: _param(cfg, key) for key in SWEPT},
         "primary_scorer": cfg.eval.primary_scorer,
-        "objective": {"dataset": cfg.eval.datasets[0], "target": cfg.eval.targets[-1], "value": objective},
+        "objective": {"dataset": selected_on, "target": cfg.eval.targets[-1], "value": objective},
         "metrics": {f"{r['dataset']}/{r['target']}/{k}": v for r in results for k, v in r.items()
                     if k.startswith("acc_")},
         "counts": {f"{r['dataset']}/{r['target']}": {k: v for k, v in r.items() if k == "n" or k.startswith("correct_")}

@@ -4,15 +4,22 @@ Scorers (the `scorer` argument):
 
 - ``strict``    the number after the last ``#### `` (GSM8K's own answer line);
 - ``flexible``  the last number anywhere in the text;
-- ``platinum``  GSM8K-Platinum's published parsing, quirks kept (see `_platinum`), compared as floats;
+- ``platinum``  GSM8K-Platinum's published parsing, quirks kept (see `_platinum`);
 - ``math_verify`` Math-Verify (extra ``math``) with the gold wrapped as ``\\boxed{N}``.
 
-Model output is data: numbers are matched with regular expressions and compared as floats, never evaluated.
+For a reasoning model (`model.reasoning=think`) every scorer reads only the text after the last think-closing tag
+(`answer_region`): a trace whose think block never closed, or that hit its token limit, is unanswered, never scored
+from a number inside its reasoning.
+
+Model output is data: numbers are matched with regular expressions and compared exactly (as fractions), never
+evaluated.
 """
 
 from __future__ import annotations
 
 import re
+from fractions import Fraction
+from typing import Optional
 
 SCORERS = ("strict", "flexible", "platinum", "math_verify")
 
@@ -99,8 +106,22 @@ def math_verify_available() -> bool:
     return True
 
 
-def extract(text: str, scorer: str) -> str | None:
-    """The final answer `scorer` reads from `text`, normalised, or None when it finds none."""
+def answer_region(text: str, think_close: Optional[str] = None, truncated: bool = False) -> str | None:
+    """The part of a completion its final answer is read from: all of it for a plain model (`think_close` None);
+    for a reasoning model, the text after the last `think_close`, or None (unanswered) when the think block never
+    closed or the generation hit its token limit."""
+    if think_close is None:
+        return text
+    if truncated or think_close not in text:
+        return None
+    return text.rsplit(think_close, 1)[1]
+
+
+def extract(text: str, scorer: str, think_close: Optional[str] = None, truncated: bool = False) -> str | None:
+    """The final answer `scorer` reads from `text` (its `answer_region`), normalised, or None when it finds none."""
+    text = answer_region(text, think_close, truncated)
+    if text is None:
+        return None
     if scorer == "strict":
         return _strict(text)
     if scorer == "flexible":
@@ -113,21 +134,31 @@ def extract(text: str, scorer: str) -> str | None:
     raise ValueError(f"unknown scorer {scorer!r}; allowed: {', '.join(SCORERS)}")
 
 
-def _same_number(prediction: str | None, gold: str) -> bool:
-    if prediction is None:
-        return False
-    try:
-        return float(prediction) == float(gold)
-    except ValueError:
-        return False
+_PLAIN_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 
 
-def is_correct(text: str, gold_answer: str, scorer: str) -> bool:
-    """Whether `text`'s final answer under `scorer` equals `gold_answer` (a number string, commas allowed)."""
+def same_answer(a: str | None, b: str | None) -> bool:
+    """Whether two extracted answers are the same: equal as exact numbers when both are plain decimal numbers
+    (`18.50` and `18.5`), else equal as strings; None (no answer) equals nothing."""
+    if a is None or b is None:
+        return False
+    if _PLAIN_NUMBER.fullmatch(a) and _PLAIN_NUMBER.fullmatch(b) and len(a) + len(b) < 2000:
+        return Fraction(a) == Fraction(b)
+    return a == b
+
+
+def is_correct(text: str, gold_answer: str, scorer: str, think_close: Optional[str] = None,
+               truncated: bool = False) -> bool:
+    """Whether `text`'s final answer under `scorer` equals `gold_answer` (a number string, commas allowed);
+    `think_close` and `truncated` as in `answer_region`."""
     gold = normalize_number(gold_answer)
     if gold is None:
         raise ValueError(f"gold answer {gold_answer!r} holds no number")
+    region = answer_region(text, think_close, truncated)
+    if region is None:
+        return False
+    text = region
     if scorer == "math_verify":
         math_verify = _math_verify_module()
         return bool(math_verify.verify(math_verify.parse(f"\\boxed{{{gold}}}"), math_verify.parse(_final_segment(text))))
-    return _same_number(extract(text, scorer), gold)
+    return same_answer(extract(text, scorer), gold)

@@ -3,11 +3,13 @@
 For the trajectories T of one question, each t with final answer ans(t) (None if none was found) and the set R(t)
 of intermediate results of its equations (looper/equations.py):
 
-- s_end(t)  = |{u in T, u != t : ans(u) = ans(t)}| / (|T| - 1);  0 when ans(t) is None or t is alone.
+- s_end(t)  = |{u in T, u != t : ans(u) = ans(t)}| / (|T| - 1);  0 when ans(t) is None or t is alone. Answers are
+              equal as numbers (`18.50` = `18.5`: answers.same_answer, the equality `is_correct` uses).
 - s_path(t) = validity(t) * mean_{u != t, ans(u) = ans(t)} Jaccard(R(t), R(u)), where validity(t) is the share of
               t's equations that hold (0 when it has none) and the mean is 0 when no other trajectory agrees.
 - s_cf(t)   = share of `reward.cf_samples` continuations, resampled from t's prompt plus the first `reward.cf_cut`
-              of its reasoning (cut back to a whitespace), whose final answer equals ans(t); 0 when ans(t) is None;
+              of its reasoning (cut back to a word boundary: `cut`), whose final answer equals ans(t); 0 when ans(t)
+              is None;
               None (inactive) when cf_samples is 0.
 - s_wm(t)   = (w_end*s_end + w_path*s_path + w_cf*s_cf) / (sum of the weights of the active components); 0 if that
               sum is 0.
@@ -30,6 +32,7 @@ import re
 from collections import defaultdict
 from typing import Callable, Optional
 
+from looper.answers import same_answer
 from looper.config import RewardConfig
 from looper.equations import find_equations
 
@@ -39,8 +42,12 @@ Generate = Callable[[list[tuple[int, str]], int], list[list[str]]]
 _FINAL_LINE = re.compile(r"(####|answer:)", re.IGNORECASE)
 
 
-def split_reasoning(text: str) -> str:
-    """The reasoning of a trajectory: its text before the last `####` or `answer:` marker (all of it if none)."""
+def split_reasoning(text: str, think_close: Optional[str] = None) -> str:
+    """The reasoning of a trajectory: its text before the last `####` or `answer:` marker (all of it if none); for a
+    reasoning model (`think_close` set), its think block: the text before the last `think_close` (all of it if the
+    block never closed)."""
+    if think_close is not None:
+        return text.rsplit(think_close, 1)[0].rstrip() if think_close in text else text
     matches = list(_FINAL_LINE.finditer(text))
     return text[: matches[-1].start()].rstrip(" \n*#") if matches else text
 
@@ -50,10 +57,21 @@ def _jaccard(a: set, b: set) -> float:
 
 
 def cut(reasoning: str, fraction: float) -> str:
-    """The first `fraction` of the reasoning, cut back to the last whitespace so that no word is split."""
+    """The first `fraction` of the reasoning, cut back to a token boundary: just before the last whitespace at or
+    before that point (tokenizers attach a space to the word after it, so `alpha beta| gamma` continues with the
+    model's own ` gamma` token), never inside a `<<...>>` annotation; '' (resample from the start) when there is
+    no such boundary."""
     position = int(len(reasoning) * fraction)
-    boundary = max(reasoning.rfind(" ", 0, position + 1), reasoning.rfind("\n", 0, position + 1))
-    return reasoning[: boundary + 1] if boundary > 0 else reasoning[:position]
+    while position > 0:
+        boundary = max(reasoning.rfind(" ", 0, position + 1), reasoning.rfind("\n", 0, position + 1))
+        if boundary <= 0:
+            return ""
+        opened = reasoning.rfind("<<", 0, boundary)
+        if opened >= 0 and reasoning.rfind(">>", 0, boundary) < opened:  # inside an annotation: cut before it
+            position = opened
+            continue
+        return reasoning[:boundary].rstrip()
+    return ""
 
 
 def s_end_and_path(trajectories: list[dict]) -> list[dict]:
@@ -64,7 +82,7 @@ def s_end_and_path(trajectories: list[dict]) -> list[dict]:
     scored = []
     for i, t in enumerate(trajectories):
         others = [j for j in range(len(trajectories)) if j != i]
-        agreeing = [j for j in others if t["answer"] is not None and trajectories[j]["answer"] == t["answer"]]
+        agreeing = [j for j in others if same_answer(trajectories[j]["answer"], t["answer"])]
         s_end = len(agreeing) / len(others) if others and t["answer"] is not None else 0.0
         overlap = sum(_jaccard(results[i], results[j]) for j in agreeing) / len(agreeing) if agreeing else 0.0
         scored.append({"s_end": s_end, "s_path": validity[i] * overlap,
@@ -82,7 +100,7 @@ def s_cf(trajectories: list[dict], generate: Optional[Generate], extract_answer:
     continuations = generate([(i, prefixes[i]) for i in answered], reward.cf_samples) if answered else []
     scores: list[Optional[float]] = [0.0] * len(trajectories)
     for i, texts in zip(answered, continuations):
-        same = sum(extract_answer(prefixes[i] + text) == trajectories[i]["answer"] for text in texts)
+        same = sum(same_answer(extract_answer(prefixes[i] + text), trajectories[i]["answer"]) for text in texts)
         scores[i] = same / len(texts)
     return scores
 

@@ -73,8 +73,20 @@ class ModelConfig:
     prompt_template: str = doc("Prompt for template models; `{question}` is replaced.", "Question:\n{question}\nAnswer:\n")
     system_template: str = doc("How a template model sees an arm's system prompt; `{system}` is replaced.",
                                "{system}\n\n")
-    completion_template: str = doc("How a GSM8K solution is written as an SFT completion; `{solution}`.", "{solution}")
-    max_new_tokens: int = doc("Generation limit for rollouts and evaluation.", 512)
+    completion_template: str = doc("How a GSM8K solution is written as an SFT completion: `{solution}` (all of it), "
+                                   "or `{reasoning}` (its worked steps) and `{answer}` (its final number).",
+                                   "{solution}")
+    reasoning: str = doc("`none`, or `think` for reasoning models (R1-distill): answers are read only after the last "
+                         "`think_close`; a trace that never closes its think block or hits its token limit is "
+                         "unanswered; SFT completions must close the block (completion_template).", "none")
+    think_open: str = doc("Tag that opens a reasoning model's think block (added before an SFT completion when the "
+                          "prompt does not end with it).", "<think>")
+    think_close: str = doc("Tag that closes a reasoning model's think block.", "</think>")
+    system_prompt: str = doc("Where an arm's system prompt goes: `system` (a system turn / system_template) or `user` "
+                             "(before the question in the user turn, for models that advise against system prompts).",
+                             "system")
+    max_new_tokens: int = doc("Generation limit for rollouts and evaluation (each overridable: rollout.max_new_tokens, "
+                              "eval.max_new_tokens).", 512)
     dtype: str = doc("`auto` (bf16 if supported, else fp16 on CUDA, fp32 on CPU), bfloat16, float16 or float32.",
                      "auto")
     attn_implementation: str = doc("`auto` (flash_attention_2 when flash_attn imports, else sdpa), sdpa, eager, "
@@ -84,12 +96,24 @@ class ModelConfig:
     def __post_init__(self):
         _choice(self.prompt_format, "model.prompt_format", ("template", "chat"))
         _check("{question}" in self.prompt_template, "model.prompt_template", "must contain {question}")
-        _check("{solution}" in self.completion_template, "model.completion_template", "must contain {solution}")
+        _check("{solution}" in self.completion_template or "{reasoning}" in self.completion_template,
+               "model.completion_template", "must contain {solution} or {reasoning}")
+        _choice(self.reasoning, "model.reasoning", ("none", "think"))
+        _choice(self.system_prompt, "model.system_prompt", ("system", "user"))
+        _check(self.reasoning == "none" or (self.think_open and self.think_close), "model.think_close",
+               "a reasoning model needs both think tags")
+        _check(self.reasoning == "none" or self.think_close in self.completion_template.replace("{{", "{"),
+               "model.completion_template", f"with model.reasoning=think it must close the think block "
+               f"({self.think_close!r}) before the final answer")
         _choice(self.dtype, "model.dtype", ("auto", "bfloat16", "float16", "float32"))
         _choice(self.attn_implementation, "model.attn_implementation", ("auto", "sdpa", "eager", "flash_attention_2"))
         _positive(self.max_new_tokens, "model.max_new_tokens")
         _check(self.name_or_path is not None or self.tiny is not None, "model.name_or_path",
                "set a hub id or path, or give `model.tiny` settings to build the tiny model")
+
+    def answer_after(self) -> Optional[str]:
+        """The tag after which answers are read (think_close for a reasoning model), or None: the whole text."""
+        return self.think_close if self.reasoning == "think" else None
 
 
 @dataclass
@@ -238,6 +262,12 @@ class DPOConfig:
                                          "forward in each step).", True)
     gradient_checkpointing: bool = doc("Recompute activations in backward.", False)
     logging_steps: int = doc("Log every N steps.", 10)
+    reference_check: str = doc("Before training, the policy's and the reference's log-probs of the first batch are "
+                               "compared with dropout off (they must agree: the policy starts as the reference); "
+                               "`error` stops the stage when the implicit reward margin exceeds "
+                               "dpo.reference_tolerance, `warn` logs it and trains on.", "error")
+    reference_tolerance: float = doc("Largest |first-batch reward margin| the reference check accepts (numerical "
+                                     "noise of the model dtype; docs/performance.md has the measurement).", 1e-3)
     fresh_lora: LoraSettings = doc("The adapter DPO trains when SFT was full fine-tuning (`lora=none`).",
                                    factory=lambda: LoraSettings(r=16, alpha=32, dropout=0.0))
 
@@ -246,6 +276,8 @@ class DPOConfig:
                      "logging_steps"):
             _positive(getattr(self, name), f"dpo.{name}")
         _check(self.max_steps == -1 or self.max_steps > 0, "dpo.max_steps", "must be -1 or positive")
+        _choice(self.reference_check, "dpo.reference_check", ("error", "warn"))
+        _check(self.reference_tolerance >= 0, "dpo.reference_tolerance", "must be >= 0")
 
 
 @dataclass
@@ -260,8 +292,19 @@ class EvalConfig:
     num_questions: Optional[int] = doc("Evaluate only the first N questions of each dataset (null: all).", None)
     max_new_tokens: Optional[int] = doc("Generation limit (null: model.max_new_tokens).", None)
     platinum_path: Optional[str] = doc("Local GSM8K-Platinum JSONL (null: the hub's madrylab/gsm8k-platinum).", None)
-    prompt: str = doc("`model` (each model's own format) or `platinum` (the benchmark's official prompt, in it).",
-                      "model")
+    prompt: str = doc("`model` (each model's own format) or `platinum` (the benchmark's official prompt inside the "
+                      "model's format; for reasoning models its variant without 'Think step-by-step.').", "model")
+    temperature: float = doc("0: greedy (the study's protocol); > 0 samples `eval.samples` answers per question with "
+                             "per-row seeds (the benchmark harness's sampled protocol; it uses 0.5).", 0.0)
+    top_p: float = doc("Nucleus sampling mass when eval.temperature > 0.", 1.0)
+    samples: int = doc("Answers per question; accuracy is their mean, with an interval over questions. More than 1 "
+                       "needs eval.temperature > 0.", 1)
+    select_on: Optional[str] = doc("Dataset a sweep's objective is read from (null: the dev split of the data, "
+                                   "synthetic_dev or gsm8k_dev, evaluated for the last target even when eval.datasets "
+                                   "does not list it). A test set needs eval.select_on_test=true.", None)
+    select_on_test: bool = doc("Allow eval.select_on to name a test set (gsm8k_test, gsm8k_platinum, "
+                               "synthetic_test); logs a warning: selecting on a test set biases what it reports.",
+                               False)
     shots: int = doc("Solved examples from the training split before each question (never the question itself).", 0)
     shots_seed: int = doc("Seed that picks the k-shot examples.", 0)
     check_batch_consistency: int = doc("Decode this many prompts one at a time and batched; report any difference.",
@@ -280,6 +323,16 @@ class EvalConfig:
         _positive(self.num_questions, "eval.num_questions")
         _positive(self.max_new_tokens, "eval.max_new_tokens")
         _choice(self.prompt, "eval.prompt", ("model", "platinum"))
+        _check(self.temperature >= 0, "eval.temperature", f"must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
+        _positive(self.samples, "eval.samples")
+        _check(self.samples == 1 or self.temperature > 0, "eval.samples",
+               "several samples of greedy decoding are all the same answer; set eval.temperature > 0")
+        if self.select_on is not None:
+            _choice(self.select_on, "eval.select_on", EVAL_DATASETS)
+            _check(self.select_on.endswith("_dev") or self.select_on_test, "eval.select_on",
+                   f"{self.select_on} is a test set: selecting on it biases what it reports; choose a dev split, or "
+                   "set eval.select_on_test=true to do it anyway")
         _check(self.shots >= 0, "eval.shots", "must be >= 0")
         _check(self.check_batch_consistency >= 0, "eval.check_batch_consistency", "must be >= 0")
 

@@ -4,14 +4,19 @@
   adapter into a frozen `ref` adapter, so the reference is the SFT policy and the base weights exist once.
 - Full-FT SFT (the tiny model): a fresh LoRA (`dpo.fresh_lora`) on the SFT model; with adapters disabled the model is
   the SFT model, which TRL uses as the reference.
-At the first step the policy equals the reference, so the implicit reward margins must be ~0; the logged value is
-saved in `reference_check.json`. The exported adapter holds the policy only (no `ref/` copy).
+Before training the policy equals the reference, so their log-probs must agree. `reference_check` measures that
+on the first batch with dropout off (TRL's own first-step margin is computed in training mode, where LoRA dropout
+alone moves it), saves it in `reference_check.json`, and stops the stage when the implicit reward margin exceeds
+`dpo.reference_tolerance` (`dpo.reference_check=warn`: log and train on). Pairs are tokenized by looper
+(models.encode_prompt / encode_completion), so DPO sees the prompt ids generation saw, with one BOS. The exported
+adapter holds the policy only (no `ref/` copy).
 """
 
 import json
 import logging
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from looper import distributed, models, preferences, sft
@@ -20,9 +25,6 @@ from looper.config import Config
 from looper.tracking import stage_run
 
 log = logging.getLogger(__name__)
-
-REFERENCE_TOLERANCE = 1e-3  # |margin| at step 1 above this means the reference is not the SFT policy
-
 
 class FirstStepCheck(TrainerCallback):
     """Keeps the metrics TRL logs at the first step (`logging_first_step`)."""
@@ -58,9 +60,58 @@ def _on_disk(rows: list[dict], where: Path):
     return load_from_disk(str(where))
 
 
+def encode_pair(example: dict, tokenizer) -> dict:
+    """A pair's token ids: the prompt as generation sees it, each completion followed by EOS."""
+    return {"prompt_ids": models.encode_prompt(tokenizer, example["prompt"]),
+            "chosen_ids": models.encode_completion(tokenizer, example["chosen"]),
+            "rejected_ids": models.encode_completion(tokenizer, example["rejected"])}
+
+
+def _trainer_class():
+    from trl import DPOTrainer
+
+    class Trainer(DPOTrainer):
+        """TRL's DPOTrainer with looper's tokenization of the pairs (TRL's would tokenize the prompt with the
+        tokenizer's special tokens on top of a chat template's BOS)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            dataset = dataset.map(encode_pair, fn_kwargs={"tokenizer": tokenizer}, desc=f"Tokenizing {dataset_name}")
+            if args.max_length is not None and args.truncation_mode == "keep_start":  # as TRL: no completion left
+                dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length)
+            return dataset
+
+    return Trainer
+
+
+def reference_margin(trainer) -> dict:
+    """The policy's and the reference's log-probs of the first training batch, both with dropout off, and the
+    implicit reward margin beta * ((policy - ref)_chosen - (policy - ref)_rejected) averaged over the batch: 0 up to
+    the dtype's rounding when the reference is the policy's starting point."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        reference_chosen, reference_rejected = trainer.compute_ref_log_probs(model, batch)
+        kwargs = {k: v for k, v in batch.items() if k not in ("completion_mask", "ref_chosen_logps",
+                                                               "ref_rejected_logps")}
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        with torch.no_grad(), trainer.accelerator.autocast():
+            log_probs = model(**kwargs, labels=labels, use_cache=False, fused_lm_head=True).log_probs
+        policy_chosen, policy_rejected = log_probs[:, -(batch["completion_mask"].size(1) - 1):].sum(dim=1).chunk(2)
+    finally:
+        model.train(was_training)
+    margins = trainer.beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
+    return {"margin": margins.float().mean().item(), "max_abs_margin": margins.float().abs().max().item(),
+            "max_abs_logp_difference": torch.cat([policy_chosen - reference_chosen,
+                                                  policy_rejected - reference_rejected]).float().abs().max().item(),
+            "pairs": int(margins.numel())}
+
+
 def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path, report_to: str = "none"):
     """The configured DPOTrainer: policy = the SFT policy made trainable, reference = the frozen SFT policy."""
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     model, tokenizer, peft_config = _policy(cfg, sft_dir)
     tokenizer.padding_side = "right"
@@ -76,29 +127,42 @@ def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path, report_
         gradient_checkpointing=cfg.dpo.gradient_checkpointing, logging_steps=cfg.dpo.logging_steps,
         logging_first_step=True, save_strategy="no", report_to=report_to, seed=cfg.seed,
         **sft.trainer_precision(cfg))
-    return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=peft_config, callbacks=[FirstStepCheck()])
+    return _trainer_class()(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            peft_config=peft_config, callbacks=[FirstStepCheck()])
+
+
+def _check_reference(cfg: Config, trainer) -> dict:
+    measured = reference_margin(trainer)
+    measured["tolerance"] = cfg.dpo.reference_tolerance
+    measured["ok"] = measured["max_abs_margin"] <= cfg.dpo.reference_tolerance
+    if not measured["ok"]:
+        message = (f"dpo: before training, the policy and the reference disagree on the first batch (dropout off): "
+                   f"reward margins up to {measured['max_abs_margin']:.3g} > dpo.reference_tolerance="
+                   f"{cfg.dpo.reference_tolerance}; the reference is not the SFT policy DPO starts from")
+        if cfg.dpo.reference_check == "error":
+            raise RuntimeError(message + " (dpo.reference_check=warn trains anyway)")
+        log.warning(message)
+    return measured
 
 
 def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
     with stage_run(cfg, "dpo") as tracker:
         trainer = make_trainer(cfg, sft_dir, pairs_dir, out, tracker.report_to)
+        measured = _check_reference(cfg, trainer)
         check = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FirstStepCheck))
         result = trainer.train()
         margin = check.first.get("rewards/margins")
-        check.first["ok"] = margin is not None and abs(margin) < REFERENCE_TOLERANCE
         tracker.summary({"dpo/train_loss": result.training_loss, "dpo/first_step_margin": margin,
-                         "dpo/reference_check_ok": check.first["ok"]})
-    if not check.first["ok"]:
-        log.warning("dpo: first-step reward margin %s is not ~0: the reference may not be the SFT policy", margin)
+                         "dpo/reference_margin": measured["max_abs_margin"], "dpo/reference_check_ok": measured["ok"]})
     if distributed.is_main_process():
-        (out / "reference_check.json").write_text(json.dumps(check.first, indent=2))
+        record = {**measured, "first_step_train_mode": check.first}
+        (out / "reference_check.json").write_text(json.dumps(record, indent=2))
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out), selected_adapters=["default"])
         tokenizer = trainer.processing_class
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(str(out))
-    log.info("dpo: %d pairs, final loss %.4f, first-step margin %s", len(trainer.train_dataset),
-             result.training_loss, margin)
+    log.info("dpo: %d pairs, final loss %.4f, reference check margin %.3g (dropout off), first-step margin %s "
+             "(training mode)", len(trainer.train_dataset), result.training_loss, measured["max_abs_margin"], margin)
 
 
 def run(cfg: Config, store: ArtifactStore) -> Path:

@@ -5,19 +5,39 @@ from collections import defaultdict
 from itertools import combinations
 from pathlib import Path
 
-from looper.stats import mcnemar_exact, paired_bootstrap, wilson
+from looper.stats import mcnemar_exact, mean_interval, paired_bootstrap, wilson
+
+
+def _by_question(rows: list[dict], scorer: str) -> dict:
+    """question id -> share of its answers (one, or `eval.samples`) that `scorer` marks correct."""
+    verdicts = defaultdict(list)
+    for r in rows:
+        verdicts[r["id"]].append(r[f"correct_{scorer}"])
+    return {key: sum(v) / len(v) for key, v in verdicts.items()}
 
 
 def accuracy_summary(records: list[dict], scorers: list[str]) -> dict:
-    """n, accuracy and correct count per scorer, overall and by `cleaning_status` (when the dataset has one)."""
+    """n (answers), accuracy and correct count per scorer, overall and by `cleaning_status` (when the dataset has
+    one); with several sampled answers per question, `questions`, `samples` and each scorer's interval over
+    questions (`ci_<scorer>`); the share of answers cut at the token limit (`truncated`) and, for reasoning models,
+    of think blocks closed (`think_closed`)."""
     def block(rows):
         out = {"n": len(rows)}
         for s in scorers:
             out[f"correct_{s}"] = sum(r[f"correct_{s}"] for r in rows)
             out[f"acc_{s}"] = out[f"correct_{s}"] / len(rows) if rows else 0.0
+        questions = len({r["id"] for r in rows})
+        if rows and questions < len(rows):
+            out["questions"], out["samples"] = questions, len(rows) // questions
+            for s in scorers:
+                out[f"ci_{s}"] = list(mean_interval(list(_by_question(rows, s).values())))
         return out
 
     summary = block(records)
+    if records and "truncated" in records[0]:
+        summary["truncated"] = sum(r["truncated"] for r in records) / len(records)
+    if records and "think_closed" in records[0]:
+        summary["think_closed"] = sum(r["think_closed"] for r in records) / len(records)
     statuses = defaultdict(list)
     for r in records:
         if r.get("cleaning_status") is not None:
@@ -27,40 +47,54 @@ def accuracy_summary(records: list[dict], scorers: list[str]) -> dict:
     return summary
 
 
-def _cell(correct: int, n: int) -> str:
-    low, high = wilson(correct, n)
-    return f"{100 * correct / max(n, 1):.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+def interval(block: dict, scorer: str) -> tuple[float, float]:
+    """The 95% interval of a summary block's accuracy: over questions for sampled answers, else Wilson."""
+    if f"ci_{scorer}" in block:
+        return tuple(block[f"ci_{scorer}"])
+    return wilson(block[f"correct_{scorer}"], block["n"])
+
+
+def _cell(block: dict, scorer: str) -> str:
+    low, high = interval(block, scorer)
+    return f"{100 * block[f'acc_{scorer}']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def table(results: list[dict], scorers: list[str], primary: str) -> str:
     """The headline table: one row per dataset and target, one accuracy column per scorer (primary first)."""
     ordered = [primary] + [s for s in scorers if s != primary]
-    lines = ["| dataset | target | n | " + " | ".join(f"acc_{s}" for s in ordered) + " |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in ordered) + " |"]
+    truncation = any("truncated" in r for r in results)
+    lines = ["| dataset | target | n | " + " | ".join(f"acc_{s}" for s in ordered) + (" | truncated |" if truncation
+                                                                                    else " |"),
+             "| --- | --- | --- | " + " | ".join("---" for _ in ordered) + (" | --- |" if truncation else " |")]
     for r in results:
         lines.append(f"| {r['dataset']} | {r['target']} | {r['n']} | "
-                     + " | ".join(f"{100 * r[f'acc_{s}']:.1f}%" for s in ordered) + " |")
+                     + " | ".join(f"{100 * r[f'acc_{s}']:.1f}%" for s in ordered)
+                     + (f" | {100 * r.get('truncated', 0.0):.1f}% |" if truncation else " |"))
     return "\n".join(lines)
 
 
-def _paired(a: list[dict], b: list[dict], scorer: str) -> tuple[list[bool], list[bool]]:
-    by_id = {r["id"]: r[f"correct_{scorer}"] for r in a}
-    common = [r for r in b if r["id"] in by_id]
-    return [by_id[r["id"]] for r in common], [r[f"correct_{scorer}"] for r in common]
+def _paired(a: list[dict], b: list[dict], scorer: str) -> tuple[list, list]:
+    """Per question answered by both: the verdicts (bools), or with sampled answers the share correct."""
+    first, second = _by_question(a, scorer), _by_question(b, scorer)
+    common = [key for key in second if key in first]
+    sampled = len(first) < len(a) or len(second) < len(b)
+    convert = float if sampled else bool
+    return [convert(first[key]) for key in common], [convert(second[key]) for key in common]
 
 
 def report(results: list[dict], records: dict, scorers: list[str], primary: str) -> str:
     """report.md: accuracy with intervals, accuracy by cleaning_status, paired deltas with p-values."""
     out = ["# Evaluation report", "",
-           "Greedy decoding; every target answers the same questions. Accuracy with a Wilson 95% interval. "
-           f"Primary scorer: `{primary}`.", ""]
+           "Every target answers the same questions (greedy unless eval.temperature > 0). Accuracy with a 95% "
+           "interval (Wilson; over questions for several sampled answers per question). Truncated: answers cut at "
+           f"the token limit. Primary scorer: `{primary}`.", ""]
     ordered = [primary] + [s for s in scorers if s != primary]
     for dataset in dict.fromkeys(r["dataset"] for r in results):
         rows = [r for r in results if r["dataset"] == dataset]
-        out += [f"## {dataset}", "", "| target | n | " + " | ".join(ordered) + " |",
-                "| --- | --- | " + " | ".join("---" for _ in ordered) + " |"]
-        out += [f"| {r['target']} | {r['n']} | " + " | ".join(_cell(r[f"correct_{s}"], r["n"]) for s in ordered)
-                + " |" for r in rows]
+        out += [f"## {dataset}", "", "| target | n | " + " | ".join(ordered) + " | truncated |",
+                "| --- | --- | " + " | ".join("---" for _ in ordered) + " | --- |"]
+        out += [f"| {r['target']} | {r['n']} | " + " | ".join(_cell(r, s) for s in ordered)
+                + (f" | {100 * r['truncated']:.1f}% |" if "truncated" in r else " | — |") for r in rows]
         statuses = sorted({status for r in rows for status in r.get("by_status", {})})
         if statuses:
             out += ["", "### By cleaning_status", "", "| cleaning_status | target | n | "
@@ -70,7 +104,7 @@ def report(results: list[dict], records: dict, scorers: list[str], primary: str)
                     block = r.get("by_status", {}).get(status)
                     if block:
                         out.append(f"| {status} | {r['target']} | {block['n']} | "
-                                   + " | ".join(_cell(block[f"correct_{s}"], block["n"]) for s in ordered) + " |")
+                                   + " | ".join(_cell(block, s) for s in ordered) + " |")
         if len(rows) > 1:
             out += ["", "### Paired deltas (B − A, same questions)", "",
                     "| A → B | scorer | n | delta | bootstrap 95% | only A right | only B right | McNemar p |",
@@ -80,11 +114,12 @@ def report(results: list[dict], records: dict, scorers: list[str], primary: str)
                     a, b = _paired(records[(dataset, first["target"])], records[(dataset, second["target"])], scorer)
                     low, high = paired_bootstrap(a, b)
                     delta = (sum(b) - sum(a)) / max(len(a), 1)
-                    only_a = sum(x and not y for x, y in zip(a, b))
-                    only_b = sum(y and not x for x, y in zip(a, b))
+                    only_a = sum(x > y for x, y in zip(a, b))
+                    only_b = sum(y > x for x, y in zip(a, b))
+                    exact = f"{mcnemar_exact(a, b):.3g}" if all(isinstance(x, bool) for x in a + b) else "—"
                     out.append(f"| {first['target']} → {second['target']} | {scorer} | {len(a)} | "
                                f"{100 * delta:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {only_a} | {only_b} | "
-                               f"{mcnemar_exact(a, b):.3g} |")
+                               f"{exact} |")
         out.append("")
     return "\n".join(out)
 
@@ -103,7 +138,7 @@ def plot(results: list[dict], scorers: list[str], path: Path) -> None:
         width = 0.8 / len(scorers)
         for i, scorer in enumerate(scorers):
             accs = [r[f"acc_{scorer}"] for r in rows]
-            bounds = [wilson(r[f"correct_{scorer}"], r["n"]) for r in rows]
+            bounds = [interval(r, scorer) for r in rows]
             errors = [[a - lo for a, (lo, _) in zip(accs, bounds)], [hi - a for a, (_, hi) in zip(accs, bounds)]]
             ax.bar([x + i * width for x in range(len(rows))], accs, width, yerr=errors, capsize=3, label=scorer)
         ax.set_xticks([x + width * (len(scorers) - 1) / 2 for x in range(len(rows))], [r["target"] for r in rows])

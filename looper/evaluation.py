@@ -1,4 +1,10 @@
-"""Stage `eval`: greedy, batched evaluation of `eval.targets` on `eval.datasets`, every scorer side by side.
+"""Stage `eval`: batched evaluation of `eval.targets` on `eval.datasets`, every scorer side by side.
+
+Greedy by default (the study's protocol); `eval.temperature` > 0 samples `eval.samples` answers per question, each
+row seeded by (run seed, question, sample) like rollouts. A reasoning model's answers are read after its think block
+(looper/answers.py); every record says whether it was `truncated` at the token limit. A sweep's objective is read from
+a dev split (`objective_dataset`), evaluated for the last target even when `eval.datasets` does not list it, so a
+sweep never selects on a test set.
 
 One artifact per (target, dataset) — `predictions.jsonl`, `summary.json` (accuracies, and how fast generation ran:
 looper/throughput.py) and, when asked, `batch_consistency.json` — so the base and SFT evaluations are computed once
@@ -18,8 +24,9 @@ from typing import Optional
 
 from looper import distributed, dpo, eval_report, models, sft, throughput
 from looper.answers import extract, is_correct, math_verify_available
+from looper.rollout import completion_flags, trajectory_seed, warn_truncation
 from looper.artifacts import ArtifactStore, recover_jsonl
-from looper.config import Config, DataConfig
+from looper.config import Config, DataConfig, ModelConfig
 from looper.data import gold_from_solution, gsm8k_splits, load_splits, read_gsm8k_jsonl
 from looper.generation import generate
 from looper.tracking import stage_run
@@ -78,14 +85,21 @@ def prompt_for(cfg: Config, tokenizer, problem: dict, pool: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------------- decoding
 
 
-def scored(problem: dict, text: str, num_tokens: int, finish_reason: str, scorers: list[str]) -> dict:
-    """One per-example record: the completion and every scorer's prediction and verdict."""
+def scored(problem: dict, text: str, num_tokens: int, finish_reason: str, scorers: list[str],
+           model: Optional[ModelConfig] = None, sample: Optional[int] = None) -> dict:
+    """One per-example record: the completion, `truncated` (and `think_closed` for a reasoning `model`), and every
+    scorer's prediction and verdict; `sample` numbers one of several sampled answers to the question."""
     record = {"id": problem["id"], "question": problem["question"], "gold": problem["gold"], "completion": text,
               "num_tokens": num_tokens, "finish_reason": finish_reason,
               "cleaning_status": problem.get("cleaning_status")}
+    if sample is not None:
+        record["sample"] = sample
+    after = model.answer_after() if model is not None else None
+    truncated = finish_reason == "length"
+    record.update(completion_flags(model, text, finish_reason) if model is not None else {"truncated": truncated})
     for scorer in scorers:
-        record[f"pred_{scorer}"] = extract(text, scorer)
-        record[f"correct_{scorer}"] = is_correct(text, problem["gold"], scorer)
+        record[f"pred_{scorer}"] = extract(text, scorer, after, truncated)
+        record[f"correct_{scorer}"] = is_correct(text, problem["gold"], scorer, after, truncated)
     return record
 
 
@@ -105,7 +119,7 @@ def _max_new_tokens(cfg: Config) -> int:
 def batch_consistency(cfg: Config, model, tokenizer, prompts: list[str]) -> dict:
     """Greedy outputs of `prompts` decoded one at a time and in one batch; any difference points at padding or
     attention-mask handling."""
-    kwargs = {"max_new_tokens": _max_new_tokens(cfg), "add_special_tokens": cfg.model.prompt_format != "chat"}
+    kwargs = {"max_new_tokens": _max_new_tokens(cfg)}
     alone = generate(model, tokenizer, prompts, batch_size=1, desc="batch check: one at a time", **kwargs)
     together = generate(model, tokenizer, prompts, batch_size=len(prompts), desc="batch check: batched", **kwargs)
     differ = [{"prompt": p, "alone": a.text, "batched": b.text} for p, a, b in zip(prompts, alone, together)
@@ -115,26 +129,33 @@ def batch_consistency(cfg: Config, model, tokenizer, prompts: list[str]) -> dict
 
 def _decode_shard(cfg: Config, target: str, load, dataset: str, problems: list[dict], shard: Path,
                   pool: list[dict], scorers: list[str]) -> None:
-    """Decode this process's problems into its shard, appending a flushed chunk at a time (resumable)."""
+    """Decode this process's problems (each `eval.samples` times) into its shard, appending a flushed answer at a
+    time (resumable)."""
     done = recover_jsonl(shard)
-    finished = {r["id"] for r in done}
-    todo = [p for p in problems if p["id"] not in finished]
+    finished = {(r["id"], r.get("sample", 0)) for r in done}
+    samples = cfg.eval.samples
+    todo = [(p, k) for p in problems for k in range(samples) if (p["id"], k) not in finished]
     if done:
-        log.info("eval %s/%s: resuming, %d of %d already done", dataset, target, len(done), len(problems))
+        log.info("eval %s/%s: resuming, %d of %d already done", dataset, target, len(done), len(problems) * samples)
     if not todo:
         return
     model, tokenizer = load()
     with open(shard, "a") as handle:
         def write(index: int, output) -> None:  # as each answer finishes: a crash loses only unfinished questions
-            handle.write(json.dumps(scored(todo[index], output.text, output.num_tokens, output.finish_reason,
-                                           scorers)) + "\n")
+            problem, sample = todo[index]
+            handle.write(json.dumps(scored(problem, output.text, output.num_tokens, output.finish_reason, scorers,
+                                           cfg.model, sample if samples > 1 else None)) + "\n")
             handle.flush()
 
-        generate(model, tokenizer, [prompt_for(cfg, tokenizer, p, pool) for p in todo],
+        prompts = {p["id"]: prompt_for(cfg, tokenizer, p, pool) for p in problems}
+        sampling = {} if cfg.eval.temperature == 0 else {
+            "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
+            "seeds": [trajectory_seed(cfg.seed, p["id"], "eval", k) for p, k in todo]}
+        generate(model, tokenizer, [prompts[p["id"]] for p, _ in todo],
                  max_new_tokens=_max_new_tokens(cfg), batch_size=cfg.eval.batch_size,
-                 add_special_tokens=cfg.model.prompt_format != "chat", refill_at=cfg.generation.refill_at,
-                 compile_decode=cfg.generation.compile, on_result=write, stats=(figures := {}),
-                 desc=f"eval {target} on {dataset} ({len(done)} of {len(problems)} done before)")
+                 refill_at=cfg.generation.refill_at, compile_decode=cfg.generation.compile, on_result=write,
+                 stats=(figures := {}), desc=f"eval {target} on {dataset} ({len(done)} of "
+                                             f"{len(problems) * samples} done before)", **sampling)
     throughput.record(shard.parent / f"generation.rank{distributed.rank()}.jsonl", figures)
 
 
@@ -159,8 +180,9 @@ def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) 
         if check["differ"]:
             log.warning("eval %s/%s: %d of %d greedy outputs differ between batched and one-at-a-time decoding",
                         dataset, target, check["differ"], check["checked"])
-    by_id = {r["id"]: r for shard in sorted(out.glob("predictions.rank*.jsonl")) for r in recover_jsonl(shard)}
-    records = [by_id[p["id"]] for p in problems if p["id"] in by_id]
+    by_key = {(r["id"], r.get("sample", 0)): r for shard in sorted(out.glob("predictions.rank*.jsonl"))
+              for r in recover_jsonl(shard)}
+    records = [by_key[(p["id"], k)] for p in problems for k in range(cfg.eval.samples) if (p["id"], k) in by_key]
     (out / PREDICTIONS).write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = {"target": target, "target_path": target_path, "dataset": dataset,
                **eval_report.accuracy_summary(records, scorers), "generation": throughput.summary(out)}
@@ -190,6 +212,9 @@ def evaluate(cfg: Config, store: ArtifactStore, target: str, dataset: str) -> Pa
             "lora_quantization": cfg.lora.quantization, "scorers": active_scorers(cfg),
             "num_questions": cfg.eval.num_questions, "max_new_tokens": cfg.eval.max_new_tokens,
             "prompt": cfg.eval.prompt, "shots": cfg.eval.shots,
+            "sampling": None if cfg.eval.temperature == 0 else {"temperature": cfg.eval.temperature,
+                                                                 "top_p": cfg.eval.top_p, "samples": cfg.eval.samples,
+                                                                 "seed": cfg.seed},
             "shots_seed": cfg.eval.shots_seed if cfg.eval.shots else None,
             "check_batch_consistency": cfg.eval.check_batch_consistency,
             "data": cfg.data if not dataset == "gsm8k_platinum" else None,
@@ -203,14 +228,30 @@ def read_predictions(artifact: Path) -> list[dict]:
     return [json.loads(line) for line in (artifact / PREDICTIONS).read_text().splitlines() if line.strip()]
 
 
+TEST_SETS = ("synthetic_test", "gsm8k_test", "gsm8k_platinum")
+
+
+def objective_dataset(cfg: Config) -> str:
+    """The dataset a sweep selects on: `eval.select_on`, else the dev split of the data (never a test set unless
+    eval.select_on_test allows it, with a warning)."""
+    name = cfg.eval.select_on or f"{cfg.data.name}_dev"
+    if name in TEST_SETS:
+        log.warning("eval.select_on=%s is a test set: a sweep that selects on it reports a biased figure for it", name)
+    return name
+
+
 def run(cfg: Config, store: ArtifactStore, run_dir: Optional[Path] = None) -> list[dict]:
-    """Evaluate every target on every dataset; writes the report to `run_dir`; returns the per-artifact summaries."""
+    """Evaluate every target on every dataset, and the last target on the objective's dataset when it is not among
+    them; writes the report to `run_dir`; returns the per-artifact summaries."""
+    cells = [(dataset, target) for dataset in cfg.eval.datasets for target in cfg.eval.targets]
+    if objective_dataset(cfg) not in cfg.eval.datasets:
+        cells.append((objective_dataset(cfg), cfg.eval.targets[-1]))
     results = []
-    for dataset in cfg.eval.datasets:
-        for target in cfg.eval.targets:
-            artifact = evaluate(cfg, store, target, dataset)
-            summary = json.loads((artifact / "summary.json").read_text())
-            results.append({**summary, "target": target, "artifact": str(artifact)})
+    for dataset, target in cells:
+        artifact = evaluate(cfg, store, target, dataset)
+        summary = json.loads((artifact / "summary.json").read_text())
+        results.append({**summary, "target": target, "artifact": str(artifact)})
+        warn_truncation(f"eval {target} on {dataset}", summary.get("truncated"), "eval.max_new_tokens")
     if not distributed.is_main_process():
         return results
     scorers = active_scorers(cfg)
@@ -219,6 +260,8 @@ def run(cfg: Config, store: ArtifactStore, run_dir: Optional[Path] = None) -> li
         eval_report.write(run_dir, results, records, scorers, cfg.eval.primary_scorer)
     with stage_run(cfg, "eval") as tracker:
         tracker.summary({f"eval/{r['dataset']}/{r['target']}/acc_{k}": r[f"acc_{k}"] for r in results for k in scorers})
+        tracker.summary({f"eval/{r['dataset']}/{r['target']}/{key}": r[key] for r in results
+                         for key in ("truncated", "think_closed") if key in r})
         for r in results:  # (an artifact made before these figures were kept has none)
             tracker.summary(throughput.metrics(f"eval/{r['dataset']}/{r['target']}", r.get("generation", {})))
         for (dataset, target), rows in records.items():

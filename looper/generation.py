@@ -256,7 +256,7 @@ def _per_row(value: Union[float, Sequence[float]], n: int) -> list:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int, Sequence[int]], batch_size: int,
              temperature: Union[float, Sequence[float]] = 0.0, top_p: Union[float, Sequence[float]] = 1.0,
-             seeds: Optional[Sequence[int]] = None, add_special_tokens: bool = True, refill_at: float = 0.125,
+             seeds: Optional[Sequence[int]] = None, add_special_tokens: Optional[bool] = None, refill_at: float = 0.125,
              on_result: Optional[Callable[[int, Generation], None]] = None, stats: Optional[dict] = None,
              desc: Optional[str] = "generate", compile_decode: bool = False) -> list[Generation]:
     """Complete each prompt, `batch_size` rows decoding at a time: greedy where a row's temperature is 0, else
@@ -267,7 +267,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
     CUDA graphs, the seconds of the prefills and of the drain (the steps after the last prompt started: a finished
     row's slot is no longer refilled), and the KV pages' (the pool, its peak use, rows preempted, the entries decode
     steps read and those on shared pages). `desc=None` shows no progress bar.
-    `compile_decode` runs the decode step's model forward through `torch.compile` (see `_compiled_decode_logits`)."""
+    `compile_decode` runs the decode step's model forward through `torch.compile` (see `_compiled_decode_logits`).
+    Prompts are tokenized with exactly one BOS (`models.encode_prompt`, as SFT and DPO see them) unless
+    `add_special_tokens` says otherwise."""
     n = len(prompts)
     temperatures, top_ps = _per_row(temperature, n), _per_row(top_p, n)
     limits = _per_row(max_new_tokens, n)
@@ -277,7 +279,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
         raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
     if n == 0:
         return []
-    encoded = tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
+    encoded = [models.encode_prompt(tokenizer, p) for p in prompts] if add_special_tokens is None else \
+        tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
     with _looper_attention_in(model):
         decoder = _Decoder(model, tokenizer, encoded, limits, [float(t) for t in temperatures],
                            [float(p) for p in top_ps], [s & _MASK32 for s in (seeds or [0] * n)],

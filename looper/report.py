@@ -2,10 +2,11 @@
 
 Reads every job's `summary.json` under MULTIRUN_DIR and writes, next to them:
 - `sweep.csv`: one row per job, every tabulated parameter and every metric;
-- `sweep.md`: the jobs best first by the chosen accuracy, with Wilson 95% intervals;
+- `sweep.md`: the jobs best first by the chosen accuracy, with Wilson 95% intervals, and beside it the same target's
+  accuracy on the other datasets (test sets: reported, never ranked on);
 - `heatmap_dpo.beta=<v>.png`: that accuracy over reward.alpha x reward.beta, one image per dpo.beta.
-By default the accuracy is the jobs' objective (primary scorer, last eval target, first eval dataset);
-`--dataset`, `--target` and `--scorer` choose another.
+By default the accuracy is the jobs' objective (primary scorer, last eval target, a dev split: never a test set
+unless the jobs set eval.select_on to one); `--dataset`, `--target` and `--scorer` choose another.
 """
 
 import argparse
@@ -53,16 +54,36 @@ def write_csv(jobs: list[dict], path: Path) -> None:
             writer.writerow([j["job"], *(j["params"][p] for p in params), *(j["metrics"].get(m) for m in metrics)])
 
 
+def beside(jobs: list[dict], choice: tuple) -> list[str]:
+    """The other datasets the ranked target was evaluated on (shown next to the ranking, not ranked on)."""
+    dataset, target, scorer = choice
+    found = []
+    for j in jobs:
+        chosen = dataset or j["objective"]["dataset"]
+        suffix = f"/{target or j['objective']['target']}/acc_{scorer or j['primary_scorer']}"
+        found += [m[: -len(suffix)] for m in j["metrics"] if m.endswith(suffix) and not m.startswith(chosen + "/")]
+    return list(dict.fromkeys(found))
+
+
 def table(jobs: list[dict], keys: list[str], choice: tuple) -> str:
-    """Markdown, best job first: varied parameters, accuracy with its Wilson 95% interval, n."""
+    """Markdown, best job first: varied parameters, accuracy with its Wilson 95% interval, n, then the same target's
+    accuracy on the other datasets."""
     rows = sorted(jobs, key=lambda j: -accuracy(j, *choice)[0])
-    lines = ["| rank | job | " + " | ".join(keys) + " | accuracy [95% CI] | n |",
-             "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |"]
+    others = beside(jobs, choice)
+    lines = ["| rank | job | " + " | ".join(keys) + " | selected on: accuracy [95% CI] | n |"
+             + "".join(f" {d} |" for d in others),
+             "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |" + " --- |" * len(others)]
     for rank, j in enumerate(rows, start=1):
         acc, correct, n = accuracy(j, *choice)
         low, high = wilson(correct, n)
+        extra = ""
+        for d in others:
+            try:
+                extra += f" {100 * accuracy(j, d, choice[1], choice[2])[0]:.1f}% |"
+            except KeyError:
+                extra += " — |"
         lines.append(f"| {rank} | {j['job']} | " + " | ".join(str(j["params"][k]) for k in keys)
-                     + f" | {100 * acc:.1f}% [{100 * low:.1f}, {100 * high:.1f}] | {n} |")
+                     + f" | {100 * acc:.1f}% [{100 * low:.1f}, {100 * high:.1f}] | {n} |" + extra)
     return "\n".join(lines)
 
 
@@ -115,7 +136,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     choice = (args.dataset, args.target, args.scorer)
     write_csv(jobs, args.sweep_dir / "sweep.csv")
     keys = varied(jobs) or ["dpo.beta"]
-    text = f"# Sweep report: {args.sweep_dir}\n\n{len(jobs)} jobs, best first.\n\n{table(jobs, keys, choice)}\n"
+    selected = args.dataset or jobs[0]["objective"]["dataset"]
+    text = (f"# Sweep report: {args.sweep_dir}\n\n{len(jobs)} jobs, best first by their accuracy on {selected}; "
+            f"the other datasets are shown, not ranked on.\n\n{table(jobs, keys, choice)}\n")
     (args.sweep_dir / "sweep.md").write_text(text)
     written = heatmaps(jobs, choice, args.sweep_dir)
     print(text)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from looper import coherence, distributed, models, sft, throughput
 from looper.answers import extract, is_correct
 from looper.artifacts import ArtifactStore, recover_jsonl, to_plain
-from looper.config import ArmConfig, Config
+from looper.config import ArmConfig, Config, ModelConfig
 from looper.data import load_splits
 from looper.generation import generate
 from looper.tracking import stage_run
@@ -60,7 +60,6 @@ class Sampler:
         outputs = generate(self.model, self.tokenizer, [p for p, _, _ in jobs], max_new_tokens=self.max_new_tokens,
                            batch_size=self.cfg.rollout.batch_size, temperature=[a.temperature for _, a, _ in jobs],
                            top_p=[a.top_p for _, a, _ in jobs], seeds=[s for _, _, s in jobs],
-                           add_special_tokens=self.cfg.model.prompt_format != "chat",
                            refill_at=self.cfg.generation.refill_at,
                            compile_decode=self.cfg.generation.compile,
                            stats=(figures := {}), desc=None)
@@ -100,7 +99,8 @@ class Continuations:
 def _score_question(cfg: Config, scorer, problem: dict, trajectories: list[dict], continuations) -> list[dict]:
     components = scorer(question=problem["question"], gold=problem["gold"], trajectories=trajectories,
                         generate=continuations,
-                        extract_answer=lambda text: extract(text, cfg.rollout.answer_scorer), reward=cfg.reward)
+                        extract_answer=lambda text: extract(text, cfg.rollout.answer_scorer, cfg.model.answer_after()),
+                        reward=cfg.reward)
     records = []
     for t, c in zip(trajectories, components):
         record = {**t, **c}
@@ -163,15 +163,25 @@ def score_together(cfg: Config, sampler: Sampler, scorer, problems: list[dict],
     return [finished[i] for i in range(len(problems))]
 
 
+def completion_flags(model: ModelConfig, text: str, finish_reason: str) -> dict:
+    """`truncated` (the generation hit its token limit) and, for a reasoning model, `think_closed`."""
+    flags = {"truncated": finish_reason == "length"}
+    if model.reasoning == "think":
+        flags["think_closed"] = model.think_close in text
+    return flags
+
+
 def _trajectories(cfg: Config, problem: dict, outputs_by_job: list) -> list[dict]:
-    out = []
+    out, after = [], cfg.model.answer_after()
     for (arm_name, arm, sample, seed), output in outputs_by_job:
+        truncated = output.finish_reason == "length"
         out.append({"question_id": problem["id"], "arm": arm_name, "family": arm.family, "sample": sample,
                     "seed": seed, "question": problem["question"], "gold": problem["gold"], "text": output.text,
-                    "reasoning": coherence.split_reasoning(output.text),
-                    "answer": extract(output.text, cfg.rollout.answer_scorer),
-                    "correct": is_correct(output.text, problem["gold"], cfg.rollout.answer_scorer),
-                    "num_tokens": output.num_tokens, "finish_reason": output.finish_reason})
+                    "reasoning": coherence.split_reasoning(output.text, after),
+                    "answer": extract(output.text, cfg.rollout.answer_scorer, after, truncated),
+                    "correct": is_correct(output.text, problem["gold"], cfg.rollout.answer_scorer, after, truncated),
+                    "num_tokens": output.num_tokens, "finish_reason": output.finish_reason,
+                    **completion_flags(cfg.model, output.text, output.finish_reason)})
     return out
 
 
@@ -240,6 +250,7 @@ def arm_stats(records: list[dict]) -> dict:
     def summary(rows):
         return {"trajectories": len(rows), "accuracy": _mean([r["correct"] for r in rows]),
                 "answered": _mean([r["answer"] is not None for r in rows]),
+                "truncated": _mean([r["finish_reason"] == "length" for r in rows]),
                 "mean_tokens": _mean([r["num_tokens"] for r in rows]),
                 **{f"mean_{c}": _mean([r[c] for r in rows if r.get(c) is not None]) for c in coherence.COMPONENTS}}
 
@@ -251,15 +262,16 @@ def arm_stats(records: list[dict]) -> dict:
 
 
 def _log(tracker, stats: dict, records: list[dict]) -> None:
-    tracker.summary({"rollout/accuracy": stats["overall"]["accuracy"], "rollout/questions": stats["questions"]})
+    tracker.summary({"rollout/accuracy": stats["overall"]["accuracy"], "rollout/questions": stats["questions"],
+                     "rollout/truncated": stats["overall"]["truncated"]})
     tracker.summary(throughput.metrics("rollout", stats.get("generation", {})))
     tracker.summary({f"rollout/{arm}/{key}": value for arm, s in stats["arms"].items() for key, value in s.items()
                      if key in ("accuracy", "mean_s_end", "mean_s_wm", "mean_tokens")})
 
     tracker.histograms({f"rollout/hist_{c}": [r[c] for r in records if r.get(c) is not None]
                         for c in coherence.COMPONENTS})
-    columns = ("question_id", "arm", "family", "sample", "text", "answer", "correct", "num_tokens", "s_end", "s_path",
-               "s_cf", "s_wm")
+    columns = ("question_id", "arm", "family", "sample", "text", "answer", "correct", "num_tokens", "truncated",
+               "s_end", "s_path", "s_cf", "s_wm")
     tracker.table("rollout/trajectories", [{c: r.get(c) for c in columns} for r in records[:200]])
 
 
@@ -279,6 +291,17 @@ def _build(cfg: Config, sft_dir: Path, out: Path) -> None:
         _log(tracker, stats, records)
     log.info("rollout: %d trajectories over %d questions (%d processes), accuracy %.3f", len(records),
              stats["questions"], world, stats["overall"]["accuracy"])
+    warn_truncation("rollout", stats["overall"]["truncated"], "rollout.max_new_tokens")
+
+
+TRUNCATION_WARNING = 0.02  # a larger share of generations cut at the token limit biases accuracy down
+
+
+def warn_truncation(where: str, share: Optional[float], key: str) -> None:
+    """Warn when more than TRUNCATION_WARNING of the generations hit their token limit (unanswered in think mode)."""
+    if share is not None and share > TRUNCATION_WARNING:
+        log.warning("%s: %.1f%% of generations hit the token limit (cut before their final answer); raise %s",
+                    where, 100 * share, key)
 
 
 def rollout_spec(cfg: Config, sft_dir: Path) -> dict:

@@ -41,10 +41,26 @@ def _length_grouping(args_class, enabled: bool) -> dict:
 
 
 def training_examples(cfg: Config, tokenizer) -> list[dict]:
-    """SFT rows: the model's own prompt for each training question and its GSM8K solution as the completion."""
+    """SFT rows: the model's own prompt for each training question and its GSM8K solution as the completion (in
+    the model's format: models.build_completion)."""
     train = load_splits(cfg.data)["train"][: cfg.sft.num_examples]
-    return [{"prompt": models.build_prompt(cfg.model, tokenizer, row["question"]),
-             "completion": models.build_completion(cfg.model, row["answer"])} for row in train]
+    rows = []
+    for row in train:
+        prompt = models.build_prompt(cfg.model, tokenizer, row["question"])
+        rows.append({"prompt": prompt, "completion": models.build_completion(cfg.model, row["answer"], prompt)})
+    return rows
+
+
+def tokenize_examples(tokenizer, examples: list[dict]) -> list[dict]:
+    """Prompt/completion rows as the token ids SFT trains on: the prompt's ids exactly as generation sees them (one
+    BOS: models.encode_prompt), then the completion's and EOS, with the loss on the completion only
+    (`completion_mask`). TRL takes such rows as they are."""
+    rows = []
+    for example in examples:
+        prompt = models.encode_prompt(tokenizer, example["prompt"])
+        completion = models.encode_completion(tokenizer, example["completion"])
+        rows.append({"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)})
+    return rows
 
 
 def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", examples: Optional[list[dict]] = None):
@@ -61,7 +77,8 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
         model.set_attn_implementation(attention.TRAINING)
     tokenizer = models.load_tokenizer(base, cfg.model)
     tokenizer.padding_side = "right"  # training pads on the right; generation loads it left-padded again
-    dataset = Dataset.from_list(examples if examples is not None else training_examples(cfg, tokenizer))
+    dataset = Dataset.from_list(tokenize_examples(tokenizer, examples if examples is not None else
+                                          training_examples(cfg, tokenizer)))
     args = SFTConfig(
         output_dir=str(out / "trainer"), learning_rate=cfg.sft.learning_rate, num_train_epochs=cfg.sft.epochs,
         max_steps=cfg.sft.max_steps, per_device_train_batch_size=cfg.sft.batch_size,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from looper.answers import extract, is_correct, math_verify_available, normalize_number
+from looper.answers import extract, is_correct, math_verify_available, normalize_number, same_answer
 from tests.conftest import shared_file
 
 
@@ -74,3 +74,31 @@ def test_math_verify_compares_values_not_strings():
     assert is_correct("so the answer is \\boxed{18}", "18", "math_verify")
     assert is_correct("#### 18.0", "18", "math_verify")
     assert not is_correct("#### 17", "18", "math_verify")
+
+
+THINK = "</think>"
+
+
+@pytest.mark.parametrize("text,truncated,expected", [
+    ("<think>\n5+3=8\n</think>\n\nThe answer is \\boxed{8}.", False, "8"),  # closed think + boxed final
+    ("<think>\nmaybe \\boxed{7}? no: 5+3=8\n</think>\n\n\\boxed{8}", False, "8"),  # a draft box inside think loses
+    ("<think>\n5+3=8 so \\boxed{8}", False, None),  # the think block never closed: unanswered
+    ("<think>\n5+3=8\n</think>\n\n\\boxed{8}", True, None),  # hit the token limit: unanswered
+    ("The answer is \\boxed{8}.", False, None),  # no think tags in think mode: the block (opened by the prompt) never
+                                                # closed
+])
+def test_a_reasoning_model_is_read_after_its_think_block(text, truncated, expected):
+    for scorer in ("platinum", "flexible"):
+        assert extract(text, scorer, THINK, truncated) == expected
+    assert is_correct(text, "8", "platinum", THINK, truncated) is (expected == "8")
+
+
+def test_a_plain_model_is_read_as_before_whatever_tags_it_writes():
+    assert extract("<think>\n5+3=8 so \\boxed{8}", "platinum") == "8"
+    assert extract("The answer is \\boxed{8}.", "platinum", None, True) == "8"  # truncation matters in think mode
+
+
+def test_answers_compare_as_exact_numbers():
+    assert same_answer("18.50", "18.5") and same_answer("-0.5", "-.5") and not same_answer("18", None)
+    assert not is_correct("#### " + "9" * 400, "9" * 399 + "8", "strict")  # no float overflow to inf == inf
+    assert is_correct("#### 18.50", "18.5", "strict")

@@ -100,4 +100,29 @@ def test_reasoning_stops_at_the_answer_line_and_cuts_keep_words_whole():
     assert split_reasoning("a=1\nb=2\n#### 3") == "a=1\nb=2"
     assert split_reasoning("work\n**Answer:** 3") == "work"
     assert split_reasoning("no marker") == "no marker"
-    assert cut("alpha beta gamma delta", 0.5) == "alpha beta "
+    assert cut("alpha beta gamma delta", 0.5) == "alpha beta"
+
+
+def test_cuts_end_on_a_token_boundary_never_inside_a_word_or_an_annotation():
+    # the model's next token carries the space (` gamma`), so the cut ends before the whitespace
+    assert cut("alpha beta gamma delta", 0.5) == "alpha beta"
+    assert cut("16-6=<<16-6=10>>10 and", 0.4) == ""  # no boundary before the cut: resample from the start
+    assert cut("so <<16 - 6 = 10>>10 apples are left over", 0.3) == "so"  # a cut inside `<<...>>` moves before it
+
+
+def test_s_end_compares_answers_as_numbers():
+    scored = s_end_and_path([t("18.50", ""), t("18.5", ""), t("18", "")])
+    assert [s["s_end"] for s in scored] == [0.5, 0.5, 0.0]
+
+
+def test_the_reasoning_of_a_think_trace_is_its_think_block():
+    text = "<think>\n2+3=5\n</think>\n\nSo \\boxed{5}"
+    assert split_reasoning(text, "</think>") == "<think>\n2+3=5"
+    assert split_reasoning("<think>\nstill thinking 2+3=5", "</think>") == "<think>\nstill thinking 2+3=5"
+
+
+def test_latex_traces_earn_s_path_like_plain_ones():
+    latex = t("12", r"First \(3 \times 4 = 12\).")
+    plain = t("12", "First 3 * 4 = 12.")
+    scored = s_end_and_path([latex, plain])
+    assert scored[0]["s_path"] == scored[1]["s_path"] == 1.0

@@ -118,3 +118,39 @@ def test_the_accelerate_configs_load(name):
 
     config = load_config_from_file(str(ROOT / "scripts" / "accelerate" / name))
     assert config.num_processes == 2 and config.mixed_precision == "bf16"
+
+
+def test_the_deepseek_preset_is_a_reasoning_model_with_advised_sampling_and_long_limits():
+    cfg = compose("experiment=deepseek_qlora")
+    assert (cfg.model.reasoning, cfg.model.think_close, cfg.model.system_prompt) == ("think", "</think>", "user")
+    assert all(0.5 <= arm.temperature <= 0.7 and arm.top_p == 0.95 for arm in cfg.arms.values())
+    assert cfg.eval.max_new_tokens >= 4096 and cfg.model.max_new_tokens >= 4096
+    assert cfg.dpo.max_length >= cfg.model.max_new_tokens and cfg.eval.prompt == "platinum"
+
+
+def test_both_7b_presets_report_platinum_with_the_benchmarks_prompt_and_greedy_decoding():
+    for experiment in ("abel_platinum", "deepseek_qlora"):
+        cfg = compose(f"experiment={experiment}")
+        assert (cfg.eval.prompt, cfg.eval.temperature, cfg.eval.samples) == ("platinum", 0.0, 1), experiment
+
+
+def test_a_think_model_must_close_its_think_block_in_the_completion():
+    with pytest.raises(Exception, match="model.completion_template"):
+        compose("model.reasoning=think")  # the tiny model's template is `{solution}`: no </think>
+
+
+def test_selecting_on_a_test_set_needs_an_explicit_key():
+    with pytest.raises(Exception, match="eval.select_on.*test set"):
+        compose("eval.select_on=gsm8k_platinum")
+    assert compose("eval.select_on=gsm8k_platinum", "eval.select_on_test=true").eval.select_on == "gsm8k_platinum"
+
+
+def test_several_greedy_samples_are_refused_by_name():
+    with pytest.raises(Exception, match="eval.samples"):
+        compose("eval.samples=4")
+    assert compose("eval.samples=4", "eval.temperature=0.5").eval.samples == 4
+
+
+def test_the_dpo_reference_check_takes_error_or_warn():
+    with pytest.raises(Exception, match="dpo.reference_check"):
+        compose("dpo.reference_check=maybe")

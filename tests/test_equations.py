@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from looper.equations import _ANNOTATION, check, evaluate, find_equations
+from looper.equations import annotations, check, evaluate, find_equations
 from tests.conftest import shared_file
 
 
@@ -52,10 +52,40 @@ def test_every_gsm8k_train_annotation_parses_and_holds():
     total, failing = 0, []
     for line in path.read_text().splitlines():
         answer = json.loads(line)["answer"]
-        annotations = _ANNOTATION.findall(answer)
-        assert len(annotations) == len(re.findall(r"<<.*?>>", answer)), answer  # none escapes the pattern
-        for lhs, rhs in annotations:
+        found = annotations(answer)
+        assert len(found) == len(re.findall(r"<<.*?>>", answer)), answer  # none escapes the scanner
+        for lhs, rhs in found:
             total += 1
             if not check(lhs, rhs).holds:
                 failing.append(f"<<{lhs}={rhs}>>")
     assert total > 20000 and failing == []
+
+
+@pytest.mark.parametrize("text,expected", [
+    (r"\(3 \times 4 = 12\)", [("3 * 4", "12", True)]),
+    (r"\(2 \cdot 5 = 11\)", [("2 * 5", "11", False)]),
+    (r"\(10 \div 4 = 2.5\)", [("10 / 4", "2.5", True)]),
+    (r"\(\frac{12}{4} = 3\)", [("(12)/(4)", "3", True)]),
+    (r"\[ \dfrac{3}{4} \times 8 = 6 \]", [("(3)/(4) * 8", "6", True)]),
+])
+def test_latex_operators_and_fractions_are_read(text, expected):
+    assert [(e.lhs, e.rhs, e.holds) for e in find_equations(text)] == expected
+
+
+def test_every_link_of_a_chain_is_checked():
+    assert [(e.lhs, e.rhs, e.holds) for e in find_equations("16 - 3 - 4 = 13 - 4 = 9")] == [
+        ("16 - 3 - 4", "13 - 4", True), ("13 - 4", "9", True)]
+    assert [(e.lhs, e.rhs, e.holds) for e in find_equations("2 * 3 = 6 = 7")] == [("2 * 3", "6", True)]
+    # `6 = 7` has no operator on either side: not an equation; a false last link of an expression is caught
+    assert [e.holds for e in find_equations("2 * 3 = 6 = 3 + 5")] == [True, False]
+
+
+def test_a_running_calculation_is_read_step_by_step():
+    equations = find_equations("2+3=5+1=6")
+    assert [(e.lhs, e.rhs, e.holds, e.result) for e in equations] == [("2+3", "5", True, "5"),
+                                                                     ("5+1", "6", True, "6")]
+
+
+def test_a_chain_link_between_expressions_has_no_stated_result():
+    (first, second) = find_equations("16 - 3 - 4 = 13 - 4 = 9")
+    assert first.result is None and second.result == "9"
