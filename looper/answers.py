@@ -11,8 +11,9 @@ For a reasoning model (`model.reasoning=think`) every scorer reads only the text
 (`answer_region`): a trace whose think block never closed, or that hit its token limit, is unanswered, never scored
 from a number inside its reasoning.
 
-Model output is data: numbers are matched with regular expressions and compared exactly (as fractions), never
-evaluated.
+Model output is data: numbers are matched without backtracking blow-ups (every extractor runs in time linear in its
+input and never raises) and compared exactly (as fractions), never evaluated. Digits are ASCII only, in every scorer
+(the benchmark's `[0-9]`): `#### ٣٤` holds no answer.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from typing import Optional
 SCORERS = ("strict", "flexible", "platinum", "math_verify")
 
 # A number as it appears in model text: optional sign and $, thousands separators, decimals.
-_NUMBER = re.compile(r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\$?\.\d+")
+_NUMBER = re.compile(r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\$?\.\d+", re.ASCII)
 # `\boxed{X}` or `\boxed{\text{X}}`, X without backslashes or braces (as the benchmark matches it)
 _PLATINUM_BOX = re.compile(r"\\boxed\{(?:\\text\{)?([^\\\\{}]+)\}")
-_PLATINUM_NUMBER = re.compile(r"-?[0-9.]*[0-9]")
+_DIGITS = frozenset("0123456789")
 
 
 def normalize_number(text: str) -> str | None:
@@ -79,8 +80,28 @@ def _platinum(text: str) -> str | None:
         box = _PLATINUM_BOX.search(text)
         candidate = "answer: " + (box.group(1) if box else text.strip("\n").split("\n")[-1].lower())
     tail = candidate.replace("*", "").replace("#", "").lower().split("answer: ")[-1].replace(",", "")
-    match = _PLATINUM_NUMBER.search(tail)
-    return re.sub(r"\.0+$", "", match.group(0)) if match else None
+    match = _first_platinum_number(tail)
+    return re.sub(r"\.0+$", "", match) if match else None
+
+
+def _first_platinum_number(text: str) -> str | None:
+    """The first match of the benchmark's `-?[0-9.]*[0-9]`, found in one pass (the regex backtracks quadratically on
+    a long run of dots): the first maximal run of digits and dots that holds a digit, up to its last digit, with a
+    `-` right before it."""
+    start, n = 0, len(text)
+    while start < n:
+        if text[start] not in _DIGITS and text[start] != ".":
+            start += 1
+            continue
+        end = start
+        while end < n and (text[end] in _DIGITS or text[end] == "."):
+            end += 1
+        run = text[start:end]
+        last = max(run.rfind(d) for d in _DIGITS)
+        if last >= 0:
+            return ("-" if start > 0 and text[start - 1] == "-" else "") + run[:last + 1]
+        start = end
+    return None
 
 
 def _math_verify_module():

@@ -225,9 +225,12 @@ class RolloutConfig:
                                 "7B rollout 5% faster on an H100) and more work redone after a crash.", 16)
     max_new_tokens: Optional[int] = doc("Generation limit (null: model.max_new_tokens).", None)
     answer_scorer: str = doc("Scorer that decides `correct` (see looper.answers).", "strict")
+    scorer_timeout_s: float = doc("Seconds a question's coherence scorer may compute (waiting for continuations not "
+                                  "counted) before the run fails naming the question.", 600.0)
 
     def __post_init__(self):
         _positive(self.num_questions, "rollout.num_questions")
+        _positive(self.scorer_timeout_s, "rollout.scorer_timeout_s")
         _positive(self.batch_size, "rollout.batch_size")
         _positive(self.batches_per_call, "rollout.batches_per_call")
         _positive(self.max_new_tokens, "rollout.max_new_tokens")

@@ -84,10 +84,11 @@ def _trainer_class():
     return Trainer
 
 
-def reference_margin(trainer) -> dict:
-    """The policy's and the reference's log-probs of the first training batch, both with dropout off, and the
-    implicit reward margin beta * ((policy - ref)_chosen - (policy - ref)_rejected) averaged over the batch: 0 up to
-    the dtype's rounding when the reference is the policy's starting point."""
+def reference_margin(trainer, dropout: bool = False) -> dict:
+    """The policy's and the reference's log-probs of the first training batch and the implicit reward margins
+    beta * ((policy - ref)_chosen - (policy - ref)_rejected): 0 up to the dtype's rounding when the reference is the
+    policy's starting point. The reference is always computed as TRL computes it; the policy with dropout off, or
+    on (`dropout=True`: what TRL's first training step sees, for comparison)."""
     model = trainer.model
     was_training = model.training
     model.eval()
@@ -97,6 +98,7 @@ def reference_margin(trainer) -> dict:
         kwargs = {k: v for k, v in batch.items() if k not in ("completion_mask", "ref_chosen_logps",
                                                                "ref_rejected_logps")}
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        model.train(dropout)
         with torch.no_grad(), trainer.accelerator.autocast():
             log_probs = model(**kwargs, labels=labels, use_cache=False, fused_lm_head=True).log_probs
         policy_chosen, policy_rejected = log_probs[:, -(batch["completion_mask"].size(1) - 1):].sum(dim=1).chunk(2)

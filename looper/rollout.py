@@ -114,10 +114,14 @@ def score_together(cfg: Config, sampler: Sampler, scorer, problems: list[dict],
     """Score several questions side by side: each question's scorer runs in a thread of its own, and whenever every
     scorer still running is waiting for continuations (s_cf), all their requests are decoded in one batched call.
     So resampling costs a few large batches per chunk instead of a small one per question. Rows are seeded one by
-    one, so the records are exactly those of scoring the questions one at a time."""
+    one, so the records are exactly those of scoring the questions one at a time. A scorer that computes for longer
+    than `rollout.scorer_timeout_s` (time spent waiting for continuations not counted) fails the run, naming its
+    question: a scorer stuck on one trajectory never stalls a rollout silently."""
     lock = threading.Condition()
     waiting: dict[int, tuple] = {}  # question index -> (jobs, slot for the outputs)
     finished: dict[int, object] = {}  # question index -> records, or the exception its scorer raised
+    busy_since: dict[int, float] = {}  # question index -> when its scorer last started computing
+    budget = cfg.rollout.scorer_timeout_s
 
     def batched(index: int):
         direct = sampler.continuations(problems[index], trajectories[index])
@@ -126,8 +130,10 @@ def score_together(cfg: Config, sampler: Sampler, scorer, problems: list[dict],
             result: list = []
             with lock:
                 waiting[index] = (direct.jobs(requests, n), result)
+                busy_since.pop(index, None)
                 lock.notify_all()
                 lock.wait_for(lambda: index not in waiting)
+                busy_since[index] = time.monotonic()
             return direct.split([o.text for o in result], len(requests), n)
 
         return continue_
@@ -139,14 +145,29 @@ def score_together(cfg: Config, sampler: Sampler, scorer, problems: list[dict],
             outcome = error
         with lock:
             finished[index] = outcome
+            busy_since.pop(index, None)
             lock.notify_all()
 
+    def overdue() -> Optional[int]:
+        now = time.monotonic()
+        return next((i for i, since in busy_since.items() if now - since > budget), None)
+
     threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(problems))]
+    with lock:
+        busy_since.update({i: time.monotonic() for i in range(len(problems))})
     for thread in threads:
         thread.start()
     while True:
         with lock:
-            lock.wait_for(lambda: len(waiting) + len(finished) == len(problems))
+            while len(waiting) + len(finished) < len(problems):
+                lock.wait(timeout=min(budget, 5.0))
+                stuck = overdue()
+                if stuck is not None:
+                    raise RuntimeError(
+                        f"rollout: the coherence scorer ({cfg.reward.scorer['_target_']}) spent more than "
+                        f"rollout.scorer_timeout_s={budget:g} s on question {problems[stuck]['id']!r} without "
+                        f"finishing: a scorer bug or a trajectory it cannot handle (raise the key only for a scorer "
+                        f"that is slow by design)")
             if len(finished) == len(problems):
                 break
             batch = dict(waiting)
@@ -306,10 +327,11 @@ def warn_truncation(where: str, share: Optional[float], key: str) -> None:
 
 def rollout_spec(cfg: Config, sft_dir: Path) -> dict:
     """What determines the trajectories: the policy, arms, sampling and the scorer — not alpha, beta, the length
-    penalty or the w_* weights, which are applied later to the stored components, and not the batching, which no
-    record depends on."""
+    penalty or the w_* weights, which are applied later to the stored components, and not the batching or the
+    scorer's time budget, which no record depends on."""
     scoring = {"scorer": cfg.reward.scorer, "cf_cut": cfg.reward.cf_cut, "cf_samples": cfg.reward.cf_samples}
-    sampling = {k: v for k, v in to_plain(cfg.rollout).items() if k not in ("batch_size", "batches_per_call")}
+    sampling = {k: v for k, v in to_plain(cfg.rollout).items()
+                if k not in ("batch_size", "batches_per_call", "scorer_timeout_s")}
     return {"sft": sft_dir.name, "arms": cfg.arms, "rollout": sampling, "model": cfg.model, "data": cfg.data,
             "seed": cfg.seed, "scoring": scoring}
 

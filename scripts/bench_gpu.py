@@ -541,6 +541,11 @@ def bench_training(model_dir: Path, args, rng, stage: str):
         return original(model, inputs, *a, **k)
 
     trainer.compute_loss = counting
+    reference = None
+    if stage == "dpo":  # the reference check: dropout off (what dpo runs) against on (TRL's first training step)
+        reference = {"dropout_off": dpo.reference_margin(trainer), "dropout_on": dpo.reference_margin(trainer, True)}
+        print(f"dpo reference check: max |margin| {reference['dropout_off']['max_abs_margin']:.3g} with dropout off, "
+              f"{reference['dropout_on']['max_abs_margin']:.3g} with LoRA dropout on", flush=True)
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     trainer.train()
     warm = 2  # the first steps pay allocation and kernel selection
@@ -553,7 +558,8 @@ def bench_training(model_dir: Path, args, rng, stage: str):
               if stage == "sft" else False,
               "mfu": round(real / seconds * flops_per_token / peak / distributed.world_size(), 3), "peak_memory_gib":
               round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if torch.cuda.is_available() else None, "batch_size": trainer.args.per_device_train_batch_size,
-              "gradient_checkpointing": args.gradient_checkpointing, "flops_per_token": flops_per_token}
+              "gradient_checkpointing": args.gradient_checkpointing, "flops_per_token": flops_per_token,
+              "reference_check": reference}
     print(f"{stage:8s} LoRA r64: {result['real_tokens_per_s']:,.0f} real tok/s, MFU {100 * result['mfu']:.0f}%, "
           f"peak {result['peak_memory_gib']} GiB", flush=True)
     del trainer

@@ -6,3 +6,11 @@ def length_scorer(*, question, gold, trajectories, generate, extract_answer, rew
     shortest = min(len(t["text"]) for t in trajectories)
     return [{"s_end": float(len(t["text"]) == shortest), "s_path": unit / 100.0, "s_cf": None, "scored_by": "length"}
             for t in trajectories]
+
+
+def stuck_scorer(*, question, gold, trajectories, generate, extract_answer, reward, seconds=30.0):
+    """A scorer that computes far too long (a pathological trajectory, a scorer bug)."""
+    import time
+
+    time.sleep(seconds)
+    return [{"s_end": 0.0, "s_path": 0.0, "s_cf": None} for _ in trajectories]

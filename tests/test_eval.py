@@ -160,8 +160,36 @@ def test_two_processes_give_the_same_predictions_as_one(artifacts, tiny_sft, fas
                              "-m", "looper", f"paths.artifacts={cache}", f"hydra.run.dir={tmp_path / 'run'}", *FAST,
                              *overrides, "stage=eval"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    (artifact,) = [p for p in (cache / "eval").iterdir() if p.is_dir()]
+    (artifact,) = [p for p in (cache / "eval").iterdir() if p.is_dir()
+                   and json.loads((p / "summary.json").read_text())["dataset"] == "synthetic_test"]
     assert sorted(p.name for p in artifact.glob("predictions.rank*.jsonl")) == [
         "predictions.rank0.jsonl", "predictions.rank1.jsonl"], result.stdout[-4000:]
     assert evaluation.read_predictions(artifact) == reference
     assert (tmp_path / "run" / "report.md").exists()
+
+
+def test_sampled_evaluation_reports_mean_accuracy_with_an_interval_over_questions(fast_cfg, tiny_sft, tmp_path):
+    from tests.conftest import cache_sharing_models
+
+    cfg = fast_cfg("eval.temperature=0.7", "eval.samples=3", "eval.num_questions=8", "eval.max_new_tokens=30",
+                   f"paths.artifacts={cache_sharing_models(tiny_sft[1].root, tmp_path / 'cache')}")
+    artifact = evaluation.evaluate(cfg, ArtifactStore(cfg.paths.artifacts), "sft", "synthetic_test")
+    records = evaluation.read_predictions(artifact)
+    assert len(records) == 24 and sorted({r["sample"] for r in records}) == [0, 1, 2]
+    assert len({(r["id"], r["sample"]) for r in records}) == 24
+    assert len({r["completion"] for r in records}) > 8  # the samples of a question differ
+    summary = json.loads((artifact / "summary.json").read_text())
+    low, high = summary["ci_strict"]
+    assert (summary["questions"], summary["samples"]) == (8, 3) and low <= summary["acc_strict"] <= high
+    again = evaluation.read_predictions(evaluation.evaluate(
+        fast_cfg("eval.temperature=0.7", "eval.samples=3", "eval.num_questions=8", "eval.max_new_tokens=30",
+                 "eval.batch_size=5", f"paths.artifacts={cache_sharing_models(tiny_sft[1].root, tmp_path / 'b')}"),
+        ArtifactStore(tmp_path / "b"), "sft", "synthetic_test"))
+    assert again == records  # per-row seeds: the same samples whatever the batching
+
+
+def test_the_demo_objective_comes_from_the_dev_split_not_the_test_set(fast_cfg):
+    cfg = fast_cfg()
+    assert cfg.eval.datasets == ["synthetic_test"] and evaluation.objective_dataset(cfg) == "synthetic_dev"
+    assert evaluation.objective_dataset(fast_cfg("eval.select_on=synthetic_test", "eval.select_on_test=true")) == \
+        "synthetic_test"

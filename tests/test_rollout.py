@@ -132,3 +132,16 @@ def test_a_chunks_continuations_are_decoded_together_and_give_the_same_records(a
     together = rollout.score_together(cfg, sampler, scorer, problems, trajectories)
     assert calls == [rows] and rows > 0  # the same continuations, in one batch
     assert together == one_by_one
+
+
+def test_a_scorer_stuck_on_a_question_fails_the_run_naming_it(artifacts, tiny_sft, tmp_path):
+    import time
+
+    import pytest
+
+    cfg = _regime_w(artifacts, "rollout.num_questions=2", "reward.scorer._target_=tests.scorers.stuck_scorer",
+                    "+reward.scorer.seconds=60", "rollout.scorer_timeout_s=1")
+    start = time.time()
+    with pytest.raises(RuntimeError, match=r"rollout.scorer_timeout_s=1 s on question 'synthetic-train-0'"):
+        _build(cfg, tiny_sft[3], tmp_path / "stuck")
+    assert time.time() - start < 30  # well before the scorer would have returned

@@ -39,6 +39,9 @@ def test_the_grid_runs_eight_dpo_jobs_on_one_sft_and_one_rollout(grid):
     for job in jobs:
         summary = json.loads((job / "summary.json").read_text())
         assert set(summary["params"]) >= {"reward.alpha", "reward.beta", "dpo.beta"} and summary["metrics"]
+        # eval.datasets is [synthetic_test]: the objective still comes from the dev split, never the test set
+        assert summary["objective"]["dataset"] == "synthetic_dev"
+        assert "synthetic_dev/dpo/acc_strict" in summary["metrics"]
 
 
 def test_every_job_logs_its_own_wandb_runs_in_one_group(grid):
@@ -58,7 +61,10 @@ def test_the_sweep_report_writes_a_table_and_heatmaps(grid):
     rows = (grid / "sweep.csv").read_text().splitlines()
     assert len(rows) == 9
     table = (grid / "sweep.md").read_text()
-    assert "| rank | job | reward.alpha | reward.beta | dpo.beta | accuracy [95% CI] | n |" in table
+    # ranked on the dev split (the objective), the test set shown beside it, never ranked on
+    assert "best first by their accuracy on synthetic_dev" in table
+    assert ("| rank | job | reward.alpha | reward.beta | dpo.beta | selected on: accuracy [95% CI] | n "
+            "| synthetic_test |") in table
     assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()] == [
         f"| {rank}" for rank in range(1, 9)] and "% [" in table
     assert sorted(p.name for p in grid.glob("heatmap_*.png")) == ["heatmap_dpo.beta=0.05.png",

@@ -1,0 +1,67 @@
+"""Build a reasoning model to run `experiment=deepseek_qlora` on without downloading one: random weights of a given
+architecture (bench_gpu's ARCHS, default Llama-3-8B's shape) and a tokenizer trained here on GSM8K text, carrying
+DeepSeek-R1-Distill's special tokens and an R1-style chat template (BOS written by the template; the generation
+prompt opens `<think>\n`).
+
+    python scripts/reasoning_probe.py OUT_DIR --data DIR_WITH_GSM8K_TRAIN_JSONL [--arch llama3-8b]
+
+The vocabulary is the tokenizer's (a few thousand tokens), so `</think>` and EOS each come up about once in that many
+sampled tokens: traces close their think block, end, or hit the token limit in proportions a probe can report.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gpu import ARCHS  # noqa: E402
+
+BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '" + USER + "' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '" + ASSISTANT + "' + m['content'].split('</think>')[-1] + '" + EOS
+    + "' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '" + ASSISTANT + "<think>\\n' }}{% endif %}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--data", type=Path, required=True, help="a directory with GSM8K's train.jsonl")
+    parser.add_argument("--arch", default="llama3-8b", choices=sorted(ARCHS))
+    parser.add_argument("--vocab", type=int, default=4000)
+    args = parser.parse_args()
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    rows = [json.loads(line) for line in (args.data / "train.jsonl").read_text().splitlines() if line.strip()]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([r["question"] + "\n" + r["answer"] for r in rows], trainers.BpeTrainer(
+        vocab_size=args.vocab, special_tokens=[BOS, EOS, USER, ASSISTANT, "<think>", "</think>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                                   clean_up_tokenization_spaces=False)
+    fast.chat_template = TEMPLATE
+    shape = {**ARCHS[args.arch], "vocab_size": len(fast)}
+    config = LlamaConfig(**shape, max_position_embeddings=16384, rope_theta=500000.0, bos_token_id=fast.bos_token_id,
+                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(args.out)
+    fast.save_pretrained(args.out)
+    print(f"{args.out}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, vocabulary {len(fast)}")
+
+
+if __name__ == "__main__":
+    main()
