@@ -9,11 +9,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from looper import distributed, dpo, evaluation, preferences, rollout, sft, throughput
+from looper import distributed, dpo, evaluation, preferences, preflight, rollout, sft, throughput
 from looper.artifacts import ArtifactStore
 from looper.config import Config, register_configs
-from looper.data import load_splits
-from looper.tracking import stage_run
+from looper.tracking import keep_wandb_out, stage_run
 
 log = logging.getLogger("looper")
 register_configs()
@@ -48,8 +47,8 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
     """Run `cfg.stage.name`. When eval runs, writes `summary.json` and returns the objective: the primary-scorer
     accuracy of the last of `eval.targets` on a dev split (`evaluation.objective_dataset`; what a sweep ranks by and
     an Optuna search maximises), never a test set unless `eval.select_on` asks for one."""
-    load_splits(cfg.data)  # a bad data line stops the run here, before anything expensive starts
-    store = ArtifactStore(Path(cfg.paths.artifacts), run_dir / "artifacts.jsonl")
+    preflight.check(cfg)  # bad data, counts or limits stop the run here, before anything expensive starts
+    store = ArtifactStore(Path(cfg.paths.artifacts), run_dir / "artifacts.jsonl", cfg.paths.verify)
     stage = cfg.stage.name
     for name in (STAGE_RUNS if stage == "pipeline" else [stage] if stage != "eval" else []):
         STAGE_RUNS[name](cfg, store)
@@ -83,6 +82,7 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> Optional[float]:
     cfg: Config = OmegaConf.to_object(raw)  # runs every schema's value checks
+    keep_wandb_out(cfg)
     with distributed.claim_gpu(Path(cfg.paths.artifacts) / ".gpu_locks"):  # before anything starts CUDA
         distributed.init()
         return run(cfg, Path(HydraConfig.get().runtime.output_dir))

@@ -6,10 +6,16 @@ directory across a crash; the others start it afresh. A per-key file lock keeps 
 the same artifact twice. Under `accelerate launch` every rank calls the builder together (trainers and the sharded
 rollout are collective), with barriers instead of the lock, and rank 0 finalises. Every use is appended to the Hydra
 run directory's `artifacts.jsonl`.
+
+At `DONE` each artifact records `manifest.json`: every file's size, its SHA-256 (files up to `HASHED_AT_DONE`), and
+for JSONL files the line count. Reuse verifies it (`paths.verify`): `quick` checks every size and line count and
+the hashes of files up to `QUICK_HASH_LIMIT`; `full` every hash. A mismatch stops the run naming the artifact and
+the file; `python -m looper.artifacts discard DIR` moves a damaged artifact aside so that the next run rebuilds it.
 """
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -25,6 +31,13 @@ from looper import distributed
 log = logging.getLogger(__name__)
 
 DONE = "DONE"
+MANIFEST = "manifest.json"
+HASHED_AT_DONE = 1 << 30  # larger files (a full 7B model's shards are ~5 GB) are recorded by size only
+QUICK_HASH_LIMIT = 256 << 20  # adapters, records and tokenizers: hashed on every reuse
+
+
+class ArtifactError(RuntimeError):
+    """A cached artifact that does not match its manifest: the message names it, the file and how to rebuild it."""
 
 
 def to_plain(value: Any) -> Any:
@@ -72,8 +85,123 @@ def _prepare(final: Path, spec: dict, resumable: bool) -> Path:
     return partial
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _lines(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (DONE, MANIFEST))
+
+
+def write_manifest(directory: Path) -> dict:
+    """Record every file of a finished artifact: size, SHA-256 (up to HASHED_AT_DONE), JSONL line count."""
+    files = {}
+    for path in _files(directory):
+        entry = {"size": path.stat().st_size}
+        if entry["size"] <= HASHED_AT_DONE:
+            entry["sha256"] = _sha256(path)
+        if path.suffix == ".jsonl":
+            entry["lines"] = _lines(path)
+        files[str(path.relative_to(directory))] = entry
+    manifest = {"files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def verify(directory: Path, stage: str = "artifact", full: bool = False) -> None:
+    """Check a finished artifact against its manifest (sizes, line counts, hashes where cheap or `full`); raise
+    ArtifactError naming the file and what to do. An artifact made before manifests existed gets one now."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.exists():
+        log.info("%s: %s has no manifest (made by an older looper); recording one now", stage, directory)
+        write_manifest(directory)
+        return
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        _damaged(stage, directory, MANIFEST, "is not a readable manifest")
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            _damaged(stage, directory, name, "is missing")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            _damaged(stage, directory, name, f"has {size} bytes, the manifest {entry['size']}")
+        if "lines" in entry and _lines(path) != entry["lines"]:
+            _damaged(stage, directory, name, f"has {_lines(path)} lines, the manifest {entry['lines']}")
+        if "sha256" in entry and (full or size <= QUICK_HASH_LIMIT) and _sha256(path) != entry["sha256"]:
+            _damaged(stage, directory, name, "does not match its recorded SHA-256")
+
+
+def _damaged(stage: str, directory: Path, name: str, problem: str):
+    raise ArtifactError(f"{stage}: the cached artifact {directory} is damaged: {name} {problem}. Move it aside with "
+                        f"`python -m looper.artifacts discard {directory}` and rerun to rebuild it (a copy of the "
+                        f"cache may hold an intact one)")
+
+
+FINGERPRINT_EDGE = 1 << 20  # bytes hashed at each end of a weight file too large to hash whole
+
+
+@functools.lru_cache(maxsize=None)
+def _fingerprint(path: Path, stamp: tuple) -> str:
+    digest = hashlib.sha256()
+    for file in _files(path) if path.is_dir() else [path]:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{size}\n".encode())
+        if size <= QUICK_HASH_LIMIT:
+            digest.update(_sha256(file).encode())
+            continue
+        with open(file, "rb") as handle:  # the header (names, shapes, offsets) and the first and last weights
+            digest.update(handle.read(FINGERPRINT_EDGE))
+            handle.seek(size - FINGERPRINT_EDGE)
+            digest.update(handle.read(FINGERPRINT_EDGE))
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(path: Path) -> str:
+    """A hash of a local model directory's content: every file's name and size, small files (configs, tokenizer,
+    adapters) whole, large weight files by their first and last MiB (the header and weights at both ends), so a
+    directory rebuilt with other weights gets another fingerprint. Computed once per process and modification."""
+    files = _files(path) if path.is_dir() else [path]
+    return _fingerprint(path, tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+def resolve_revision(repo: str, revision: Optional[str]) -> str:
+    """The commit a hub revision (null: main) names, from the local hub cache; the revision as given when the cache
+    does not know it (the first download records it)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - an unusual id or cache layout: keep the revision as given
+        cached = None
+    if isinstance(cached, str) and "/snapshots/" in cached:
+        return cached.split("/snapshots/", 1)[1].split("/", 1)[0]
+    return revision or "main"
+
+
+def discard(directory: Path) -> Path:
+    """Move a (damaged) artifact aside, to `<key>.discarded-<time>`, so that the next run rebuilds it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not an artifact directory")
+    target = directory.with_name(f"{directory.name}.discarded-{time.strftime('%Y%m%d-%H%M%S')}")
+    directory.rename(target)
+    return target
+
+
 def _finalise(partial: Path, final: Path) -> None:
     """Mark the build complete and move it into place (an incomplete directory at `final` is never trusted)."""
+    write_manifest(partial)
     (partial / DONE).write_text("complete\n")
     if final.exists():
         shutil.rmtree(final)
@@ -88,19 +216,24 @@ def is_complete(path: Path) -> bool:
 class ArtifactStore:
     """Builds each artifact once, reuses it after, and records what a run used and made."""
 
-    def __init__(self, root: Path, record_file: Optional[Path] = None):
+    def __init__(self, root: Path, record_file: Optional[Path] = None, verify: str = "quick"):
         self.root = Path(os.path.abspath(root))  # absolute, symlinks kept: a linked-in artifact still lies inside
         self.record_file = record_file
+        self.full_verify = verify == "full"
         self._resolved: set[Path] = set()  # artifacts already resolved by this process: no repeated checks/logs
         self.reused: list[tuple[str, Path]] = []  # (stage, artifact) this process found complete
 
-    def identity(self, model: str) -> str:
-        """How a spec names a model: relative to the cache when it is an artifact (so a moved or copied cache keeps
-        its keys), else its absolute path, else the hub id as given."""
+    def identity(self, model: str, revision: Optional[str] = None) -> Any:
+        """How a spec names a model, by content: relative to the cache when it is an artifact (its key already
+        stands for its content, and a moved or copied cache keeps its keys); a local directory by its path and a
+        fingerprint of its files (`fingerprint`); a hub id with its revision, resolved to a commit where the local
+        hub cache knows it."""
         if not Path(model).exists():
-            return model
+            return {"hub": model, "revision": resolve_revision(model, revision)}
         path = Path(os.path.abspath(model))
-        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+        if path.is_relative_to(self.root):
+            return str(path.relative_to(self.root))
+        return {"path": str(path), "fingerprint": fingerprint(path)}
 
     def path(self, stage: str, spec: dict) -> Path:
         """Where the artifact of `stage` with this spec lives (complete or not)."""
@@ -116,6 +249,7 @@ class ArtifactStore:
         if final in self._resolved:
             return final
         if is_complete(final):
+            verify(final, stage, self.full_verify)
             log.info("%s: reusing %s", stage, final)
             self._record(stage, final, "reused")
             return final
@@ -124,6 +258,7 @@ class ArtifactStore:
             return self._build_together(stage, spec, final, build, resumable, collective)
         with self._lock(final):
             if is_complete(final):  # another process built it while we waited
+                verify(final, stage, self.full_verify)
                 log.info("%s: reusing %s (built by another job)", stage, final)
                 self._record(stage, final, "reused")
                 return final
@@ -169,3 +304,24 @@ class ArtifactStore:
         self.record_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.record_file, "a") as handle:
             handle.write(json.dumps({"stage": stage, "key": path.name, "path": str(path), "status": status}) + "\n")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """`python -m looper.artifacts verify|discard DIR...`: check artifacts against their manifests, or move damaged
+    ones aside so that the next run rebuilds them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m looper.artifacts", description=main.__doc__.split("\n")[0])
+    parser.add_argument("action", choices=("verify", "discard"))
+    parser.add_argument("directories", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    for directory in args.directories:
+        if args.action == "verify":
+            verify(directory, full=True)
+            print(f"{directory}: intact")
+        else:
+            print(f"{directory} -> {discard(directory)}: the next run that needs it rebuilds it")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ key's name. Value checks (ranges, known names) live in each class's `__post_init
 turns the composed config into objects with `OmegaConf.to_object`. Every field carries a one-line `help`.
 """
 
+import math
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional, Union, get_args, get_origin
 
@@ -67,6 +68,8 @@ class TinyModelConfig:
 class ModelConfig:
     name: str = doc("Short name, used as a W&B tag and in each run's summary.json.", "tiny")
     name_or_path: Optional[str] = doc("Hub id or local directory; null builds the tiny model from `model.tiny`.", None)
+    revision: Optional[str] = doc("Hub revision (branch, tag or commit) of a hub model (null: main); resolved to a "
+                                  "commit where the local hub cache knows it and recorded in each spec.json.", None)
     tiny: Optional[TinyModelConfig] = doc("Settings of the locally built tiny model (used when name_or_path is null).",
                                           factory=TinyModelConfig)
     prompt_format: str = doc("`template` (fill prompt_template) or `chat` (the tokenizer's chat template).", "template")
@@ -174,8 +177,8 @@ class RewardConfig:
         _check(0 < self.cf_cut < 1, "reward.cf_cut", f"must be in (0, 1), got {self.cf_cut}")
         _check(self.cf_samples >= 0, "reward.cf_samples", "must be >= 0")
         _check("_target_" in self.scorer, "reward.scorer._target_", "name the scoring function")
-        for name in ("w_end", "w_path", "w_cf", "length_penalty"):
-            _check(getattr(self, name) >= 0, f"reward.{name}", "must be >= 0")
+        for name in ("alpha", "beta", "w_end", "w_path", "w_cf", "length_penalty"):
+            _check(getattr(self, name) >= 0, f"reward.{name}", f"must be >= 0, got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------------------------------------- stages
@@ -212,6 +215,7 @@ class SFTConfig:
         for name in ("learning_rate", "epochs", "batch_size", "gradient_accumulation_steps", "max_length",
                      "num_examples", "logging_steps"):
             _positive(getattr(self, name), f"sft.{name}")
+        _check(self.learning_rate <= 1, "sft.learning_rate", f"must be at most 1, got {self.learning_rate}")
         _check(self.max_steps == -1 or self.max_steps > 0, "sft.max_steps", "must be -1 or positive")
         _fraction(self.warmup_ratio, "sft.warmup_ratio")
 
@@ -278,6 +282,7 @@ class DPOConfig:
         for name in ("beta", "learning_rate", "epochs", "batch_size", "gradient_accumulation_steps", "max_length",
                      "logging_steps"):
             _positive(getattr(self, name), f"dpo.{name}")
+        _check(self.learning_rate <= 1, "dpo.learning_rate", f"must be at most 1, got {self.learning_rate}")
         _check(self.max_steps == -1 or self.max_steps > 0, "dpo.max_steps", "must be -1 or positive")
         _choice(self.reference_check, "dpo.reference_check", ("error", "warn"))
         _check(self.reference_tolerance >= 0, "dpo.reference_tolerance", "must be >= 0")
@@ -398,6 +403,11 @@ class LoggerConfig:
 @dataclass
 class PathsConfig:
     artifacts: str = doc("Where stage artifacts are cached, shared by runs and sweeps.", "outputs/artifacts")
+    verify: str = doc("What reusing a cached artifact checks against its manifest: `quick` (every file's size and "
+                      "JSONL line count, the hashes of files up to 256 MiB) or `full` (every hash).", "quick")
+
+    def __post_init__(self):
+        _choice(self.verify, "paths.verify", ("quick", "full"))
 
 
 @dataclass
@@ -424,6 +434,22 @@ class Config:
         _check(len(self.arms) > 0, "arms", "the arm-set is empty; choose arms=regime_w or arms=single")
         for name, arm in self.arms.items():
             arm.check(name)
+        for key, value in _numbers(self):
+            _check(math.isfinite(value), key, f"must be a finite number, got {value}")
+        _check(self.data.path is None or self.data.name == "gsm8k", "data.path",
+               f"is set ({self.data.path}) but data={self.data.name} does not read files; use data=gsm8k")
+
+
+def _numbers(node: Any, prefix: str = ""):
+    """(dotted key, value) of every float in a config tree."""
+    items = ((f.name, getattr(node, f.name)) for f in fields(node)) if is_dataclass(node) else \
+        node.items() if isinstance(node, dict) else ()
+    for name, value in items:
+        key = f"{prefix}{name}"
+        if isinstance(value, float):
+            yield key, value
+        elif is_dataclass(value) or isinstance(value, dict):
+            yield from _numbers(value, key + ".")
 
 
 def register_configs() -> None:

@@ -96,13 +96,20 @@ def gold_from_solution(solution: str) -> str | None:
 
 
 def read_gsm8k_jsonl(path: Path, id_prefix: str) -> list[dict]:
-    """Read GSM8K-format JSONL (`question`, `answer` with a `#### N` line); a bad line raises DataError."""
+    """Read GSM8K-format JSONL (`question`, `answer` with a `#### N` line); a missing or empty file, or a bad line
+    (not UTF-8, not JSON, a missing field, no final answer), raises DataError naming the file, line and column."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}:{error.start + 1}: not UTF-8 (byte 0x{raw[error.start]:02x})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -118,6 +125,8 @@ def read_gsm8k_jsonl(path: Path, id_prefix: str) -> list[dict]:
             rows.append({"id": f"{id_prefix}-{len(rows)}", "question": record["question"],
                          "answer": record["answer"], "gold": gold,
                          **({"cleaning_status": record["cleaning_status"]} if "cleaning_status" in record else {})})
+    if not rows:
+        raise DataError(f"{path}: holds no problems (the file is empty)")
     return rows
 
 

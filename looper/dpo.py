@@ -153,6 +153,7 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
         measured = _check_reference(cfg, trainer)
         check = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FirstStepCheck))
         result = trainer.train()
+        sft.ensure_finite("dpo", trainer, result.training_loss, "dpo.learning_rate")
         margin = check.first.get("rewards/margins")
         tracker.summary({"dpo/train_loss": result.training_loss, "dpo/first_step_margin": margin,
                          "dpo/reference_margin": measured["max_abs_margin"], "dpo/reference_check_ok": measured["ok"]})

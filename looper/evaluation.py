@@ -43,8 +43,8 @@ def _gsm8k_data(cfg: Config) -> DataConfig:
     return cfg.data if cfg.data.name == "gsm8k" else DataConfig(name="gsm8k")
 
 
-def eval_problems(name: str, cfg: Config) -> list[dict]:
-    """The problems of an eval dataset by name (the first `eval.num_questions` of them)."""
+def eval_problems(name: str, cfg: Config, limit: bool = True) -> list[dict]:
+    """The problems of an eval dataset by name (the first `eval.num_questions` of them, unless not `limit`)."""
     if name.startswith("synthetic_"):
         if cfg.data.name != "synthetic":
             raise ValueError(f"eval.datasets: {name} needs data=synthetic (data.name is {cfg.data.name!r})")
@@ -54,7 +54,7 @@ def eval_problems(name: str, cfg: Config) -> list[dict]:
             _platinum_hub()
     else:
         rows = gsm8k_splits(_gsm8k_data(cfg))[name.split("_", 1)[1]]
-    return rows[: cfg.eval.num_questions]
+    return rows[: cfg.eval.num_questions] if limit else rows
 
 
 def _platinum_hub() -> list[dict]:
@@ -71,8 +71,12 @@ def shot_pool(name: str, cfg: Config) -> list[dict]:
     question is never its own example)."""
     if cfg.eval.shots == 0:
         return []
-    train = load_splits(cfg.data)["train"] if name.startswith("synthetic_") else gsm8k_splits(_gsm8k_data(cfg))["train"]
-    return random.Random(cfg.eval.shots_seed).sample(train, cfg.eval.shots + 1)
+    return random.Random(cfg.eval.shots_seed).sample(shot_pool_source(name, cfg), cfg.eval.shots + 1)
+
+
+def shot_pool_source(name: str, cfg: Config) -> list[dict]:
+    """The training split that a dataset's k-shot examples are drawn from."""
+    return load_splits(cfg.data)["train"] if name.startswith("synthetic_") else gsm8k_splits(_gsm8k_data(cfg))["train"]
 
 
 def prompt_for(cfg: Config, tokenizer, problem: dict, pool: list[dict]) -> str:
@@ -208,7 +212,7 @@ def target_path(target: str, cfg: Config, store: ArtifactStore) -> str:
 def evaluate(cfg: Config, store: ArtifactStore, target: str, dataset: str) -> Path:
     """Evaluate one target on one dataset (cached, resumable); returns the artifact directory."""
     path = target_path(target, cfg, store)
-    spec = {"target": store.identity(path), "dataset": dataset, "model": cfg.model,
+    spec = {"target": store.identity(path, cfg.model.revision), "dataset": dataset, "model": cfg.model,
             "lora_quantization": cfg.lora.quantization, "scorers": active_scorers(cfg),
             "num_questions": cfg.eval.num_questions, "max_new_tokens": cfg.eval.max_new_tokens,
             "prompt": cfg.eval.prompt, "shots": cfg.eval.shots,

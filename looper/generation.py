@@ -995,9 +995,15 @@ def _working_bytes(model, slots: int) -> int:
 
 
 def _free_bytes(device: torch.device) -> Optional[int]:
-    """Bytes PyTorch can still allocate on `device` (free on the GPU plus cached and unused), None off CUDA."""
+    """Bytes PyTorch can still allocate on `device`: free on the GPU plus cached and unused; on the CPU the memory
+    the kernel reports available (MemAvailable), None where it reports none."""
     if device.type != "cuda":
-        return None
+        try:
+            with open("/proc/meminfo") as handle:
+                fields = dict(line.split(":", 1) for line in handle if ":" in line)
+            return int(fields["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
@@ -1018,10 +1024,10 @@ def _pages_that_fit(model, slots: int, pages_per_slot: int) -> int:
     gib = lambda n: f"{n / 2 ** 30:.1f} GiB"  # noqa: E731
     if fits < pages_per_slot + 1:
         raise RuntimeError(
-            f"generation: not enough GPU memory for the KV cache: one slot of {pages_per_slot * PAGE} positions (the "
+            f"generation: not enough memory for the KV cache: one slot of {pages_per_slot * PAGE} positions (the "
             f"longest prompt plus max_new_tokens) needs {gib(pages_per_slot * page_bytes)} besides {gib(working)} of "
             f"working memory, and {gib(free)} is free on {model.device}. Lower max_new_tokens "
-            f"(rollout.max_new_tokens, eval.max_new_tokens) or the prompts' length (eval.shots), or free the GPU.")
+            f"(rollout.max_new_tokens, eval.max_new_tokens) or the prompts' length (eval.shots), or free memory.")
     log.info("generation: KV cache of %d pages (%s): %.0f%% of %d slots' worst case of %d positions; rows start "
              "while pages last", fits - 1, gib(fits * page_bytes), 100 * fits / want, slots, pages_per_slot * PAGE)
     return int(fits)

@@ -152,9 +152,15 @@ def base_model_path(cfg: Config, store: ArtifactStore) -> str:
     return str(store.ensure("base", spec, lambda out: tiny.build(cfg.model.tiny, cfg.data, cfg.seed, out, log.info)))
 
 
+def _revision(path: str, model: ModelConfig) -> Optional[str]:
+    """`model.revision` for the configured hub model; None for local directories."""
+    return model.revision if path == model.name_or_path and not Path(path).exists() else None
+
+
 def load_tokenizer(path: str, model: ModelConfig):
     """The tokenizer with a pad token (EOS when it has none) and left padding for batched generation."""
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code,
+                                              revision=_revision(path, model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -179,7 +185,7 @@ def load_causal_lm(path: str, model: ModelConfig, lora: Optional[LoraSettings] =
     quantization = quantization_config(lora, dtype) if lora is not None else None
     loaded = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=resolve_attention(model.attn_implementation),
-        trust_remote_code=model.trust_remote_code, quantization_config=quantization,
+        trust_remote_code=model.trust_remote_code, quantization_config=quantization, revision=_revision(path, model),
         device_map={"": device()} if quantization is not None else None)
     if quantization is None:
         loaded.to(device())
@@ -212,6 +218,10 @@ def load_target(path: str, model: ModelConfig, lora: Optional[LoraSettings] = No
 
         base = load_causal_lm(adapter_base(path), model, lora)
         loaded = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+        broken = [n for n, p in loaded.named_parameters() if "lora_" in n and not torch.isfinite(p).all()]
+        if broken:
+            raise ValueError(f"the adapter {path} holds NaN or inf weights ({broken[0]}, {len(broken)} tensors): it "
+                             "is damaged or came from a diverged training; rebuild it")
         if not trainable and not is_quantized(base):
             loaded = loaded.merge_and_unload()
     else:

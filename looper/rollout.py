@@ -284,7 +284,7 @@ def arm_stats(records: list[dict]) -> dict:
 
 def _log(tracker, stats: dict, records: list[dict]) -> None:
     tracker.summary({"rollout/accuracy": stats["overall"]["accuracy"], "rollout/questions": stats["questions"],
-                     "rollout/truncated": stats["overall"]["truncated"]})
+                     "rollout/truncated": stats["overall"].get("truncated")})
     tracker.summary(throughput.metrics("rollout", stats.get("generation", {})))
     tracker.summary({f"rollout/{arm}/{key}": value for arm, s in stats["arms"].items() for key, value in s.items()
                      if key in ("accuracy", "mean_s_end", "mean_s_wm", "mean_tokens")})

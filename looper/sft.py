@@ -5,8 +5,11 @@ Artifact: the adapter (or the full model) and the tokenizer.
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from looper import attention, distributed, models
 from looper.artifacts import ArtifactStore
@@ -106,10 +109,21 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
     return trainer
 
 
+def ensure_finite(stage: str, trainer, final_loss: float, learning_rate_key: str) -> None:
+    """Fail (so the artifact is never marked DONE) when training diverged: a non-finite logged loss or weight."""
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry] + [final_loss]
+    bad = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad or not all(math.isfinite(loss) for loss in losses):
+        raise RuntimeError(f"{stage}: training diverged (losses {losses[-3:]}, {len(bad)} weight tensors with NaN or "
+                           f"inf{', e.g. ' + bad[0] if bad else ''}); nothing was saved. Lower {learning_rate_key} "
+                           f"(or check the data)")
+
+
 def _train(cfg: Config, base: str, out: Path) -> None:
     with stage_run(cfg, "sft") as tracker:
         trainer = make_trainer(cfg, base, out, tracker.report_to)
         result = trainer.train()
+        ensure_finite("sft", trainer, result.training_loss, "sft.learning_rate")
         tracker.summary({"sft/train_loss": result.training_loss})
     if trainer.model.config._attn_implementation == attention.TRAINING:  # a saved full model names its own
         trainer.model.set_attn_implementation("sdpa")
@@ -124,5 +138,6 @@ def _train(cfg: Config, base: str, out: Path) -> None:
 def run(cfg: Config, store: ArtifactStore) -> Path:
     """Fine-tune the base model on the training split; returns the artifact (adapter or full model + tokenizer)."""
     base = models.base_model_path(cfg, store)
-    spec = {"base": store.identity(base), "model": cfg.model, "lora": cfg.lora, "sft": cfg.sft, "data": cfg.data, "seed": cfg.seed}
+    spec = {"base": store.identity(base, cfg.model.revision), "model": cfg.model, "lora": cfg.lora, "sft": cfg.sft,
+            "data": cfg.data, "seed": cfg.seed}
     return store.ensure("sft", spec, lambda out: _train(cfg, base, out), collective=True)

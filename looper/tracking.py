@@ -9,6 +9,7 @@ import json
 import logging
 import netrc
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -116,6 +117,13 @@ class Tracker:
             self.run.log({key: wandb.Table(columns=columns, data=[[str(r.get(c)) for c in columns] for r in rows])})
 
         self._call("table", _log)
+
+
+def keep_wandb_out(cfg: Config) -> None:
+    """With `logger=none`, make W&B unimportable for this process (`sys.modules["wandb"] = None`): transformers and
+    TRL import it merely to ask whether it is installed, which costs seconds and starts its machinery for nothing."""
+    if cfg.logger.name == "none" and "wandb" not in sys.modules:
+        sys.modules["wandb"] = None
 
 
 @contextmanager

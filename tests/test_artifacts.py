@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from looper.artifacts import ArtifactStore, artifact_key, is_complete
+from looper.artifacts import ArtifactError, ArtifactStore, artifact_key, is_complete
 
 
 def _builder(calls):
@@ -85,4 +85,66 @@ def test_a_copied_cache_keeps_its_keys(tmp_path):
     shutil.copytree(tmp_path / "a", tmp_path / "b", symlinks=True)
     moved = ArtifactStore(tmp_path / "b")
     assert {"base": moved.identity(str(moved.path("base", {"x": 1})))} == spec
-    assert store.identity("GAIR/Abel-7B-002") == "GAIR/Abel-7B-002"
+    assert store.identity("GAIR/Abel-7B-002") == {"hub": "GAIR/Abel-7B-002", "revision": "main"}
+
+
+def _made(tmp_path, files: dict) -> tuple:
+    store = ArtifactStore(tmp_path / "cache")
+
+    def build(out):
+        for name, text in files.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text(text)
+
+    return store, store.ensure("rollout", {"x": 1}, build)
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (lambda d: (d / "trajectories.jsonl").write_text("{}\n" * 800), "trajectories.jsonl has .* bytes"),  # cut
+    (lambda d: (d / "trajectories.jsonl").write_text("{}\n" * 1599 + "[]\n"), "does not match its recorded SHA-256"),
+    (lambda d: (d / "trajectories.jsonl").unlink(), "trajectories.jsonl is missing"),
+    (lambda d: (d / "adapter" / "weights.bin").write_bytes(b"garbage!"), "adapter/weights.bin has 8 bytes"),
+])
+def test_a_damaged_artifact_stops_the_run_naming_the_file_and_the_fix(tmp_path, damage, problem):
+    store, made = _made(tmp_path, {"trajectories.jsonl": "{}\n" * 1600, "adapter/weights.bin": "w" * 64})
+    damage(made)
+    with pytest.raises(ArtifactError, match=problem + r".*python -m looper.artifacts discard"):
+        ArtifactStore(tmp_path / "cache").ensure("rollout", {"x": 1}, lambda out: None)
+
+
+def test_discarding_a_damaged_artifact_rebuilds_it(tmp_path):
+    from looper import artifacts
+
+    store, made = _made(tmp_path, {"trajectories.jsonl": "{}\n" * 4})
+    (made / "trajectories.jsonl").write_text("{}\n")
+    artifacts.main(["discard", str(made)])
+    rebuilt = []
+    ArtifactStore(tmp_path / "cache").ensure("rollout", {"x": 1}, lambda out: rebuilt.append(out))
+    assert rebuilt and (made / "manifest.json").exists() and list(made.parent.glob("*.discarded-*"))
+    artifacts.main(["verify", str(made)])
+
+
+def test_full_verification_hashes_every_file(tmp_path, monkeypatch):
+    from looper import artifacts
+
+    store, made = _made(tmp_path, {"model.safetensors": "a" * 1000})
+    (made / "model.safetensors").write_text("b" * 1000)  # same size
+    monkeypatch.setattr(artifacts, "QUICK_HASH_LIMIT", 100)  # a large file: quick checks its size only
+    ArtifactStore(tmp_path / "cache").ensure("rollout", {"x": 1}, lambda out: None)
+    with pytest.raises(ArtifactError, match="model.safetensors does not match"):
+        ArtifactStore(tmp_path / "cache", verify="full").ensure("rollout", {"x": 1}, lambda out: None)
+
+
+def test_a_local_model_rebuilt_with_other_weights_gets_a_new_identity(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    store = ArtifactStore(tmp_path / "cache")
+    identities = []
+    for seed in (0, 1, 1):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2)).save_pretrained(tmp_path / "model")
+        identities.append(store.identity(str(tmp_path / "model")))
+    assert identities[0] != identities[1] and identities[1] == identities[2]
+    assert identities[0]["path"] == str(tmp_path / "model")

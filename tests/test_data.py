@@ -81,3 +81,17 @@ def test_the_real_gsm8k_files_load():
     root = shared_file("gsm8k", "train.jsonl").parent
     splits = gsm8k_splits(DataConfig(name="gsm8k", path=str(root)))
     assert len(splits["train"]) + len(splits["dev"]) == 7473 and len(splits["test"]) == 1319
+
+
+def test_an_empty_file_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match=f"{path}: holds no problems"):
+        read_gsm8k_jsonl(path, "x")
+
+
+def test_a_byte_that_is_not_utf8_names_file_line_and_column(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes((GOOD + "\n").encode() + b'{"question": "Q\xff?", "answer": "#### 1"}\n')
+    with pytest.raises(DataError, match=f"{path}:2:16: not UTF-8 \\(byte 0xff\\)"):
+        read_gsm8k_jsonl(path, "x")

@@ -297,7 +297,7 @@ def test_a_kv_cache_smaller_than_the_slots_worst_case_preempts_and_resumes_rows_
                                                         **kwargs)]
     longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
     per_slot = generation._round_up(longest + 48 + 1, generation._WIDTH_STEP) // generation.PAGE
-    assert roomy["kv_pages"] == 8 * per_slot and roomy["preempted"] == 0  # off a GPU: every slot's worst case
+    assert roomy["kv_pages"] == 8 * per_slot and roomy["preempted"] == 0  # memory to spare: every slot's worst case
     page_bytes = generation.PAGE * generation._kv_bytes_per_position(model)
     pages = int(2.5 * per_slot)  # rows of ~84 positions: 6 pages each at the end, 3 at the start
     monkeypatch.setattr(generation, "_free_bytes",
@@ -310,7 +310,7 @@ def test_a_kv_cache_smaller_than_the_slots_worst_case_preempts_and_resumes_rows_
     assert got == expected  # rows preempted and resumed: the same samples
     assert "rows start while pages last" in caplog.text and "resumed later" in caplog.text
     monkeypatch.setattr(generation, "_free_bytes", lambda device: generation._working_bytes(model, 8) + page_bytes)
-    with pytest.raises(RuntimeError, match="not enough GPU memory for the KV cache.*Lower max_new_tokens"):
+    with pytest.raises(RuntimeError, match="not enough memory for the KV cache.*Lower max_new_tokens"):
         generate(model, tokenizer, prompts, batch_size=8, **kwargs)
 
 
