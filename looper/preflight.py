@@ -59,9 +59,11 @@ def _counts(cfg: Config, splits: dict, evaluated: dict) -> None:
                                                                               cfg.sft.num_examples)):
         if value is not None and value > train:
             raise ValueError(f"{key}={value}, but the training split has {train} problems")
-    for dataset, rows in evaluated.items():
-        if cfg.eval.num_questions is not None and cfg.eval.num_questions > len(rows):
-            raise ValueError(f"eval.num_questions={cfg.eval.num_questions}, but {dataset} has {len(rows)} problems")
+    # eval.num_questions caps each dataset: beyond the largest it can only be a mistake
+    largest = max((len(rows) for rows in evaluated.values()), default=None)
+    if cfg.eval.num_questions is not None and largest is not None and cfg.eval.num_questions > largest:
+        raise ValueError(f"eval.num_questions={cfg.eval.num_questions}, but the largest dataset evaluated "
+                         f"({', '.join(evaluated)}) has {largest} problems")
     if cfg.eval.shots and evaluated:
         from looper.evaluation import shot_pool_source
 

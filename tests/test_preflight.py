@@ -29,7 +29,8 @@ def test_a_bad_value_is_refused_at_start_naming_the_key(override, message):
     ("sft.max_length=4096", "sft.max_length: 4096 tokens exceed the model's context"),
     ("eval.shots=5000", "eval.shots=5000: the examples come from a training split of 300 problems"),
     ("rollout.num_questions=100000", "rollout.num_questions=100000, but the training split has 300 problems"),
-    ("eval.num_questions=500", "eval.num_questions=500, but synthetic_test has 24 problems"),
+    ("eval.num_questions=500", r"eval.num_questions=500, but the largest dataset evaluated \(synthetic_test, "
+                               r"synthetic_dev\) has 24 problems"),
 ])
 def test_counts_and_limits_beyond_the_data_or_the_model_are_refused(fast_cfg, override, message):
     with pytest.raises(ValueError, match=message):
