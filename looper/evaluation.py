@@ -255,7 +255,7 @@ def run(cfg: Config, store: ArtifactStore, run_dir: Optional[Path] = None) -> li
         artifact = evaluate(cfg, store, target, dataset)
         summary = json.loads((artifact / "summary.json").read_text())
         results.append({**summary, "target": target, "artifact": str(artifact)})
-        warn_truncation(f"eval {target} on {dataset}", summary.get("truncated"), "eval.max_new_tokens")
+        warn_truncation(f"eval {target} on {dataset}", summary.get("truncated"), "eval.max_new_tokens", cfg.model)
     if not distributed.is_main_process():
         return results
     scorers = active_scorers(cfg)

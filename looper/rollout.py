@@ -312,17 +312,22 @@ def _build(cfg: Config, sft_dir: Path, out: Path) -> None:
         _log(tracker, stats, records)
     log.info("rollout: %d trajectories over %d questions (%d processes), accuracy %.3f", len(records),
              stats["questions"], world, stats["overall"]["accuracy"])
-    warn_truncation("rollout", stats["overall"]["truncated"], "rollout.max_new_tokens")
+    warn_truncation("rollout", stats["overall"]["truncated"], "rollout.max_new_tokens", cfg.model)
 
 
-TRUNCATION_WARNING = 0.02  # a larger share of generations cut at the token limit biases accuracy down
+TRUNCATION_WARNING = 0.02  # for a reasoning model, a larger share unanswered biases accuracy down
 
 
-def warn_truncation(where: str, share: Optional[float], key: str) -> None:
-    """Warn when more than TRUNCATION_WARNING of the generations hit their token limit (unanswered in think mode)."""
-    if share is not None and share > TRUNCATION_WARNING:
-        log.warning("%s: %.1f%% of generations hit the token limit (cut before their final answer); raise %s",
-                    where, 100 * share, key)
+def warn_truncation(where: str, share: Optional[float], key: str, model: ModelConfig) -> None:
+    """Say how many generations hit their token limit: a warning for a reasoning model above TRUNCATION_WARNING
+    (its truncated traces are unanswered), else a log line (a plain model may have answered before the limit)."""
+    if share is None or share == 0:
+        return
+    if model.reasoning == "think" and share > TRUNCATION_WARNING:
+        log.warning("%s: %.1f%% of generations hit the token limit and are unanswered; raise %s", where,
+                    100 * share, key)
+    else:
+        log.info("%s: %.1f%% of generations hit the token limit (%s)", where, 100 * share, key)
 
 
 def rollout_spec(cfg: Config, sft_dir: Path) -> dict:
