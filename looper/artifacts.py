@@ -176,16 +176,19 @@ def fingerprint(path: Path) -> str:
 
 
 def resolve_revision(repo: str, revision: Optional[str]) -> str:
-    """The commit a hub revision (null: main) names, from the local hub cache; the revision as given when the cache
-    does not know it (the first download records it)."""
+    """The commit a hub revision (null: main) names: from the local hub cache, else from the hub where it can be
+    reached; the revision as given where neither knows it (the model's loading then reports why)."""
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import HfApi, try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_OFFLINE
 
         cached = try_to_load_from_cache(repo, "config.json", revision=revision)
-    except Exception:  # noqa: BLE001 - an unusual id or cache layout: keep the revision as given
-        cached = None
-    if isinstance(cached, str) and "/snapshots/" in cached:
-        return cached.split("/snapshots/", 1)[1].split("/", 1)[0]
+        if isinstance(cached, str) and "/snapshots/" in cached:
+            return cached.split("/snapshots/", 1)[1].split("/", 1)[0]
+        if not HF_HUB_OFFLINE:
+            return HfApi().model_info(repo, revision=revision).sha
+    except Exception:  # noqa: BLE001 - unreachable hub, unusual id or cache layout: keep the revision as given
+        pass
     return revision or "main"
 
 

@@ -69,7 +69,7 @@ class ModelConfig:
     name: str = doc("Short name, used as a W&B tag and in each run's summary.json.", "tiny")
     name_or_path: Optional[str] = doc("Hub id or local directory; null builds the tiny model from `model.tiny`.", None)
     revision: Optional[str] = doc("Hub revision (branch, tag or commit) of a hub model (null: main); resolved to a "
-                                  "commit where the local hub cache knows it and recorded in each spec.json.", None)
+                                  "commit (local hub cache, else the hub) and recorded in each spec.json.", None)
     tiny: Optional[TinyModelConfig] = doc("Settings of the locally built tiny model (used when name_or_path is null).",
                                           factory=TinyModelConfig)
     prompt_format: str = doc("`template` (fill prompt_template) or `chat` (the tokenizer's chat template).", "template")

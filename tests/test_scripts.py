@@ -53,3 +53,20 @@ def test_the_benchmark_rolls_out_prompts_in_arm_templates_sharing_their_prefixes
     assert step["slots"] == 256 and step["ms"] > 0 and 150 < step["mean_context"] < 300
     rollout = report["rollout"]["looper"]
     assert rollout["arms"] == 8 and rollout["rank0_stats"]["prefix_shared_tokens"] > 0
+
+
+def test_the_reasoning_probe_builds_an_r1_style_model_the_deepseek_preset_accepts(tmp_path):
+    from looper import models
+    from tests.conftest import compose, shared_file
+
+    data = shared_file("gsm8k", "train.jsonl").parent
+    result = subprocess.run([sys.executable, "scripts/reasoning_probe.py", str(tmp_path / "r1"), "--data", str(data),
+                             "--arch", "tiny", "--vocab", "600"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = compose("experiment=deepseek_qlora", "lora=r64", f"model.name_or_path={tmp_path / 'r1'}")
+    tokenizer = models.load_tokenizer(str(tmp_path / "r1"), cfg.model)
+    prompt = models.build_prompt(cfg.model, tokenizer, "How many?")
+    ids = models.encode_prompt(tokenizer, prompt)
+    assert prompt.endswith("<｜Assistant｜><think>\n")
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
