@@ -138,6 +138,15 @@ def answer_region(text: str, think_close: Optional[str] = None, truncated: bool 
     return text.rsplit(think_close, 1)[1]
 
 
+def completion_flags(text: str, finish_reason: str, think_close: Optional[str] = None) -> dict:
+    """What a record says of how its completion ended: `truncated` (it hit the token limit) and, for a reasoning
+    model (`think_close` set), `think_closed`."""
+    flags = {"truncated": finish_reason == "length"}
+    if think_close is not None:
+        flags["think_closed"] = think_close in text
+    return flags
+
+
 def extract(text: str, scorer: str, think_close: Optional[str] = None, truncated: bool = False) -> str | None:
     """The final answer `scorer` reads from `text` (its `answer_region`), normalised, or None when it finds none."""
     text = answer_region(text, think_close, truncated)

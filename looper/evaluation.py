@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 from looper import distributed, dpo, eval_report, models, sft, throughput
-from looper.answers import extract, is_correct, math_verify_available
-from looper.rollout import completion_flags, trajectory_seed, warn_truncation
+from looper.answers import completion_flags, extract, is_correct, math_verify_available
+from looper.rollout import trajectory_seed
 from looper.artifacts import ArtifactStore, recover_jsonl
 from looper.config import Config, DataConfig, ModelConfig
 from looper.data import gold_from_solution, gsm8k_splits, load_splits, read_gsm8k_jsonl
@@ -89,8 +89,8 @@ def prompt_for(cfg: Config, tokenizer, problem: dict, pool: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------------- decoding
 
 
-def scored(problem: dict, text: str, num_tokens: int, finish_reason: str, scorers: list[str],
-           model: Optional[ModelConfig] = None, sample: Optional[int] = None) -> dict:
+def scored(problem: dict, text: str, num_tokens: int, finish_reason: str, scorers: list[str], model: ModelConfig,
+           sample: Optional[int] = None) -> dict:
     """One per-example record: the completion, `truncated` (and `think_closed` for a reasoning `model`), and every
     scorer's prediction and verdict; `sample` numbers one of several sampled answers to the question."""
     record = {"id": problem["id"], "question": problem["question"], "gold": problem["gold"], "completion": text,
@@ -98,9 +98,8 @@ def scored(problem: dict, text: str, num_tokens: int, finish_reason: str, scorer
               "cleaning_status": problem.get("cleaning_status")}
     if sample is not None:
         record["sample"] = sample
-    after = model.answer_after() if model is not None else None
-    truncated = finish_reason == "length"
-    record.update(completion_flags(model, text, finish_reason) if model is not None else {"truncated": truncated})
+    after, truncated = model.answer_after(), finish_reason == "length"
+    record.update(completion_flags(text, finish_reason, after))
     for scorer in scorers:
         record[f"pred_{scorer}"] = extract(text, scorer, after, truncated)
         record[f"correct_{scorer}"] = is_correct(text, problem["gold"], scorer, after, truncated)
@@ -232,30 +231,26 @@ def read_predictions(artifact: Path) -> list[dict]:
     return [json.loads(line) for line in (artifact / PREDICTIONS).read_text().splitlines() if line.strip()]
 
 
-TEST_SETS = ("synthetic_test", "gsm8k_test", "gsm8k_platinum")
-
-
 def objective_dataset(cfg: Config) -> str:
-    """The dataset a sweep selects on: `eval.select_on`, else the dev split of the data (never a test set unless
-    eval.select_on_test allows it, with a warning)."""
-    name = cfg.eval.select_on or f"{cfg.data.name}_dev"
-    if name in TEST_SETS:
-        log.warning("eval.select_on=%s is a test set: a sweep that selects on it reports a biased figure for it", name)
-    return name
+    """The dataset a sweep selects on: `eval.select_on`, else the dev split of the data (a test set only where
+    eval.select_on_test allows it: the schema checks, preflight warns)."""
+    return cfg.eval.select_on or f"{cfg.data.name}_dev"
 
 
 def run(cfg: Config, store: ArtifactStore, run_dir: Optional[Path] = None) -> list[dict]:
     """Evaluate every target on every dataset, and the last target on the objective's dataset when it is not among
     them; writes the report to `run_dir`; returns the per-artifact summaries."""
     cells = [(dataset, target) for dataset in cfg.eval.datasets for target in cfg.eval.targets]
-    if objective_dataset(cfg) not in cfg.eval.datasets:
-        cells.append((objective_dataset(cfg), cfg.eval.targets[-1]))
+    selected_on = objective_dataset(cfg)
+    if selected_on not in cfg.eval.datasets:
+        cells.append((selected_on, cfg.eval.targets[-1]))
     results = []
     for dataset, target in cells:
         artifact = evaluate(cfg, store, target, dataset)
         summary = json.loads((artifact / "summary.json").read_text())
         results.append({**summary, "target": target, "artifact": str(artifact)})
-        warn_truncation(f"eval {target} on {dataset}", summary.get("truncated"), "eval.max_new_tokens", cfg.model)
+        throughput.report_truncation(f"eval {target} on {dataset}", summary.get("truncated"), "eval.max_new_tokens",
+                                     cfg.model.reasoning == "think")
     if not distributed.is_main_process():
         return results
     scorers = active_scorers(cfg)

@@ -42,14 +42,12 @@ def model_context(cfg: Config) -> Optional[int]:
 
 
 def _limits(cfg: Config, context: int) -> None:
-    generation = {"rollout.max_new_tokens": cfg.rollout.max_new_tokens or cfg.model.max_new_tokens,
-                  "eval.max_new_tokens": cfg.eval.max_new_tokens or cfg.model.max_new_tokens}
-    sequences = {"sft.max_length": cfg.sft.max_length, "dpo.max_length": cfg.dpo.max_length}
-    for key, value in {**generation, **sequences}.items():
-        if value > context:
-            named = key if key in sequences or getattr(cfg, key.split(".")[0]).max_new_tokens else \
-                f"{key} (null: model.max_new_tokens)"
-            raise ValueError(f"{named}: {value} tokens exceed the model's context of {context} positions "
+    limits = {"rollout.max_new_tokens": cfg.rollout.max_new_tokens, "eval.max_new_tokens": cfg.eval.max_new_tokens,
+              "model.max_new_tokens": cfg.model.max_new_tokens, "sft.max_length": cfg.sft.max_length,
+              "dpo.max_length": cfg.dpo.max_length}
+    for key, value in limits.items():
+        if value is not None and value > context:
+            raise ValueError(f"{key}: {value} tokens exceed the model's context of {context} positions "
                              f"({cfg.model.name_or_path or 'the tiny model'}); lower it")
 
 
@@ -81,6 +79,9 @@ def check(cfg: Config) -> None:
     from looper.evaluation import eval_problems, objective_dataset
 
     splits = load_splits(cfg.data)
+    if not objective_dataset(cfg).endswith("_dev"):
+        log.warning("eval.select_on=%s is a test set: a sweep that selects on it reports a biased figure for it",
+                    objective_dataset(cfg))
     evaluated = {}
     if cfg.stage.name in ("pipeline", "eval"):
         for dataset in dict.fromkeys([*cfg.eval.datasets, objective_dataset(cfg)]):

@@ -25,9 +25,9 @@ from hydra.utils import instantiate
 from tqdm.auto import tqdm
 
 from looper import coherence, distributed, models, sft, throughput
-from looper.answers import extract, is_correct
+from looper.answers import completion_flags, extract, is_correct
 from looper.artifacts import ArtifactStore, recover_jsonl, to_plain
-from looper.config import ArmConfig, Config, ModelConfig
+from looper.config import ArmConfig, Config
 from looper.data import load_splits
 from looper.generation import generate
 from looper.tracking import stage_run
@@ -184,14 +184,6 @@ def score_together(cfg: Config, sampler: Sampler, scorer, problems: list[dict],
     return [finished[i] for i in range(len(problems))]
 
 
-def completion_flags(model: ModelConfig, text: str, finish_reason: str) -> dict:
-    """`truncated` (the generation hit its token limit) and, for a reasoning model, `think_closed`."""
-    flags = {"truncated": finish_reason == "length"}
-    if model.reasoning == "think":
-        flags["think_closed"] = model.think_close in text
-    return flags
-
-
 def _trajectories(cfg: Config, problem: dict, outputs_by_job: list) -> list[dict]:
     out, after = [], cfg.model.answer_after()
     for (arm_name, arm, sample, seed), output in outputs_by_job:
@@ -202,7 +194,7 @@ def _trajectories(cfg: Config, problem: dict, outputs_by_job: list) -> list[dict
                     "answer": extract(output.text, cfg.rollout.answer_scorer, after, truncated),
                     "correct": is_correct(output.text, problem["gold"], cfg.rollout.answer_scorer, after, truncated),
                     "num_tokens": output.num_tokens, "finish_reason": output.finish_reason,
-                    **completion_flags(cfg.model, output.text, output.finish_reason)})
+                    **completion_flags(output.text, output.finish_reason, after)})
     return out
 
 
@@ -312,22 +304,9 @@ def _build(cfg: Config, sft_dir: Path, out: Path) -> None:
         _log(tracker, stats, records)
     log.info("rollout: %d trajectories over %d questions (%d processes), accuracy %.3f", len(records),
              stats["questions"], world, stats["overall"]["accuracy"])
-    warn_truncation("rollout", stats["overall"]["truncated"], "rollout.max_new_tokens", cfg.model)
+    throughput.report_truncation("rollout", stats["overall"]["truncated"], "rollout.max_new_tokens",
+                                 cfg.model.reasoning == "think")
 
-
-TRUNCATION_WARNING = 0.02  # for a reasoning model, a larger share unanswered biases accuracy down
-
-
-def warn_truncation(where: str, share: Optional[float], key: str, model: ModelConfig) -> None:
-    """Say how many generations hit their token limit: a warning for a reasoning model above TRUNCATION_WARNING
-    (its truncated traces are unanswered), else a log line (a plain model may have answered before the limit)."""
-    if share is None or share == 0:
-        return
-    if model.reasoning == "think" and share > TRUNCATION_WARNING:
-        log.warning("%s: %.1f%% of generations hit the token limit and are unanswered; raise %s", where,
-                    100 * share, key)
-    else:
-        log.info("%s: %.1f%% of generations hit the token limit (%s)", where, 100 * share, key)
 
 
 def rollout_spec(cfg: Config, sft_dir: Path) -> dict:

@@ -13,12 +13,18 @@ the artifact is complete, `summary` merges every process's lines into the `gener
   rare; see `generation.refill_at`);
 - `preempted`: rows whose KV pages were taken back and recomputed later (non-zero: the batch is too large for the
   GPU's memory at these lengths); `peak_kv_pages` of `kv_pages`: how full the KV cache's pool got.
+
+`report_truncation` says how many generations hit their token limit (the records' `truncated` share).
 """
 
 import json
+import logging
 from pathlib import Path
+from typing import Optional
 
 from looper.artifacts import recover_jsonl
+
+log = logging.getLogger(__name__)
 
 PATTERN = "generation.rank*.jsonl"
 _KEPT = ("sequences", "real_tokens", "seconds", "prefills", "prefill_tokens", "prefill_seconds", "drain_seconds",
@@ -63,3 +69,18 @@ def metrics(prefix: str, figures: dict) -> dict:
     """The numeric figures as W&B summary keys `<prefix>/generation/<key>`."""
     return {f"{prefix}/generation/{key}": value for key, value in figures.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+TRUNCATION_WARNING = 0.02  # for a reasoning model, a larger share unanswered biases accuracy down
+
+
+def report_truncation(where: str, share: Optional[float], key: str, reasoning: bool) -> None:
+    """Say how many generations hit their token limit: a warning for a reasoning model above TRUNCATION_WARNING
+    (its truncated traces are unanswered), else a log line (a plain model may have answered before the limit)."""
+    if not share:
+        return
+    if reasoning and share > TRUNCATION_WARNING:
+        log.warning("%s: %.1f%% of generations hit the token limit and are unanswered; raise %s", where,
+                    100 * share, key)
+    else:
+        log.info("%s: %.1f%% of generations hit the token limit (%s)", where, 100 * share, key)

@@ -19,37 +19,50 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gpu import ARCHS  # noqa: E402
-
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+TEMPLATE = (  # DeepSeek-R1-Distill's, shortened: reasoning dropped from earlier turns, `<think>\n` opened
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
     "{% for m in messages %}{% if m['role'] == 'user' %}{{ '" + USER + "' + m['content'] }}"
     "{% elif m['role'] == 'assistant' %}{{ '" + ASSISTANT + "' + m['content'].split('</think>')[-1] + '" + EOS
     + "' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '" + ASSISTANT + "<think>\\n' }}{% endif %}")
 
 
+def r1_tokenizer(texts: list[str], vocab_size: int, bos_in_template: bool = True):
+    """A byte-level BPE trained on `texts` with R1's special tokens and an R1-style chat template that writes BOS
+    itself, or (`bos_in_template=False`) a tokenizer that adds BOS as its special token and a template that does
+    not."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BOS, EOS, USER, ASSISTANT, "<think>", "</think>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    if not bos_in_template:
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[
+            (BOS, tokenizer.token_to_id(BOS))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                                   clean_up_tokenization_spaces=False)
+    fast.chat_template = ("{{ bos_token }}" if bos_in_template else "") + TEMPLATE
+    return fast
+
+
 def main() -> None:
+    from bench_gpu import ARCHS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--data", type=Path, required=True, help="a directory with GSM8K's train.jsonl")
     parser.add_argument("--arch", default="llama3-8b", choices=sorted(ARCHS))
     parser.add_argument("--vocab", type=int, default=4000)
     args = parser.parse_args()
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     rows = [json.loads(line) for line in (args.data / "train.jsonl").read_text().splitlines() if line.strip()]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator([r["question"] + "\n" + r["answer"] for r in rows], trainers.BpeTrainer(
-        vocab_size=args.vocab, special_tokens=[BOS, EOS, USER, ASSISTANT, "<think>", "</think>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=EOS,
-                                   clean_up_tokenization_spaces=False)
-    fast.chat_template = TEMPLATE
+    fast = r1_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], args.vocab)
     shape = {**ARCHS[args.arch], "vocab_size": len(fast)}
     config = LlamaConfig(**shape, max_position_embeddings=16384, rope_theta=500000.0, bos_token_id=fast.bos_token_id,
                          eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)

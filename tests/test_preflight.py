@@ -1,6 +1,5 @@
 """Nothing invalid gets past the start: values, counts, limits and every data file are checked before any stage."""
 
-import json
 import sys
 import time
 

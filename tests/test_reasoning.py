@@ -1,26 +1,24 @@
 """Reasoning models (R1-distill style): one BOS everywhere, SFT and DPO in the model's think format, the arm in the
 user turn, the benchmark's reasoning-model prompt, and truncated or unclosed traces scored as unanswered."""
 
+import importlib.util
 import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from looper import dpo, evaluation, models, sft
 from looper.config import ArmConfig
 from looper.data import synthetic_splits
 from looper.generation import generate
+from tests.conftest import ROOT
 
-BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
-# DeepSeek-R1-Distill's template, shortened: the system text first, user and assistant tags, an assistant's reasoning
-# dropped from earlier turns, and the generation prompt opening the think block
-R1_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
-    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '" + USER + "' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ '" + ASSISTANT + "' + m['content'].split('</think>')[-1] + '" + EOS
-    + "' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '" + ASSISTANT + "<think>\\n' }}{% endif %}")
+# the R1-style tokenizer of scripts/reasoning_probe.py (which builds the GPU probe's model)
+_spec = importlib.util.spec_from_file_location("reasoning_probe", ROOT / "scripts" / "reasoning_probe.py")
+probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(probe)
+USER, ASSISTANT = probe.USER, probe.ASSISTANT
 R1_OVERRIDES = ["model.prompt_format=chat", "model.reasoning=think", "model.system_prompt=user",
                 "model.completion_template='{reasoning}\n</think>\n\n**Final Answer**\n\\[\n\\boxed{{{answer}}}\n\\]'"]
 
@@ -29,20 +27,7 @@ def _r1_model(directory, cfg, bos_in_template: bool):
     """A tiny random Llama with a locally trained tokenizer and an R1-style chat template; the template writes BOS
     itself, or the tokenizer adds it (its special tokens)."""
     texts = [row["question"] + " " + row["answer"] for row in synthetic_splits(cfg.data)["train"][:300]]
-    tokenizer = Tokenizer(bpe_models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tokenizer.decoder = decoders.ByteLevel()
-    special = [BOS, EOS, USER, ASSISTANT, "<think>", "</think>"]
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    if not bos_in_template:
-        tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[
-            (BOS, tokenizer.token_to_id(BOS))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=EOS,
-                                   clean_up_tokenization_spaces=False)
-    fast.chat_template = ("{{ bos_token }}" if bos_in_template else "") + R1_TEMPLATE
+    fast = probe.r1_tokenizer(texts, 300, bos_in_template)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
