@@ -347,6 +347,9 @@ class EvalConfig:
 
 @dataclass
 class GenerationSettings:
+    backend: str = doc("`auto` (paged where the model passes its start-up checks, else hf; the log says which and "
+                       "why), `paged` (looper's engine) or `hf` (transformers' generate: the reference, any model, "
+                       "slower; its samples differ from paged's). See looper/engine/__init__.py.", "auto")
     refill_at: float = doc("Share of the decoding slots (rollout/eval `batch_size`) that must be free before they are "
                            "refilled with new prompts in one prefill: lower refills sooner (fewer idle slots, more "
                            "prefill passes). Speed only; outputs do not depend on it.", 0.125)
@@ -359,6 +362,9 @@ class GenerationSettings:
                         "path's (float32 greedy outputs are the same).", False)
 
     def __post_init__(self):
+        from looper.engine import BACKENDS
+
+        _choice(self.backend, "generation.backend", ("auto", *BACKENDS))
         _check(0 < self.refill_at <= 1, "generation.refill_at", f"must be in (0, 1], got {self.refill_at}")
 
 

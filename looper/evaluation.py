@@ -22,13 +22,12 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from looper import distributed, dpo, eval_report, models, sft, throughput
+from looper import distributed, dpo, engine, eval_report, models, sft, throughput
 from looper.answers import completion_flags, extract, is_correct, math_verify_available
 from looper.rollout import trajectory_seed
 from looper.artifacts import ArtifactStore, recover_jsonl
 from looper.config import Config, DataConfig, ModelConfig
 from looper.data import gold_from_solution, gsm8k_splits, load_splits, read_gsm8k_jsonl
-from looper.generation import generate
 from looper.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -122,9 +121,10 @@ def _max_new_tokens(cfg: Config) -> int:
 def batch_consistency(cfg: Config, model, tokenizer, prompts: list[str]) -> dict:
     """Greedy outputs of `prompts` decoded one at a time and in one batch; any difference points at padding or
     attention-mask handling."""
-    kwargs = {"max_new_tokens": _max_new_tokens(cfg)}
-    alone = generate(model, tokenizer, prompts, batch_size=1, desc="batch check: one at a time", **kwargs)
-    together = generate(model, tokenizer, prompts, batch_size=len(prompts), desc="batch check: batched", **kwargs)
+    requests = [engine.Request(p, _max_new_tokens(cfg)) for p in prompts]
+    alone, _ = engine.build(cfg.generation, model, tokenizer, 1).generate(requests, desc="batch check: one at a time")
+    together, _ = engine.build(cfg.generation, model, tokenizer, len(prompts)).generate(requests,
+                                                                                        desc="batch check: batched")
     differ = [{"prompt": p, "alone": a.text, "batched": b.text} for p, a, b in zip(prompts, alone, together)
               if a.text != b.text]
     return {"checked": len(prompts), "differ": len(differ), "examples": differ[:10]}
@@ -151,14 +151,12 @@ def _decode_shard(cfg: Config, target: str, load, dataset: str, problems: list[d
             handle.flush()
 
         prompts = {p["id"]: prompt_for(cfg, tokenizer, p, pool) for p in problems}
-        sampling = {} if cfg.eval.temperature == 0 else {
-            "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
-            "seeds": [trajectory_seed(cfg.seed, p["id"], "eval", k) for p, k in todo]}
-        generate(model, tokenizer, [prompts[p["id"]] for p, _ in todo],
-                 max_new_tokens=_max_new_tokens(cfg), batch_size=cfg.eval.batch_size,
-                 refill_at=cfg.generation.refill_at, compile_decode=cfg.generation.compile, on_result=write,
-                 stats=(figures := {}), desc=f"eval {target} on {dataset} ({len(done)} of "
-                                             f"{len(problems) * samples} done before)", **sampling)
+        sampled = cfg.eval.temperature > 0
+        requests = [engine.Request(prompts[p["id"]], _max_new_tokens(cfg), cfg.eval.temperature, cfg.eval.top_p,
+                                   trajectory_seed(cfg.seed, p["id"], "eval", k) if sampled else 0) for p, k in todo]
+        generator = engine.build(cfg.generation, model, tokenizer, cfg.eval.batch_size)
+        _, figures = generator.generate(requests, on_result=write, desc=f"eval {target} on {dataset} ({len(done)} of "
+                                                                        f"{len(problems) * samples} done before)")
     throughput.record(shard.parent / f"generation.rank{distributed.rank()}.jsonl", figures)
 
 

@@ -24,12 +24,11 @@ from typing import Optional
 from hydra.utils import instantiate
 from tqdm.auto import tqdm
 
-from looper import coherence, distributed, models, sft, throughput
+from looper import coherence, distributed, engine, models, sft, throughput
 from looper.answers import completion_flags, extract, is_correct
 from looper.artifacts import ArtifactStore, recover_jsonl, to_plain
 from looper.config import ArmConfig, Config
 from looper.data import load_splits
-from looper.generation import generate
 from looper.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,8 @@ class Sampler:
     """Samples trajectories and continuations from one policy with the rollout's settings."""
 
     def __init__(self, cfg: Config, model, tokenizer, figures: Optional[Path] = None):
-        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.generator = engine.build(cfg.generation, model, tokenizer, cfg.rollout.batch_size)
         self.max_new_tokens = cfg.rollout.max_new_tokens or cfg.model.max_new_tokens
         self.real_tokens = 0
         self.figures = figures  # where each generate call's figures go (looper/throughput.py)
@@ -57,12 +57,8 @@ class Sampler:
 
     def run(self, jobs: list[tuple[str, ArmConfig, int]]):
         """Complete (prompt, arm, seed) jobs in batches; returns Generation objects in order."""
-        outputs = generate(self.model, self.tokenizer, [p for p, _, _ in jobs], max_new_tokens=self.max_new_tokens,
-                           batch_size=self.cfg.rollout.batch_size, temperature=[a.temperature for _, a, _ in jobs],
-                           top_p=[a.top_p for _, a, _ in jobs], seeds=[s for _, _, s in jobs],
-                           refill_at=self.cfg.generation.refill_at,
-                           compile_decode=self.cfg.generation.compile,
-                           stats=(figures := {}), desc=None)
+        outputs, figures = self.generator.generate([
+            engine.Request(prompt, self.max_new_tokens, arm.temperature, arm.top_p, seed) for prompt, arm, seed in jobs])
         self.real_tokens += sum(o.num_tokens for o in outputs)
         if self.figures is not None:
             throughput.record(self.figures, figures)

@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from looper import attention, distributed, models
+from looper import distributed, models
+from looper.engine.kernels import attention
 from looper.artifacts import ArtifactStore
 from looper.config import Config, LoraSettings
 from looper.data import load_splits

@@ -1,6 +1,7 @@
 """How fast an artifact's generation ran, kept with the artifact and logged to W&B.
 
-Each `generate` call of a rollout or an evaluation appends its figures (`generate(stats=...)`) as one line to the
+Each `Generator.generate` call of a rollout or an evaluation appends its figures (`engine.GenerationStats`, where each
+figure is defined) as one line to the
 artifact's `generation.rank<r>.jsonl` as it ends, so a resumed build keeps the calls of the attempts before it. When
 the artifact is complete, `summary` merges every process's lines into the `generation` entry of its `stats.json`
 (rollout) or `summary.json` (evaluation), which the stage logs as `<stage>/.../generation/<key>`:
@@ -23,19 +24,18 @@ from pathlib import Path
 from typing import Optional
 
 from looper.artifacts import recover_jsonl
+from looper.engine import GenerationStats
 
 log = logging.getLogger(__name__)
 
 PATTERN = "generation.rank*.jsonl"
-_KEPT = ("sequences", "real_tokens", "seconds", "prefills", "prefill_tokens", "prefill_seconds", "drain_seconds",
-         "decode_steps", "slot_steps", "row_steps", "preempted", "peak_pages", "kv_pages", "slots", "kernel")
 
 
-def record(path: Path, stats: dict) -> None:
-    """Append one `generate` call's `stats` to `path` (a `generation.rank<r>.jsonl`)."""
+def record(path: Path, stats: GenerationStats) -> None:
+    """Append one `generate` call's kept figures to `path` (a `generation.rank<r>.jsonl`)."""
     recover_jsonl(path)  # (a line torn by a crash goes before this one is appended)
     with open(path, "a") as handle:
-        handle.write(json.dumps({key: stats[key] for key in _KEPT if key in stats}) + "\n")
+        handle.write(json.dumps(stats.kept()) + "\n")
 
 
 def summary(directory: Path) -> dict:
@@ -45,7 +45,7 @@ def summary(directory: Path) -> dict:
 
 
 def merged(calls: list[dict], processes: int = 1) -> dict:
-    """The figures of `generate` calls' stats (`generate(stats=...)`) taken together (empty for none)."""
+    """The kept figures of `generate` calls (`GenerationStats.kept`) taken together (empty for none)."""
     if not calls:
         return {}
 
@@ -62,7 +62,8 @@ def merged(calls: list[dict], processes: int = 1) -> dict:
             "prefill_tokens": total("prefill_tokens"), "decode_steps": total("decode_steps"),
             "preempted": total("preempted"), "peak_kv_pages": max(call.get("peak_pages", 0) for call in calls),
             "kv_pages": max(call.get("kv_pages", 0) for call in calls),
-            "slots": max(call.get("slots", 0) for call in calls), "kernel": calls[-1].get("kernel")}
+            "slots": max(call.get("slots", 0) for call in calls), "kernel": calls[-1].get("kernel"),
+            "backend": calls[-1].get("backend")}
 
 
 def metrics(prefix: str, figures: dict) -> dict:

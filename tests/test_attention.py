@@ -1,10 +1,10 @@
-"""looper.attention: packed sequences and decode steps give what plain masked attention gives; on a GPU, the fast
+"""looper.engine.kernels.attention: packed sequences and decode steps give what plain masked attention gives; on a GPU, the fast
 kernels (FlashAttention varlen, the Triton decode kernel) equal the sdpa paths, gradients included."""
 
 import pytest
 import torch
 
-from looper.attention import DecodeStep, Packed, kernels, packed_attention, prefix_attention, prefix_kernel
+from looper.engine.kernels.attention import DecodeStep, Packed, kernels, packed_attention, prefix_attention, prefix_kernel
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast kernels need a CUDA GPU")
 

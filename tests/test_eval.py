@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from looper import attention, evaluation, models
+from looper import evaluation, models
+from looper.engine.kernels import attention
 from looper.artifacts import ArtifactStore
 from looper.models import PLATINUM_PROMPT
 from tests.conftest import ROOT, looper_cli, shared_file

@@ -3,8 +3,12 @@
 import pytest
 import torch
 
-from looper import generation, models
-from looper.generation import generate, seeded_choice
+from looper import models
+from looper.engine import cache, runner, scheduler
+from looper.engine.kernels import fused
+from looper.engine.runner import AttentionSwitch
+from looper.engine.paged import generate
+from looper.engine.sampling import seeded_choice
 
 
 def _prompts(cfg, tokenizer, n=6):
@@ -80,8 +84,6 @@ def test_refill_at_changes_how_often_slots_are_refilled_and_never_the_outputs(ti
 
 
 def test_generate_attends_with_its_own_function_and_gives_the_models_back(tiny_sft):
-    from looper.generation import _looper_attention_in
-
     cfg, _, _, sft_dir = tiny_sft
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
     model.set_attn_implementation("eager")
@@ -100,7 +102,7 @@ def test_generate_attends_with_its_own_function_and_gives_the_models_back(tiny_s
             self.config._attn_implementation = name
 
     flash = Model("flash_attention_2")
-    with _looper_attention_in(flash):
+    with AttentionSwitch(flash):
         assert flash.config._attn_implementation == "looper_slots"
     assert flash.seen == ["looper_slots", "flash_attention_2"]
 
@@ -108,9 +110,9 @@ def test_generate_attends_with_its_own_function_and_gives_the_models_back(tiny_s
 def test_generation_compile_runs_the_decode_step_through_torch_compile_with_the_same_outputs(tiny_sft, monkeypatch):
     from torch._dynamo.utils import counters
 
-    from looper import generation, rollout
+    from looper import rollout
 
-    monkeypatch.setattr(generation, "COMPILE_BACKEND", "eager")  # dynamo traces the step; no C++ build on a CPU
+    monkeypatch.setattr(fused, "COMPILE_BACKEND", "eager")  # dynamo traces the step; no C++ build on a CPU
     cfg, _, _, sft_dir = tiny_sft
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
     arm = next(iter(cfg.arms.values()))
@@ -129,15 +131,14 @@ def test_generation_compile_also_compiles_the_prefills_mlps_and_rotary_embedding
     from torch._dynamo.utils import counters
     from transformers.models.llama import modeling_llama
 
-    from looper import generation
 
-    monkeypatch.setattr(generation, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(fused, "COMPILE_BACKEND", "eager")
     cfg, _, _, sft_dir = tiny_sft
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
     prompts, original = _prompts(cfg, tokenizer, n=6), modeling_llama.apply_rotary_pos_emb
     plain = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4, desc=None)]
     seen = []
-    patched = generation._patched.__enter__
+    patched = fused.Patched.__enter__
     mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
 
     def entered(self):  # what the forward runs with (the first: a prefill's)
@@ -145,10 +146,10 @@ def test_generation_compile_also_compiles_the_prefills_mlps_and_rotary_embedding
         seen.append((modeling_llama.apply_rotary_pos_emb, [vars(m).get("forward") for m in mlps]))
         return self
 
-    monkeypatch.setattr(generation._patched, "__enter__", entered)
+    monkeypatch.setattr(fused.Patched, "__enter__", entered)
     torch._dynamo.reset()  # so that this test traces its graphs whatever ran before it
-    generation._compiled.cache_clear()
-    generation._compiled_decode_logits.cache_clear()
+    fused._compiled.cache_clear()
+    runner.compiled_decode_logits.cache_clear()
     traced, stats = counters["stats"]["unique_graphs"], {}
     compiled = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4, desc=None,
                                          compile_decode=True, stats=stats)]
@@ -162,9 +163,8 @@ def test_generation_compile_also_compiles_the_prefills_mlps_and_rotary_embedding
 
 
 def test_generation_compile_leaves_a_quantized_model_uncompiled(tiny_sft, monkeypatch, caplog):
-    from looper import generation
 
-    monkeypatch.setattr(generation, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(fused, "COMPILE_BACKEND", "eager")
     cfg, _, _, sft_dir = tiny_sft
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
     monkeypatch.setattr(model.config, "quantization_config", {"quant_method": "bitsandbytes"}, raising=False)
@@ -192,7 +192,7 @@ def test_identical_prompts_are_prefilled_once_and_sample_as_if_alone(tiny_sft):
     # the samples of a prompt hold its full KV pages together: each other sample has only its last, partial page
     first = {}
     generate(model, tokenizer, prompts, batch_size=12, max_new_tokens=1, stats=first, desc=None)
-    page, lengths = generation.PAGE, [len(tokenizer(p)["input_ids"]) for p in prompts[:3]]
+    page, lengths = cache.PAGE, [len(tokenizer(p)["input_ids"]) for p in prompts[:3]]
     assert first["peak_pages"] == sum(-(-n // page) + 3 * (-(-n // page) - n // page) for n in lengths)
     assert stats["kv_shared_positions"] > 0  # decode steps read the shared pages (once in memory)
 
@@ -216,8 +216,8 @@ def test_prompts_that_begin_alike_share_their_prefix_and_sample_as_if_alone(tiny
     assert stats["prefill_tokens"] == sum(map(len, encoded)) - stats["prefix_shared_tokens"]
     first = {}  # the full KV pages of a shared prefix serve every prompt after it
     generate(model, tokenizer, prompts, batch_size=len(prompts), max_new_tokens=1, stats=first, desc=None)
-    assert first["prefix_shared_tokens"] > 2 * generation.PAGE
-    assert first["peak_pages"] < sum(-(-len(ids) // generation.PAGE) for ids in encoded) - 2
+    assert first["prefix_shared_tokens"] > 2 * cache.PAGE
+    assert first["peak_pages"] < sum(-(-len(ids) // cache.PAGE) for ids in encoded) - 2
     greedy = generate(model, tokenizer, prompts, batch_size=8, max_new_tokens=12, desc=None)
     for prompt, result in zip(prompts, greedy):
         single = tokenizer(prompt, return_tensors="pt")
@@ -236,7 +236,7 @@ def test_later_prefills_read_a_prefix_from_the_pages_of_a_row_already_decoding(t
     runs = {}
     for reading in (True, False):  # four slots: after the first prefill, one or two prompts a prefill
         if not reading:
-            monkeypatch.setattr(generation._Decoder, "_resident", lambda self, distinct: (None, [0] * len(distinct)))
+            monkeypatch.setattr(scheduler.Scheduler, "_resident", lambda self, distinct: (None, [0] * len(distinct)))
         stats = {}
         runs[reading] = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=4,
                                                   refill_at=0.25, seeds=seeds, stats=stats, **kwargs)], stats
@@ -244,24 +244,23 @@ def test_later_prefills_read_a_prefix_from_the_pages_of_a_row_already_decoding(t
     alone = [generate(model, tokenizer, [p], max_new_tokens=n, batch_size=1, seeds=[s], **kwargs)[0].text
              for p, n, s in zip(prompts, limits, seeds)]
     assert read == computed == alone
-    examples_pages = len(tokenizer(examples)["input_ids"]) // generation.PAGE
+    examples_pages = len(tokenizer(examples)["input_ids"]) // cache.PAGE
     saved = stats["prefix_shared_tokens"] - without["prefix_shared_tokens"]
-    assert examples_pages >= 3 and saved >= 2 * examples_pages * generation.PAGE  # (two later prefills, at least)
+    assert examples_pages >= 3 and saved >= 2 * examples_pages * cache.PAGE  # (two later prefills, at least)
     assert stats["prefill_tokens"] == without["prefill_tokens"] - saved
 
 
 def test_shared_prefixes_group_neighbours_while_that_saves_tokens():
-    from looper.generation import _shared_prefixes
 
     a, b = [1, 2, 3, 4], [1, 2, 3, 5, 6]
-    assert _shared_prefixes([a, b, [1, 2, 9], [7, 8]], 2) == [(0, 3, 2)]  # three share 2 (saves 4 > 3 by two)
-    assert _shared_prefixes([a, b, [1, 9]], 2) == [(0, 2, 3)]  # the third shares too little
-    assert _shared_prefixes([[1, 2], [1, 2, 3]], 1) == [(0, 2, 1)]  # each keeps a token of its own
-    assert _shared_prefixes([[1, 2, 3], [4, 5, 6]], 1) == []
+    assert scheduler.shared_prefixes([a, b, [1, 2, 9], [7, 8]], 2) == [(0, 3, 2)]  # three share 2 (saves 4 > 3 by two)
+    assert scheduler.shared_prefixes([a, b, [1, 9]], 2) == [(0, 2, 3)]  # the third shares too little
+    assert scheduler.shared_prefixes([[1, 2], [1, 2, 3]], 1) == [(0, 2, 1)]  # each keeps a token of its own
+    assert scheduler.shared_prefixes([[1, 2, 3], [4, 5, 6]], 1) == []
 
 
 def test_the_paged_cache_hands_out_shares_and_takes_back_pages_and_its_table_follows():
-    from looper.generation import PAGE, PagedCache
+    from looper.engine.cache import PAGE, PagedCache
 
     cache = PagedCache(num_layers=1, slots=3, pages=8, pages_per_slot=4, device=torch.device("cpu"))
     assert len(cache.free) == 7  # page 0 is scratch
@@ -286,7 +285,6 @@ def test_the_paged_cache_hands_out_shares_and_takes_back_pages_and_its_table_fol
 
 def test_a_kv_cache_smaller_than_the_slots_worst_case_preempts_and_resumes_rows_with_the_same_samples(
         tiny_sft, monkeypatch, caplog):
-    from looper import generation
 
     cfg, _, _, sft_dir = tiny_sft
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
@@ -296,20 +294,20 @@ def test_a_kv_cache_smaller_than_the_slots_worst_case_preempts_and_resumes_rows_
     expected = [(g.text, g.num_tokens) for g in generate(model, tokenizer, prompts, batch_size=8, stats=roomy,
                                                         **kwargs)]
     longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
-    per_slot = generation._round_up(longest + 48 + 1, generation._WIDTH_STEP) // generation.PAGE
+    per_slot = scheduler.round_up(longest + 48 + 1, scheduler.WIDTH_STEP) // cache.PAGE
     assert roomy["kv_pages"] == 8 * per_slot and roomy["preempted"] == 0  # memory to spare: every slot's worst case
-    page_bytes = generation.PAGE * generation._kv_bytes_per_position(model)
+    page_bytes = cache.PAGE * cache.kv_bytes_per_position(model)
     pages = int(2.5 * per_slot)  # rows of ~84 positions: 6 pages each at the end, 3 at the start
-    monkeypatch.setattr(generation, "_free_bytes",
-                        lambda device: generation._working_bytes(model, 8) + (pages + 1) * page_bytes)
-    with caplog.at_level("INFO", logger="looper.generation"):
+    monkeypatch.setattr(cache, "free_bytes",
+                        lambda device: cache.working_bytes(model, 8) + (pages + 1) * page_bytes)
+    with caplog.at_level("INFO", logger="looper.engine"):
         got = [(g.text, g.num_tokens) for g in generate(model, tokenizer, prompts, batch_size=8, stats=tight,
                                                          **kwargs)]
     assert tight["kv_pages"] == pages and tight["slots"] == 8
     assert tight["preempted"] > 0 and tight["peak_pages"] <= pages < roomy["peak_pages"]
     assert got == expected  # rows preempted and resumed: the same samples
     assert "rows start while pages last" in caplog.text and "resumed later" in caplog.text
-    monkeypatch.setattr(generation, "_free_bytes", lambda device: generation._working_bytes(model, 8) + page_bytes)
+    monkeypatch.setattr(cache, "free_bytes", lambda device: cache.working_bytes(model, 8) + page_bytes)
     with pytest.raises(RuntimeError, match="not enough memory for the KV cache.*Lower max_new_tokens"):
         generate(model, tokenizer, prompts, batch_size=8, **kwargs)
 
@@ -318,14 +316,13 @@ def test_the_kernel_patches_are_set_inside_and_restored_after_even_on_an_error()
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama import modeling_llama
 
-    from looper.generation import _norm_patches, _patched, _rotary_patches
 
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, vocab_size=50))
     norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
     original = modeling_llama.apply_rotary_pos_emb
-    patches = _norm_patches(norms) + _rotary_patches([modeling_llama])
-    with pytest.raises(RuntimeError, match="inside"), _patched(patches):
+    patches = fused.norm_patches(norms) + fused.rotary_patches([modeling_llama])
+    with pytest.raises(RuntimeError, match="inside"), fused.Patched(patches):
         assert all(vars(m)["forward"].keywords["weight"] is m.weight for m in norms)  # each norm its own weight
         assert modeling_llama.apply_rotary_pos_emb.args == (original,)
         raise RuntimeError("inside")

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from looper import dpo, evaluation, models, sft
 from looper.config import ArmConfig
 from looper.data import synthetic_splits
-from looper.generation import generate
+from looper.engine.paged import generate
 from tests.conftest import ROOT
 
 # the R1-style tokenizer of scripts/reasoning_probe.py (which builds the GPU probe's model)

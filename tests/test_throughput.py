@@ -3,13 +3,14 @@
 import json
 
 from looper import rollout, throughput
+from looper.engine import GenerationStats
 
 
-def _call(**overrides) -> dict:
+def _call(**overrides) -> GenerationStats:
     figures = {"sequences": 10, "real_tokens": 400, "seconds": 2.0, "prefills": 3, "prefill_tokens": 900,
                "prefill_seconds": 0.5, "drain_seconds": 0.25, "decode_steps": 50, "slot_steps": 400, "row_steps": 300,
                "preempted": 0, "peak_pages": 70, "kv_pages": 100, "slots": 8, "kernel": "sdpa", "kv_positions": 9}
-    return {**figures, **overrides}
+    return GenerationStats(**{**figures, **overrides})
 
 
 def test_calls_of_every_process_merge_into_one_summary_and_a_torn_line_is_dropped(tmp_path):

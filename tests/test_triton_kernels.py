@@ -27,8 +27,8 @@ def _interpreted(code: str) -> str:
 
 SAMPLING_CASE = """
     import torch
-    from looper.generation import _hash32, _torch_choice
-    from looper.triton_sampling import seeded_choice
+    from looper.engine.sampling import _torch_choice, hash32
+    from looper.engine.kernels.triton_sampling import seeded_choice
 
     generator = torch.Generator().manual_seed(0)
     rows, vocab = 32, 1000
@@ -36,7 +36,7 @@ SAMPLING_CASE = """
     logits[5, 7] = logits[5, 9] = 40.0  # a tie at the top: the first index wins, as in torch.argmax
     temperatures = torch.tensor([0.0, 0.6, 1.0, 1.3] * (rows // 4))
     top_ps = torch.tensor([0.95, 1.0, 0.9, 0.5, 0.2, 0.99, 1.0, 0.8] * (rows // 8))
-    keys = _hash32(torch.arange(rows) * 7919)
+    keys = hash32(torch.arange(rows) * 7919)
     for nucleus in (True, False):
         expected = _torch_choice(logits, keys, temperatures, top_ps, nucleus)
         for block in (256, 1024):  # several chunks a row / one chunk
@@ -57,8 +57,8 @@ def test_the_sampling_kernel_picks_what_pytorch_picks_interpreted():
 def test_the_decode_attention_kernel_reads_each_row_up_to_its_length_through_its_pages_interpreted():
     out = _interpreted("""
         import torch
-        from looper.attention import DecodeStep
-        from looper.triton_decode import decode_attention
+        from looper.engine.kernels.attention import DecodeStep
+        from looper.engine.kernels.triton_decode import decode_attention
 
         generator = torch.Generator().manual_seed(0)
         slots, heads, kv_heads, dim, capacity, page = 4, 4, 2, 16, 80, 8
@@ -81,7 +81,7 @@ def test_the_rms_norm_kernel_computes_llamas_norm_interpreted():
     out = _interpreted("""
         import torch
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
-        from looper.triton_norm import rms_norm
+        from looper.engine.kernels.triton_norm import rms_norm
 
         generator = torch.Generator().manual_seed(0)
         for width in (48, 64):  # a width that is not a power of two, one that is
@@ -99,7 +99,7 @@ def test_the_rms_norm_kernel_computes_llamas_norm_interpreted():
 def test_gpu_generation_runs_llamas_norms_as_one_kernel_and_restores_them():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from looper.generation import _fused_norms, _norm_patches, _patched
+    from looper.engine.kernels.fused import Patched, fused_norms, norm_patches
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=100)
@@ -107,7 +107,7 @@ def test_gpu_generation_runs_llamas_norms_as_one_kernel_and_restores_them():
     ids = torch.randint(0, 100, (2, 9), device="cuda")
     with torch.no_grad():
         expected = model(ids).logits
-        with _patched(_norm_patches(_fused_norms(model))) as fused:
+        with Patched(norm_patches(fused_norms(model))) as fused:
             assert len(fused.patches) == 2 * 2 + 1
             fast = model.model.norm(model.model.embed_tokens(ids))
         assert not any("forward" in vars(m) for m in model.modules())
@@ -117,8 +117,8 @@ def test_gpu_generation_runs_llamas_norms_as_one_kernel_and_restores_them():
 
 @gpu
 def test_gpu_sampling_uses_the_kernel_and_agrees_with_pytorch():
-    from looper.generation import _hash32, _torch_choice, _triton_sampler
-    from looper.triton_sampling import seeded_choice
+    from looper.engine.sampling import _torch_choice, _triton_sampler, hash32
+    from looper.engine.kernels.triton_sampling import seeded_choice
 
     assert _triton_sampler(torch.device("cuda", torch.cuda.current_device()))
     generator = torch.Generator(device="cuda").manual_seed(1)
@@ -126,7 +126,7 @@ def test_gpu_sampling_uses_the_kernel_and_agrees_with_pytorch():
     logits = torch.randn(rows, 32000, device="cuda", generator=generator).to(torch.bfloat16)
     temperatures = torch.tensor([0.0, 0.7, 1.0, 1.2] * (rows // 4), device="cuda")
     top_ps = torch.tensor([0.95, 0.9, 1.0, 0.5] * (rows // 4), device="cuda")
-    keys = _hash32(torch.arange(rows, device="cuda"))
+    keys = hash32(torch.arange(rows, device="cuda"))
     same = seeded_choice(logits, keys, temperatures, top_ps, True) == _torch_choice(logits, keys, temperatures,
                                                                                      top_ps, True)
     assert same[temperatures <= 0].all() and same.sum() >= rows - 3
@@ -138,7 +138,7 @@ def rotary_case(device: str) -> list[tuple]:
     rotary kernel gives Llama's `apply_rotary_pos_emb` bit for bit and token-major underneath."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from looper.triton_rotary import apply_rotary_pos_emb as triton_rotary
+    from looper.engine.kernels.triton_rotary import apply_rotary_pos_emb as triton_rotary
 
     generator, results = torch.Generator(device).manual_seed(0), []
     for dtype in (torch.bfloat16,):
@@ -165,7 +165,7 @@ def test_gpu_rotary_kernel_equals_llamas_and_generation_patches_and_restores_it(
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama import modeling_llama
 
-    from looper.generation import _fused_rotary, _patched, _rotary_patches
+    from looper.engine.kernels.fused import Patched, fused_rotary, rotary_patches
 
     assert rotary_case("cuda") == [True] * 8  # bit for bit
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -175,12 +175,12 @@ def test_gpu_rotary_kernel_equals_llamas_and_generation_patches_and_restores_it(
     ids = torch.randint(0, 100, (2, 9), device="cuda")
     with torch.no_grad():
         expected = model(ids).logits
-        assert _fused_rotary(model) == [modeling_llama]
-        with _patched(_rotary_patches(_fused_rotary(model))):
+        assert fused_rotary(model) == [modeling_llama]
+        with Patched(rotary_patches(fused_rotary(model))):
             assert modeling_llama.apply_rotary_pos_emb is not original
             assert torch.allclose(model(ids).logits.float(), expected.float(), atol=2e-2)
         assert modeling_llama.apply_rotary_pos_emb is original
     # heads of 24: the kernel would never run, so it is not patched in (generation.compile compiles the function)
     config = LlamaConfig(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=100)
-    assert _fused_rotary(LlamaForCausalLM(config).to("cuda", torch.bfloat16)) == []
+    assert fused_rotary(LlamaForCausalLM(config).to("cuda", torch.bfloat16)) == []

@@ -6,7 +6,7 @@ Why not a library kernel: PyTorch's built-in FlashAttention-2 (variable-length f
 positions too, but a one-token query still fills a whole tile. At batch 256, 32 heads of 128, 250 keys a row on
 average, on an H200 (4.2 TB/s copy bandwidth) FlashAttention read the rows' real keys and values at 2.1 TB/s, cuDNN's
 SDPA at 2.4 (it reads every row up to the longest) and this kernel at 4.2 (the calls of `scripts/bench_attention.py`).
-Imported only on CUDA (Triton ships with PyTorch's CUDA builds); `looper.attention.kernels` checks it against the
+Imported only on CUDA (Triton ships with PyTorch's CUDA builds); `looper.engine.kernels.attention.kernels` checks it against the
 masked sdpa step before using it. Head sizes must be powers of two (Triton tiles); other models decode with
 FlashAttention.
 """

@@ -10,7 +10,7 @@ for decode steps over the paged KV cache, with the kernel chosen once per shape:
   a GPU.
 - a decode step (`DecodeStep`): one query per slot, each reading only its own KV length from the paged cache (flat
   buffers [pages * page, kv_heads, head_dim], a slot's positions found through its row of the page table): the
-  Triton kernel of `looper.triton_decode` on a GPU (else FlashAttention varlen over the rows gathered), and masked
+  Triton kernel of `looper.engine.kernels.triton_decode` on a GPU (else FlashAttention varlen over the rows gathered), and masked
   sdpa over the longest history elsewhere.
 
 Anything else (a padded batch with a mask) goes to transformers' sdpa attention unchanged.
@@ -72,7 +72,7 @@ class DecodeStep:
         """query [slots, heads, 1, head_dim]; keys/values [pages * page, kv_heads, head_dim]."""
         slots, dim = query.shape[0], query.shape[-1]
         if self.kernel == "triton":
-            from looper.triton_decode import decode_attention
+            from looper.engine.kernels.triton_decode import decode_attention
 
             output = decode_attention(query.transpose(1, 2).reshape(slots, -1, dim), keys, values, self.lengths,
                                       self.table, self.page, scaling)
@@ -156,6 +156,12 @@ def register() -> None:
 
 
 @functools.lru_cache(maxsize=None)
+def head_dim(model) -> int:
+    """The size of one attention head of `model`."""
+    text = model.config.get_text_config()
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
 def kernels(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> tuple[str, str]:
     """(packed kernel, decode kernel) for these shapes here: each the fastest that runs and gives sdpa's result on a
     small case. Packed: `flash` or `sdpa`; decode: `triton`, `flash` or `sdpa` (always: CPU, float32, old GPUs)."""
