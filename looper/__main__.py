@@ -9,18 +9,30 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from looper import distributed, dpo, evaluation, preferences, preflight, rollout, sft, throughput
+from looper import distributed, evaluation, preflight, throughput
 from looper.artifacts import ArtifactStore
 from looper.config import Config, register_configs
+from looper.pipeline import STAGES, Pipeline
 from looper.tracking import keep_wandb_out, stage_run
 
 log = logging.getLogger("looper")
 register_configs()
 
-STAGE_RUNS = {"sft": sft.run, "rollout": rollout.run, "preferences": preferences.run, "dpo": dpo.run}
 # the hyperparameters a sweep report tabulates, whatever was swept
-SWEPT = ("reward.alpha", "reward.beta", "reward.length_penalty", "reward.w_end", "reward.w_path", "reward.w_cf",
-         "dpo.beta", "dpo.learning_rate", "dpo.loss_type", "preferences.strategy", "preferences.margin", "seed")
+SWEPT = (
+    "reward.alpha",
+    "reward.beta",
+    "reward.length_penalty",
+    "reward.w_end",
+    "reward.w_path",
+    "reward.w_cf",
+    "dpo.beta",
+    "dpo.learning_rate",
+    "dpo.loss_type",
+    "preferences.strategy",
+    "preferences.margin",
+    "seed",
+)
 
 
 def _param(cfg: Config, dotted: str):
@@ -34,13 +46,17 @@ def log_reused(cfg: Config, store: ArtifactStore) -> None:
     """One W&B run for each stage this job took from the cache, so that every job of a sweep shows every stage:
     the artifact it used and that artifact's top-level statistics."""
     for stage, path in store.reused:
-        if stage not in STAGE_RUNS:
+        if stage not in STAGES:
             continue
         stats = json.loads((path / "stats.json").read_text()) if (path / "stats.json").exists() else {}
         with stage_run(cfg, stage) as tracker:
-            tracker.summary({f"{stage}/reused_artifact": str(path),
-                             **{f"{stage}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
-                             **throughput.metrics(stage, stats.get("generation", {}))})
+            tracker.summary(
+                {
+                    f"{stage}/reused_artifact": str(path),
+                    **{f"{stage}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
+                    **throughput.metrics(stage, stats.get("generation", {})),
+                }
+            )
 
 
 def run(cfg: Config, run_dir: Path) -> Optional[float]:
@@ -49,13 +65,10 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
     an Optuna search maximises), never a test set unless `eval.select_on` asks for one."""
     preflight.check(cfg)  # bad data, counts or limits stop the run here, before anything expensive starts
     store = ArtifactStore(Path(cfg.paths.artifacts), run_dir / "artifacts.jsonl", cfg.paths.verify)
-    stage = cfg.stage.name
-    for name in (STAGE_RUNS if stage == "pipeline" else [stage] if stage != "eval" else []):
-        STAGE_RUNS[name](cfg, store)
-    if stage not in ("pipeline", "eval"):
+    results = Pipeline(cfg, store).run(cfg.stage.name, run_dir)
+    if results is None:
         log_reused(cfg, store)
         return None
-    results = evaluation.run(cfg, store, run_dir)
     if not distributed.is_main_process():
         return None
     log_reused(cfg, store)
@@ -70,10 +83,13 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
         "params": {key: _param(cfg, key) for key in SWEPT},
         "primary_scorer": cfg.eval.primary_scorer,
         "objective": {"dataset": selected_on, "target": cfg.eval.targets[-1], "value": objective},
-        "metrics": {f"{r['dataset']}/{r['target']}/{k}": v for r in results for k, v in r.items()
-                    if k.startswith("acc_")},
-        "counts": {f"{r['dataset']}/{r['target']}": {k: v for k, v in r.items() if k == "n" or k.startswith("correct_")}
-                   for r in results},
+        "metrics": {
+            f"{r['dataset']}/{r['target']}/{k}": v for r in results for k, v in r.items() if k.startswith("acc_")
+        },
+        "counts": {
+            f"{r['dataset']}/{r['target']}": {k: v for k, v in r.items() if k == "n" or k.startswith("correct_")}
+            for r in results
+        },
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return objective

@@ -99,7 +99,7 @@ def _first_platinum_number(text: str) -> str | None:
         run = text[start:end]
         last = max(run.rfind(d) for d in _DIGITS)
         if last >= 0:
-            return ("-" if start > 0 and text[start - 1] == "-" else "") + run[:last + 1]
+            return ("-" if start > 0 and text[start - 1] == "-" else "") + run[: last + 1]
         start = end
     return None
 
@@ -177,8 +177,9 @@ def same_answer(a: str | None, b: str | None) -> bool:
     return a == b
 
 
-def is_correct(text: str, gold_answer: str, scorer: str, think_close: Optional[str] = None,
-               truncated: bool = False) -> bool:
+def is_correct(
+    text: str, gold_answer: str, scorer: str, think_close: Optional[str] = None, truncated: bool = False
+) -> bool:
     """Whether `text`'s final answer under `scorer` equals `gold_answer` (a number string, commas allowed);
     `think_close` and `truncated` as in `answer_region`."""
     gold = normalize_number(gold_answer)
@@ -190,5 +191,7 @@ def is_correct(text: str, gold_answer: str, scorer: str, think_close: Optional[s
     text = region
     if scorer == "math_verify":
         math_verify = _math_verify_module()
-        return bool(math_verify.verify(math_verify.parse(f"\\boxed{{{gold}}}"), math_verify.parse(_final_segment(text))))
+        return bool(
+            math_verify.verify(math_verify.parse(f"\\boxed{{{gold}}}"), math_verify.parse(_final_segment(text)))
+        )
     return same_answer(extract(text, scorer), gold)

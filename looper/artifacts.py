@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 DONE = "DONE"
 MANIFEST = "manifest.json"
+# the record files stages hand each other (read with `read_jsonl`)
+TRAJECTORIES = "trajectories.jsonl"  # rollout
+PAIRS = "pairs.jsonl"  # preferences
+PREDICTIONS = "predictions.jsonl"  # eval
 HASHED_AT_DONE = 1 << 30  # larger files (a full 7B model's shards are ~5 GB) are recorded by size only
 QUICK_HASH_LIMIT = 256 << 20  # adapters, records and tokenizers: hashed on every reuse
 
@@ -57,6 +61,12 @@ def artifact_key(spec: dict) -> str:
     """Hash of a spec (config sections and upstream keys): same inputs, same key."""
     canonical = json.dumps(to_plain(spec), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a complete JSONL file of an artifact."""
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 def recover_jsonl(path: Path, keep: Callable[[list[dict]], list[dict]] = lambda records: records) -> list[dict]:
@@ -143,9 +153,11 @@ def verify(directory: Path, stage: str = "artifact", full: bool = False) -> None
 
 
 def _damaged(stage: str, directory: Path, name: str, problem: str):
-    raise ArtifactError(f"{stage}: the cached artifact {directory} is damaged: {name} {problem}. Move it aside with "
-                        f"`python -m looper.artifacts discard {directory}` and rerun to rebuild it (a copy of the "
-                        f"cache may hold an intact one)")
+    raise ArtifactError(
+        f"{stage}: the cached artifact {directory} is damaged: {name} {problem}. Move it aside with "
+        f"`python -m looper.artifacts discard {directory}` and rerun to rebuild it (a copy of the "
+        f"cache may hold an intact one)"
+    )
 
 
 FINGERPRINT_EDGE = 1 << 20  # bytes hashed at each end of a weight file too large to hash whole
@@ -242,8 +254,9 @@ class ArtifactStore:
         """Where the artifact of `stage` with this spec lives (complete or not)."""
         return self.root / stage / artifact_key(spec)
 
-    def ensure(self, stage: str, spec: dict, build: Callable[[Path], None], resumable: bool = False,
-               collective: bool = False) -> Path:
+    def ensure(
+        self, stage: str, spec: dict, build: Callable[[Path], None], resumable: bool = False, collective: bool = False
+    ) -> Path:
         """Return the complete artifact for `spec`, calling `build(partial_dir)` first if there is none.
 
         `resumable`: keep a `.partial` directory left by a crash. `collective`: under several processes every rank

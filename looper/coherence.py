@@ -85,13 +85,22 @@ def s_end_and_path(trajectories: list[dict]) -> list[dict]:
         agreeing = [j for j in others if same_answer(trajectories[j]["answer"], t["answer"])]
         s_end = len(agreeing) / len(others) if others and t["answer"] is not None else 0.0
         overlap = sum(_jaccard(results[i], results[j]) for j in agreeing) / len(agreeing) if agreeing else 0.0
-        scored.append({"s_end": s_end, "s_path": validity[i] * overlap,
-                       "equations": [[e.lhs, e.rhs, e.holds] for e in equations[i]]})
+        scored.append(
+            {
+                "s_end": s_end,
+                "s_path": validity[i] * overlap,
+                "equations": [[e.lhs, e.rhs, e.holds] for e in equations[i]],
+            }
+        )
     return scored
 
 
-def s_cf(trajectories: list[dict], generate: Optional[Generate], extract_answer: Callable[[str], Optional[str]],
-         reward: RewardConfig) -> list[Optional[float]]:
+def s_cf(
+    trajectories: list[dict],
+    generate: Optional[Generate],
+    extract_answer: Callable[[str], Optional[str]],
+    reward: RewardConfig,
+) -> list[Optional[float]]:
     """Counterfactual robustness of each trajectory (None for all when reward.cf_samples is 0)."""
     if reward.cf_samples == 0 or generate is None:
         return [None] * len(trajectories)
@@ -105,8 +114,15 @@ def s_cf(trajectories: list[dict], generate: Optional[Generate], extract_answer:
     return scores
 
 
-def reference_scorer(*, question: str, gold: str, trajectories: list[dict], generate: Optional[Generate],
-                     extract_answer: Callable[[str], Optional[str]], reward: RewardConfig) -> list[dict]:
+def reference_scorer(
+    *,
+    question: str,
+    gold: str,
+    trajectories: list[dict],
+    generate: Optional[Generate],
+    extract_answer: Callable[[str], Optional[str]],
+    reward: RewardConfig,
+) -> list[dict]:
     """The reference coherence scorer (formulas in the module docstring)."""
     del question, gold  # part of the protocol; the reference scorer judges coherence among the paths only
     scored = s_end_and_path(trajectories)
@@ -117,8 +133,11 @@ def reference_scorer(*, question: str, gold: str, trajectories: list[dict], gene
 
 def weighted(components: dict, reward: RewardConfig) -> float:
     """s_wm: the weighted mean of the active components (a None component is inactive and its weight drops out)."""
-    terms = [(reward.w_end, components["s_end"]), (reward.w_path, components["s_path"]),
-             (reward.w_cf, components["s_cf"])]
+    terms = [
+        (reward.w_end, components["s_end"]),
+        (reward.w_path, components["s_path"]),
+        (reward.w_cf, components["s_cf"]),
+    ]
     active = [(w, s) for w, s in terms if s is not None]
     total = sum(w for w, _ in active)
     return sum(w * s for w, s in active) / total if total > 0 else 0.0
@@ -126,8 +145,11 @@ def weighted(components: dict, reward: RewardConfig) -> float:
 
 def reward_of(record: dict, reward: RewardConfig) -> float:
     """alpha * correct + beta * s_wm - length_penalty * num_tokens / length_unit, from stored components."""
-    return (reward.alpha * float(record["correct"]) + reward.beta * weighted(record, reward)
-            - reward.length_penalty * record["num_tokens"] / reward.length_unit)
+    return (
+        reward.alpha * float(record["correct"])
+        + reward.beta * weighted(record, reward)
+        - reward.length_penalty * record["num_tokens"] / reward.length_unit
+    )
 
 
 def group_by_question(records: list[dict]) -> dict[str, list[dict]]:

@@ -122,9 +122,15 @@ def read_gsm8k_jsonl(path: Path, id_prefix: str) -> list[dict]:
             gold = gold_from_solution(record["answer"])
             if gold is None:
                 raise DataError(f"{where}: the answer has no '#### N' final line with a number")
-            rows.append({"id": f"{id_prefix}-{len(rows)}", "question": record["question"],
-                         "answer": record["answer"], "gold": gold,
-                         **({"cleaning_status": record["cleaning_status"]} if "cleaning_status" in record else {})})
+            rows.append(
+                {
+                    "id": f"{id_prefix}-{len(rows)}",
+                    "question": record["question"],
+                    "answer": record["answer"],
+                    "gold": gold,
+                    **({"cleaning_status": record["cleaning_status"]} if "cleaning_status" in record else {}),
+                }
+            )
     if not rows:
         raise DataError(f"{path}: holds no problems (the file is empty)")
     return rows
@@ -141,8 +147,9 @@ def _gsm8k_hub() -> dict[str, list[dict]]:
             gold = gold_from_solution(record["answer"])
             if gold is None:
                 raise DataError(f"openai/gsm8k {split} row {i}: the answer has no '#### N' final line")
-            rows.append({"id": f"gsm8k-{split}-{i}", "question": record["question"],
-                         "answer": record["answer"], "gold": gold})
+            rows.append(
+                {"id": f"gsm8k-{split}-{i}", "question": record["question"], "answer": record["answer"], "gold": gold}
+            )
         splits[split] = rows
     return splits
 

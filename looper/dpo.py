@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from looper import distributed, models, preferences, sft
-from looper.artifacts import ArtifactStore
-from looper.config import Config
+from looper import distributed, models
+from looper.artifacts import PAIRS, read_jsonl
+from looper.config import Config, identity
 from looper.tracking import stage_run
+from looper.training import ensure_finite, peft_config, trainer_precision
 
 log = logging.getLogger(__name__)
+
 
 class FirstStepCheck(TrainerCallback):
     """Keeps the metrics TRL logs at the first step (`logging_first_step`)."""
@@ -34,17 +36,17 @@ class FirstStepCheck(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.first and logs and "rewards/margins" in logs:
-            self.first = {"step": state.global_step, **{k: logs[k] for k in logs if k.startswith(("rewards/",
-                                                                                                  "loss"))}}
+            self.first = {"step": state.global_step, **{k: logs[k] for k in logs if k.startswith(("rewards/", "loss"))}}
 
 
 def _policy(cfg: Config, sft_dir: Path):
-    """(model, tokenizer, peft_config for the trainer): the SFT adapter made trainable, or the SFT model + fresh LoRA."""
+    """(model, tokenizer, peft_config for the trainer): the SFT adapter made trainable, or the SFT model and a fresh
+    LoRA."""
     if models.is_adapter(str(sft_dir)):
         model, tokenizer = models.load_target(str(sft_dir), cfg.model, cfg.lora, trainable=True)
         return model, tokenizer, None
     model, tokenizer = models.load_target(str(sft_dir), cfg.model, trainable=True)
-    return model, tokenizer, sft.peft_config(cfg.dpo.fresh_lora)
+    return model, tokenizer, peft_config(cfg.dpo.fresh_lora)
 
 
 def _on_disk(rows: list[dict], where: Path):
@@ -62,9 +64,11 @@ def _on_disk(rows: list[dict], where: Path):
 
 def encode_pair(example: dict, tokenizer) -> dict:
     """A pair's token ids: the prompt as generation sees it, each completion followed by EOS."""
-    return {"prompt_ids": models.encode_prompt(tokenizer, example["prompt"]),
-            "chosen_ids": models.encode_completion(tokenizer, example["chosen"]),
-            "rejected_ids": models.encode_completion(tokenizer, example["rejected"])}
+    return {
+        "prompt_ids": models.encode_prompt(tokenizer, example["prompt"]),
+        "chosen_ids": models.encode_completion(tokenizer, example["chosen"]),
+        "rejected_ids": models.encode_completion(tokenizer, example["rejected"]),
+    }
 
 
 def _trainer_class():
@@ -95,20 +99,27 @@ def reference_margin(trainer, dropout: bool = False) -> dict:
     try:
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         reference_chosen, reference_rejected = trainer.compute_ref_log_probs(model, batch)
-        kwargs = {k: v for k, v in batch.items() if k not in ("completion_mask", "ref_chosen_logps",
-                                                               "ref_rejected_logps")}
+        kwargs = {
+            k: v for k, v in batch.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+        }
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         model.train(dropout)
         with torch.no_grad(), trainer.accelerator.autocast():
             log_probs = model(**kwargs, labels=labels, use_cache=False, fused_lm_head=True).log_probs
-        policy_chosen, policy_rejected = log_probs[:, -(batch["completion_mask"].size(1) - 1):].sum(dim=1).chunk(2)
+        policy_chosen, policy_rejected = log_probs[:, -(batch["completion_mask"].size(1) - 1) :].sum(dim=1).chunk(2)
     finally:
         model.train(was_training)
     margins = trainer.beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
-    return {"margin": margins.float().mean().item(), "max_abs_margin": margins.float().abs().max().item(),
-            "max_abs_logp_difference": torch.cat([policy_chosen - reference_chosen,
-                                                  policy_rejected - reference_rejected]).float().abs().max().item(),
-            "pairs": int(margins.numel())}
+    return {
+        "margin": margins.float().mean().item(),
+        "max_abs_margin": margins.float().abs().max().item(),
+        "max_abs_logp_difference": torch.cat([policy_chosen - reference_chosen, policy_rejected - reference_rejected])
+        .float()
+        .abs()
+        .max()
+        .item(),
+        "pairs": int(margins.numel()),
+    }
 
 
 def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path, report_to: str = "none"):
@@ -117,20 +128,39 @@ def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path, report_
 
     model, tokenizer, peft_config = _policy(cfg, sft_dir)
     tokenizer.padding_side = "right"
-    with open(pairs_dir / "pairs.jsonl") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    dataset = _on_disk([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows],
-                       out / "trainer" / "pairs")
+    rows = read_jsonl(pairs_dir / PAIRS)
+    dataset = _on_disk(
+        [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows],
+        out / "trainer" / "pairs",
+    )
     args = DPOConfig(
-        output_dir=str(out / "trainer"), beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type],
-        learning_rate=cfg.dpo.learning_rate, num_train_epochs=cfg.dpo.epochs, max_steps=cfg.dpo.max_steps,
-        per_device_train_batch_size=cfg.dpo.batch_size, gradient_accumulation_steps=cfg.dpo.gradient_accumulation_steps,
-        max_length=cfg.dpo.max_length, precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
-        gradient_checkpointing=cfg.dpo.gradient_checkpointing, logging_steps=cfg.dpo.logging_steps,
-        logging_first_step=True, save_strategy="no", report_to=report_to, seed=cfg.seed,
-        **sft.trainer_precision(cfg))
-    return _trainer_class()(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
-                            peft_config=peft_config, callbacks=[FirstStepCheck()])
+        output_dir=str(out / "trainer"),
+        beta=cfg.dpo.beta,
+        loss_type=[cfg.dpo.loss_type],
+        learning_rate=cfg.dpo.learning_rate,
+        num_train_epochs=cfg.dpo.epochs,
+        max_steps=cfg.dpo.max_steps,
+        per_device_train_batch_size=cfg.dpo.batch_size,
+        gradient_accumulation_steps=cfg.dpo.gradient_accumulation_steps,
+        max_length=cfg.dpo.max_length,
+        precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
+        gradient_checkpointing=cfg.dpo.gradient_checkpointing,
+        logging_steps=cfg.dpo.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to=report_to,
+        seed=cfg.seed,
+        **trainer_precision(cfg),
+    )
+    return _trainer_class()(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[FirstStepCheck()],
+    )
 
 
 def _check_reference(cfg: Config, trainer) -> dict:
@@ -138,9 +168,11 @@ def _check_reference(cfg: Config, trainer) -> dict:
     measured["tolerance"] = cfg.dpo.reference_tolerance
     measured["ok"] = measured["max_abs_margin"] <= cfg.dpo.reference_tolerance
     if not measured["ok"]:
-        message = (f"dpo: before training, the policy and the reference disagree on the first batch (dropout off): "
-                   f"reward margins up to {measured['max_abs_margin']:.3g} > dpo.reference_tolerance="
-                   f"{cfg.dpo.reference_tolerance}; the reference is not the SFT policy DPO starts from")
+        message = (
+            f"dpo: before training, the policy and the reference disagree on the first batch (dropout off): "
+            f"reward margins up to {measured['max_abs_margin']:.3g} > dpo.reference_tolerance="
+            f"{cfg.dpo.reference_tolerance}; the reference is not the SFT policy DPO starts from"
+        )
         if cfg.dpo.reference_check == "error":
             raise RuntimeError(message + " (dpo.reference_check=warn trains anyway)")
         log.warning(message)
@@ -153,10 +185,16 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
         measured = _check_reference(cfg, trainer)
         check = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FirstStepCheck))
         result = trainer.train()
-        sft.ensure_finite("dpo", trainer, result.training_loss, "dpo.learning_rate")
+        ensure_finite("dpo", trainer, result.training_loss, "dpo.learning_rate")
         margin = check.first.get("rewards/margins")
-        tracker.summary({"dpo/train_loss": result.training_loss, "dpo/first_step_margin": margin,
-                         "dpo/reference_margin": measured["max_abs_margin"], "dpo/reference_check_ok": measured["ok"]})
+        tracker.summary(
+            {
+                "dpo/train_loss": result.training_loss,
+                "dpo/first_step_margin": margin,
+                "dpo/reference_margin": measured["max_abs_margin"],
+                "dpo/reference_check_ok": measured["ok"],
+            }
+        )
     if distributed.is_main_process():
         record = {**measured, "first_step_train_mode": check.first}
         (out / "reference_check.json").write_text(json.dumps(record, indent=2))
@@ -164,14 +202,32 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
         tokenizer = trainer.processing_class
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(str(out))
-    log.info("dpo: %d pairs, final loss %.4f, reference check margin %.3g (dropout off), first-step margin %s "
-             "(training mode)", len(trainer.train_dataset), result.training_loss, measured["max_abs_margin"], margin)
+    log.info(
+        "dpo: %d pairs, final loss %.4f, reference check margin %.3g (dropout off), first-step margin %s "
+        "(training mode)",
+        len(trainer.train_dataset),
+        result.training_loss,
+        measured["max_abs_margin"],
+        margin,
+    )
 
 
-def run(cfg: Config, store: ArtifactStore) -> Path:
-    """Train the SFT policy on the preference pairs; returns the artifact (policy adapter + tokenizer)."""
-    pairs_dir = preferences.run(cfg, store)
-    sft_dir = sft.run(cfg, store)
-    spec = {"sft": sft_dir.name, "preferences": pairs_dir.name, "dpo": cfg.dpo, "lora": cfg.lora,
-            "model": cfg.model, "seed": cfg.seed}
-    return store.ensure("dpo", spec, lambda out: _train(cfg, sft_dir, pairs_dir, out), collective=True)
+NEEDS = ("preferences", "sft")  # the artifacts this stage builds on (looper/pipeline.py resolves them)
+ENSURE = {"collective": True}  # every process trains
+
+
+def spec(cfg: Config, up: dict, store=None) -> dict:
+    """What identifies the DPO policy: the SFT policy, the pairs and the settings that change the trained weights."""
+    return {
+        "sft": Path(up["sft"]).name,
+        "preferences": Path(up["preferences"]).name,
+        "dpo": identity(cfg.dpo),
+        "lora": identity(cfg.lora),
+        "model": identity(cfg.model),
+        "seed": cfg.seed,
+    }
+
+
+def build(cfg: Config, up: dict, out: Path) -> None:
+    """Train the SFT policy on the preference pairs into `out` (the policy adapter and the tokenizer)."""
+    _train(cfg, Path(up["sft"]), Path(up["preferences"]), out)

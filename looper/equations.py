@@ -19,13 +19,26 @@ from fractions import Fraction
 from typing import Optional
 
 MAX_DIGITS = 40
-MAX_MAGNITUDE = 10 ** 80
+MAX_MAGNITUDE = 10**80
 _DIGITS = frozenset("0123456789")
 _BINARY = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2}
 _OPERATOR_SPELLINGS = {"x": "*", "×": "*", "·": "*", "÷": "/", "−": "-"}
 # LaTeX: math delimiters go first (`\(` is not a parenthesis), then operators and spacing commands
-_LATEX = (("\\(", " "), ("\\)", " "), ("\\[", " "), ("\\]", " "), ("\\left", ""), ("\\right", ""),
-          ("\\times", "*"), ("\\cdot", "*"), ("\\div", "/"), ("\\!", ""), ("\\,", ""), ("\\;", " "), ("{,}", ","))
+_LATEX = (
+    ("\\(", " "),
+    ("\\)", " "),
+    ("\\[", " "),
+    ("\\]", " "),
+    ("\\left", ""),
+    ("\\right", ""),
+    ("\\times", "*"),
+    ("\\cdot", "*"),
+    ("\\div", "/"),
+    ("\\!", ""),
+    ("\\,", ""),
+    ("\\;", " "),
+    ("{,}", ","),
+)
 _FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
 _NUMBER_TEXT = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
 
@@ -68,8 +81,17 @@ def _apply(values: list, operator: str) -> None:
     right, left = values.pop(), values.pop()
     if operator != "*" and operator != "+" and operator != "-" and right == 0:
         raise ZeroDivisionError
-    result = (left + right if operator == "+" else left - right if operator == "-" else left * right
-              if operator == "*" else left / right if operator == "/" else Fraction(left // right))
+    result = (
+        left + right
+        if operator == "+"
+        else left - right
+        if operator == "-"
+        else left * right
+        if operator == "*"
+        else left / right
+        if operator == "/"
+        else Fraction(left // right)
+    )
     values.append(_bounded(result))
 
 
@@ -133,8 +155,14 @@ def _scan(text: str) -> list[tuple[str, object, int, int]]:
             j = i
             while j < n and text[j] in _DIGITS:
                 j += 1
-            while (j + 3 < n and text[j] == "," and text[j + 1] in _DIGITS and text[j + 2] in _DIGITS
-                   and text[j + 3] in _DIGITS and (j + 4 == n or text[j + 4] not in _DIGITS)):
+            while (
+                j + 3 < n
+                and text[j] == ","
+                and text[j + 1] in _DIGITS
+                and text[j + 2] in _DIGITS
+                and text[j + 3] in _DIGITS
+                and (j + 4 == n or text[j + 4] not in _DIGITS)
+            ):
                 j += 4
             if j + 1 < n and text[j] == "." and text[j + 1] in _DIGITS:
                 j += 1
@@ -154,8 +182,11 @@ def _scan(text: str) -> list[tuple[str, object, int, int]]:
         elif c == "/" and text.startswith("//", i):
             tokens.append(("op", "//", i, i + 2))
             i += 2
-        elif c in "+-*/()" or c in "×÷·−" or (c == "x" and not (i > 0 and text[i - 1].isalpha())
-                                               and not (i + 1 < n and text[i + 1].isalpha())):
+        elif (
+            c in "+-*/()"
+            or c in "×÷·−"
+            or (c == "x" and not (i > 0 and text[i - 1].isalpha()) and not (i + 1 < n and text[i + 1].isalpha()))
+        ):
             tokens.append(("op", _OPERATOR_SPELLINGS.get(c, c), i, i + 1))
             i += 1
         elif c == "$":
@@ -208,7 +239,7 @@ def _trim(part: list, first: bool, last: bool) -> list:
 
 
 def _text(source: str, part: list) -> str:
-    return source[part[0][2]:part[-1][3]]
+    return source[part[0][2] : part[-1][3]]
 
 
 def _value(part: list) -> tuple[Optional[Fraction], int]:
@@ -238,7 +269,7 @@ def _holds(value: Optional[Fraction], other: Optional[Fraction], stated_text: Op
         return False
     cleaned = stated_text.replace("$", "").strip().rstrip(".%") if stated_text is not None else ""
     decimals = len(cleaned.split(".")[1]) if "." in cleaned else 0
-    return abs(value - other) <= Fraction(1, 2 * 10 ** decimals) if decimals else value == other
+    return abs(value - other) <= Fraction(1, 2 * 10**decimals) if decimals else value == other
 
 
 def _chain(source: str, run: list) -> list[Equation]:
@@ -266,7 +297,7 @@ def _chain(source: str, run: list) -> list[Equation]:
             found.append(_equation(_text(source, left), _text(source, right), value, other, True))
         elif value != other and value is not None and _core(right)[0][0] == "num" and _core(right)[0][1] == value:
             # a running calculation: `2 + 3 = 5 + 1 = 6` is 2 + 3 = 5, then 5 + 1 = 6
-            head = right[:right.index(_core(right)[0]) + 1]
+            head = right[: right.index(_core(right)[0]) + 1]
             found.append(_equation(_text(source, left), _text(source, head), value, value, True))
         else:
             found.append(_equation(_text(source, left), _text(source, right), value, other, False))
@@ -337,14 +368,17 @@ def annotations(text: str) -> list[tuple[str, str]]:
         end = text.find(">>", start + 2) if start >= 0 else -1
         if end < 0:
             return found
-        inner = text[start + 2:end]
+        inner = text[start + 2 : end]
         if "<" in inner or ">" in inner:  # no annotation opens here; the next may open at the last `<` or after `>`
-            position = start + 2 + max(inner.rfind("<") - 1 if "<" in inner else -2,
-                                       inner.rfind(">") + 1 if ">" in inner else -2)
+            position = (
+                start
+                + 2
+                + max(inner.rfind("<") - 1 if "<" in inner else -2, inner.rfind(">") + 1 if ">" in inner else -2)
+            )
             continue
         equals = inner.find("=")
         if 0 < equals < len(inner) - 1:
-            found.append((inner[:equals], inner[equals + 1:]))
+            found.append((inner[:equals], inner[equals + 1 :]))
         position = end + 2
 
 

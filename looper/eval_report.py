@@ -21,6 +21,7 @@ def accuracy_summary(records: list[dict], scorers: list[str]) -> dict:
     one); with several sampled answers per question, `questions`, `samples` and each scorer's interval over
     questions (`ci_<scorer>`); the share of answers cut at the token limit (`truncated`) and, for reasoning models,
     of think blocks closed (`think_closed`)."""
+
     def block(rows):
         out = {"n": len(rows)}
         for s in scorers:
@@ -63,13 +64,18 @@ def table(results: list[dict], scorers: list[str], primary: str) -> str:
     """The headline table: one row per dataset and target, one accuracy column per scorer (primary first)."""
     ordered = [primary] + [s for s in scorers if s != primary]
     truncation = any("truncated" in r for r in results)
-    lines = ["| dataset | target | n | " + " | ".join(f"acc_{s}" for s in ordered) + (" | truncated |" if truncation
-                                                                                    else " |"),
-             "| --- | --- | --- | " + " | ".join("---" for _ in ordered) + (" | --- |" if truncation else " |")]
+    lines = [
+        "| dataset | target | n | "
+        + " | ".join(f"acc_{s}" for s in ordered)
+        + (" | truncated |" if truncation else " |"),
+        "| --- | --- | --- | " + " | ".join("---" for _ in ordered) + (" | --- |" if truncation else " |"),
+    ]
     for r in results:
-        lines.append(f"| {r['dataset']} | {r['target']} | {r['n']} | "
-                     + " | ".join(f"{100 * r[f'acc_{s}']:.1f}%" for s in ordered)
-                     + (f" | {100 * r.get('truncated', 0.0):.1f}% |" if truncation else " |"))
+        lines.append(
+            f"| {r['dataset']} | {r['target']} | {r['n']} | "
+            + " | ".join(f"{100 * r[f'acc_{s}']:.1f}%" for s in ordered)
+            + (f" | {100 * r.get('truncated', 0.0):.1f}% |" if truncation else " |")
+        )
     return "\n".join(lines)
 
 
@@ -84,31 +90,55 @@ def _paired(a: list[dict], b: list[dict], scorer: str) -> tuple[list, list]:
 
 def report(results: list[dict], records: dict, scorers: list[str], primary: str) -> str:
     """report.md: accuracy with intervals, accuracy by cleaning_status, paired deltas with p-values."""
-    out = ["# Evaluation report", "",
-           "Every target answers the same questions (greedy unless eval.temperature > 0). Accuracy with a 95% "
-           "interval (Wilson; over questions for several sampled answers per question). Truncated: answers cut at "
-           f"the token limit. Primary scorer: `{primary}`.", ""]
+    out = [
+        "# Evaluation report",
+        "",
+        "Every target answers the same questions (greedy unless eval.temperature > 0). Accuracy with a 95% "
+        "interval (Wilson; over questions for several sampled answers per question). Truncated: answers cut at "
+        f"the token limit. Primary scorer: `{primary}`.",
+        "",
+    ]
     ordered = [primary] + [s for s in scorers if s != primary]
     for dataset in dict.fromkeys(r["dataset"] for r in results):
         rows = [r for r in results if r["dataset"] == dataset]
-        out += [f"## {dataset}", "", "| target | n | " + " | ".join(ordered) + " | truncated |",
-                "| --- | --- | " + " | ".join("---" for _ in ordered) + " | --- |"]
-        out += [f"| {r['target']} | {r['n']} | " + " | ".join(_cell(r, s) for s in ordered)
-                + (f" | {100 * r['truncated']:.1f}% |" if "truncated" in r else " | — |") for r in rows]
+        out += [
+            f"## {dataset}",
+            "",
+            "| target | n | " + " | ".join(ordered) + " | truncated |",
+            "| --- | --- | " + " | ".join("---" for _ in ordered) + " | --- |",
+        ]
+        out += [
+            f"| {r['target']} | {r['n']} | "
+            + " | ".join(_cell(r, s) for s in ordered)
+            + (f" | {100 * r['truncated']:.1f}% |" if "truncated" in r else " | — |")
+            for r in rows
+        ]
         statuses = sorted({status for r in rows for status in r.get("by_status", {})})
         if statuses:
-            out += ["", "### By cleaning_status", "", "| cleaning_status | target | n | "
-                    + " | ".join(ordered) + " |", "| --- | --- | --- | " + " | ".join("---" for _ in ordered) + " |"]
+            out += [
+                "",
+                "### By cleaning_status",
+                "",
+                "| cleaning_status | target | n | " + " | ".join(ordered) + " |",
+                "| --- | --- | --- | " + " | ".join("---" for _ in ordered) + " |",
+            ]
             for status in statuses:
                 for r in rows:
                     block = r.get("by_status", {}).get(status)
                     if block:
-                        out.append(f"| {status} | {r['target']} | {block['n']} | "
-                                   + " | ".join(_cell(block, s) for s in ordered) + " |")
+                        out.append(
+                            f"| {status} | {r['target']} | {block['n']} | "
+                            + " | ".join(_cell(block, s) for s in ordered)
+                            + " |"
+                        )
         if len(rows) > 1:
-            out += ["", "### Paired deltas (B − A, same questions)", "",
-                    "| A → B | scorer | n | delta | bootstrap 95% | only A right | only B right | McNemar p |",
-                    "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            out += [
+                "",
+                "### Paired deltas (B − A, same questions)",
+                "",
+                "| A → B | scorer | n | delta | bootstrap 95% | only A right | only B right | McNemar p |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            ]
             for first, second in combinations(rows, 2):
                 for scorer in ordered:
                     a, b = _paired(records[(dataset, first["target"])], records[(dataset, second["target"])], scorer)
@@ -117,9 +147,11 @@ def report(results: list[dict], records: dict, scorers: list[str], primary: str)
                     only_a = sum(x > y for x, y in zip(a, b))
                     only_b = sum(y > x for x, y in zip(a, b))
                     exact = f"{mcnemar_exact(a, b):.3g}" if all(isinstance(x, bool) for x in a + b) else "—"
-                    out.append(f"| {first['target']} → {second['target']} | {scorer} | {len(a)} | "
-                               f"{100 * delta:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {only_a} | {only_b} | "
-                               f"{exact} |")
+                    out.append(
+                        f"| {first['target']} → {second['target']} | {scorer} | {len(a)} | "
+                        f"{100 * delta:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {only_a} | {only_b} | "
+                        f"{exact} |"
+                    )
         out.append("")
     return "\n".join(out)
 

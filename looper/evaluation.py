@@ -20,19 +20,17 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from looper import distributed, dpo, engine, eval_report, models, sft, throughput
+from looper import distributed, engine, eval_report, models, throughput
 from looper.answers import completion_flags, extract, is_correct, math_verify_available
-from looper.rollout import trajectory_seed
-from looper.artifacts import ArtifactStore, recover_jsonl
-from looper.config import Config, DataConfig, ModelConfig
+from looper.artifacts import PREDICTIONS, ArtifactStore, read_jsonl, recover_jsonl
+from looper.config import Config, DataConfig, ModelConfig, identity
 from looper.data import gold_from_solution, gsm8k_splits, load_splits, read_gsm8k_jsonl
+from looper.engine.sampling import row_seed
 from looper.tracking import stage_run
 
 log = logging.getLogger(__name__)
-
-PREDICTIONS = "predictions.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------------------- datasets
@@ -49,8 +47,7 @@ def eval_problems(name: str, cfg: Config, limit: bool = True) -> list[dict]:
             raise ValueError(f"eval.datasets: {name} needs data=synthetic (data.name is {cfg.data.name!r})")
         rows = load_splits(cfg.data)[name.split("_", 1)[1]]
     elif name == "gsm8k_platinum":
-        rows = read_gsm8k_jsonl(Path(cfg.eval.platinum_path), "platinum") if cfg.eval.platinum_path else \
-            _platinum_hub()
+        rows = read_gsm8k_jsonl(Path(cfg.eval.platinum_path), "platinum") if cfg.eval.platinum_path else _platinum_hub()
     else:
         rows = gsm8k_splits(_gsm8k_data(cfg))[name.split("_", 1)[1]]
     return rows[: cfg.eval.num_questions] if limit else rows
@@ -60,9 +57,16 @@ def _platinum_hub() -> list[dict]:
     import datasets
 
     loaded = datasets.load_dataset("madrylab/gsm8k-platinum", "main", split="test")
-    return [{"id": f"platinum-{i}", "question": r["question"], "answer": r["answer"],
-             "gold": gold_from_solution(r["answer"]), "cleaning_status": r.get("cleaning_status")}
-            for i, r in enumerate(loaded)]
+    return [
+        {
+            "id": f"platinum-{i}",
+            "question": r["question"],
+            "answer": r["answer"],
+            "gold": gold_from_solution(r["answer"]),
+            "cleaning_status": r.get("cleaning_status"),
+        }
+        for i, r in enumerate(loaded)
+    ]
 
 
 def shot_pool(name: str, cfg: Config) -> list[dict]:
@@ -81,20 +85,34 @@ def shot_pool_source(name: str, cfg: Config) -> list[dict]:
 def prompt_for(cfg: Config, tokenizer, problem: dict, pool: list[dict]) -> str:
     """The eval prompt of one problem: the model's format, optional k-shot examples, optional official prompt."""
     shots = [s for s in pool if s["question"] != problem["question"]][: cfg.eval.shots]
-    return models.build_prompt(cfg.model, tokenizer, problem["question"], shots=shots,
-                               official=cfg.eval.prompt == "platinum")
+    return models.build_prompt(
+        cfg.model, tokenizer, problem["question"], shots=shots, official=cfg.eval.prompt == "platinum"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- decoding
 
 
-def scored(problem: dict, text: str, num_tokens: int, finish_reason: str, scorers: list[str], model: ModelConfig,
-           sample: Optional[int] = None) -> dict:
+def scored(
+    problem: dict,
+    text: str,
+    num_tokens: int,
+    finish_reason: str,
+    scorers: list[str],
+    model: ModelConfig,
+    sample: Optional[int] = None,
+) -> dict:
     """One per-example record: the completion, `truncated` (and `think_closed` for a reasoning `model`), and every
     scorer's prediction and verdict; `sample` numbers one of several sampled answers to the question."""
-    record = {"id": problem["id"], "question": problem["question"], "gold": problem["gold"], "completion": text,
-              "num_tokens": num_tokens, "finish_reason": finish_reason,
-              "cleaning_status": problem.get("cleaning_status")}
+    record = {
+        "id": problem["id"],
+        "question": problem["question"],
+        "gold": problem["gold"],
+        "completion": text,
+        "num_tokens": num_tokens,
+        "finish_reason": finish_reason,
+        "cleaning_status": problem.get("cleaning_status"),
+    }
     if sample is not None:
         record["sample"] = sample
     after, truncated = model.answer_after(), finish_reason == "length"
@@ -123,15 +141,27 @@ def batch_consistency(cfg: Config, model, tokenizer, prompts: list[str]) -> dict
     attention-mask handling."""
     requests = [engine.Request(p, _max_new_tokens(cfg)) for p in prompts]
     alone, _ = engine.build(cfg.generation, model, tokenizer, 1).generate(requests, desc="batch check: one at a time")
-    together, _ = engine.build(cfg.generation, model, tokenizer, len(prompts)).generate(requests,
-                                                                                        desc="batch check: batched")
-    differ = [{"prompt": p, "alone": a.text, "batched": b.text} for p, a, b in zip(prompts, alone, together)
-              if a.text != b.text]
+    together, _ = engine.build(cfg.generation, model, tokenizer, len(prompts)).generate(
+        requests, desc="batch check: batched"
+    )
+    differ = [
+        {"prompt": p, "alone": a.text, "batched": b.text}
+        for p, a, b in zip(prompts, alone, together)
+        if a.text != b.text
+    ]
     return {"checked": len(prompts), "differ": len(differ), "examples": differ[:10]}
 
 
-def _decode_shard(cfg: Config, target: str, load, dataset: str, problems: list[dict], shard: Path,
-                  pool: list[dict], scorers: list[str]) -> None:
+def _decode_shard(
+    cfg: Config,
+    target: str,
+    load,
+    dataset: str,
+    problems: list[dict],
+    shard: Path,
+    pool: list[dict],
+    scorers: list[str],
+) -> None:
     """Decode this process's problems (each `eval.samples` times) into its shard, appending a flushed answer at a
     time (resumable)."""
     done = recover_jsonl(shard)
@@ -144,19 +174,43 @@ def _decode_shard(cfg: Config, target: str, load, dataset: str, problems: list[d
         return
     model, tokenizer = load()
     with open(shard, "a") as handle:
+
         def write(index: int, output) -> None:  # as each answer finishes: a crash loses only unfinished questions
             problem, sample = todo[index]
-            handle.write(json.dumps(scored(problem, output.text, output.num_tokens, output.finish_reason, scorers,
-                                           cfg.model, sample if samples > 1 else None)) + "\n")
+            handle.write(
+                json.dumps(
+                    scored(
+                        problem,
+                        output.text,
+                        output.num_tokens,
+                        output.finish_reason,
+                        scorers,
+                        cfg.model,
+                        sample if samples > 1 else None,
+                    )
+                )
+                + "\n"
+            )
             handle.flush()
 
         prompts = {p["id"]: prompt_for(cfg, tokenizer, p, pool) for p in problems}
         sampled = cfg.eval.temperature > 0
-        requests = [engine.Request(prompts[p["id"]], _max_new_tokens(cfg), cfg.eval.temperature, cfg.eval.top_p,
-                                   trajectory_seed(cfg.seed, p["id"], "eval", k) if sampled else 0) for p, k in todo]
+        requests = [
+            engine.Request(
+                prompts[p["id"]],
+                _max_new_tokens(cfg),
+                cfg.eval.temperature,
+                cfg.eval.top_p,
+                row_seed(cfg.seed, p["id"], "eval", k) if sampled else 0,
+            )
+            for p, k in todo
+        ]
         generator = engine.build(cfg.generation, model, tokenizer, cfg.eval.batch_size)
-        _, figures = generator.generate(requests, on_result=write, desc=f"eval {target} on {dataset} ({len(done)} of "
-                                                                        f"{len(problems) * samples} done before)")
+        _, figures = generator.generate(
+            requests,
+            on_result=write,
+            desc=f"eval {target} on {dataset} ({len(done)} of {len(problems) * samples} done before)",
+        )
     throughput.record(shard.parent / f"generation.rank{distributed.rank()}.jsonl", figures)
 
 
@@ -168,8 +222,9 @@ def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) 
     scorers = active_scorers(cfg)
     rank, world = distributed.rank(), distributed.world_size()
     load = functools.cache(lambda: models.load_target(target_path, cfg.model, cfg.lora))  # at most once, if needed
-    _decode_shard(cfg, target, load, dataset, problems[rank::world], out / f"predictions.rank{rank}.jsonl", pool,
-                  scorers)
+    _decode_shard(
+        cfg, target, load, dataset, problems[rank::world], out / f"predictions.rank{rank}.jsonl", pool, scorers
+    )
     distributed.barrier()
     if not distributed.is_main_process():
         return
@@ -179,54 +234,57 @@ def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) 
         check = batch_consistency(cfg, model, tokenizer, sample)
         (out / "batch_consistency.json").write_text(json.dumps(check, indent=2))
         if check["differ"]:
-            log.warning("eval %s/%s: %d of %d greedy outputs differ between batched and one-at-a-time decoding",
-                        dataset, target, check["differ"], check["checked"])
-    by_key = {(r["id"], r.get("sample", 0)): r for shard in sorted(out.glob("predictions.rank*.jsonl"))
-              for r in recover_jsonl(shard)}
+            log.warning(
+                "eval %s/%s: %d of %d greedy outputs differ between batched and one-at-a-time decoding",
+                dataset,
+                target,
+                check["differ"],
+                check["checked"],
+            )
+    by_key = {
+        (r["id"], r.get("sample", 0)): r
+        for shard in sorted(out.glob("predictions.rank*.jsonl"))
+        for r in recover_jsonl(shard)
+    }
     records = [by_key[(p["id"], k)] for p in problems for k in range(cfg.eval.samples) if (p["id"], k) in by_key]
     (out / PREDICTIONS).write_text("".join(json.dumps(r) + "\n" for r in records))
-    summary = {"target": target, "target_path": target_path, "dataset": dataset,
-               **eval_report.accuracy_summary(records, scorers), "generation": throughput.summary(out)}
+    summary = {
+        "target": target,
+        "target_path": target_path,
+        "dataset": dataset,
+        **eval_report.accuracy_summary(records, scorers),
+        "generation": throughput.summary(out),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------------------- stage
 
 
-def target_path(target: str, cfg: Config, store: ArtifactStore) -> str:
-    """The model directory (or hub id) of an eval target, producing it first when it is a stage's artifact."""
-    if target == "base":
-        return models.base_model_path(cfg, store)
-    if target == "sft":
-        return str(sft.run(cfg, store))
-    if target == "dpo":
-        return str(dpo.run(cfg, store))
-    if not Path(target).exists():
-        raise FileNotFoundError(f"eval.targets: {target!r} is not base, sft, dpo or an existing directory")
-    return str(Path(target).resolve())
-
-
-def evaluate(cfg: Config, store: ArtifactStore, target: str, dataset: str) -> Path:
-    """Evaluate one target on one dataset (cached, resumable); returns the artifact directory."""
-    path = target_path(target, cfg, store)
-    spec = {"target": store.identity(path, cfg.model.revision), "dataset": dataset, "model": cfg.model,
-            "lora_quantization": cfg.lora.quantization, "scorers": active_scorers(cfg),
-            "num_questions": cfg.eval.num_questions, "max_new_tokens": cfg.eval.max_new_tokens,
-            "prompt": cfg.eval.prompt, "shots": cfg.eval.shots,
-            "sampling": None if cfg.eval.temperature == 0 else {"temperature": cfg.eval.temperature,
-                                                                 "top_p": cfg.eval.top_p, "samples": cfg.eval.samples,
-                                                                 "seed": cfg.seed},
-            "shots_seed": cfg.eval.shots_seed if cfg.eval.shots else None,
-            "check_batch_consistency": cfg.eval.check_batch_consistency,
-            "data": cfg.data if not dataset == "gsm8k_platinum" else None,
-            "platinum_path": cfg.eval.platinum_path if dataset == "gsm8k_platinum" else None}
-    return store.ensure("eval", spec, lambda partial: _build(cfg, target, path, dataset, partial), resumable=True,
-                        collective=True)
+def evaluate(cfg: Config, store: ArtifactStore, target: str, path: str, dataset: str) -> Path:
+    """Evaluate one target (`path`: its model directory or hub id) on one dataset (cached, resumable); returns the
+    artifact directory. Its identity: the model evaluated, the dataset, and the settings that change predictions
+    (those the schema marks `identity=False` do not)."""
+    spec = {
+        "target": store.identity(path, cfg.model.revision),
+        "dataset": dataset,
+        "model": identity(cfg.model),
+        "lora_quantization": cfg.lora.quantization,
+        "scorers": active_scorers(cfg),
+        "eval": identity(cfg.eval),
+        "generation": identity(cfg.generation),
+        "seed": cfg.seed if cfg.eval.temperature > 0 else None,
+        "data": identity(cfg.data) if not dataset == "gsm8k_platinum" else None,
+        "platinum_path": cfg.eval.platinum_path if dataset == "gsm8k_platinum" else None,
+    }
+    return store.ensure(
+        "eval", spec, lambda partial: _build(cfg, target, path, dataset, partial), resumable=True, collective=True
+    )
 
 
 def read_predictions(artifact: Path) -> list[dict]:
     """The per-example records of an eval artifact."""
-    return [json.loads(line) for line in (artifact / PREDICTIONS).read_text().splitlines() if line.strip()]
+    return read_jsonl(artifact / PREDICTIONS)
 
 
 def objective_dataset(cfg: Config) -> str:
@@ -235,20 +293,27 @@ def objective_dataset(cfg: Config) -> str:
     return cfg.eval.select_on or f"{cfg.data.name}_dev"
 
 
-def run(cfg: Config, store: ArtifactStore, run_dir: Optional[Path] = None) -> list[dict]:
+def run(
+    cfg: Config, store: ArtifactStore, target_path: Callable[[str], str], run_dir: Optional[Path] = None
+) -> list[dict]:
     """Evaluate every target on every dataset, and the last target on the objective's dataset when it is not among
-    them; writes the report to `run_dir`; returns the per-artifact summaries."""
+    them (`target_path(target)`: its model directory, built first where it is a stage's artifact:
+    `pipeline.Pipeline.target_path`); writes the report to `run_dir`; returns the per-artifact summaries."""
     cells = [(dataset, target) for dataset in cfg.eval.datasets for target in cfg.eval.targets]
     selected_on = objective_dataset(cfg)
     if selected_on not in cfg.eval.datasets:
         cells.append((selected_on, cfg.eval.targets[-1]))
     results = []
     for dataset, target in cells:
-        artifact = evaluate(cfg, store, target, dataset)
+        artifact = evaluate(cfg, store, target, target_path(target), dataset)
         summary = json.loads((artifact / "summary.json").read_text())
         results.append({**summary, "target": target, "artifact": str(artifact)})
-        throughput.report_truncation(f"eval {target} on {dataset}", summary.get("truncated"), "eval.max_new_tokens",
-                                     cfg.model.reasoning == "think")
+        throughput.report_truncation(
+            f"eval {target} on {dataset}",
+            summary.get("truncated"),
+            "eval.max_new_tokens",
+            cfg.model.reasoning == "think",
+        )
     if not distributed.is_main_process():
         return results
     scorers = active_scorers(cfg)
@@ -257,8 +322,14 @@ def run(cfg: Config, store: ArtifactStore, run_dir: Optional[Path] = None) -> li
         eval_report.write(run_dir, results, records, scorers, cfg.eval.primary_scorer)
     with stage_run(cfg, "eval") as tracker:
         tracker.summary({f"eval/{r['dataset']}/{r['target']}/acc_{k}": r[f"acc_{k}"] for r in results for k in scorers})
-        tracker.summary({f"eval/{r['dataset']}/{r['target']}/{key}": r[key] for r in results
-                         for key in ("truncated", "think_closed") if key in r})
+        tracker.summary(
+            {
+                f"eval/{r['dataset']}/{r['target']}/{key}": r[key]
+                for r in results
+                for key in ("truncated", "think_closed")
+                if key in r
+            }
+        )
         for r in results:  # (an artifact made before these figures were kept has none)
             tracker.summary(throughput.metrics(f"eval/{r['dataset']}/{r['target']}", r.get("generation", {})))
         for (dataset, target), rows in records.items():

@@ -27,14 +27,22 @@ log = logging.getLogger(__name__)
 
 # GSM8K-Platinum's published prompt (MadryLab/platinum-benchmarks); its harness drops "Think step-by-step. " for
 # reasoning models, which think anyway
-PLATINUM_PROMPT = ("Solve the following math word problem.\n\n{question}\n\nThink step-by-step. Then, provide the "
-                   "final answer as a single integer in the format \"Answer: XXX\" with no extra formatting.")
+PLATINUM_PROMPT = (
+    "Solve the following math word problem.\n\n{question}\n\nThink step-by-step. Then, provide the "
+    'final answer as a single integer in the format "Answer: XXX" with no extra formatting.'
+)
 PLATINUM_PROMPT_REASONING = PLATINUM_PROMPT.replace("Think step-by-step. ", "")
 _ANNOTATION = re.compile(r"<<[^<>]*>>")
 
 
-def build_prompt(model: ModelConfig, tokenizer, question: str, arm: Optional[ArmConfig] = None,
-                 shots: Sequence[dict] = (), official: bool = False) -> str:
+def build_prompt(
+    model: ModelConfig,
+    tokenizer,
+    question: str,
+    arm: Optional[ArmConfig] = None,
+    shots: Sequence[dict] = (),
+    official: bool = False,
+) -> str:
     """The text a model is given for `question`, in its own format (prompt template or chat template).
 
     `arm` adds its system prompt (as a system turn, or before the question where `model.system_prompt=user`) and
@@ -59,14 +67,19 @@ def build_prompt(model: ModelConfig, tokenizer, question: str, arm: Optional[Arm
     if model.prompt_format == "chat":
         messages = [{"role": "system", "content": system}] if system else []
         for shot in shots:
-            messages += [{"role": "user", "content": user(shot["question"])},
-                         {"role": "assistant", "content": build_completion(model, shot["answer"])}]
+            messages += [
+                {"role": "user", "content": user(shot["question"])},
+                {"role": "assistant", "content": build_completion(model, shot["answer"])},
+            ]
         messages.append({"role": "user", "content": user(question)})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prefix = model.system_template.format(system=system) if system else ""
     for shot in shots:
-        prefix += model.prompt_template.format(question=user(shot["question"])) + \
-            build_completion(model, shot["answer"]) + "\n\n"
+        prefix += (
+            model.prompt_template.format(question=user(shot["question"]))
+            + build_completion(model, shot["answer"])
+            + "\n\n"
+        )
     return prefix + model.prompt_template.format(question=user(question))
 
 
@@ -78,8 +91,9 @@ def build_completion(model: ModelConfig, solution: str, prompt: Optional[str] = 
     reasoning, _, answer = solution.rpartition("####")
     if not reasoning:
         reasoning, answer = solution, ""
-    completion = model.completion_template.format(solution=solution, reasoning=_ANNOTATION.sub("", reasoning).rstrip(),
-                                                  answer=answer.strip())
+    completion = model.completion_template.format(
+        solution=solution, reasoning=_ANNOTATION.sub("", reasoning).rstrip(), answer=answer.strip()
+    )
     if model.reasoning == "think" and prompt is not None and not prompt.rstrip().endswith(model.think_open):
         completion = f"{model.think_open}\n{completion}"
     return completion
@@ -146,9 +160,14 @@ def base_model_path(cfg: Config, store: ArtifactStore) -> str:
         return cfg.model.name_or_path
     from looper import tiny
 
-    spec = {"tiny": cfg.model.tiny, "data": {k: getattr(cfg.data, k) for k in
-                                             ("synthetic_seed", "max_steps", "max_number", "synthetic_train",
-                                              "synthetic_dev", "synthetic_test")}, "seed": cfg.seed}
+    spec = {
+        "tiny": cfg.model.tiny,
+        "data": {
+            k: getattr(cfg.data, k)
+            for k in ("synthetic_seed", "max_steps", "max_number", "synthetic_train", "synthetic_dev", "synthetic_test")
+        },
+        "seed": cfg.seed,
+    }
     return str(store.ensure("base", spec, lambda out: tiny.build(cfg.model.tiny, cfg.data, cfg.seed, out, log.info)))
 
 
@@ -159,8 +178,9 @@ def _revision(path: str, model: ModelConfig) -> Optional[str]:
 
 def load_tokenizer(path: str, model: ModelConfig):
     """The tokenizer with a pad token (EOS when it has none) and left padding for batched generation."""
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code,
-                                              revision=_revision(path, model))
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, trust_remote_code=model.trust_remote_code, revision=_revision(path, model)
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -175,8 +195,9 @@ def quantization_config(lora: LoraSettings, dtype: torch.dtype):
 
     if lora.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
 
 
 def load_causal_lm(path: str, model: ModelConfig, lora: Optional[LoraSettings] = None):
@@ -184,9 +205,14 @@ def load_causal_lm(path: str, model: ModelConfig, lora: Optional[LoraSettings] =
     dtype = resolve_dtype(model.dtype)
     quantization = quantization_config(lora, dtype) if lora is not None else None
     loaded = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=resolve_attention(model.attn_implementation),
-        trust_remote_code=model.trust_remote_code, quantization_config=quantization, revision=_revision(path, model),
-        device_map={"": device()} if quantization is not None else None)
+        path,
+        dtype=dtype,
+        attn_implementation=resolve_attention(model.attn_implementation),
+        trust_remote_code=model.trust_remote_code,
+        quantization_config=quantization,
+        revision=_revision(path, model),
+        device_map={"": device()} if quantization is not None else None,
+    )
     if quantization is None:
         loaded.to(device())
     return loaded
@@ -194,8 +220,9 @@ def load_causal_lm(path: str, model: ModelConfig, lora: Optional[LoraSettings] =
 
 def is_quantized(model) -> bool:
     """Whether `model`'s weights are quantized (bitsandbytes, or a checkpoint saved quantized)."""
-    return bool(getattr(model, "is_quantized", False)
-                or getattr(getattr(model, "config", None), "quantization_config", None))
+    return bool(
+        getattr(model, "is_quantized", False) or getattr(getattr(model, "config", None), "quantization_config", None)
+    )
 
 
 def is_adapter(path: str) -> bool:
@@ -211,7 +238,7 @@ def adapter_base(path: str) -> str:
 def load_target(path: str, model: ModelConfig, lora: Optional[LoraSettings] = None, trainable: bool = False):
     """(model, tokenizer) for a target directory or hub id; an adapter is loaded over its base. For inference
     (`trainable=False`) over full-precision base weights the adapter is merged into them: a decode step then runs
-    the base model's kernels only (an unmerged LoRA r64 on q/k/v/o made a 7B rollout 18% slower on an H200);
+    the base model's kernels only (an unmerged LoRA makes every decode step slower: docs/performance.md);
     over a quantized base it stays separate (merging would round it into the quantization)."""
     if is_adapter(path):
         from peft import PeftModel
@@ -220,13 +247,16 @@ def load_target(path: str, model: ModelConfig, lora: Optional[LoraSettings] = No
         loaded = PeftModel.from_pretrained(base, path, is_trainable=trainable)
         broken = [n for n, p in loaded.named_parameters() if "lora_" in n and not torch.isfinite(p).all()]
         if broken:
-            raise ValueError(f"the adapter {path} holds NaN or inf weights ({broken[0]}, {len(broken)} tensors): it "
-                             "is damaged or came from a diverged training; rebuild it")
+            raise ValueError(
+                f"the adapter {path} holds NaN or inf weights ({broken[0]}, {len(broken)} tensors): it "
+                "is damaged or came from a diverged training; rebuild it"
+            )
         if not trainable and not is_quantized(base):
             loaded = loaded.merge_and_unload()
     else:
         loaded = load_causal_lm(path, model, lora)
     if not trainable:
         loaded.eval()
-    return loaded, load_tokenizer(path if (Path(path) / "tokenizer_config.json").exists() else adapter_base(path),
-                                  model)
+    return loaded, load_tokenizer(
+        path if (Path(path) / "tokenizer_config.json").exists() else adapter_base(path), model
+    )

@@ -20,10 +20,10 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from looper import models, rollout, sft
-from looper.artifacts import ArtifactStore
+from looper import models
+from looper.artifacts import PAIRS, TRAJECTORIES, read_jsonl
 from looper.coherence import group_by_question, reward_of, weighted
-from looper.config import Config, PreferencesConfig, RewardConfig
+from looper.config import Config, PreferencesConfig, RewardConfig, identity
 from looper.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -54,17 +54,28 @@ def question_pairs(records: list[dict], reward: RewardConfig, settings: Preferen
     cap = settings.max_pairs_per_question
     if settings.strategy == "reward_extremes":
         ranked = sorted(scored, key=lambda r: -r["reward"])
-        found = [(c, r, "reward") for c, r in _pairs(ranked, ranked[::-1], cap, lambda a, b: a["reward"] - b["reward"],
-                                                      settings.margin)]
+        found = [
+            (c, r, "reward")
+            for c, r in _pairs(ranked, ranked[::-1], cap, lambda a, b: a["reward"] - b["reward"], settings.margin)
+        ]
         return found, "" if found else "reward_gap_below_margin"
     correct = [r for r in scored if r["correct"]]
     wrong = [r for r in scored if not r["correct"]]
-    found = [(c, r, "correctness") for c, r in _pairs(sorted(correct, key=lambda r: -r["reward"]),
-                                                       sorted(wrong, key=lambda r: r["reward"]), cap,
-                                                       lambda a, b: 1.0, 0.0)]
+    found = [
+        (c, r, "correctness")
+        for c, r in _pairs(
+            sorted(correct, key=lambda r: -r["reward"]),
+            sorted(wrong, key=lambda r: r["reward"]),
+            cap,
+            lambda a, b: 1.0,
+            0.0,
+        )
+    ]
     by_coherence = sorted(correct, key=lambda r: -r["s_wm"])
-    found += [(c, r, "coherence") for c, r in _pairs(by_coherence, by_coherence[::-1], cap,
-                                                      lambda a, b: a["s_wm"] - b["s_wm"], settings.margin)]
+    found += [
+        (c, r, "coherence")
+        for c, r in _pairs(by_coherence, by_coherence[::-1], cap, lambda a, b: a["s_wm"] - b["s_wm"], settings.margin)
+    ]
     if found:
         return found, ""
     if not correct:
@@ -80,49 +91,80 @@ def build_pairs(trajectories: list[dict], reward: RewardConfig, settings: Prefer
         if not found:
             unpaired[reason] += 1
         for index, (chosen, rejected, pair_type) in enumerate(found):
-            pairs.append({"id": f"{question_id}/{pair_type}/{index}", "question_id": question_id,
-                          "question": chosen["question"], "chosen": chosen["text"], "rejected": rejected["text"],
-                          "pair_type": pair_type, "chosen_reward": chosen["reward"],
-                          "rejected_reward": rejected["reward"],
-                          "chosen_components": {k: chosen.get(k) for k in COMPONENT_KEYS},
-                          "rejected_components": {k: rejected.get(k) for k in COMPONENT_KEYS}})
+            pairs.append(
+                {
+                    "id": f"{question_id}/{pair_type}/{index}",
+                    "question_id": question_id,
+                    "question": chosen["question"],
+                    "chosen": chosen["text"],
+                    "rejected": rejected["text"],
+                    "pair_type": pair_type,
+                    "chosen_reward": chosen["reward"],
+                    "rejected_reward": rejected["reward"],
+                    "chosen_components": {k: chosen.get(k) for k in COMPONENT_KEYS},
+                    "rejected_components": {k: rejected.get(k) for k in COMPONENT_KEYS},
+                }
+            )
     return pairs, dict(unpaired)
 
 
 def pair_stats(pairs: list[dict], unpaired: dict, questions: int) -> dict:
     """Pairs by type, questions without a pair and why, and the reward gaps."""
     gaps = sorted(p["chosen_reward"] - p["rejected_reward"] for p in pairs)
-    return {"pairs": len(pairs), "pairs_by_type": dict(Counter(p["pair_type"] for p in pairs)),
-            "questions": questions, "questions_without_pair": unpaired,
-            "reward_gap": {"mean": sum(gaps) / len(gaps), "min": gaps[0], "median": gaps[len(gaps) // 2],
-                           "max": gaps[-1]} if gaps else None}
+    return {
+        "pairs": len(pairs),
+        "pairs_by_type": dict(Counter(p["pair_type"] for p in pairs)),
+        "questions": questions,
+        "questions_without_pair": unpaired,
+        "reward_gap": {"mean": sum(gaps) / len(gaps), "min": gaps[0], "median": gaps[len(gaps) // 2], "max": gaps[-1]}
+        if gaps
+        else None,
+    }
 
 
 def _build(cfg: Config, rollout_dir: Path, sft_dir: Path, out: Path) -> None:
     tokenizer = models.load_tokenizer(str(sft_dir), cfg.model)
-    trajectories = rollout.read_trajectories(rollout_dir)
+    trajectories = read_jsonl(rollout_dir / TRAJECTORIES)
     pairs, unpaired = build_pairs(trajectories, cfg.reward, cfg.preferences)
-    with open(out / "pairs.jsonl", "w") as handle:
+    with open(out / PAIRS, "w") as handle:
         for pair in pairs:
             pair["prompt"] = models.build_prompt(cfg.model, tokenizer, pair["question"])
             handle.write(json.dumps(pair) + "\n")
     stats = pair_stats(pairs, unpaired, len(group_by_question(trajectories)))
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     with stage_run(cfg, "preferences") as tracker:
-        tracker.summary({"preferences/pairs": stats["pairs"],
-                         **{f"preferences/pairs_{k}": v for k, v in stats["pairs_by_type"].items()},
-                         **{f"preferences/unpaired_{k}": v for k, v in unpaired.items()},
-                         **{f"preferences/reward_gap_{k}": v for k, v in (stats["reward_gap"] or {}).items()}})
-    log.info("preferences: %d pairs %s; questions without a pair: %s", len(pairs), stats["pairs_by_type"],
-             unpaired or "none")
+        tracker.summary(
+            {
+                "preferences/pairs": stats["pairs"],
+                **{f"preferences/pairs_{k}": v for k, v in stats["pairs_by_type"].items()},
+                **{f"preferences/unpaired_{k}": v for k, v in unpaired.items()},
+                **{f"preferences/reward_gap_{k}": v for k, v in (stats["reward_gap"] or {}).items()},
+            }
+        )
+    log.info(
+        "preferences: %d pairs %s; questions without a pair: %s", len(pairs), stats["pairs_by_type"], unpaired or "none"
+    )
     if not pairs:
-        raise RuntimeError(f"no preference pairs from {rollout_dir} ({unpaired}): sample more per arm "
-                           "(arms.<arm>.samples), more questions, or lower preferences.margin")
+        raise RuntimeError(
+            f"no preference pairs from {rollout_dir} ({unpaired}): sample more per arm "
+            "(arms.<arm>.samples), more questions, or lower preferences.margin"
+        )
 
 
-def run(cfg: Config, store: ArtifactStore) -> Path:
-    """Build DPO pairs from the rollout artifact; returns the artifact directory."""
-    rollout_dir = rollout.run(cfg, store)
-    sft_dir = sft.run(cfg, store)  # already built by the rollout: a cache lookup
-    spec = {"rollout": rollout_dir.name, "reward": cfg.reward, "preferences": cfg.preferences, "model": cfg.model}
-    return store.ensure("preferences", spec, lambda out: _build(cfg, rollout_dir, sft_dir, out))
+NEEDS = ("rollout", "sft")  # the artifacts this stage builds on (looper/pipeline.py resolves them)
+ENSURE: dict = {}
+
+
+def spec(cfg: Config, up: dict, store=None) -> dict:
+    """What identifies the pairs: the rollout, the reward and the pairing settings."""
+    return {
+        "rollout": Path(up["rollout"]).name,
+        "reward": identity(cfg.reward),
+        "preferences": identity(cfg.preferences),
+        "model": identity(cfg.model),
+    }
+
+
+def build(cfg: Config, up: dict, out: Path) -> None:
+    """Build the DPO pairs of the rollout's trajectories into `out` (prompts in the SFT tokenizer's format)."""
+    _build(cfg, Path(up["rollout"]), Path(up["sft"]), out)

@@ -32,8 +32,9 @@ def model_context(cfg: Config) -> Optional[int]:
         else:
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                                trust_remote_code=cfg.model.trust_remote_code).to_dict()
+            config = AutoConfig.from_pretrained(
+                cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+            ).to_dict()
     except Exception as error:  # noqa: BLE001 - unreadable here; the stage that loads the model reports it
         log.info("preflight: the context of %s is not known yet (%s)", cfg.model.name_or_path, error)
         return None
@@ -42,34 +43,46 @@ def model_context(cfg: Config) -> Optional[int]:
 
 
 def _limits(cfg: Config, context: int) -> None:
-    limits = {"rollout.max_new_tokens": cfg.rollout.max_new_tokens, "eval.max_new_tokens": cfg.eval.max_new_tokens,
-              "model.max_new_tokens": cfg.model.max_new_tokens, "sft.max_length": cfg.sft.max_length,
-              "dpo.max_length": cfg.dpo.max_length}
+    limits = {
+        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "eval.max_new_tokens": cfg.eval.max_new_tokens,
+        "model.max_new_tokens": cfg.model.max_new_tokens,
+        "sft.max_length": cfg.sft.max_length,
+        "dpo.max_length": cfg.dpo.max_length,
+    }
     for key, value in limits.items():
         if value is not None and value > context:
-            raise ValueError(f"{key}: {value} tokens exceed the model's context of {context} positions "
-                             f"({cfg.model.name_or_path or 'the tiny model'}); lower it")
+            raise ValueError(
+                f"{key}: {value} tokens exceed the model's context of {context} positions "
+                f"({cfg.model.name_or_path or 'the tiny model'}); lower it"
+            )
 
 
 def _counts(cfg: Config, splits: dict, evaluated: dict) -> None:
     train = len(splits["train"])
-    for key, value in (("rollout.num_questions", cfg.rollout.num_questions), ("sft.num_examples",
-                                                                              cfg.sft.num_examples)):
+    for key, value in (
+        ("rollout.num_questions", cfg.rollout.num_questions),
+        ("sft.num_examples", cfg.sft.num_examples),
+    ):
         if value is not None and value > train:
             raise ValueError(f"{key}={value}, but the training split has {train} problems")
     # eval.num_questions caps each dataset: beyond the largest it can only be a mistake
     largest = max((len(rows) for rows in evaluated.values()), default=None)
     if cfg.eval.num_questions is not None and largest is not None and cfg.eval.num_questions > largest:
-        raise ValueError(f"eval.num_questions={cfg.eval.num_questions}, but the largest dataset evaluated "
-                         f"({', '.join(evaluated)}) has {largest} problems")
+        raise ValueError(
+            f"eval.num_questions={cfg.eval.num_questions}, but the largest dataset evaluated "
+            f"({', '.join(evaluated)}) has {largest} problems"
+        )
     if cfg.eval.shots and evaluated:
         from looper.evaluation import shot_pool_source
 
         for dataset in evaluated:
             pool = len(shot_pool_source(dataset, cfg))
             if cfg.eval.shots + 1 > pool:
-                raise ValueError(f"eval.shots={cfg.eval.shots}: the examples come from a training split of {pool} "
-                                 f"problems ({dataset}); at most {pool - 1}")
+                raise ValueError(
+                    f"eval.shots={cfg.eval.shots}: the examples come from a training split of {pool} "
+                    f"problems ({dataset}); at most {pool - 1}"
+                )
 
 
 def check(cfg: Config) -> None:
@@ -80,8 +93,10 @@ def check(cfg: Config) -> None:
 
     splits = load_splits(cfg.data)
     if not objective_dataset(cfg).endswith("_dev"):
-        log.warning("eval.select_on=%s is a test set: a sweep that selects on it reports a biased figure for it",
-                    objective_dataset(cfg))
+        log.warning(
+            "eval.select_on=%s is a test set: a sweep that selects on it reports a biased figure for it",
+            objective_dataset(cfg),
+        )
     evaluated = {}
     if cfg.stage.name in ("pipeline", "eval"):
         for dataset in dict.fromkeys([*cfg.eval.datasets, objective_dataset(cfg)]):

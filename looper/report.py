@@ -21,8 +21,10 @@ from looper.stats import wilson
 def load_jobs(sweep_dir: Path) -> list[dict]:
     """The summaries of the finished jobs of a sweep (jobs without one are skipped), in job order."""
     jobs = []
-    for path in sorted(sweep_dir.rglob("summary.json"), key=lambda p: [int(x) if x.isdigit() else x
-                                                                       for x in p.parent.relative_to(sweep_dir).parts]):
+    for path in sorted(
+        sweep_dir.rglob("summary.json"),
+        key=lambda p: [int(x) if x.isdigit() else x for x in p.parent.relative_to(sweep_dir).parts],
+    ):
         summary = json.loads(path.read_text())
         summary["job"] = str(path.parent.relative_to(sweep_dir))
         jobs.append(summary)
@@ -70,9 +72,13 @@ def table(jobs: list[dict], keys: list[str], choice: tuple) -> str:
     accuracy on the other datasets."""
     rows = sorted(jobs, key=lambda j: -accuracy(j, *choice)[0])
     others = beside(jobs, choice)
-    lines = ["| rank | job | " + " | ".join(keys) + " | selected on: accuracy [95% CI] | n |"
-             + "".join(f" {d} |" for d in others),
-             "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |" + " --- |" * len(others)]
+    lines = [
+        "| rank | job | "
+        + " | ".join(keys)
+        + " | selected on: accuracy [95% CI] | n |"
+        + "".join(f" {d} |" for d in others),
+        "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |" + " --- |" * len(others),
+    ]
     for rank, j in enumerate(rows, start=1):
         acc, correct, n = accuracy(j, *choice)
         low, high = wilson(correct, n)
@@ -82,8 +88,12 @@ def table(jobs: list[dict], keys: list[str], choice: tuple) -> str:
                 extra += f" {100 * accuracy(j, d, choice[1], choice[2])[0]:.1f}% |"
             except KeyError:
                 extra += " — |"
-        lines.append(f"| {rank} | {j['job']} | " + " | ".join(str(j["params"][k]) for k in keys)
-                     + f" | {100 * acc:.1f}% [{100 * low:.1f}, {100 * high:.1f}] | {n} |" + extra)
+        lines.append(
+            f"| {rank} | {j['job']} | "
+            + " | ".join(str(j["params"][k]) for k in keys)
+            + f" | {100 * acc:.1f}% [{100 * low:.1f}, {100 * high:.1f}] | {n} |"
+            + extra
+        )
     return "\n".join(lines)
 
 
@@ -101,8 +111,9 @@ def heatmaps(jobs: list[dict], choice: tuple, out_dir: Path) -> list[Path]:
         betas = sorted({j["params"]["reward.beta"] for j in cell})
         grid = [[float("nan")] * len(alphas) for _ in betas]
         for j in cell:
-            grid[betas.index(j["params"]["reward.beta"])][alphas.index(j["params"]["reward.alpha"])] = \
-                accuracy(j, *choice)[0]
+            grid[betas.index(j["params"]["reward.beta"])][alphas.index(j["params"]["reward.alpha"])] = accuracy(
+                j, *choice
+            )[0]
         fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(alphas), 1.4 + 0.9 * len(betas)))
         image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
         for y, row in enumerate(grid):
@@ -137,8 +148,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     write_csv(jobs, args.sweep_dir / "sweep.csv")
     keys = varied(jobs) or ["dpo.beta"]
     selected = args.dataset or jobs[0]["objective"]["dataset"]
-    text = (f"# Sweep report: {args.sweep_dir}\n\n{len(jobs)} jobs, best first by their accuracy on {selected}; "
-            f"the other datasets are shown, not ranked on.\n\n{table(jobs, keys, choice)}\n")
+    text = (
+        f"# Sweep report: {args.sweep_dir}\n\n{len(jobs)} jobs, best first by their accuracy on {selected}; "
+        f"the other datasets are shown, not ranked on.\n\n{table(jobs, keys, choice)}\n"
+    )
     (args.sweep_dir / "sweep.md").write_text(text)
     written = heatmaps(jobs, choice, args.sweep_dir)
     print(text)

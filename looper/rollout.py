@@ -6,13 +6,12 @@ weights of the run that made the artifact; preferences recompute it) — and `st
 components, and how fast generation ran: looper/throughput.py).
 
 Each (question, arm, sample) has its own seed, drawn from the run seed, and sampling is seeded per row
-(looper/generation.py), so the records do not depend on batching, sharding or restarts. Records are written question
-by question (flushed) to this process's shard `trajectories.rank<r>.jsonl`; a restart keeps the questions already
-complete in it and drops a torn or partial last question. Under `accelerate launch`, process r takes questions
+(looper/engine/sampling.py), so the records do not depend on batching, sharding or restarts. Records are written
+question by question (flushed) to this process's shard `trajectories.rank<r>.jsonl`; a restart keeps the questions
+already complete in it and drops a torn or partial last question. Under `accelerate launch`, process r takes questions
 r, r + world, ...; when every process is done, rank 0 merges the shards, sorted and de-duplicated.
 """
 
-import hashlib
 import json
 import logging
 import threading
@@ -24,22 +23,15 @@ from typing import Optional
 from hydra.utils import instantiate
 from tqdm.auto import tqdm
 
-from looper import coherence, distributed, engine, models, sft, throughput
+from looper import coherence, distributed, engine, models, throughput
 from looper.answers import completion_flags, extract, is_correct
-from looper.artifacts import ArtifactStore, recover_jsonl, to_plain
-from looper.config import ArmConfig, Config
+from looper.artifacts import TRAJECTORIES, read_jsonl, recover_jsonl
+from looper.config import ArmConfig, Config, identity
 from looper.data import load_splits
+from looper.engine.sampling import row_seed
 from looper.tracking import stage_run
 
 log = logging.getLogger(__name__)
-
-TRAJECTORIES = "trajectories.jsonl"
-
-
-def trajectory_seed(run_seed: int, question_id: str, arm: str, sample: int, *extra) -> int:
-    """A 31-bit seed for one (question, arm, sample) — and, with `extra`, for its resampled continuations."""
-    key = "/".join(map(str, (run_seed, question_id, arm, sample, *extra)))
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") >> 1
 
 
 class Sampler:
@@ -57,8 +49,12 @@ class Sampler:
 
     def run(self, jobs: list[tuple[str, ArmConfig, int]]):
         """Complete (prompt, arm, seed) jobs in batches; returns Generation objects in order."""
-        outputs, figures = self.generator.generate([
-            engine.Request(prompt, self.max_new_tokens, arm.temperature, arm.top_p, seed) for prompt, arm, seed in jobs])
+        outputs, figures = self.generator.generate(
+            [
+                engine.Request(prompt, self.max_new_tokens, arm.temperature, arm.top_p, seed)
+                for prompt, arm, seed in jobs
+            ]
+        )
         self.real_tokens += sum(o.num_tokens for o in outputs)
         if self.figures is not None:
             throughput.record(self.figures, figures)
@@ -80,23 +76,33 @@ class Continuations:
         for index, prefix in requests:
             t = self.trajectories[index]
             arm = cfg.arms[t["arm"]]
-            out += [(self.sampler.prompt(self.problem["question"], arm) + prefix, arm,
-                     trajectory_seed(cfg.seed, t["question_id"], t["arm"], t["sample"], "cf", k)) for k in range(n)]
+            out += [
+                (
+                    self.sampler.prompt(self.problem["question"], arm) + prefix,
+                    arm,
+                    row_seed(cfg.seed, t["question_id"], t["arm"], t["sample"], "cf", k),
+                )
+                for k in range(n)
+            ]
         return out
 
     @staticmethod
     def split(texts: list[str], requests: int, n: int) -> list[list[str]]:
-        return [texts[i * n:(i + 1) * n] for i in range(requests)]
+        return [texts[i * n : (i + 1) * n] for i in range(requests)]
 
     def __call__(self, requests: list[tuple[int, str]], n: int) -> list[list[str]]:
         return self.split([o.text for o in self.sampler.run(self.jobs(requests, n))], len(requests), n)
 
 
 def _score_question(cfg: Config, scorer, problem: dict, trajectories: list[dict], continuations) -> list[dict]:
-    components = scorer(question=problem["question"], gold=problem["gold"], trajectories=trajectories,
-                        generate=continuations,
-                        extract_answer=lambda text: extract(text, cfg.rollout.answer_scorer, cfg.model.answer_after()),
-                        reward=cfg.reward)
+    components = scorer(
+        question=problem["question"],
+        gold=problem["gold"],
+        trajectories=trajectories,
+        generate=continuations,
+        extract_answer=lambda text: extract(text, cfg.rollout.answer_scorer, cfg.model.answer_after()),
+        reward=cfg.reward,
+    )
     records = []
     for t, c in zip(trajectories, components):
         record = {**t, **c}
@@ -105,8 +111,9 @@ def _score_question(cfg: Config, scorer, problem: dict, trajectories: list[dict]
     return records
 
 
-def score_together(cfg: Config, sampler: Sampler, scorer, problems: list[dict],
-                   trajectories: list[list[dict]]) -> list[list[dict]]:
+def score_together(
+    cfg: Config, sampler: Sampler, scorer, problems: list[dict], trajectories: list[list[dict]]
+) -> list[list[dict]]:
     """Score several questions side by side: each question's scorer runs in a thread of its own, and whenever every
     scorer still running is waiting for continuations (s_cf), all their requests are decoded in one batched call.
     So resampling costs a few large batches per chunk instead of a small one per question. Rows are seeded one by
@@ -163,7 +170,8 @@ def score_together(cfg: Config, sampler: Sampler, scorer, problems: list[dict],
                         f"rollout: the coherence scorer ({cfg.reward.scorer['_target_']}) spent more than "
                         f"rollout.scorer_timeout_s={budget:g} s on question {problems[stuck]['id']!r} without "
                         f"finishing: a scorer bug or a trajectory it cannot handle (raise the key only for a scorer "
-                        f"that is slow by design)")
+                        f"that is slow by design)"
+                    )
             if len(finished) == len(problems):
                 break
             batch = dict(waiting)
@@ -171,7 +179,7 @@ def score_together(cfg: Config, sampler: Sampler, scorer, problems: list[dict],
         with lock:
             for index, (jobs, result) in batch.items():
                 result.extend(outputs[: len(jobs)])
-                outputs = outputs[len(jobs):]
+                outputs = outputs[len(jobs) :]
                 del waiting[index]
             lock.notify_all()
     for index in range(len(problems)):
@@ -184,19 +192,31 @@ def _trajectories(cfg: Config, problem: dict, outputs_by_job: list) -> list[dict
     out, after = [], cfg.model.answer_after()
     for (arm_name, arm, sample, seed), output in outputs_by_job:
         truncated = output.finish_reason == "length"
-        out.append({"question_id": problem["id"], "arm": arm_name, "family": arm.family, "sample": sample,
-                    "seed": seed, "question": problem["question"], "gold": problem["gold"], "text": output.text,
-                    "reasoning": coherence.split_reasoning(output.text, after),
-                    "answer": extract(output.text, cfg.rollout.answer_scorer, after, truncated),
-                    "correct": is_correct(output.text, problem["gold"], cfg.rollout.answer_scorer, after, truncated),
-                    "num_tokens": output.num_tokens, "finish_reason": output.finish_reason,
-                    **completion_flags(output.text, output.finish_reason, after)})
+        out.append(
+            {
+                "question_id": problem["id"],
+                "arm": arm_name,
+                "family": arm.family,
+                "sample": sample,
+                "seed": seed,
+                "question": problem["question"],
+                "gold": problem["gold"],
+                "text": output.text,
+                "reasoning": coherence.split_reasoning(output.text, after),
+                "answer": extract(output.text, cfg.rollout.answer_scorer, after, truncated),
+                "correct": is_correct(output.text, problem["gold"], cfg.rollout.answer_scorer, after, truncated),
+                "num_tokens": output.num_tokens,
+                "finish_reason": output.finish_reason,
+                **completion_flags(output.text, output.finish_reason, after),
+            }
+        )
     return out
 
 
 def read_complete(path: Path, expected: int) -> list[dict]:
     """The records of a shard whose questions are complete (`expected` records each); a torn last line or a partly
     written last question is dropped, and the file is rewritten without it."""
+
     def whole_questions(records: list[dict]) -> list[dict]:
         counts = Counter(r["question_id"] for r in records)
         return [r for r in records if counts[r["question_id"]] == expected]
@@ -216,26 +236,40 @@ def _sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], shard: Path)
     sampler = Sampler(cfg, model, tokenizer, shard.parent / f"generation.rank{distributed.rank()}.jsonl")
     scorer = instantiate(cfg.reward.scorer, _partial_=True)
     # several batches' worth of rows per generate call, so slots freed by short trajectories are refilled and the
-    # drain at the end of a call (ever fewer rows a step) weighs little: on an H100 a 7B arm-template rollout's drain
-    # took 3.5 s a call, and 16 batches a call rather than 8 gave 10,230 tokens/s instead of 9,708
-    # (scripts/bench_gpu.py --rollout-arms 8 --rollout-batches 16). Records are written per call, so a crash loses
-    # at most one call's work (4,096 rows at batch 256: ~60 s on an H100).
+    # drain at the end of a call (ever fewer rows a step) weighs little (measured in docs/performance.md). Records
+    # are written per call, so a crash loses at most one call's work.
     questions_per_batch = max(1, cfg.rollout.batches_per_call * cfg.rollout.batch_size // per_question)
     start = time.time()
     with open(shard, "a") as handle, tqdm(total=len(problems), initial=len(done), unit="q", desc="rollout") as bar:
         for first in range(0, len(todo), questions_per_batch):
-            chunk = todo[first:first + questions_per_batch]
-            keys = [(p, name, arm, k, trajectory_seed(cfg.seed, p["id"], name, k))
-                    for p in chunk for name, arm in cfg.arms.items() for k in range(arm.samples)]
+            chunk = todo[first : first + questions_per_batch]
+            keys = [
+                (p, name, arm, k, row_seed(cfg.seed, p["id"], name, k))
+                for p in chunk
+                for name, arm in cfg.arms.items()
+                for k in range(arm.samples)
+            ]
             outputs = sampler.run([(sampler.prompt(p["question"], arm), arm, seed) for p, _, arm, _, seed in keys])
-            trajectories = [_trajectories(cfg, problem, [((name, arm, k, seed), out) for (p, name, arm, k, seed), out
-                                                         in zip(keys, outputs) if p is problem]) for problem in chunk]
+            trajectories = [
+                _trajectories(
+                    cfg,
+                    problem,
+                    [
+                        ((name, arm, k, seed), out)
+                        for (p, name, arm, k, seed), out in zip(keys, outputs)
+                        if p is problem
+                    ],
+                )
+                for problem in chunk
+            ]
             for records in score_together(cfg, sampler, scorer, chunk, trajectories):
                 handle.write("".join(json.dumps(r) + "\n" for r in records))  # one write per question
                 handle.flush()
                 bar.update(1)
             elapsed = max(time.time() - start, 1e-9)
-            bar.set_postfix(q_per_s=f"{(bar.n - len(done)) / elapsed:.2f}", tok_per_s=f"{sampler.real_tokens / elapsed:.0f}")
+            bar.set_postfix(
+                q_per_s=f"{(bar.n - len(done)) / elapsed:.2f}", tok_per_s=f"{sampler.real_tokens / elapsed:.0f}"
+            )
 
 
 def merge_shards(out: Path, problems: list[dict], arm_names: list[str]) -> list[dict]:
@@ -256,31 +290,63 @@ def _mean(values: list):
 
 def arm_stats(records: list[dict]) -> dict:
     """Per-arm and overall accuracy, answer agreement (mean s_end), mean tokens and mean components."""
+
     def summary(rows):
-        return {"trajectories": len(rows), "accuracy": _mean([r["correct"] for r in rows]),
-                "answered": _mean([r["answer"] is not None for r in rows]),
-                "truncated": _mean([r["finish_reason"] == "length" for r in rows]),
-                "mean_tokens": _mean([r["num_tokens"] for r in rows]),
-                **{f"mean_{c}": _mean([r[c] for r in rows if r.get(c) is not None]) for c in coherence.COMPONENTS}}
+        return {
+            "trajectories": len(rows),
+            "accuracy": _mean([r["correct"] for r in rows]),
+            "answered": _mean([r["answer"] is not None for r in rows]),
+            "truncated": _mean([r["finish_reason"] == "length" for r in rows]),
+            "mean_tokens": _mean([r["num_tokens"] for r in rows]),
+            **{f"mean_{c}": _mean([r[c] for r in rows if r.get(c) is not None]) for c in coherence.COMPONENTS},
+        }
 
     arms = list(dict.fromkeys(r["arm"] for r in records))
     by_question = coherence.group_by_question(records)
-    return {"questions": len(by_question),
-            "questions_with_a_correct_trajectory": sum(any(r["correct"] for r in rs) for rs in by_question.values()),
-            "overall": summary(records), "arms": {a: summary([r for r in records if r["arm"] == a]) for a in arms}}
+    return {
+        "questions": len(by_question),
+        "questions_with_a_correct_trajectory": sum(any(r["correct"] for r in rs) for rs in by_question.values()),
+        "overall": summary(records),
+        "arms": {a: summary([r for r in records if r["arm"] == a]) for a in arms},
+    }
 
 
 def _log(tracker, stats: dict, records: list[dict]) -> None:
-    tracker.summary({"rollout/accuracy": stats["overall"]["accuracy"], "rollout/questions": stats["questions"],
-                     "rollout/truncated": stats["overall"].get("truncated")})
+    tracker.summary(
+        {
+            "rollout/accuracy": stats["overall"]["accuracy"],
+            "rollout/questions": stats["questions"],
+            "rollout/truncated": stats["overall"].get("truncated"),
+        }
+    )
     tracker.summary(throughput.metrics("rollout", stats.get("generation", {})))
-    tracker.summary({f"rollout/{arm}/{key}": value for arm, s in stats["arms"].items() for key, value in s.items()
-                     if key in ("accuracy", "mean_s_end", "mean_s_wm", "mean_tokens")})
+    tracker.summary(
+        {
+            f"rollout/{arm}/{key}": value
+            for arm, s in stats["arms"].items()
+            for key, value in s.items()
+            if key in ("accuracy", "mean_s_end", "mean_s_wm", "mean_tokens")
+        }
+    )
 
-    tracker.histograms({f"rollout/hist_{c}": [r[c] for r in records if r.get(c) is not None]
-                        for c in coherence.COMPONENTS})
-    columns = ("question_id", "arm", "family", "sample", "text", "answer", "correct", "num_tokens", "truncated",
-               "s_end", "s_path", "s_cf", "s_wm")
+    tracker.histograms(
+        {f"rollout/hist_{c}": [r[c] for r in records if r.get(c) is not None] for c in coherence.COMPONENTS}
+    )
+    columns = (
+        "question_id",
+        "arm",
+        "family",
+        "sample",
+        "text",
+        "answer",
+        "correct",
+        "num_tokens",
+        "truncated",
+        "s_end",
+        "s_path",
+        "s_cf",
+        "s_wm",
+    )
     tracker.table("rollout/trajectories", [{c: r.get(c) for c in columns} for r in records[:200]])
 
 
@@ -298,32 +364,43 @@ def _build(cfg: Config, sft_dir: Path, out: Path) -> None:
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     with stage_run(cfg, "rollout") as tracker:
         _log(tracker, stats, records)
-    log.info("rollout: %d trajectories over %d questions (%d processes), accuracy %.3f", len(records),
-             stats["questions"], world, stats["overall"]["accuracy"])
-    throughput.report_truncation("rollout", stats["overall"]["truncated"], "rollout.max_new_tokens",
-                                 cfg.model.reasoning == "think")
+    log.info(
+        "rollout: %d trajectories over %d questions (%d processes), accuracy %.3f",
+        len(records),
+        stats["questions"],
+        world,
+        stats["overall"]["accuracy"],
+    )
+    throughput.report_truncation(
+        "rollout", stats["overall"]["truncated"], "rollout.max_new_tokens", cfg.model.reasoning == "think"
+    )
 
 
-
-def rollout_spec(cfg: Config, sft_dir: Path) -> dict:
-    """What determines the trajectories: the policy, arms, sampling and the scorer — not alpha, beta, the length
-    penalty or the w_* weights, which are applied later to the stored components, and not the batching or the
-    scorer's time budget, which no record depends on."""
-    scoring = {"scorer": cfg.reward.scorer, "cf_cut": cfg.reward.cf_cut, "cf_samples": cfg.reward.cf_samples}
-    sampling = {k: v for k, v in to_plain(cfg.rollout).items()
-                if k not in ("batch_size", "batches_per_call", "scorer_timeout_s")}
-    return {"sft": sft_dir.name, "arms": cfg.arms, "rollout": sampling, "model": cfg.model, "data": cfg.data,
-            "seed": cfg.seed, "scoring": scoring}
+NEEDS = ("sft",)  # the artifacts this stage builds on (looper/pipeline.py resolves them)
+ENSURE = {"resumable": True, "collective": True}  # kept across crashes; every process samples its shard
 
 
-def run(cfg: Config, store: ArtifactStore) -> Path:
-    """Sample and score trajectories from the SFT policy; returns the artifact directory."""
-    sft_dir = sft.run(cfg, store)
-    return store.ensure("rollout", rollout_spec(cfg, sft_dir), lambda out: _build(cfg, sft_dir, out), resumable=True,
-                          collective=True)
+def spec(cfg: Config, up: dict, store=None) -> dict:
+    """What determines the trajectories: the policy, arms, sampling, decoding and the scorer; not alpha, beta, the
+    length penalty or the w_* weights (applied later to the stored components), nor a setting marked
+    `identity=False` in the schema (batching, the scorer's time budget: no record depends on them)."""
+    return {
+        "sft": Path(up["sft"]).name,
+        "arms": cfg.arms,
+        "rollout": identity(cfg.rollout),
+        "generation": identity(cfg.generation),
+        "model": identity(cfg.model),
+        "data": identity(cfg.data),
+        "seed": cfg.seed,
+        "scoring": identity(cfg.reward, scoring=True),
+    }
+
+
+def build(cfg: Config, up: dict, out: Path) -> None:
+    """Sample and score trajectories from the SFT policy into `out`."""
+    _build(cfg, Path(up["sft"]), out)
 
 
 def read_trajectories(rollout_dir: Path) -> list[dict]:
     """The records of a rollout artifact."""
-    with open(rollout_dir / TRAJECTORIES) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return read_jsonl(rollout_dir / TRAJECTORIES)

@@ -5,34 +5,18 @@ Artifact: the adapter (or the full model) and the tokenizer.
 
 import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from looper import distributed, models
-from looper.engine.kernels import attention
 from looper.artifacts import ArtifactStore
-from looper.config import Config, LoraSettings
+from looper.config import Config, identity
 from looper.data import load_splits
+from looper.engine.kernels import attention
 from looper.tracking import stage_run
+from looper.training import ensure_finite, peft_config, trainer_precision
 
 log = logging.getLogger(__name__)
-
-
-def peft_config(lora: LoraSettings):
-    """PEFT's LoraConfig for `lora` settings."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-
-
-def trainer_precision(cfg: Config) -> dict:
-    """bf16/fp16 mixed precision flags matching the model dtype."""
-    dtype = models.resolve_dtype(cfg.model.dtype)
-    return {"bf16": str(dtype) == "torch.bfloat16", "fp16": str(dtype) == "torch.float16"}
 
 
 def _length_grouping(args_class, enabled: bool) -> dict:
@@ -81,43 +65,54 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
         model.set_attn_implementation(attention.TRAINING)
     tokenizer = models.load_tokenizer(base, cfg.model)
     tokenizer.padding_side = "right"  # training pads on the right; generation loads it left-padded again
-    dataset = Dataset.from_list(tokenize_examples(tokenizer, examples if examples is not None else
-                                          training_examples(cfg, tokenizer)))
+    dataset = Dataset.from_list(
+        tokenize_examples(tokenizer, examples if examples is not None else training_examples(cfg, tokenizer))
+    )
     args = SFTConfig(
-        output_dir=str(out / "trainer"), learning_rate=cfg.sft.learning_rate, num_train_epochs=cfg.sft.epochs,
-        max_steps=cfg.sft.max_steps, per_device_train_batch_size=cfg.sft.batch_size,
-        gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps, max_length=None,
+        output_dir=str(out / "trainer"),
+        learning_rate=cfg.sft.learning_rate,
+        num_train_epochs=cfg.sft.epochs,
+        max_steps=cfg.sft.max_steps,
+        per_device_train_batch_size=cfg.sft.batch_size,
+        gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps,
+        max_length=None,
         padding_free=cfg.sft.padding_free,
         # a flattened batch is padded to a multiple of 64 tokens: few distinct shapes, so per-shape work is reused
         # (kernel choices; on the sdpa path cuDNN builds a plan per shape, ~2.5 ms of host time per layer)
         pad_to_multiple_of=64 if cfg.sft.padding_free else None,
-        warmup_steps=cfg.sft.warmup_ratio, lr_scheduler_type="cosine",
-        gradient_checkpointing=cfg.sft.gradient_checkpointing, completion_only_loss=True,
+        warmup_steps=cfg.sft.warmup_ratio,
+        lr_scheduler_type="cosine",
+        gradient_checkpointing=cfg.sft.gradient_checkpointing,
+        completion_only_loss=True,
         **_length_grouping(SFTConfig, cfg.sft.group_by_length),
-        logging_steps=cfg.sft.logging_steps, save_strategy="no", report_to=report_to, seed=cfg.seed,
-        dataloader_num_workers=0, **trainer_precision(cfg))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config(cfg.lora) if cfg.lora.enabled else None)
+        logging_steps=cfg.sft.logging_steps,
+        save_strategy="no",
+        report_to=report_to,
+        seed=cfg.seed,
+        dataloader_num_workers=0,
+        **trainer_precision(cfg),
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg.lora) if cfg.lora.enabled else None,
+    )
     # TRL does not truncate in padding-free mode; in both modes an over-long example is left out rather than cut
     # (a cut solution loses its final answer).
     tokenized = trainer.train_dataset
     trainer.train_dataset = tokenized.filter(lambda row: len(row["input_ids"]) <= cfg.sft.max_length)
     if len(trainer.train_dataset) < len(tokenized):
-        log.warning("sft: %d of %d examples are longer than sft.max_length=%d tokens and are left out",
-                    len(tokenized) - len(trainer.train_dataset), len(tokenized), cfg.sft.max_length)
+        log.warning(
+            "sft: %d of %d examples are longer than sft.max_length=%d tokens and are left out",
+            len(tokenized) - len(trainer.train_dataset),
+            len(tokenized),
+            cfg.sft.max_length,
+        )
     if len(trainer.train_dataset) == 0:
         raise ValueError(f"sft: every example is longer than sft.max_length={cfg.sft.max_length} tokens")
     return trainer
-
-
-def ensure_finite(stage: str, trainer, final_loss: float, learning_rate_key: str) -> None:
-    """Fail (so the artifact is never marked DONE) when training diverged: a non-finite logged loss or weight."""
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry] + [final_loss]
-    bad = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-    if bad or not all(math.isfinite(loss) for loss in losses):
-        raise RuntimeError(f"{stage}: training diverged (losses {losses[-3:]}, {len(bad)} weight tensors with NaN or "
-                           f"inf{', e.g. ' + bad[0] if bad else ''}); nothing was saved. Lower {learning_rate_key} "
-                           f"(or check the data)")
 
 
 def _train(cfg: Config, base: str, out: Path) -> None:
@@ -136,9 +131,22 @@ def _train(cfg: Config, base: str, out: Path) -> None:
     log.info("sft: %d examples, final train loss %.4f", len(trainer.train_dataset), result.training_loss)
 
 
-def run(cfg: Config, store: ArtifactStore) -> Path:
-    """Fine-tune the base model on the training split; returns the artifact (adapter or full model + tokenizer)."""
-    base = models.base_model_path(cfg, store)
-    spec = {"base": store.identity(base, cfg.model.revision), "model": cfg.model, "lora": cfg.lora, "sft": cfg.sft,
-            "data": cfg.data, "seed": cfg.seed}
-    return store.ensure("sft", spec, lambda out: _train(cfg, base, out), collective=True)
+NEEDS = ("base",)  # the artifacts this stage builds on (looper/pipeline.py resolves them)
+ENSURE = {"collective": True}  # how the store builds it: every process trains
+
+
+def spec(cfg: Config, up: dict, store: ArtifactStore) -> dict:
+    """What identifies the SFT artifact: the base model and the settings that change the trained weights."""
+    return {
+        "base": store.identity(up["base"], cfg.model.revision),
+        "model": identity(cfg.model),
+        "lora": identity(cfg.lora),
+        "sft": identity(cfg.sft),
+        "data": identity(cfg.data),
+        "seed": cfg.seed,
+    }
+
+
+def build(cfg: Config, up: dict, out: Path) -> None:
+    """Fine-tune the base model on the training split into `out` (adapter or full model, and the tokenizer)."""
+    _train(cfg, up["base"], out)

@@ -53,23 +53,34 @@ def merged(calls: list[dict], processes: int = 1) -> dict:
         return sum(call.get(key, 0) for call in calls)
 
     seconds = max(total("seconds"), 1e-9)
-    return {"calls": len(calls), "processes": processes,
-            "sequences": total("sequences"), "real_tokens": total("real_tokens"), "seconds": round(total("seconds"), 2),
-            "tokens_per_s": round(total("real_tokens") / seconds, 1),
-            "prefill_share": round(total("prefill_seconds") / seconds, 3),
-            "drain_share": round(total("drain_seconds") / seconds, 3),
-            "slot_occupancy": round(total("row_steps") / max(total("slot_steps"), 1), 3),
-            "prefill_tokens": total("prefill_tokens"), "decode_steps": total("decode_steps"),
-            "preempted": total("preempted"), "peak_kv_pages": max(call.get("peak_pages", 0) for call in calls),
-            "kv_pages": max(call.get("kv_pages", 0) for call in calls),
-            "slots": max(call.get("slots", 0) for call in calls), "kernel": calls[-1].get("kernel"),
-            "backend": calls[-1].get("backend")}
+    return {
+        "calls": len(calls),
+        "processes": processes,
+        "sequences": total("sequences"),
+        "real_tokens": total("real_tokens"),
+        "seconds": round(total("seconds"), 2),
+        "tokens_per_s": round(total("real_tokens") / seconds, 1),
+        "prefill_share": round(total("prefill_seconds") / seconds, 3),
+        "drain_share": round(total("drain_seconds") / seconds, 3),
+        "slot_occupancy": round(total("row_steps") / max(total("slot_steps"), 1), 3),
+        "prefill_tokens": total("prefill_tokens"),
+        "decode_steps": total("decode_steps"),
+        "preempted": total("preempted"),
+        "peak_kv_pages": max(call.get("peak_pages", 0) for call in calls),
+        "kv_pages": max(call.get("kv_pages", 0) for call in calls),
+        "slots": max(call.get("slots", 0) for call in calls),
+        "kernel": calls[-1].get("kernel"),
+        "backend": calls[-1].get("backend"),
+    }
 
 
 def metrics(prefix: str, figures: dict) -> dict:
     """The numeric figures as W&B summary keys `<prefix>/generation/<key>`."""
-    return {f"{prefix}/generation/{key}": value for key, value in figures.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {
+        f"{prefix}/generation/{key}": value
+        for key, value in figures.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 TRUNCATION_WARNING = 0.02  # for a reasoning model, a larger share unanswered biases accuracy down
@@ -81,7 +92,8 @@ def report_truncation(where: str, share: Optional[float], key: str, reasoning: b
     if not share:
         return
     if reasoning and share > TRUNCATION_WARNING:
-        log.warning("%s: %.1f%% of generations hit the token limit and are unanswered; raise %s", where,
-                    100 * share, key)
+        log.warning(
+            "%s: %.1f%% of generations hit the token limit and are unanswered; raise %s", where, 100 * share, key
+        )
     else:
         log.info("%s: %.1f%% of generations hit the token limit (%s)", where, 100 * share, key)

@@ -98,6 +98,7 @@ class Tracker:
 
     def histograms(self, values: dict[str, list[float]]) -> None:
         """Log one W&B histogram per key."""
+
         def _log():
             import wandb
 
@@ -138,16 +139,35 @@ def stage_run(cfg: Config, stage: str):
     try:
         import wandb
 
-        run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode,
-                         group=cfg.logger.group or sweep or cfg.experiment, job_type=stage,
-                         name=f"{stage}:{name}" if name else stage, config=to_plain(cfg), tags=[cfg.model.name],
-                         dir=str(job_dir) if job_dir else None)
+        run = wandb.init(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            mode=mode,
+            group=cfg.logger.group or sweep or cfg.experiment,
+            job_type=stage,
+            name=f"{stage}:{name}" if name else stage,
+            config=to_plain(cfg),
+            tags=[cfg.model.name],
+            dir=str(job_dir) if job_dir else None,
+        )
     except Exception as error:  # noqa: BLE001
         log.warning("W&B init failed; %s continues without tracking: %s", stage, error)
     if run is not None and job_dir is not None:  # where to find this stage's run, from the job directory
         with open(job_dir / "wandb_runs.jsonl", "a") as handle:
-            handle.write(json.dumps({"stage": stage, "id": run.id, "group": run.group, "name": run.name,
-                                     "job_type": stage, "mode": mode, "dir": run.dir}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "stage": stage,
+                        "id": run.id,
+                        "group": run.group,
+                        "name": run.name,
+                        "job_type": stage,
+                        "mode": mode,
+                        "dir": run.dir,
+                    }
+                )
+                + "\n"
+            )
     try:
         yield Tracker(run)
     finally:

@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from looper import generation  # noqa: E402
-from looper.attention import DecodeStep  # noqa: E402
+from looper.engine.cache import PAGE  # noqa: E402
+from looper.engine.kernels.attention import DecodeStep  # noqa: E402
 
 
 def milliseconds(fn, reps: int = 50) -> float:
@@ -47,28 +47,32 @@ def main():
         sys.exit("bench_attention.py needs a CUDA GPU")
     device, dtype = torch.device("cuda"), torch.bfloat16
     generator = torch.Generator(device=device).manual_seed(0)
-    lengths = torch.randint(args.min_keys, args.max_keys + 1, (args.batch,), device=device, generator=generator,
-                            dtype=torch.int32)
+    lengths = torch.randint(
+        args.min_keys, args.max_keys + 1, (args.batch,), device=device, generator=generator, dtype=torch.int32
+    )
     width = -(-int(lengths.max()) // 64) * 64
     query = torch.randn(args.batch, args.heads, 1, args.head_dim, device=device, dtype=dtype, generator=generator)
     shape = (args.batch * args.capacity, args.kv_heads, args.head_dim)  # paged as generation pages it, shuffled
     keys = torch.randn(shape, device=device, dtype=dtype, generator=generator)
     values = torch.randn(shape, device=device, dtype=dtype, generator=generator)
-    page = generation.PAGE
+    page = PAGE
     table = torch.randperm(args.batch * args.capacity // page, device=device, generator=generator)
     table = table.view(args.batch, -1).to(torch.int32)
     module = type("Module", (), {"num_key_value_groups": args.heads // args.kv_heads, "is_causal": True})()
     real_bytes = int(lengths.sum()) * args.kv_heads * args.head_dim * keys.element_size() * 2
-    scale = args.head_dim ** -0.5
+    scale = args.head_dim**-0.5
     report = {"device": torch.cuda.get_device_name(), "args": vars(args), "mean_keys": lengths.float().mean().item()}
     expected = DecodeStep("sdpa", lengths, width, table, page).attend(module, query, keys, values, scale)[0].float()
     for kernel in ("sdpa", "flash", "triton"):
         step = DecodeStep(kernel, lengths, width, table, page)
-        ms = milliseconds(lambda: step.attend(module, query, keys, values, scale))
+        ms = milliseconds(lambda step=step: step.attend(module, query, keys, values, scale))
         error = (step.attend(module, query, keys, values, scale)[0].float() - expected).abs().max().item()
         report[kernel] = {"ms": round(ms, 4), "real_tb_s": round(real_bytes / ms / 1e9, 2), "max_abs_diff": error}
-        print(f"{kernel:7s} {ms:.3f} ms  {real_bytes / ms / 1e9:.2f} TB/s of real keys/values  "
-              f"(max |diff| vs sdpa {error:.2g})", flush=True)
+        print(
+            f"{kernel:7s} {ms:.3f} ms  {real_bytes / ms / 1e9:.2f} TB/s of real keys/values  "
+            f"(max |diff| vs sdpa {error:.2g})",
+            flush=True,
+        )
     print(json.dumps(report))
 
 

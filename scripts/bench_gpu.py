@@ -30,8 +30,8 @@ import argparse
 import atexit
 import gc
 import json
-import os
 import math
+import os
 import random
 import shutil
 import sys
@@ -48,15 +48,34 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from looper import distributed, generation, models, throughput  # noqa: E402
+from looper import distributed, models, throughput  # noqa: E402
+from looper.engine import cache, interface, paged, runner, scheduler  # noqa: E402
 
 ARCHS = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=1000),
+    "llama2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=1000,
+    ),
 }
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -93,7 +112,8 @@ def copy_bandwidth(device) -> float:
 def build(arch: str, out: Path, save_weights: bool):
     """Random-weight model of the architecture plus a word-level tokenizer, saved to `out` (looper loads it; the
     weights only with `save_weights`: the training sections load them, and a 7B model takes 13.5 GB of disk)."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     shape = ARCHS[arch]
@@ -101,8 +121,7 @@ def build(arch: str, out: Path, save_weights: bool):
     tokenizer = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
     config = LlamaConfig(**shape, max_position_embeddings=4096, pad_token_id=0, eos_token_id=1, bos_token_id=None)
     torch.manual_seed(0)
     dtype = models.resolve_dtype("auto")
@@ -134,14 +153,14 @@ def words(rng: random.Random, n: int, vocab: int) -> str:
 
 def lognormal_lengths(rng: random.Random, n: int, mean: float, low: int, high: int) -> list[int]:
     sigma = 0.5
-    mu = math.log(mean) - sigma ** 2 / 2
+    mu = math.log(mean) - sigma**2 / 2
     return [max(low, min(high, int(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
 
 
 def ceiling_tokens_per_s(model, batch: int, mean_context: float, bandwidth: float) -> float:
     """Tokens/s if every decode step of `batch` live rows ran at copy bandwidth."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_per_token = generation._kv_bytes_per_position(model)
+    kv_per_token = cache.kv_bytes_per_position(model)
     return batch / ((weight_bytes + batch * mean_context * kv_per_token) / bandwidth)
 
 
@@ -156,8 +175,9 @@ def across_processes(seconds: float, tokens: int) -> tuple[float, int]:
     return max(g[0] for g in gathered), sum(g[1] for g in gathered)
 
 
-def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature, bandwidth, refill_at, compile_decode,
-                   seeds=None):
+def run_generation(
+    model, tokenizer, prompts, limits, *, batch_size, temperature, bandwidth, refill_at, compile_decode, seeds=None
+):
     world, rank = distributed.world_size(), distributed.rank()
     total = len(prompts)
     prompts, limits = prompts[rank::world], limits[rank::world]
@@ -166,10 +186,21 @@ def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature
     distributed.barrier()
     sync()
     start = time.perf_counter()
-    outputs = generation.generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=batch_size,
-                                  temperature=temperature, top_p=0.95 if temperature else 1.0, seeds=seeds,
-                                  add_special_tokens=False, refill_at=refill_at, stats=(stats := {}), desc=None,
-                                  compile_decode=compile_decode)
+    outputs = paged.generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=limits,
+        batch_size=batch_size,
+        temperature=temperature,
+        top_p=0.95 if temperature else 1.0,
+        seeds=seeds,
+        add_special_tokens=False,
+        refill_at=refill_at,
+        stats=(stats := {}),
+        desc=None,
+        compile_decode=compile_decode,
+    )
     sync()
     mine = sum(o.num_tokens for o in outputs)
     seconds, real = across_processes(time.perf_counter() - start, mine)
@@ -184,21 +215,32 @@ def run_generation(model, tokenizer, prompts, limits, *, batch_size, temperature
     # every process has its own share) at the dense bf16 peak: compute-bound work no schedule can skip
     prefill_floor = stats["prefill_tokens"] * flops_per_prompt_token(model) / peak_flops()
     roofline = real / ceiling + prefill_floor
-    return {"seconds": round(seconds, 2), "sequences": total, "processes": world, "real_tokens": real,
-            "tokens_per_s": round(real / seconds, 1), "ceiling_tokens_per_s": round(ceiling, 1),
-            "share_of_ceiling": round(real / seconds / ceiling, 3) if ceiling == ceiling else None,
-            "prefill_floor_seconds": round(prefill_floor, 2),
-            "share_of_roofline": round(roofline / seconds, 3) if roofline == roofline else None,
-            "occupancy": throughput.merged([stats])["slot_occupancy"],
-            "kv_shared_share": round(shared, 3), "batch_size": batch_size, "refill_at": refill_at, "rank0_stats": stats,
-            "outputs": outputs}
+    return {
+        "seconds": round(seconds, 2),
+        "sequences": total,
+        "processes": world,
+        "real_tokens": real,
+        "tokens_per_s": round(real / seconds, 1),
+        "ceiling_tokens_per_s": round(ceiling, 1),
+        "share_of_ceiling": round(real / seconds / ceiling, 3) if ceiling == ceiling else None,
+        "prefill_floor_seconds": round(prefill_floor, 2),
+        "share_of_roofline": round(roofline / seconds, 3) if roofline == roofline else None,
+        "occupancy": throughput.merged([stats])["slot_occupancy"],
+        "kv_shared_share": round(shared, 3),
+        "batch_size": batch_size,
+        "refill_at": refill_at,
+        "rank0_stats": stats,
+        "outputs": outputs,
+    }
 
 
 def time_split(result: dict) -> str:
     """Where rank 0's generation time went, in words."""
     stats = result["rank0_stats"]
-    return (f"prefills {stats['prefill_seconds']:.1f} s (floor at peak {result['prefill_floor_seconds']} s), drain "
-            f"{stats['drain_seconds']:.1f} s, slot occupancy {100 * result['occupancy']:.0f}%")
+    return (
+        f"prefills {stats['prefill_seconds']:.1f} s (floor at peak {result['prefill_floor_seconds']} s), drain "
+        f"{stats['drain_seconds']:.1f} s, slot occupancy {100 * result['occupancy']:.0f}%"
+    )
 
 
 def plain_generate_baseline(model, tokenizer, prompts, limits, batch_size):
@@ -208,16 +250,31 @@ def plain_generate_baseline(model, tokenizer, prompts, limits, batch_size):
     sync()
     start, steps = time.perf_counter(), 0
     for first in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[first:first + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(model.device)
-        new = max(limits[first:first + batch_size])
-        model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0, top_p=0.95,
-                       pad_token_id=0, eos_token_id=1)
+        batch = tokenizer(
+            prompts[first : first + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(model.device)
+        new = max(limits[first : first + batch_size])
+        model.generate(
+            **batch,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=True,
+            temperature=1.0,
+            top_p=0.95,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
         steps += new
     sync()
     seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 2), "real_tokens": sum(limits), "tokens_per_s": round(sum(limits) / seconds, 1),
-            "ms_per_step": round(1000 * seconds / steps, 1), "batch_size": batch_size, "cache": "dynamic (plain)"}
+    return {
+        "seconds": round(seconds, 2),
+        "real_tokens": sum(limits),
+        "tokens_per_s": round(sum(limits) / seconds, 1),
+        "ms_per_step": round(1000 * seconds / steps, 1),
+        "batch_size": batch_size,
+        "cache": "dynamic (plain)",
+    }
 
 
 def bench_rollout(model, tokenizer, args, bandwidth, rng):
@@ -228,12 +285,15 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
         prompts = [words(rng, 128, vocab) for _ in range(distinct)]
         limits = [256] * n
     elif args.rollout_arms:  # the template of an arm's prompt: system prompt, question, style, answer cue
-        arms = [(words(rng, rng.randint(10, 25), vocab), words(rng, rng.randint(10, 15), vocab))
-                for _ in range(args.rollout_arms)]
+        arms = [
+            (words(rng, rng.randint(10, 25), vocab), words(rng, rng.randint(10, 15), vocab))
+            for _ in range(args.rollout_arms)
+        ]
         marker, cue = words(rng, 1, vocab), words(rng, 6, vocab)
         questions = [words(rng, rng.randint(50, 130), vocab) for _ in range(-(-distinct // args.rollout_arms))]
-        prompts = [f"{system} {marker} {question} {style} {cue}" for question in questions
-                   for system, style in arms][:distinct]
+        prompts = [f"{system} {marker} {question} {style} {cue}" for question in questions for system, style in arms][
+            :distinct
+        ]
         limits = lognormal_lengths(rng, n, args.rollout_mean_new, 16, args.rollout_max_new)
     else:
         prompts = [words(rng, rng.randint(80, 180), vocab) for _ in range(distinct)]
@@ -243,30 +303,56 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
     results = {}
     if args.baseline:
         results["plain_generate"] = plain_generate_baseline(model, tokenizer, prompts, limits, args.rollout_batch)
-        print(f"rollout  plain generate batch {args.rollout_batch}: "
-              f"{results['plain_generate']['tokens_per_s']:>9,.0f} real tok/s, "
-              f"{results['plain_generate']['ms_per_step']} ms/step", flush=True)
+        print(
+            f"rollout  plain generate batch {args.rollout_batch}: "
+            f"{results['plain_generate']['tokens_per_s']:>9,.0f} real tok/s, "
+            f"{results['plain_generate']['ms_per_step']} ms/step",
+            flush=True,
+        )
     results["warmup_seconds"] = run_generation(  # first use: kernel choice, CUDA graphs, compilation (--compile)
-        model, tokenizer, prompts[:8], limits[:8], batch_size=8, temperature=1.0, bandwidth=bandwidth,
-        refill_at=args.refill_at, compile_decode=args.compile, seeds=seeds[:8])["seconds"]
+        model,
+        tokenizer,
+        prompts[:8],
+        limits[:8],
+        batch_size=8,
+        temperature=1.0,
+        bandwidth=bandwidth,
+        refill_at=args.refill_at,
+        compile_decode=args.compile,
+        seeds=seeds[:8],
+    )["seconds"]
     for refill_at in args.rollout_refill_at:
-        result = run_generation(model, tokenizer, prompts, limits, batch_size=args.rollout_batch, temperature=1.0,
-                                bandwidth=bandwidth, refill_at=refill_at, compile_decode=args.compile, seeds=seeds)
+        result = run_generation(
+            model,
+            tokenizer,
+            prompts,
+            limits,
+            batch_size=args.rollout_batch,
+            temperature=1.0,
+            bandwidth=bandwidth,
+            refill_at=refill_at,
+            compile_decode=args.compile,
+            seeds=seeds,
+        )
         result.pop("outputs")
         results["looper" if refill_at == args.refill_at else f"looper_refill_at_{refill_at}"] = result
         result["samples_per_prompt"], result["issue_setting"] = args.rollout_samples, args.issue_setting
         result["arms"] = args.rollout_arms
-        print(f"rollout  looper batch {args.rollout_batch}, refill_at {refill_at}: {result['tokens_per_s']:>9,.0f} "
-              f"real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling, "
-              f"{100 * (result['share_of_roofline'] or 0):.0f}% of the roofline ({n} sequences, {result['seconds']} s: "
-              f"{time_split(result)}; {result['rank0_stats']})", flush=True)
+        print(
+            f"rollout  looper batch {args.rollout_batch}, refill_at {refill_at}: {result['tokens_per_s']:>9,.0f} "
+            f"real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling, "
+            f"{100 * (result['share_of_roofline'] or 0):.0f}% of the roofline ({n} sequences, {result['seconds']} s: "
+            f"{time_split(result)}; {result['rank0_stats']})",
+            flush=True,
+        )
     return results
 
 
 def bench_sampling(model, tokenizer, args, bandwidth, rng):
     """`seeded_choice` on one decode step's logits [rollout batch, vocab] (T=1, top-p 0.95): PyTorch's path and,
     where `generation` uses it, the Triton kernel, with how many rows pick the same token."""
-    from looper.generation import _hash32, _torch_choice, _triton_sampler
+    from looper.engine.sampling import _torch_choice, _triton_sampler
+    from looper.engine.sampling import hash32 as _hash32
 
     rows, device = args.rollout_batch, model.device
     generator = torch.Generator(device=device).manual_seed(0)
@@ -285,17 +371,24 @@ def bench_sampling(model, tokenizer, args, bandwidth, rng):
         return round(1000 * (time.perf_counter() - start) / reps, 3)
 
     expected = _torch_choice(logits, keys, temperatures, top_ps, True)
-    result = {"rows": rows, "vocab": logits.shape[1],
-              "torch_ms": milliseconds(lambda: _torch_choice(logits, keys, temperatures, top_ps, True))}
+    result = {
+        "rows": rows,
+        "vocab": logits.shape[1],
+        "torch_ms": milliseconds(lambda: _torch_choice(logits, keys, temperatures, top_ps, True)),
+    }
     if _triton_sampler(device):
-        from looper import triton_sampling
+        from looper.engine.kernels import triton_sampling
 
-        result["triton_ms"] = milliseconds(lambda: triton_sampling.seeded_choice(logits, keys, temperatures, top_ps,
-                                                                                 True))
+        result["triton_ms"] = milliseconds(
+            lambda: triton_sampling.seeded_choice(logits, keys, temperatures, top_ps, True)
+        )
         same = triton_sampling.seeded_choice(logits, keys, temperatures, top_ps, True) == expected
         result["same_tokens"] = f"{int(same.sum())}/{rows}"
-    print(f"sampling {rows} x {logits.shape[1]}, top-p 0.95: PyTorch {result['torch_ms']} ms, Triton "
-          f"{result.get('triton_ms', 'not used here')} ms, same tokens {result.get('same_tokens', '-')}", flush=True)
+    print(
+        f"sampling {rows} x {logits.shape[1]}, top-p 0.95: PyTorch {result['torch_ms']} ms, Triton "
+        f"{result.get('triton_ms', 'not used here')} ms, same tokens {result.get('same_tokens', '-')}",
+        flush=True,
+    )
     return result
 
 
@@ -305,9 +398,9 @@ def bench_prefill(model, tokenizer, args, bandwidth, rng):
     the dense bf16 peak); with `--profile`, the top kernels of one prefill."""
     vocab, device = model.config.vocab_size, model.device
     encoded, tokens = [], 0
-    while len(encoded) < (16 if args.quick else 10 ** 6):
+    while len(encoded) < (16 if args.quick else 10**6):
         prompt = tokenizer(words(rng, rng.randint(80, 180), vocab), add_special_tokens=False)["input_ids"]
-        if tokens + len(prompt) > generation._Decoder._PREFILL_TOKENS:
+        if tokens + len(prompt) > cache.PREFILL_TOKENS:
             break
         encoded.append(prompt)
         tokens += len(prompt)
@@ -317,31 +410,52 @@ def bench_prefill(model, tokenizer, args, bandwidth, rng):
     @torch.no_grad()
     def once():
         gc.collect()
-        with generation._looper_attention_in(model):
-            decoder = generation._Decoder(model, tokenizer, encoded, [1] * n, [1.0] * n, [0.95] * n, list(range(n)),
-                                          n, args.compile)
+        with runner.AttentionSwitch(model):
+            decoder = scheduler.Scheduler(
+                model,
+                tokenizer,
+                encoded,
+                [1] * n,
+                [1.0] * n,
+                [0.95] * n,
+                list(range(n)),
+                n,
+                args.compile,
+                interface.eos_ids(model, tokenizer),
+            )
             sync()
             start = time.perf_counter()
             for _ in decoder.prefill(list(range(n))):  # every row ends at its first token
                 pass
             sync()
-        if decoder.stats["prefills"] != 1 or decoder.queue:
+        if decoder.counts["prefills"] != 1 or decoder.queue:
             raise RuntimeError(f"prefill: the KV pages of {n} prompts do not fit in one prefill here")
         return time.perf_counter() - start
 
     warmup = once()  # compilation, if any, and kernel choice
     seconds = min(once() for _ in range(3))
     mfu = tokens * flops_per_prompt_token(model) / seconds / peak_flops()
-    result = {"prompts": n, "tokens": tokens, "seconds": round(seconds, 4), "warmup_seconds": round(warmup, 1),
-              "compiled": args.compile, "mfu": round(mfu, 3)}
-    print(f"prefill  {n} prompts, {tokens} tokens: {1000 * seconds:.0f} ms, MFU {100 * result['mfu']:.0f}% "
-          f"(compiled: {args.compile}; first call {warmup:.1f} s)", flush=True)
+    result = {
+        "prompts": n,
+        "tokens": tokens,
+        "seconds": round(seconds, 4),
+        "warmup_seconds": round(warmup, 1),
+        "compiled": args.compile,
+        "mfu": round(mfu, 3),
+    }
+    print(
+        f"prefill  {n} prompts, {tokens} tokens: {1000 * seconds:.0f} ms, MFU {100 * result['mfu']:.0f}% "
+        f"(compiled: {args.compile}; first call {warmup:.1f} s)",
+        flush=True,
+    )
     if args.profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as profiler:
             once()
-        print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70),
-              flush=True)
+        print(
+            profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True
+        )
     return result
 
 
@@ -350,18 +464,29 @@ def bench_step(model, tokenizer, args, bandwidth, rng):
     rollout's mean context): milliseconds as generation runs it (a CUDA graph replay; compiled with `--compile`)
     against the step's bandwidth ceiling; with `--profile`, the top kernels of the step run outside the graph."""
     vocab, device, slots = model.config.vocab_size, model.device, args.rollout_batch
-    encoded = [tokenizer(words(rng, rng.randint(150, 300), vocab), add_special_tokens=False)["input_ids"]
-               for _ in range(slots)]
+    encoded = [
+        tokenizer(words(rng, rng.randint(150, 300), vocab), add_special_tokens=False)["input_ids"] for _ in range(slots)
+    ]
     context = sum(map(len, encoded)) / slots + 1
-    with torch.no_grad(), generation._looper_attention_in(model):
-        decoder = generation._Decoder(model, tokenizer, encoded, [16] * slots, [1.0] * slots, [0.95] * slots,
-                                      list(range(slots)), slots, args.compile)
+    with torch.no_grad(), runner.AttentionSwitch(model):
+        decoder = scheduler.Scheduler(
+            model,
+            tokenizer,
+            encoded,
+            [16] * slots,
+            [1.0] * slots,
+            [0.95] * slots,
+            list(range(slots)),
+            slots,
+            args.compile,
+            interface.eos_ids(model, tokenizer),
+        )
         for _ in decoder.prefill(list(range(decoder.cache.slots))):  # (no row ends at its first token)
             pass
         for _ in decoder.make_room():  # (each row's page for its next entry)
             pass
         decoder.cache.flush()
-        run = decoder.replay if decoder.use_graphs else decoder.step
+        run = decoder.runner._replay if decoder.runner.use_graphs else decoder.runner._step
         run()  # capture (and compile, with --compile)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
@@ -372,20 +497,36 @@ def bench_step(model, tokenizer, args, bandwidth, rng):
         seconds = (time.perf_counter() - start) / reps
         rows = decoder.cache.slots
         ceiling = rows / ceiling_tokens_per_s(model, rows, context, bandwidth)
-        result = {"slots": rows, "mean_context": round(context, 1), "ms": round(1000 * seconds, 2),
-                  "ceiling_ms": round(1000 * ceiling, 2), "share_of_ceiling": round(ceiling / seconds, 3),
-                  "compiled": args.compile, "cuda_graph": decoder.use_graphs, "kernel": decoder.kernel}
-        print(f"step     {rows} slots, mean context {context:.0f}: {1000 * seconds:.1f} ms, ceiling "
-              f"{1000 * ceiling:.1f} ms ({100 * ceiling / seconds:.0f}%; compiled: {args.compile})", flush=True)
+        result = {
+            "slots": rows,
+            "mean_context": round(context, 1),
+            "ms": round(1000 * seconds, 2),
+            "ceiling_ms": round(1000 * ceiling, 2),
+            "share_of_ceiling": round(ceiling / seconds, 3),
+            "compiled": args.compile,
+            "cuda_graph": decoder.runner.use_graphs,
+            "kernel": decoder.runner.kernel,
+        }
+        print(
+            f"step     {rows} slots, mean context {context:.0f}: {1000 * seconds:.1f} ms, ceiling "
+            f"{1000 * ceiling:.1f} ms ({100 * ceiling / seconds:.0f}%; compiled: {args.compile})",
+            flush=True,
+        )
         if args.profile:
             activities = [torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+                [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+            )
             with torch.profiler.profile(activities=activities) as profiler:
-                decoder.step()
+                decoder.runner._step()
                 sync()
-            print(profiler.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else
-                                                "cpu_time_total", row_limit=20, max_name_column_width=70),
-                  flush=True)
+            print(
+                profiler.key_averages().table(
+                    sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total",
+                    row_limit=20,
+                    max_name_column_width=70,
+                ),
+                flush=True,
+            )
     return result
 
 
@@ -393,6 +534,7 @@ def check_greedy(model, tokenizer, prompts, limits, compile_decode=False):
     """Greedy outputs of looper's path against plain `generate`, one prompt at a time, in float32 without TF32 (in
     bf16 with random weights the logits are nearly flat, so any change of kernel or batch shape flips argmaxes;
     plain `generate` batched against itself one at a time is printed as that noise floor)."""
+
     def prefix(a, b):
         return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -401,27 +543,42 @@ def check_greedy(model, tokenizer, prompts, limits, compile_decode=False):
     for dtype in (torch.bfloat16, torch.float32):
         model.to(dtype)
         torch.backends.cuda.matmul.allow_tf32 = False
-        ours = generation.generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=len(prompts),
-                                   add_special_tokens=False, desc=None, compile_decode=compile_decode)
+        ours = paged.generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=limits,
+            batch_size=len(prompts),
+            add_special_tokens=False,
+            desc=None,
+            compile_decode=compile_decode,
+        )
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        batched = model.generate(**encoded, max_new_tokens=max(limits), do_sample=False, pad_token_id=0,
-                                 eos_token_id=1)[:, encoded["input_ids"].shape[1]:]
+        batched = model.generate(
+            **encoded, max_new_tokens=max(limits), do_sample=False, pad_token_id=0, eos_token_id=1
+        )[:, encoded["input_ids"].shape[1] :]
         same, same_batched, prefixes = 0, 0, []
         for k, (prompt, limit, output) in enumerate(zip(prompts, limits, ours)):
             single = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-            plain = model.generate(**single, max_new_tokens=limit, do_sample=False, pad_token_id=0,
-                                   eos_token_id=1)[0, single["input_ids"].shape[1]:]
+            plain = model.generate(**single, max_new_tokens=limit, do_sample=False, pad_token_id=0, eos_token_id=1)[
+                0, single["input_ids"].shape[1] :
+            ]
             plain_text = tokenizer.decode(plain[:limit], skip_special_tokens=True)
             same += plain_text == output.text
             same_batched += plain_text == tokenizer.decode(batched[k, :limit], skip_special_tokens=True)
             prefixes.append(prefix(plain_text.split(), output.text.split()))
         name = str(dtype).replace("torch.", "")
-        report[name] = {"looper_equal_plain": f"{same}/{len(prompts)}",
-                        "plain_batched_equal_plain": f"{same_batched}/{len(prompts)}",
-                        "looper_mean_common_prefix_tokens": sum(prefixes) / len(prefixes)}
-        print(f"greedy   {name}: looper == plain generate (one at a time) {same}/{len(prompts)}; plain generate "
-              f"batched == one at a time {same_batched}/{len(prompts)}; mean common prefix "
-              f"{sum(prefixes) / len(prefixes):.0f} tokens", flush=True)
+        report[name] = {
+            "looper_equal_plain": f"{same}/{len(prompts)}",
+            "plain_batched_equal_plain": f"{same_batched}/{len(prompts)}",
+            "looper_mean_common_prefix_tokens": sum(prefixes) / len(prefixes),
+        }
+        print(
+            f"greedy   {name}: looper == plain generate (one at a time) {same}/{len(prompts)}; plain generate "
+            f"batched == one at a time {same_batched}/{len(prompts)}; mean common prefix "
+            f"{sum(prefixes) / len(prefixes):.0f} tokens",
+            flush=True,
+        )
     torch.backends.cuda.matmul.allow_tf32 = tf32
     model.to(torch.bfloat16)
     return report
@@ -439,20 +596,41 @@ def bench_eval(model, tokenizer, args, bandwidth, rng):
     results = {}
     # first use (kernel choice and Triton builds, CUDA graphs, compilation with --compile) is timed apart, as in the
     # rollout section: the first process on a fresh H100 took 69 s for the 8-shot eval, 58 s after such a warm-up
-    results["warmup_seconds"] = run_generation(model, tokenizer, prompts[:8], limits[:8], batch_size=8,
-                                               temperature=0.0, bandwidth=bandwidth, refill_at=args.refill_at,
-                                               compile_decode=args.compile)["seconds"]
-    result = run_generation(model, tokenizer, prompts, limits, batch_size=args.eval_batch, temperature=0.0,
-                            bandwidth=bandwidth, refill_at=args.refill_at, compile_decode=args.compile)
+    results["warmup_seconds"] = run_generation(
+        model,
+        tokenizer,
+        prompts[:8],
+        limits[:8],
+        batch_size=8,
+        temperature=0.0,
+        bandwidth=bandwidth,
+        refill_at=args.refill_at,
+        compile_decode=args.compile,
+    )["seconds"]
+    result = run_generation(
+        model,
+        tokenizer,
+        prompts,
+        limits,
+        batch_size=args.eval_batch,
+        temperature=0.0,
+        bandwidth=bandwidth,
+        refill_at=args.refill_at,
+        compile_decode=args.compile,
+    )
     result.pop("outputs")
     results["looper"], result["shots"] = result, args.eval_shots
-    print(f"eval     looper batch {args.eval_batch}: {n} prompts in {result['seconds']:.0f} s, "
-          f"{result['tokens_per_s']:,.0f} real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling, "
-          f"{100 * (result['share_of_roofline'] or 0):.0f}% of the roofline ({time_split(result)}; "
-          f"{result['rank0_stats']})", flush=True)
+    print(
+        f"eval     looper batch {args.eval_batch}: {n} prompts in {result['seconds']:.0f} s, "
+        f"{result['tokens_per_s']:,.0f} real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling, "
+        f"{100 * (result['share_of_roofline'] or 0):.0f}% of the roofline ({time_split(result)}; "
+        f"{result['rank0_stats']})",
+        flush=True,
+    )
     if args.check_greedy:
-        results["greedy_check"] = check_greedy(model, tokenizer, prompts[:8], [min(64, x) for x in limits[:8]],
-                                               args.compile)
+        results["greedy_check"] = check_greedy(
+            model, tokenizer, prompts[:8], [min(64, x) for x in limits[:8]], args.compile
+        )
     return results
 
 
@@ -466,15 +644,26 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     register_configs()
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        raw = compose(config_name="config", overrides=[
-            "experiment=abel_platinum", f"model.name_or_path={model_dir}", "logger=none",
-            f"sft.batch_size={args.train_batch}", "sft.gradient_accumulation_steps=1", f"sft.max_steps={args.steps}",
-            f"sft.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", "sft.logging_steps=1000",
-            f"sft.padding_free={str(not args.padded).lower()}",
-            f"dpo.precompute_ref_log_probs={str(not args.no_precompute).lower()}",
-            f"dpo.batch_size={max(1, args.train_batch // 2)}", "dpo.gradient_accumulation_steps=1",
-            f"dpo.max_steps={args.steps}", "dpo.logging_steps=1000",
-            f"dpo.gradient_checkpointing={str(args.gradient_checkpointing).lower()}"])
+        raw = compose(
+            config_name="config",
+            overrides=[
+                "experiment=abel_platinum",
+                f"model.name_or_path={model_dir}",
+                "logger=none",
+                f"sft.batch_size={args.train_batch}",
+                "sft.gradient_accumulation_steps=1",
+                f"sft.max_steps={args.steps}",
+                f"sft.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+                "sft.logging_steps=1000",
+                f"sft.padding_free={str(not args.padded).lower()}",
+                f"dpo.precompute_ref_log_probs={str(not args.no_precompute).lower()}",
+                f"dpo.batch_size={max(1, args.train_batch // 2)}",
+                "dpo.gradient_accumulation_steps=1",
+                f"dpo.max_steps={args.steps}",
+                "dpo.logging_steps=1000",
+                f"dpo.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+            ],
+        )
     cfg = OmegaConf.to_object(raw)
     vocab = ARCHS[args.arch]["vocab_size"]
     n = args.train_batch * (args.steps + 2)
@@ -482,15 +671,24 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     completion_lengths = lognormal_lengths(rng, n, 130, 30, 500)
     out = shared_tempdir()
     if stage == "sft":
-        examples = [{"prompt": words(rng, p, vocab), "completion": words(rng, c, vocab)}
-                    for p, c in zip(prompt_lengths, completion_lengths)]
+        examples = [
+            {"prompt": words(rng, p, vocab), "completion": words(rng, c, vocab)}
+            for p, c in zip(prompt_lengths, completion_lengths)
+        ]
         trainer = sft.make_trainer(cfg, str(model_dir), out, examples=examples)
     else:
         pairs, adapter = out / "pairs", out / "sft_adapter"  # DPO continues an SFT adapter, as in the pipeline
-        text = "".join(json.dumps({
-            "prompt": words(rng, p, vocab), "chosen": words(rng, c, vocab),
-            "rejected": words(rng, max(30, c + rng.randint(-40, 40)), vocab)}) + "\n"
-            for p, c in zip(prompt_lengths, completion_lengths))
+        text = "".join(
+            json.dumps(
+                {
+                    "prompt": words(rng, p, vocab),
+                    "chosen": words(rng, c, vocab),
+                    "rejected": words(rng, max(30, c + rng.randint(-40, 40)), vocab),
+                }
+            )
+            + "\n"
+            for p, c in zip(prompt_lengths, completion_lengths)
+        )
         peft_model = sft.make_trainer(cfg, str(model_dir), out, examples=[{"prompt": "w5", "completion": "w6"}]).model
         if distributed.is_main_process():  # the directory is shared: one writer
             pairs.mkdir()
@@ -520,8 +718,9 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     class Profile(TrainerCallback):  # --profile: the top kernels and host ops of one step, after warm-up
         def on_step_begin(self, args_, state, *a, **k):
             if state.global_step == 3:
-                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                                   torch.profiler.ProfilerActivity.CUDA])
+                self.profiler = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                )
                 self.profiler.__enter__()
 
         def on_step_end(self, args_, state, *a, **k):
@@ -544,24 +743,35 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     reference = None
     if stage == "dpo":  # the reference check: dropout off (what dpo runs) against on (TRL's first training step)
         reference = {"dropout_off": dpo.reference_margin(trainer), "dropout_on": dpo.reference_margin(trainer, True)}
-        print(f"dpo reference check: max |margin| {reference['dropout_off']['max_abs_margin']:.3g} with dropout off, "
-              f"{reference['dropout_on']['max_abs_margin']:.3g} with LoRA dropout on", flush=True)
+        print(
+            f"dpo reference check: max |margin| {reference['dropout_off']['max_abs_margin']:.3g} with dropout off, "
+            f"{reference['dropout_on']['max_abs_margin']:.3g} with LoRA dropout on",
+            flush=True,
+        )
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     trainer.train()
     warm = 2  # the first steps pay allocation and kernel selection
-    seconds, real = across_processes(sum(times[warm:]), sum(tokens[warm:len(times)]))
+    seconds, real = across_processes(sum(times[warm:]), sum(tokens[warm : len(times)]))
     params = sum(p.numel() for p in trainer.model.parameters() if p.dtype in (torch.bfloat16, torch.float16))
     flops_per_token = 4 * params * (1.5 if stage == "dpo" else 1)  # frozen base: forward 2N + input-grad 2N
     peak = peak_flops()
-    result = {"steps_timed": len(times) - warm, "processes": distributed.world_size(),
-              "real_tokens_per_s": round(real / seconds, 1), "padding_free": trainer.args.padding_free
-              if stage == "sft" else False,
-              "mfu": round(real / seconds * flops_per_token / peak / distributed.world_size(), 3), "peak_memory_gib":
-              round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if torch.cuda.is_available() else None, "batch_size": trainer.args.per_device_train_batch_size,
-              "gradient_checkpointing": args.gradient_checkpointing, "flops_per_token": flops_per_token,
-              "reference_check": reference}
-    print(f"{stage:8s} LoRA r64: {result['real_tokens_per_s']:,.0f} real tok/s, MFU {100 * result['mfu']:.0f}%, "
-          f"peak {result['peak_memory_gib']} GiB", flush=True)
+    result = {
+        "steps_timed": len(times) - warm,
+        "processes": distributed.world_size(),
+        "real_tokens_per_s": round(real / seconds, 1),
+        "padding_free": trainer.args.padding_free if stage == "sft" else False,
+        "mfu": round(real / seconds * flops_per_token / peak / distributed.world_size(), 3),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None,
+        "batch_size": trainer.args.per_device_train_batch_size,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "flops_per_token": flops_per_token,
+        "reference_check": reference,
+    }
+    print(
+        f"{stage:8s} LoRA r64: {result['real_tokens_per_s']:,.0f} real tok/s, MFU {100 * result['mfu']:.0f}%, "
+        f"peak {result['peak_memory_gib']} GiB",
+        flush=True,
+    )
     del trainer
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return result
@@ -573,29 +783,61 @@ def main():
     parser.add_argument("--sections", default="sampling,prefill,step,rollout,eval,sft,dpo")
     parser.add_argument("--baseline", action="store_true", help="also time plain generate on the rollout batches")
     parser.add_argument("--refill-at", type=float, default=0.125, help="generation.refill_at")
-    parser.add_argument("--compile", action="store_true", help="generation.compile=true (torch.compile the decode "
-                        "step; its compilation is timed in the warm-up, apart from the figures)")
-    parser.add_argument("--rollout-batches", type=int, default=16, help="rollout work, in batches (16: one "
-                        "rollout generate call at the default rollout.batches_per_call)")
-    parser.add_argument("--rollout-refill-at", default="", help="comma-separated generation.refill_at values to "
-                        "compare on the rollout (default: --refill-at)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="generation.compile=true (torch.compile the decode "
+        "step; its compilation is timed in the warm-up, apart from the figures)",
+    )
+    parser.add_argument(
+        "--rollout-batches",
+        type=int,
+        default=16,
+        help="rollout work, in batches (16: one rollout generate call at the default rollout.batches_per_call)",
+    )
+    parser.add_argument(
+        "--rollout-refill-at",
+        default="",
+        help="comma-separated generation.refill_at values to compare on the rollout (default: --refill-at)",
+    )
     parser.add_argument("--rollout-batch", type=int, default=256)
-    parser.add_argument("--rollout-samples", type=int, default=1, help="samples per distinct prompt (arms=single: "
-                        "8; regime_w: 1, each arm its own system prompt)")
-    parser.add_argument("--rollout-arms", type=int, default=0, help="prompts in an arm's template: each question "
-                        "under N arms, each arm's own system prompt (10-25 tokens, shared by its prompts) and style; "
-                        "prompts of 77-177 tokens (default 0: prompts of 80-180 random tokens)")
-    parser.add_argument("--issue-setting", action="store_true", help="rollout prompts of exactly 128 tokens, every "
-                        "row 256 new tokens (the setting of the issue's plain-generate baseline)")
+    parser.add_argument(
+        "--rollout-samples",
+        type=int,
+        default=1,
+        help="samples per distinct prompt (arms=single: 8; regime_w: 1, each arm its own system prompt)",
+    )
+    parser.add_argument(
+        "--rollout-arms",
+        type=int,
+        default=0,
+        help="prompts in an arm's template: each question "
+        "under N arms, each arm's own system prompt (10-25 tokens, shared by its prompts) and style; "
+        "prompts of 77-177 tokens (default 0: prompts of 80-180 random tokens)",
+    )
+    parser.add_argument(
+        "--issue-setting",
+        action="store_true",
+        help="rollout prompts of exactly 128 tokens, every "
+        "row 256 new tokens (the setting of the issue's plain-generate baseline)",
+    )
     parser.add_argument("--rollout-mean-new", type=int, default=150)
     parser.add_argument("--rollout-max-new", type=int, default=256)
     parser.add_argument("--eval-batch", type=int, default=96)
-    parser.add_argument("--eval-shots", type=int, default=0, help="eval.shots: each eval prompt begins with the "
-                        "same N solved examples of 80-300 tokens (mean 160)")
+    parser.add_argument(
+        "--eval-shots",
+        type=int,
+        default=0,
+        help="eval.shots: each eval prompt begins with the same N solved examples of 80-300 tokens (mean 160)",
+    )
     parser.add_argument("--eval-mean-new", type=int, default=180)
     parser.add_argument("--eval-max-new", type=int, default=512)
-    parser.add_argument("--train-batch", type=int, default=16,
-                        help="SFT sequences per step (DPO: half as many pairs); abel_platinum uses 16")
+    parser.add_argument(
+        "--train-batch",
+        type=int,
+        default=16,
+        help="SFT sequences per step (DPO: half as many pairs); abel_platinum uses 16",
+    )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--check-greedy", action="store_true", help="compare the fast path with plain generate")
@@ -603,8 +845,9 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
     parser.add_argument("--padded", action="store_true", help="SFT on padded batches (sft.padding_free=false)")
     parser.add_argument("--no-precompute", action="store_true", help="dpo.precompute_ref_log_probs=false")
-    parser.add_argument("--profile", action="store_true", help="print the top ops of one prefill, one decode "
-                        "step and one training step")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the top ops of one prefill, one decode step and one training step"
+    )
     args = parser.parse_args()
     args.rollout_refill_at = [float(v) for v in args.rollout_refill_at.split(",") if v] or [args.refill_at]
     distributed.init()
@@ -614,8 +857,12 @@ def main():
     sections = args.sections.split(",")
     rng = random.Random(0)
     device = models.device()
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "arch": args.arch,
-              "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
+    report = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "arch": args.arch,
+        "torch": torch.__version__,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     bandwidth = copy_bandwidth(device)
     report["copy_bandwidth_tb_s"] = round(bandwidth / 1e12, 3)
     print(f"{report['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
@@ -625,8 +872,13 @@ def main():
     model, tokenizer = build(args.arch, model_dir, save_weights=bool({"sft", "dpo"} & set(sections)))
     tokenizer = models.load_tokenizer(str(model_dir), models.ModelConfig(name_or_path=str(model_dir)))
     model.eval()
-    for section, fn in (("sampling", bench_sampling), ("prefill", bench_prefill), ("step", bench_step),
-                        ("rollout", bench_rollout), ("eval", bench_eval)):
+    for section, fn in (
+        ("sampling", bench_sampling),
+        ("prefill", bench_prefill),
+        ("step", bench_step),
+        ("rollout", bench_rollout),
+        ("eval", bench_eval),
+    ):
         if section in sections:
             try:
                 report[section] = fn(model, tokenizer, args, bandwidth, rng)

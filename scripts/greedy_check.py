@@ -18,17 +18,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from looper import attention, generation, models, sft  # noqa: E402
+from looper import models, pipeline  # noqa: E402
 from looper.artifacts import ArtifactStore  # noqa: E402
 from looper.config import register_configs  # noqa: E402
 from looper.data import load_splits  # noqa: E402
+from looper.engine import paged  # noqa: E402
+from looper.engine.kernels import attention  # noqa: E402
 
 
 def main(overrides: list[str], n: int = 64) -> None:
     register_configs()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=["logger=none", *overrides]))
-    target = sft.run(cfg, ArtifactStore(Path(cfg.paths.artifacts)))
+    target = pipeline.artifact(cfg, ArtifactStore(Path(cfg.paths.artifacts)), "sft")
     model, tokenizer = models.load_target(str(target), cfg.model)
     problems = load_splits(cfg.data)["test"][:n]
     prompts = [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
@@ -41,16 +43,22 @@ def main(overrides: list[str], n: int = 64) -> None:
         plain = []
         for prompt in prompts:
             encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=special).to(model.device)
-            output = model.generate(**encoded, max_new_tokens=limit, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)[0, encoded["input_ids"].shape[1]:]
+            output = model.generate(
+                **encoded, max_new_tokens=limit, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )[0, encoded["input_ids"].shape[1] :]
             plain.append(tokenizer.decode(output, skip_special_tokens=True))
         # the noise floor: plain generate on left-padded batches against itself one prompt at a time
         batched = []
         for first in range(0, len(prompts), cfg.eval.batch_size):
-            encoded = tokenizer(prompts[first:first + cfg.eval.batch_size], return_tensors="pt", padding=True,
-                                add_special_tokens=special).to(model.device)
-            output = model.generate(**encoded, max_new_tokens=limit, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)[:, encoded["input_ids"].shape[1]:]
+            encoded = tokenizer(
+                prompts[first : first + cfg.eval.batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=special,
+            ).to(model.device)
+            output = model.generate(
+                **encoded, max_new_tokens=limit, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )[:, encoded["input_ids"].shape[1] :]
             batched += tokenizer.batch_decode(output, skip_special_tokens=True)
         runs = {"looper": attention.kernels}
         if model.device.type == "cuda":  # the same decoder with sdpa in place of the fast kernels
@@ -59,16 +67,27 @@ def main(overrides: list[str], n: int = 64) -> None:
         for name, kernel in runs.items():
             original, attention.kernels = attention.kernels, kernel
             try:
-                ours = generation.generate(model, tokenizer, prompts, max_new_tokens=limit,
-                                           batch_size=cfg.eval.batch_size, add_special_tokens=special, desc=None,
-                                           stats=(stats := {}))
+                ours = paged.generate(
+                    model,
+                    tokenizer,
+                    prompts,
+                    max_new_tokens=limit,
+                    batch_size=cfg.eval.batch_size,
+                    add_special_tokens=special,
+                    desc=None,
+                    stats=(stats := {}),
+                )
             finally:
                 attention.kernels = original
             counts[f"{name} ({stats['kernel']})"] = sum(a.text == b for a, b in zip(ours, plain))
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        print(f"{model.device} {str(dtype).replace('torch.', '')}, up to {limit} new tokens, {target.name}: equal "
-              f"to plain generate one prompt at a time: " + ", ".join(
-                  f"{name} {count}/{len(prompts)}" for name, count in counts.items()), flush=True)
+        print(
+            f"{model.device} {str(dtype).replace('torch.', '')}, up to {limit} new tokens, {target.name}: equal "
+            f"to plain generate one prompt at a time: "
+            + ", ".join(f"{name} {count}/{len(prompts)}" for name, count in counts.items()),
+            flush=True,
+        )
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

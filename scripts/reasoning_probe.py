@@ -23,8 +23,14 @@ BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sen
 TEMPLATE = (  # DeepSeek-R1-Distill's, shortened: reasoning dropped from earlier turns, `<think>\n` opened
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
     "{% for m in messages %}{% if m['role'] == 'user' %}{{ '" + USER + "' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ '" + ASSISTANT + "' + m['content'].split('</think>')[-1] + '" + EOS
-    + "' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '" + ASSISTANT + "<think>\\n' }}{% endif %}")
+    "{% elif m['role'] == 'assistant' %}{{ '"
+    + ASSISTANT
+    + "' + m['content'].split('</think>')[-1] + '"
+    + EOS
+    + "' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '"
+    + ASSISTANT
+    + "<think>\\n' }}{% endif %}"
+)
 
 
 def r1_tokenizer(texts: list[str], vocab_size: int, bos_in_template: bool = True):
@@ -36,16 +42,25 @@ def r1_tokenizer(texts: list[str], vocab_size: int, bos_in_template: bool = True
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[BOS, EOS, USER, ASSISTANT, "<think>", "</think>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[BOS, EOS, USER, ASSISTANT, "<think>", "</think>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     if not bos_in_template:
-        tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[
-            (BOS, tokenizer.token_to_id(BOS))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=EOS,
-                                   clean_up_tokenization_spaces=False)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=EOS, clean_up_tokenization_spaces=False
+    )
     fast.chat_template = ("{{ bos_token }}" if bos_in_template else "") + TEMPLATE
     return fast
 
@@ -64,8 +79,14 @@ def main() -> None:
     rows = [json.loads(line) for line in (args.data / "train.jsonl").read_text().splitlines() if line.strip()]
     fast = r1_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], args.vocab)
     shape = {**ARCHS[args.arch], "vocab_size": len(fast)}
-    config = LlamaConfig(**shape, max_position_embeddings=16384, rope_theta=500000.0, bos_token_id=fast.bos_token_id,
-                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    config = LlamaConfig(
+        **shape,
+        max_position_embeddings=16384,
+        rope_theta=500000.0,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         torch.set_default_dtype(torch.bfloat16)

@@ -20,13 +20,35 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # A tiny pipeline that runs in seconds: it exercises every mechanism, not the demo's accuracy.
 FAST = [
-    "model.tiny.pretrain_steps=400", "model.tiny.corpus_size=4000", "data.max_steps=1", "data.synthetic_train=300",
-    "data.synthetic_dev=20", "data.synthetic_test=24", "sft.max_steps=150", "sft.logging_steps=50",
-    "rollout.num_questions=16", "arms.plain.temperature=0.7", "dpo.max_steps=3", "dpo.logging_steps=1",
-    "eval.num_questions=16", "logger=none",
+    "model.tiny.pretrain_steps=400",
+    "model.tiny.corpus_size=4000",
+    "data.max_steps=1",
+    "data.synthetic_train=300",
+    "data.synthetic_dev=20",
+    "data.synthetic_test=24",
+    "sft.max_steps=150",
+    "sft.logging_steps=50",
+    "rollout.num_questions=16",
+    "arms.plain.temperature=0.7",
+    "dpo.max_steps=3",
+    "dpo.logging_steps=1",
+    "eval.num_questions=16",
+    "logger=none",
 ]
 
 register_configs()
+
+
+def pytest_collection_modifyitems(items):
+    """Markers by what a test needs (pyproject.toml): a test that uses the trained tiny model (`tiny_sft`) is `slow`;
+    a `gpu` test is skipped without CUDA. `slow` is also set by hand on tests that run the pipeline in a subprocess."""
+    import torch
+
+    for item in items:
+        if "tiny_sft" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 def compose_raw(*overrides: str):
@@ -49,6 +71,7 @@ def artifacts(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fast_cfg(artifacts):
     """Compose the fast tiny setup over the session cache, with extra overrides."""
+
     def make(*overrides: str) -> Config:
         return compose(f"paths.artifacts={artifacts}", *FAST, *overrides)
 
@@ -66,12 +89,12 @@ def shared_file(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sft(fast_cfg):
     """(cfg, store, base path, full-FT SFT artifact) of the fast tiny setup, built once per session."""
-    from looper import models, sft
+    from looper import models, pipeline
     from looper.artifacts import ArtifactStore
 
     cfg = fast_cfg()
     store = ArtifactStore(Path(cfg.paths.artifacts))
-    return cfg, store, models.base_model_path(cfg, store), sft.run(cfg, store)
+    return cfg, store, models.base_model_path(cfg, store), pipeline.artifact(cfg, store, "sft")
 
 
 def looper_cli(*args: str, cwd: Path = ROOT, timeout: int = 600):
@@ -79,10 +102,16 @@ def looper_cli(*args: str, cwd: Path = ROOT, timeout: int = 600):
     import subprocess
     import sys
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "looper", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": str(ROOT),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "looper", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def cache_sharing_models(artifacts: Path, cache: Path) -> Path:
@@ -104,8 +133,13 @@ def kill_when_written(overrides: list[str], watch: str, min_lines: int, root: Pa
     import time
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "looper", *overrides], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "looper", *overrides],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + timeout
     try:
         while time.time() < deadline and process.poll() is None:

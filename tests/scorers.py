@@ -4,8 +4,10 @@
 def length_scorer(*, question, gold, trajectories, generate, extract_answer, reward, unit=10):
     """Toy scorer: 'coherence' is 1 for the shortest text; `unit` comes from the config (reward.scorer.unit)."""
     shortest = min(len(t["text"]) for t in trajectories)
-    return [{"s_end": float(len(t["text"]) == shortest), "s_path": unit / 100.0, "s_cf": None, "scored_by": "length"}
-            for t in trajectories]
+    return [
+        {"s_end": float(len(t["text"]) == shortest), "s_path": unit / 100.0, "s_cf": None, "scored_by": "length"}
+        for t in trajectories
+    ]
 
 
 def stuck_scorer(*, question, gold, trajectories, generate, extract_answer, reward, seconds=30.0):

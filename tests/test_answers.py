@@ -8,8 +8,9 @@ from looper.answers import extract, is_correct, math_verify_available, normalize
 from tests.conftest import shared_file
 
 
-@pytest.mark.parametrize("text,expected", [("1,234", "1234"), ("$18.00", "18"), ("-7", "-7"), ("3.50", "3.50"),
-                                           ("no number", None)])
+@pytest.mark.parametrize(
+    "text,expected", [("1,234", "1234"), ("$18.00", "18"), ("-7", "-7"), ("3.50", "3.50"), ("no number", None)]
+)
 def test_normalize_number(text, expected):
     assert normalize_number(text) == expected
 
@@ -25,27 +26,34 @@ def test_flexible_reads_the_last_number():
     assert extract("It costs $1,250.00", "flexible") == "1250"
 
 
-@pytest.mark.parametrize("text,gold,correct", [
-    ("Work...\nAnswer: 18", "18", True),
-    ("**Answer:** 18", "18", True),
-    ("Answer: $18.00", "18", True),
-    ("Answer: 1,234", "1234", True),
-    ("First Answer: 3\nfinal answer: 5", "5", True),
-    ("so \\boxed{42} is it", "42", True),
-    ("Answer: \\boxed{\\text{7}}", "7", True),
-    ("Answer: -3 degrees", "-3", True),
-    ("the total is 12\n#### 12", "12", True),
-    ("I cannot tell", "5", False),
-    ("Answer: 17", "18", False),
-    ("Thus:\n18 apples\n\n", "18", True),  # no answer line, no box: the last line
-    ("She has 2 bags.\nAnswer:\n\\boxed{12}", "12", True),  # no space after 'answer:': first box in the text
-    ("I had 3 apples. Answer:18", "18", False),  # no space after 'answer:': the text's first number (3), as published
-    ("Answer: 7\n\nAnswer: 9", "9", True),  # several answer lines: the last
-    ("Answer: 1,234,567", "1234567", True),
-    ("Answer: 12.50", "12.5", True),
-    ("Answer: \\boxed{\\frac{1}{2}}", "0.5", False),  # a box holding LaTeX is not read as one
-    ("## Answer: **42**", "42", True),
-])
+@pytest.mark.parametrize(
+    "text,gold,correct",
+    [
+        ("Work...\nAnswer: 18", "18", True),
+        ("**Answer:** 18", "18", True),
+        ("Answer: $18.00", "18", True),
+        ("Answer: 1,234", "1234", True),
+        ("First Answer: 3\nfinal answer: 5", "5", True),
+        ("so \\boxed{42} is it", "42", True),
+        ("Answer: \\boxed{\\text{7}}", "7", True),
+        ("Answer: -3 degrees", "-3", True),
+        ("the total is 12\n#### 12", "12", True),
+        ("I cannot tell", "5", False),
+        ("Answer: 17", "18", False),
+        ("Thus:\n18 apples\n\n", "18", True),  # no answer line, no box: the last line
+        ("She has 2 bags.\nAnswer:\n\\boxed{12}", "12", True),  # no space after 'answer:': first box in the text
+        (
+            "I had 3 apples. Answer:18",
+            "18",
+            False,
+        ),  # no space after 'answer:': the text's first number (3), as published
+        ("Answer: 7\n\nAnswer: 9", "9", True),  # several answer lines: the last
+        ("Answer: 1,234,567", "1234567", True),
+        ("Answer: 12.50", "12.5", True),
+        ("Answer: \\boxed{\\frac{1}{2}}", "0.5", False),  # a box holding LaTeX is not read as one
+        ("## Answer: **42**", "42", True),
+    ],
+)
 def test_platinum_follows_the_benchmark_rules(text, gold, correct):
     assert is_correct(text, gold, "platinum") is correct
 
@@ -55,8 +63,8 @@ def test_model_output_is_never_evaluated():
     assert is_correct("#### 2+2", "4", "strict") is False
 
 
-@pytest.mark.parametrize("parts", [("gsm8k", "train.jsonl"), ("gsm8k", "test.jsonl"),
-                                   ("gsm8k_platinum", "test.jsonl")])
+@pytest.mark.data
+@pytest.mark.parametrize("parts", [("gsm8k", "train.jsonl"), ("gsm8k", "test.jsonl"), ("gsm8k_platinum", "test.jsonl")])
 @pytest.mark.parametrize("scorer", ["strict", "flexible", "platinum", "math_verify"])
 def test_every_gold_solution_scores_correct(parts, scorer):
     if scorer == "math_verify" and not math_verify_available():
@@ -79,14 +87,21 @@ def test_math_verify_compares_values_not_strings():
 THINK = "</think>"
 
 
-@pytest.mark.parametrize("text,truncated,expected", [
-    ("<think>\n5+3=8\n</think>\n\nThe answer is \\boxed{8}.", False, "8"),  # closed think + boxed final
-    ("<think>\nmaybe \\boxed{7}? no: 5+3=8\n</think>\n\n\\boxed{8}", False, "8"),  # a draft box inside think loses
-    ("<think>\n5+3=8 so \\boxed{8}", False, None),  # the think block never closed: unanswered
-    ("<think>\n5+3=8\n</think>\n\n\\boxed{8}", True, None),  # hit the token limit: unanswered
-    ("The answer is \\boxed{8}.", False, None),  # no think tags in think mode: the block (opened by the prompt) never
-                                                # closed
-])
+@pytest.mark.parametrize(
+    "text,truncated,expected",
+    [
+        ("<think>\n5+3=8\n</think>\n\nThe answer is \\boxed{8}.", False, "8"),  # closed think + boxed final
+        ("<think>\nmaybe \\boxed{7}? no: 5+3=8\n</think>\n\n\\boxed{8}", False, "8"),  # a draft box inside think loses
+        ("<think>\n5+3=8 so \\boxed{8}", False, None),  # the think block never closed: unanswered
+        ("<think>\n5+3=8\n</think>\n\n\\boxed{8}", True, None),  # hit the token limit: unanswered
+        (
+            "The answer is \\boxed{8}.",
+            False,
+            None,
+        ),  # no think tags in think mode: the block (opened by the prompt) never
+        # closed
+    ],
+)
 def test_a_reasoning_model_is_read_after_its_think_block(text, truncated, expected):
     for scorer in ("platinum", "flexible"):
         assert extract(text, scorer, THINK, truncated) == expected

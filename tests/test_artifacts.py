@@ -11,6 +11,7 @@ def _builder(calls):
     def build(out):
         calls.append(out)
         (out / "result.txt").write_text("ok")
+
     return build
 
 
@@ -99,12 +100,18 @@ def _made(tmp_path, files: dict) -> tuple:
     return store, store.ensure("rollout", {"x": 1}, build)
 
 
-@pytest.mark.parametrize("damage,problem", [
-    (lambda d: (d / "trajectories.jsonl").write_text("{}\n" * 800), "trajectories.jsonl has .* bytes"),  # cut
-    (lambda d: (d / "trajectories.jsonl").write_text("{}\n" * 1599 + "[]\n"), "does not match its recorded SHA-256"),
-    (lambda d: (d / "trajectories.jsonl").unlink(), "trajectories.jsonl is missing"),
-    (lambda d: (d / "adapter" / "weights.bin").write_bytes(b"garbage!"), "adapter/weights.bin has 8 bytes"),
-])
+@pytest.mark.parametrize(
+    "damage,problem",
+    [
+        (lambda d: (d / "trajectories.jsonl").write_text("{}\n" * 800), "trajectories.jsonl has .* bytes"),  # cut
+        (
+            lambda d: (d / "trajectories.jsonl").write_text("{}\n" * 1599 + "[]\n"),
+            "does not match its recorded SHA-256",
+        ),
+        (lambda d: (d / "trajectories.jsonl").unlink(), "trajectories.jsonl is missing"),
+        (lambda d: (d / "adapter" / "weights.bin").write_bytes(b"garbage!"), "adapter/weights.bin has 8 bytes"),
+    ],
+)
 def test_a_damaged_artifact_stops_the_run_naming_the_file_and_the_fix(tmp_path, damage, problem):
     store, made = _made(tmp_path, {"trajectories.jsonl": "{}\n" * 1600, "adapter/weights.bin": "w" * 64})
     damage(made)
@@ -143,8 +150,9 @@ def test_a_local_model_rebuilt_with_other_weights_gets_a_new_identity(tmp_path):
     identities = []
     for seed in (0, 1, 1):
         torch.manual_seed(seed)
-        LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2)).save_pretrained(tmp_path / "model")
+        LlamaForCausalLM(
+            LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        ).save_pretrained(tmp_path / "model")
         identities.append(store.identity(str(tmp_path / "model")))
     assert identities[0] != identities[1] and identities[1] == identities[2]
     assert identities[0]["path"] == str(tmp_path / "model")

@@ -1,12 +1,19 @@
-"""looper.engine.kernels.attention: packed sequences and decode steps give what plain masked attention gives; on a GPU, the fast
-kernels (FlashAttention varlen, the Triton decode kernel) equal the sdpa paths, gradients included."""
+"""looper.engine.kernels.attention: packed sequences and decode steps give what plain masked attention gives; on a GPU,
+the fast kernels (FlashAttention varlen, the Triton decode kernel) equal the sdpa paths, gradients included."""
 
 import pytest
 import torch
 
-from looper.engine.kernels.attention import DecodeStep, Packed, kernels, packed_attention, prefix_attention, prefix_kernel
+from looper.engine.kernels.attention import (
+    DecodeStep,
+    Packed,
+    kernels,
+    packed_attention,
+    prefix_attention,
+    prefix_kernel,
+)
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast kernels need a CUDA GPU")
+gpu = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py): the fast kernels need a GPU
 
 
 def _module(heads, kv_heads):
@@ -46,8 +53,9 @@ def _decode_case(device, dtype, heads, kv_heads, dim=64, slots=5, capacity=128):
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_a_decode_step_reads_each_slot_up_to_its_own_length_through_its_page_table(kv_heads):
-    module, query, keys, values, lengths, paged_keys, paged_values, table = _decode_case("cpu", torch.float32, 4,
-                                                                                         kv_heads)
+    module, query, keys, values, lengths, paged_keys, paged_values, table = _decode_case(
+        "cpu", torch.float32, 4, kv_heads
+    )
     output = DecodeStep("sdpa", lengths, 128, table, 16).attend(module, query, paged_keys, paged_values, 0.125)[0]
     for s, n in enumerate(lengths.tolist()):
         k = keys[s, :n].repeat_interleave(4 // kv_heads, dim=1)  # [n, heads, dim]
@@ -93,8 +101,9 @@ def test_flash_packed_attention_equals_sdpa_with_gradients_on_a_gpu(kv_heads):
     assert kernels(torch.device("cuda"), torch.bfloat16, 4, kv_heads, 64)[0] == "flash"
     results = {}
     for kernel in ("flash", "sdpa"):
-        query, key, value, starts = (t.requires_grad_(t.is_floating_point()) for t in _packed_case(
-            "cuda", torch.bfloat16, kv_heads=kv_heads))
+        query, key, value, starts = (
+            t.requires_grad_(t.is_floating_point()) for t in _packed_case("cuda", torch.bfloat16, kv_heads=kv_heads)
+        )
         output = packed_attention(_module(4, kv_heads), query, key, value, starts, 30, 0.125, kernel)[0]
         output.float().square().sum().backward()
         results[kernel] = [output, query.grad, key.grad, value.grad]
@@ -123,8 +132,13 @@ def test_the_rest_of_a_prompt_attends_to_its_prefix_in_the_cache(kv_heads):
     for first, n, a, b in zip(firsts, used, bounds[:-1], bounds[1:]):
         q = b - a
         allowed = torch.arange(n)[None, :] <= torch.arange(q)[:, None] + (n - q)  # query t is at position n - q + t
-        expected = _reference(query[0, :, a:b], keys[first:first + n].transpose(0, 1),
-                              values[first:first + n].transpose(0, 1), allowed, 0.125)
+        expected = _reference(
+            query[0, :, a:b],
+            keys[first : first + n].transpose(0, 1),
+            values[first : first + n].transpose(0, 1),
+            allowed,
+            0.125,
+        )
         assert torch.allclose(output[0, a:b].transpose(0, 1), expected, atol=1e-5)
 
 

@@ -7,8 +7,15 @@ from looper.config import RewardConfig
 
 
 def t(answer, reasoning, text=None):
-    return {"answer": answer, "reasoning": reasoning, "text": text or f"{reasoning}\n#### {answer}",
-            "correct": answer == "9", "arm": "a", "family": "compute", "sample": 0}
+    return {
+        "answer": answer,
+        "reasoning": reasoning,
+        "text": text or f"{reasoning}\n#### {answer}",
+        "correct": answer == "9",
+        "arm": "a",
+        "family": "compute",
+        "sample": 0,
+    }
 
 
 def test_full_agreement_gives_s_end_one():
@@ -48,8 +55,7 @@ def test_disjoint_intermediate_paths_share_nothing():
 
 
 def test_plain_text_equations_count_too():
-    scored = s_end_and_path([t("18", "She sells 16 - 3 - 4 = 9 eggs at $2: 9 * $2 = $18"),
-                             t("18", "9 x 2 = 18")])
+    scored = s_end_and_path([t("18", "She sells 16 - 3 - 4 = 9 eggs at $2: 9 * $2 = $18"), t("18", "9 x 2 = 18")])
     assert scored[0]["equations"] == [["16 - 3 - 4", "9", True], ["9 * $2", "$18", True]]
     assert scored[0]["s_path"] == pytest.approx(1 / 2)
 
@@ -67,19 +73,30 @@ def test_s_cf_resamples_from_the_cut_and_counts_agreement():
 
     trajectories = [t("9", "16-3-4=<<16-3-4=9>>9 eggs in all"), t(None, "no idea")]
     reward = RewardConfig(cf_samples=4, cf_cut=0.5)
-    scored = reference_scorer(question="q", gold="9", trajectories=trajectories, generate=generate,
-                              extract_answer=lambda text: text.rsplit("#### ", 1)[1] if "#### " in text else None,
-                              reward=reward)
+    scored = reference_scorer(
+        question="q",
+        gold="9",
+        trajectories=trajectories,
+        generate=generate,
+        extract_answer=lambda text: text.rsplit("#### ", 1)[1] if "#### " in text else None,
+        reward=reward,
+    )
     assert [s["s_cf"] for s in scored] == [0.5, 0.0]
-    (requests, n), = calls
+    ((requests, n),) = calls
     assert n == 4 and [index for index, _ in requests] == [0]  # no answer: nothing to be robust about
     assert requests[0][1] == cut(trajectories[0]["reasoning"], 0.5)
 
 
 def test_cf_samples_zero_turns_s_cf_off_and_its_weight_drops_out():
     reward = RewardConfig(cf_samples=0, w_end=1.0, w_path=3.0, w_cf=100.0)
-    scored = reference_scorer(question="q", gold="9", trajectories=[t("9", "4+5=9"), t("9", "4+5=9")],
-                              generate=None, extract_answer=lambda x: None, reward=reward)
+    scored = reference_scorer(
+        question="q",
+        gold="9",
+        trajectories=[t("9", "4+5=9"), t("9", "4+5=9")],
+        generate=None,
+        extract_answer=lambda x: None,
+        reward=reward,
+    )
     assert scored[0]["s_cf"] is None
     assert weighted(scored[0], reward) == pytest.approx((1 * 1.0 + 3 * 1.0) / 4)
 

@@ -47,12 +47,15 @@ def _write(tmp_path, lines):
 GOOD = json.dumps({"question": "Q?", "answer": "1+1=<<1+1=2>>2\n#### 2"})
 
 
-@pytest.mark.parametrize("bad,reason", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"question": "Q?"}), "missing or empty field 'answer'"),
-    (json.dumps({"question": "Q?", "answer": "it is 4"}), "no '#### N'"),
-    (json.dumps(["a", "list"]), "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "bad,reason",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"question": "Q?"}), "missing or empty field 'answer'"),
+        (json.dumps({"question": "Q?", "answer": "it is 4"}), "no '#### N'"),
+        (json.dumps(["a", "list"]), "expected a JSON object"),
+    ],
+)
 def test_a_malformed_line_names_its_file_line_and_reason(tmp_path, bad, reason):
     path = _write(tmp_path, [GOOD, GOOD, bad])
     with pytest.raises(DataError) as error:
@@ -61,8 +64,10 @@ def test_a_malformed_line_names_its_file_line_and_reason(tmp_path, bad, reason):
 
 
 def test_gold_answers_with_separators_and_signs_parse(tmp_path):
-    path = _write(tmp_path, [json.dumps({"question": "Q", "answer": "#### 114,200"}),
-                             json.dumps({"question": "Q", "answer": "#### -10"})])
+    path = _write(
+        tmp_path,
+        [json.dumps({"question": "Q", "answer": "#### 114,200"}), json.dumps({"question": "Q", "answer": "#### -10"})],
+    )
     assert [r["gold"] for r in read_gsm8k_jsonl(path, "x")] == ["114200", "-10"]
 
 
@@ -77,6 +82,7 @@ def test_gsm8k_from_a_directory_gets_a_seeded_dev_split(tmp_path):
     assert again["dev"] == splits["dev"]
 
 
+@pytest.mark.data
 def test_the_real_gsm8k_files_load():
     root = shared_file("gsm8k", "train.jsonl").parent
     splits = gsm8k_splits(DataConfig(name="gsm8k", path=str(root)))

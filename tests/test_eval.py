@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
-from looper import evaluation, models
-from looper.engine.kernels import attention
+from looper import evaluation, models, pipeline
 from looper.artifacts import ArtifactStore
+from looper.engine.kernels import attention
+from looper.engine.paged import PagedGenerator
 from looper.models import PLATINUM_PROMPT
 from tests.conftest import ROOT, looper_cli, shared_file
 
@@ -32,20 +33,35 @@ def test_k_shot_examples_never_include_the_scored_question(fast_cfg, tiny_sft):
     scored = pool[0]  # the worst case: the scored question is in the pool
     prompt = evaluation.prompt_for(cfg, tokenizer, scored, pool)
     assert prompt.count(scored["question"]) == 1 and prompt.endswith(
-        cfg.model.prompt_template.format(question=scored["question"]))
+        cfg.model.prompt_template.format(question=scored["question"])
+    )
     assert pool[1]["answer"] in prompt and pool[2]["answer"] in prompt
 
 
+@pytest.mark.data
 def test_records_carry_every_scorer_and_the_summary_splits_by_cleaning_status(fast_cfg, tiny_sft):
     path = shared_file("gsm8k_platinum", "test.jsonl")
-    cfg = fast_cfg(f"eval.platinum_path={path}", "eval.num_questions=40", "eval.targets=[base]",
-                   "eval.datasets=[gsm8k_platinum]")
-    artifact = evaluation.evaluate(cfg, ArtifactStore(cfg.paths.artifacts), "base", "gsm8k_platinum")
+    cfg = fast_cfg(
+        f"eval.platinum_path={path}", "eval.num_questions=40", "eval.targets=[base]", "eval.datasets=[gsm8k_platinum]"
+    )
+    artifact = pipeline.evaluate(cfg, ArtifactStore(cfg.paths.artifacts), "base", "gsm8k_platinum")
     records = evaluation.read_predictions(artifact)
     assert len(records) == 40 and len({r["id"] for r in records}) == 40
-    for key in ("id", "question", "gold", "completion", "num_tokens", "finish_reason", "cleaning_status",
-                "pred_strict", "correct_strict", "pred_flexible", "correct_flexible", "pred_platinum",
-                "correct_platinum"):
+    for key in (
+        "id",
+        "question",
+        "gold",
+        "completion",
+        "num_tokens",
+        "finish_reason",
+        "cleaning_status",
+        "pred_strict",
+        "correct_strict",
+        "pred_flexible",
+        "correct_flexible",
+        "pred_platinum",
+        "correct_platinum",
+    ):
         assert key in records[0]
     summary = json.loads((artifact / "summary.json").read_text())
     assert sum(block["n"] for block in summary["by_status"].values()) == 40
@@ -57,9 +73,9 @@ def test_records_carry_every_scorer_and_the_summary_splits_by_cleaning_status(fa
 def test_an_interrupted_evaluation_resumes_without_redoing_finished_questions(fast_cfg, tiny_sft, monkeypatch):
     cfg = fast_cfg("eval.num_questions=24", "eval.batch_size=3", "eval.max_new_tokens=40")
     store = ArtifactStore(cfg.paths.artifacts)
-    original = evaluation.generate
+    original = PagedGenerator.generate
 
-    def crash_after_twelve(model, tokenizer, prompts, on_result, **kwargs):
+    def crash_after_twelve(self, requests, on_result=None, desc=None):
         finished = []
 
         def record_then_maybe_crash(index, output):
@@ -68,20 +84,23 @@ def test_an_interrupted_evaluation_resumes_without_redoing_finished_questions(fa
             if len(finished) == 12:
                 raise KeyboardInterrupt  # as if killed right after the twelfth answer
 
-        return original(model, tokenizer, prompts, on_result=record_then_maybe_crash, **kwargs)
+        return original(self, requests, record_then_maybe_crash, desc)
 
-    monkeypatch.setattr(evaluation, "generate", crash_after_twelve)
+    monkeypatch.setattr(PagedGenerator, "generate", crash_after_twelve)
     with pytest.raises(KeyboardInterrupt):
-        evaluation.evaluate(cfg, store, "sft", "synthetic_test")
+        pipeline.evaluate(cfg, store, "sft", "synthetic_test")
     shard = next((store.root / "eval").glob("*.partial/predictions.rank0.jsonl"))
     first = [json.loads(line) for line in shard.read_text().splitlines()]
     assert len(first) == 12
     with open(shard, "a") as handle:
         handle.write('{"id": "torn')  # killed mid-write
     decoded = []
-    monkeypatch.setattr(evaluation, "generate",
-                        lambda m, t, prompts, **kw: decoded.extend(prompts) or original(m, t, prompts, **kw))
-    records = evaluation.read_predictions(evaluation.evaluate(cfg, store, "sft", "synthetic_test"))
+    monkeypatch.setattr(
+        PagedGenerator,
+        "generate",
+        lambda self, requests, *args: decoded.extend(requests) or original(self, requests, *args),
+    )
+    records = evaluation.read_predictions(pipeline.evaluate(cfg, store, "sft", "synthetic_test"))
     assert len(decoded) == 12
     by_id = {r["id"]: r for r in records}
     assert len(records) == 24 and len(by_id) == 24 and all(by_id[r["id"]] == r for r in first)
@@ -109,31 +128,59 @@ def test_the_batch_check_passes_on_the_real_path_and_catches_a_broken_mask(tiny_
     assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] > 0
 
 
+@pytest.mark.data
 def test_the_report_has_intervals_paired_deltas_and_a_plot(artifacts, tiny_sft, tmp_path):
     path = shared_file("gsm8k_platinum", "test.jsonl")
     from tests.conftest import FAST
 
-    result = looper_cli(f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path}", *FAST, "stage=eval",
-                        "eval.datasets=[gsm8k_platinum]", f"eval.platinum_path={path}", "eval.num_questions=60",
-                        "eval.check_batch_consistency=4")
+    result = looper_cli(
+        f"paths.artifacts={artifacts}",
+        f"hydra.run.dir={tmp_path}",
+        *FAST,
+        "stage=eval",
+        "eval.datasets=[gsm8k_platinum]",
+        f"eval.platinum_path={path}",
+        "eval.num_questions=60",
+        "eval.check_batch_consistency=4",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
-    for text in ("## gsm8k_platinum", "| base |", "| sft |", "| dpo |", "### By cleaning_status", "consensus",
-                 "### Paired deltas", "base → sft", "sft → dpo", "McNemar p"):
+    for text in (
+        "## gsm8k_platinum",
+        "| base |",
+        "| sft |",
+        "| dpo |",
+        "### By cleaning_status",
+        "consensus",
+        "### Paired deltas",
+        "base → sft",
+        "sft → dpo",
+        "McNemar p",
+    ):
         assert text in report, text
     assert "% [" in report  # accuracies carry their intervals
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
 
 
+@pytest.mark.data
 def test_a_killed_platinum_evaluation_finishes_on_rerun_without_recomputing(artifacts, tiny_sft, tmp_path):
     path = shared_file("gsm8k_platinum", "test.jsonl")
     from tests.conftest import FAST, kill_when_written
 
-    overrides = [f"paths.artifacts={artifacts}", *FAST, "stage=eval", "eval.datasets=[gsm8k_platinum]",
-                 f"eval.platinum_path={path}", "eval.targets=[base]", "eval.num_questions=null", "eval.batch_size=16",
-                 "eval.max_new_tokens=24"]
-    partial_file = kill_when_written([*overrides, f"hydra.run.dir={tmp_path / 'a'}"],
-                                     "eval/*.partial/predictions.rank0.jsonl", 200, artifacts)
+    overrides = [
+        f"paths.artifacts={artifacts}",
+        *FAST,
+        "stage=eval",
+        "eval.datasets=[gsm8k_platinum]",
+        f"eval.platinum_path={path}",
+        "eval.targets=[base]",
+        "eval.num_questions=null",
+        "eval.batch_size=16",
+        "eval.max_new_tokens=24",
+    ]
+    partial_file = kill_when_written(
+        [*overrides, f"hydra.run.dir={tmp_path / 'a'}"], "eval/*.partial/predictions.rank0.jsonl", 200, artifacts
+    )
     done_at_kill = sum(1 for _ in open(partial_file))
     assert done_at_kill < 1209
     result = looper_cli(*overrides, f"hydra.run.dir={tmp_path / 'b'}")
@@ -152,19 +199,49 @@ def test_two_processes_give_the_same_predictions_as_one(artifacts, tiny_sft, fas
 
     overrides = ["eval.targets=[sft]", "eval.num_questions=10", "eval.max_new_tokens=30"]
     cfg = fast_cfg(*overrides)
-    reference = evaluation.read_predictions(evaluation.evaluate(cfg, ArtifactStore(cfg.paths.artifacts), "sft",
-                                                                "synthetic_test"))
+    reference = evaluation.read_predictions(
+        pipeline.evaluate(cfg, ArtifactStore(cfg.paths.artifacts), "sft", "synthetic_test")
+    )
     cache = cache_sharing_models(artifacts, tmp_path / "cache")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
-                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             "-m", "looper", f"paths.artifacts={cache}", f"hydra.run.dir={tmp_path / 'run'}", *FAST,
-                             *overrides, "stage=eval"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "looper",
+            f"paths.artifacts={cache}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *FAST,
+            *overrides,
+            "stage=eval",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    (artifact,) = [p for p in (cache / "eval").iterdir() if p.is_dir()
-                   and json.loads((p / "summary.json").read_text())["dataset"] == "synthetic_test"]
+    (artifact,) = [
+        p
+        for p in (cache / "eval").iterdir()
+        if p.is_dir() and json.loads((p / "summary.json").read_text())["dataset"] == "synthetic_test"
+    ]
     assert sorted(p.name for p in artifact.glob("predictions.rank*.jsonl")) == [
-        "predictions.rank0.jsonl", "predictions.rank1.jsonl"], result.stdout[-4000:]
+        "predictions.rank0.jsonl",
+        "predictions.rank1.jsonl",
+    ], result.stdout[-4000:]
     assert evaluation.read_predictions(artifact) == reference
     assert (tmp_path / "run" / "report.md").exists()
 
@@ -172,9 +249,14 @@ def test_two_processes_give_the_same_predictions_as_one(artifacts, tiny_sft, fas
 def test_sampled_evaluation_reports_mean_accuracy_with_an_interval_over_questions(fast_cfg, tiny_sft, tmp_path):
     from tests.conftest import cache_sharing_models
 
-    cfg = fast_cfg("eval.temperature=0.7", "eval.samples=3", "eval.num_questions=8", "eval.max_new_tokens=30",
-                   f"paths.artifacts={cache_sharing_models(tiny_sft[1].root, tmp_path / 'cache')}")
-    artifact = evaluation.evaluate(cfg, ArtifactStore(cfg.paths.artifacts), "sft", "synthetic_test")
+    cfg = fast_cfg(
+        "eval.temperature=0.7",
+        "eval.samples=3",
+        "eval.num_questions=8",
+        "eval.max_new_tokens=30",
+        f"paths.artifacts={cache_sharing_models(tiny_sft[1].root, tmp_path / 'cache')}",
+    )
+    artifact = pipeline.evaluate(cfg, ArtifactStore(cfg.paths.artifacts), "sft", "synthetic_test")
     records = evaluation.read_predictions(artifact)
     assert len(records) == 24 and sorted({r["sample"] for r in records}) == [0, 1, 2]
     assert len({(r["id"], r["sample"]) for r in records}) == 24
@@ -182,15 +264,28 @@ def test_sampled_evaluation_reports_mean_accuracy_with_an_interval_over_question
     summary = json.loads((artifact / "summary.json").read_text())
     low, high = summary["ci_strict"]
     assert (summary["questions"], summary["samples"]) == (8, 3) and low <= summary["acc_strict"] <= high
-    again = evaluation.read_predictions(evaluation.evaluate(
-        fast_cfg("eval.temperature=0.7", "eval.samples=3", "eval.num_questions=8", "eval.max_new_tokens=30",
-                 "eval.batch_size=5", f"paths.artifacts={cache_sharing_models(tiny_sft[1].root, tmp_path / 'b')}"),
-        ArtifactStore(tmp_path / "b"), "sft", "synthetic_test"))
+    again = evaluation.read_predictions(
+        pipeline.evaluate(
+            fast_cfg(
+                "eval.temperature=0.7",
+                "eval.samples=3",
+                "eval.num_questions=8",
+                "eval.max_new_tokens=30",
+                "eval.batch_size=5",
+                f"paths.artifacts={cache_sharing_models(tiny_sft[1].root, tmp_path / 'b')}",
+            ),
+            ArtifactStore(tmp_path / "b"),
+            "sft",
+            "synthetic_test",
+        )
+    )
     assert again == records  # per-row seeds: the same samples whatever the batching
 
 
 def test_the_demo_objective_comes_from_the_dev_split_not_the_test_set(fast_cfg):
     cfg = fast_cfg()
     assert cfg.eval.datasets == ["synthetic_test"] and evaluation.objective_dataset(cfg) == "synthetic_dev"
-    assert evaluation.objective_dataset(fast_cfg("eval.select_on=synthetic_test", "eval.select_on_test=true")) == \
-        "synthetic_test"
+    assert (
+        evaluation.objective_dataset(fast_cfg("eval.select_on=synthetic_test", "eval.select_on_test=true"))
+        == "synthetic_test"
+    )

@@ -1,13 +1,15 @@
 """The shared generation path: greedy equals plain `generate`, and seeded sampling is reproducible row by row."""
 
+import json
+
 import pytest
 import torch
 
 from looper import models
 from looper.engine import cache, runner, scheduler
 from looper.engine.kernels import fused
-from looper.engine.runner import AttentionSwitch
 from looper.engine.paged import generate
+from looper.engine.runner import AttentionSwitch
 from looper.engine.sampling import seeded_choice
 
 
@@ -25,12 +27,19 @@ def test_greedy_equals_plain_generate_one_prompt_at_a_time(tiny_sft, attention):
     prompts = _prompts(cfg, tokenizer, n=12)
     limits = [3 + 7 * k for k in range(len(prompts))]  # rows end at different steps: slots are refilled mid-decode
     finished = []
-    ours = generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=4, refill_at=0.25,
-                    on_result=lambda i, g: finished.append(i))
+    ours = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=limits,
+        batch_size=4,
+        refill_at=0.25,
+        on_result=lambda i, g: finished.append(i),
+    )
     assert sorted(finished) == list(range(len(prompts)))
     for prompt, limit, result in zip(prompts, limits, ours):
         encoded = tokenizer(prompt, return_tensors="pt")
-        plain = model.generate(**encoded, max_new_tokens=limit, do_sample=False)[0, encoded["input_ids"].shape[1]:]
+        plain = model.generate(**encoded, max_new_tokens=limit, do_sample=False)[0, encoded["input_ids"].shape[1] :]
         assert result.text == tokenizer.decode(plain, skip_special_tokens=True)
         ended = plain[-1].item() == tokenizer.eos_token_id
         assert result.num_tokens == len(plain) and result.finish_reason == ("stop" if ended else "length")
@@ -42,11 +51,11 @@ def test_a_rows_sample_does_not_depend_on_its_batch(tiny_sft):
     prompts = _prompts(cfg, tokenizer) * 2
     seeds = list(range(100, 100 + len(prompts)))
     kwargs = {"max_new_tokens": 40, "temperature": 1.0, "top_p": 0.95}
-    alone = [generate(model, tokenizer, [p], batch_size=1, seeds=[s], **kwargs)[0].text
-             for p, s in zip(prompts, seeds)]
+    alone = [generate(model, tokenizer, [p], batch_size=1, seeds=[s], **kwargs)[0].text for p, s in zip(prompts, seeds)]
     batched = [g.text for g in generate(model, tokenizer, prompts, batch_size=5, seeds=seeds, **kwargs)]
-    reversed_ = [g.text for g in generate(model, tokenizer, prompts[::-1], batch_size=12, seeds=seeds[::-1],
-                                          **kwargs)][::-1]
+    reversed_ = [g.text for g in generate(model, tokenizer, prompts[::-1], batch_size=12, seeds=seeds[::-1], **kwargs)][
+        ::-1
+    ]
     assert alone == batched == reversed_
     assert len(set(batched[:6]) | set(batched[6:])) > 6, "different seeds should give different samples"
 
@@ -55,8 +64,9 @@ def test_seeded_sampling_draws_from_the_tempered_top_p_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     counts = torch.zeros(4)
     for seed in range(4000):
-        counts[seeded_choice(logits, torch.tensor([seed]), torch.tensor([0]), torch.tensor([1.0]),
-                             torch.tensor([0.9]))] += 1
+        counts[
+            seeded_choice(logits, torch.tensor([seed]), torch.tensor([0]), torch.tensor([1.0]), torch.tensor([0.9]))
+        ] += 1
     # top_p=0.9 keeps 0.5, 0.3, 0.15 (0.95 >= 0.9 first reached there); renormalised: 0.526, 0.316, 0.158, 0
     assert counts[3] == 0
     assert torch.allclose(counts[:3] / 4000, torch.tensor([0.526, 0.316, 0.158]), atol=0.03)
@@ -70,8 +80,19 @@ def test_refill_at_changes_how_often_slots_are_refilled_and_never_the_outputs(ti
     runs = {}
     for refill_at in (0.25, 1.0):  # one free slot of four triggers a refill / only an all-free batch does
         stats = {}
-        texts = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=4,
-                                          refill_at=refill_at, stats=stats, desc=None)]
+        texts = [
+            g.text
+            for g in generate(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=limits,
+                batch_size=4,
+                refill_at=refill_at,
+                stats=stats,
+                desc=None,
+            )
+        ]
         runs[refill_at] = (texts, stats)
     assert runs[0.25][0] == runs[1.0][0]
     assert runs[0.25][1]["prefills"] > runs[1.0][1]["prefills"]
@@ -126,11 +147,11 @@ def test_generation_compile_runs_the_decode_step_through_torch_compile_with_the_
     assert outputs[True] == outputs[False]
 
 
-def test_generation_compile_also_compiles_the_prefills_mlps_and_rotary_embedding_and_restores_them(tiny_sft,
-                                                                                                    monkeypatch):
+def test_generation_compile_also_compiles_the_prefills_mlps_and_rotary_embedding_and_restores_them(
+    tiny_sft, monkeypatch
+):
     from torch._dynamo.utils import counters
     from transformers.models.llama import modeling_llama
-
 
     monkeypatch.setattr(fused, "COMPILE_BACKEND", "eager")
     cfg, _, _, sft_dir = tiny_sft
@@ -151,8 +172,12 @@ def test_generation_compile_also_compiles_the_prefills_mlps_and_rotary_embedding
     fused._compiled.cache_clear()
     runner.compiled_decode_logits.cache_clear()
     traced, stats = counters["stats"]["unique_graphs"], {}
-    compiled = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4, desc=None,
-                                         compile_decode=True, stats=stats)]
+    compiled = [
+        g.text
+        for g in generate(
+            model, tokenizer, prompts, max_new_tokens=12, batch_size=4, desc=None, compile_decode=True, stats=stats
+        )
+    ]
     assert compiled == plain
     assert stats["compiled_prefill"] == ["LlamaMLP", "apply_rotary_pos_emb"]
     rotary, forwards = seen[0]
@@ -169,8 +194,16 @@ def test_generation_compile_leaves_a_quantized_model_uncompiled(tiny_sft, monkey
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
     monkeypatch.setattr(model.config, "quantization_config", {"quant_method": "bitsandbytes"}, raising=False)
     stats = {}
-    generate(model, tokenizer, _prompts(cfg, tokenizer, n=2), max_new_tokens=4, batch_size=2, stats=stats,
-             compile_decode=True, desc=None)
+    generate(
+        model,
+        tokenizer,
+        _prompts(cfg, tokenizer, n=2),
+        max_new_tokens=4,
+        batch_size=2,
+        stats=stats,
+        compile_decode=True,
+        desc=None,
+    )
     assert stats["compiled_decode"] is False and "not for a quantized model" in caplog.text
 
 
@@ -181,10 +214,14 @@ def test_identical_prompts_are_prefilled_once_and_sample_as_if_alone(tiny_sft):
     seeds = list(range(7, 7 + len(prompts)))
     kwargs = {"max_new_tokens": 24, "temperature": 1.0, "top_p": 0.95}
     stats = {}
-    shared = [g.text for g in generate(model, tokenizer, prompts, batch_size=12, seeds=seeds, stats=stats,
-                                       desc=None, **kwargs)]
-    alone = [generate(model, tokenizer, [p], batch_size=1, seeds=[s], desc=None, **kwargs)[0].text
-             for p, s in zip(prompts, seeds)]
+    shared = [
+        g.text
+        for g in generate(model, tokenizer, prompts, batch_size=12, seeds=seeds, stats=stats, desc=None, **kwargs)
+    ]
+    alone = [
+        generate(model, tokenizer, [p], batch_size=1, seeds=[s], desc=None, **kwargs)[0].text
+        for p, s in zip(prompts, seeds)
+    ]
     assert shared == alone
     assert stats["prefill_shared"] == 9
     distinct_tokens = sum(len(tokenizer(p)["input_ids"]) for p in prompts[:3])
@@ -206,10 +243,16 @@ def test_prompts_that_begin_alike_share_their_prefix_and_sample_as_if_alone(tiny
     seeds = list(range(3, 3 + len(prompts)))
     kwargs = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 0.95}
     stats = {}
-    shared = [g.text for g in generate(model, tokenizer, prompts, batch_size=8, refill_at=0.5, seeds=seeds,
-                                       stats=stats, desc=None, **kwargs)]
-    alone = [generate(model, tokenizer, [p], batch_size=1, seeds=[s], desc=None, **kwargs)[0].text
-             for p, s in zip(prompts, seeds)]
+    shared = [
+        g.text
+        for g in generate(
+            model, tokenizer, prompts, batch_size=8, refill_at=0.5, seeds=seeds, stats=stats, desc=None, **kwargs
+        )
+    ]
+    alone = [
+        generate(model, tokenizer, [p], batch_size=1, seeds=[s], desc=None, **kwargs)[0].text
+        for p, s in zip(prompts, seeds)
+    ]
     assert shared == alone
     encoded = tokenizer(prompts)["input_ids"]
     assert stats["prefix_shared_tokens"] > 0
@@ -221,7 +264,7 @@ def test_prompts_that_begin_alike_share_their_prefix_and_sample_as_if_alone(tiny
     greedy = generate(model, tokenizer, prompts, batch_size=8, max_new_tokens=12, desc=None)
     for prompt, result in zip(prompts, greedy):
         single = tokenizer(prompt, return_tensors="pt")
-        plain = model.generate(**single, max_new_tokens=12, do_sample=False)[0, single["input_ids"].shape[1]:]
+        plain = model.generate(**single, max_new_tokens=12, do_sample=False)[0, single["input_ids"].shape[1] :]
         assert result.text == tokenizer.decode(plain, skip_special_tokens=True)
 
 
@@ -238,11 +281,28 @@ def test_later_prefills_read_a_prefix_from_the_pages_of_a_row_already_decoding(t
         if not reading:
             monkeypatch.setattr(scheduler.Scheduler, "_resident", lambda self, distinct: (None, [0] * len(distinct)))
         stats = {}
-        runs[reading] = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=limits, batch_size=4,
-                                                  refill_at=0.25, seeds=seeds, stats=stats, **kwargs)], stats
+        runs[reading] = (
+            [
+                g.text
+                for g in generate(
+                    model,
+                    tokenizer,
+                    prompts,
+                    max_new_tokens=limits,
+                    batch_size=4,
+                    refill_at=0.25,
+                    seeds=seeds,
+                    stats=stats,
+                    **kwargs,
+                )
+            ],
+            stats,
+        )
     (read, stats), (computed, without) = runs[True], runs[False]
-    alone = [generate(model, tokenizer, [p], max_new_tokens=n, batch_size=1, seeds=[s], **kwargs)[0].text
-             for p, n, s in zip(prompts, limits, seeds)]
+    alone = [
+        generate(model, tokenizer, [p], max_new_tokens=n, batch_size=1, seeds=[s], **kwargs)[0].text
+        for p, n, s in zip(prompts, limits, seeds)
+    ]
     assert read == computed == alone
     examples_pages = len(tokenizer(examples)["input_ids"]) // cache.PAGE
     saved = stats["prefix_shared_tokens"] - without["prefix_shared_tokens"]
@@ -284,25 +344,25 @@ def test_the_paged_cache_hands_out_shares_and_takes_back_pages_and_its_table_fol
 
 
 def test_a_kv_cache_smaller_than_the_slots_worst_case_preempts_and_resumes_rows_with_the_same_samples(
-        tiny_sft, monkeypatch, caplog):
+    tiny_sft, monkeypatch, caplog
+):
 
     cfg, _, _, sft_dir = tiny_sft
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
     prompts = _prompts(cfg, tokenizer, n=10)
     kwargs = {"max_new_tokens": 48, "temperature": 3.0, "seeds": list(range(len(prompts))), "desc": None}
     roomy, tight = {}, {}
-    expected = [(g.text, g.num_tokens) for g in generate(model, tokenizer, prompts, batch_size=8, stats=roomy,
-                                                        **kwargs)]
+    expected = [
+        (g.text, g.num_tokens) for g in generate(model, tokenizer, prompts, batch_size=8, stats=roomy, **kwargs)
+    ]
     longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
     per_slot = scheduler.round_up(longest + 48 + 1, scheduler.WIDTH_STEP) // cache.PAGE
     assert roomy["kv_pages"] == 8 * per_slot and roomy["preempted"] == 0  # memory to spare: every slot's worst case
     page_bytes = cache.PAGE * cache.kv_bytes_per_position(model)
     pages = int(2.5 * per_slot)  # rows of ~84 positions: 6 pages each at the end, 3 at the start
-    monkeypatch.setattr(cache, "free_bytes",
-                        lambda device: cache.working_bytes(model, 8) + (pages + 1) * page_bytes)
+    monkeypatch.setattr(cache, "free_bytes", lambda device: cache.working_bytes(model, 8) + (pages + 1) * page_bytes)
     with caplog.at_level("INFO", logger="looper.engine"):
-        got = [(g.text, g.num_tokens) for g in generate(model, tokenizer, prompts, batch_size=8, stats=tight,
-                                                         **kwargs)]
+        got = [(g.text, g.num_tokens) for g in generate(model, tokenizer, prompts, batch_size=8, stats=tight, **kwargs)]
     assert tight["kv_pages"] == pages and tight["slots"] == 8
     assert tight["preempted"] > 0 and tight["peak_pages"] <= pages < roomy["peak_pages"]
     assert got == expected  # rows preempted and resumed: the same samples
@@ -316,9 +376,9 @@ def test_the_kernel_patches_are_set_inside_and_restored_after_even_on_an_error()
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama import modeling_llama
 
-
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, vocab_size=50))
+    model = LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=50)
+    )
     norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
     original = modeling_llama.apply_rotary_pos_emb
     patches = fused.norm_patches(norms) + fused.rotary_patches([modeling_llama])
@@ -328,3 +388,100 @@ def test_the_kernel_patches_are_set_inside_and_restored_after_even_on_an_error()
         raise RuntimeError("inside")
     assert modeling_llama.apply_rotary_pos_emb is original
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_the_hf_backend_gives_the_paged_engines_greedy_outputs_in_float32(tiny_sft):
+    from looper import engine
+    from looper.engine.hf import HFGenerator
+    from looper.engine.paged import PagedGenerator
+
+    cfg, _, _, sft_dir = tiny_sft
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    assert model.dtype == torch.float32
+    prompts = _prompts(cfg, tokenizer, n=10)
+    requests = [engine.Request(p, 4 + 6 * k) for k, p in enumerate(prompts)]  # rows end at their own limits
+    paged, paged_stats = PagedGenerator(model, tokenizer, batch_size=4).generate(requests)
+    finished = []
+    hf, hf_stats = HFGenerator(model, tokenizer, batch_size=4).generate(
+        requests, on_result=lambda i, g: finished.append(i)
+    )
+    assert [(g.text, g.num_tokens, g.finish_reason) for g in hf] == [
+        (g.text, g.num_tokens, g.finish_reason) for g in paged
+    ]
+    assert sorted(finished) == list(range(len(prompts))) and {g.finish_reason for g in hf} == {"stop", "length"}
+    assert hf_stats.backend == "hf" and paged_stats.backend == "paged"
+    assert hf_stats.real_tokens == paged_stats.real_tokens == sum(g.num_tokens for g in hf)
+
+
+def test_the_hf_backend_samples_a_row_from_its_own_seed_whatever_its_batch(tiny_sft):
+    from looper import engine
+    from looper.engine.hf import HFGenerator
+
+    cfg, _, _, sft_dir = tiny_sft
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    prompts = _prompts(cfg, tokenizer, n=4)
+    requests = [engine.Request(p, 24, temperature=1.0, top_p=0.95, seed=7 + k) for k, p in enumerate(prompts)]
+    together, _ = HFGenerator(model, tokenizer, batch_size=4).generate(requests)
+    alone = [HFGenerator(model, tokenizer, batch_size=1).generate([r])[0][0].text for r in requests[::-1]][::-1]
+    assert [g.text for g in together] == alone
+    reseeded, _ = HFGenerator(model, tokenizer, batch_size=4).generate(
+        [engine.Request(r.prompt, r.max_new_tokens, r.temperature, r.top_p, r.seed + 100) for r in requests]
+    )
+    assert [g.text for g in reseeded] != alone
+
+
+def test_auto_picks_paged_where_its_checks_pass_and_hf_where_they_fail_and_says_why(tiny_sft, monkeypatch, caplog):
+    from looper import engine
+
+    cfg, _, _, sft_dir = tiny_sft
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    assert cfg.generation.backend == "auto"
+    with caplog.at_level("INFO", logger="looper.engine"):
+        assert engine.build(cfg.generation, model, tokenizer, 4).name == "paged"
+        monkeypatch.setattr(type(model), "_supports_attention_backend", False)
+        assert engine.build(cfg.generation, model, tokenizer, 4).name == "hf"
+    assert "auto: paged" in caplog.text
+    assert "does not attend through transformers' attention interface" in caplog.text
+    monkeypatch.setattr(cfg.generation, "backend", "paged")  # asked for by name: no check, no fallback
+    assert engine.build(cfg.generation, model, tokenizer, 4).name == "paged"
+
+
+def test_a_third_backend_plugs_in_by_registering_one_generator(fast_cfg, tiny_sft, monkeypatch):
+    """The seam a vLLM or SGLang backend would use: one Generator subclass, one register call, and rollout and eval
+    run through it unchanged (here it serves the paged engine's outputs and counts the requests it saw)."""
+    from looper import engine, pipeline
+    from looper.artifacts import ArtifactStore
+    from looper.engine.paged import PagedGenerator
+
+    seen = []
+
+    class Counting(engine.Generator):
+        name = "counting"
+
+        def generate(self, requests, on_result=None, desc=None):
+            seen.extend(requests)
+            results, stats = PagedGenerator(self.model, self.tokenizer, self.batch_size).generate(requests, on_result)
+            stats.backend = self.name
+            return results, stats
+
+    monkeypatch.setitem(engine.BACKENDS, "counting", Counting)
+    cfg = fast_cfg("generation.backend=counting", "eval.num_questions=6")
+    artifact = pipeline.evaluate(cfg, ArtifactStore(cfg.paths.artifacts), "sft", "synthetic_test")
+    assert len(seen) == 6 and all(isinstance(r, engine.Request) for r in seen)
+    summary = json.loads((artifact / "summary.json").read_text())
+    assert summary["generation"]["backend"] == "counting" and summary["n"] == 6
+    paged = pipeline.evaluate(
+        fast_cfg("generation.backend=paged", "eval.num_questions=6"),
+        ArtifactStore(cfg.paths.artifacts),
+        "sft",
+        "synthetic_test",
+    )
+    assert artifact != paged  # the backend is part of an eval's identity (its samples may differ)
+    assert (artifact / "predictions.jsonl").read_text() == (paged / "predictions.jsonl").read_text()
+
+
+def test_an_unknown_backend_fails_at_start_naming_the_allowed_ones():
+    from tests.conftest import compose
+
+    with pytest.raises(Exception, match=r"generation.backend: got 'vllm'; allowed: auto, paged, hf"):
+        compose("generation.backend=vllm")

@@ -24,19 +24,31 @@ def test_the_pipeline_runs_end_to_end_and_prints_the_table(artifacts, tiny_sft, 
         assert (Path(record["path"]) / "DONE").exists()
     trajectories = next(Path(r["path"]) for r in _records(run_dir) if r["stage"] == "rollout") / "trajectories.jsonl"
     first = json.loads(trajectories.read_text().splitlines()[0])
-    assert {"question_id", "arm", "sample", "text", "answer", "correct", "num_tokens", "s_end", "s_path",
-            "s_wm"} <= set(first)
+    assert {
+        "question_id",
+        "arm",
+        "sample",
+        "text",
+        "answer",
+        "correct",
+        "num_tokens",
+        "s_end",
+        "s_path",
+        "s_wm",
+    } <= set(first)
 
 
 def test_stage_dpo_produces_its_upstream_then_reuses_everything(artifacts, tiny_sft, tmp_path):
     fresh = [*FAST, "sft.max_steps=151"]  # a new SFT key: sft, rollout, preferences, dpo must all be made
-    first = looper_cli(f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path / 'a'}", *fresh, "stage=dpo",
-                       "reward.beta=0.5")
+    first = looper_cli(
+        f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path / 'a'}", *fresh, "stage=dpo", "reward.beta=0.5"
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     made = {r["stage"] for r in _records(tmp_path / "a") if r["status"] == "made"}
     assert made == {"sft", "rollout", "preferences", "dpo"}
-    again = looper_cli(f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path / 'b'}", *fresh, "stage=dpo",
-                       "reward.beta=0.5")
+    again = looper_cli(
+        f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path / 'b'}", *fresh, "stage=dpo", "reward.beta=0.5"
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert {r["status"] for r in _records(tmp_path / "b")} == {"reused"}
     log = again.stdout + again.stderr
@@ -44,8 +56,14 @@ def test_stage_dpo_produces_its_upstream_then_reuses_everything(artifacts, tiny_
 
 
 def test_changing_the_reward_reuses_the_rollout(artifacts, tiny_sft, tmp_path):
-    result = looper_cli(f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path}", *FAST, "stage=preferences",
-                        "reward.beta=0.9", "reward.w_path=0.3")
+    result = looper_cli(
+        f"paths.artifacts={artifacts}",
+        f"hydra.run.dir={tmp_path}",
+        *FAST,
+        "stage=preferences",
+        "reward.beta=0.9",
+        "reward.w_path=0.3",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     statuses = {r["stage"]: r["status"] for r in _records(tmp_path)}
     assert statuses["rollout"] == "reused" and statuses["preferences"] == "made"
@@ -53,13 +71,22 @@ def test_changing_the_reward_reuses_the_rollout(artifacts, tiny_sft, tmp_path):
 
 def test_a_sweep_shares_sft_and_rollout_and_logs_one_wandb_group(artifacts, tiny_sft, tmp_path):
     fast = [o for o in FAST if o != "logger=none"]
-    result = looper_cli("-m", f"paths.artifacts={artifacts}", f"hydra.sweep.dir={tmp_path}", *fast,
-                        "logger.mode=offline", "eval.targets=[dpo]", "dpo.beta=0.15,0.35")
+    result = looper_cli(
+        "-m",
+        f"paths.artifacts={artifacts}",
+        f"hydra.sweep.dir={tmp_path}",
+        *fast,
+        "logger.mode=offline",
+        "eval.targets=[dpo]",
+        "dpo.beta=0.15,0.35",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = [{r["stage"]: r["path"] for r in _records(tmp_path / str(n))} for n in (0, 1)]
     assert jobs[0]["sft"] == jobs[1]["sft"] and jobs[0]["rollout"] == jobs[1]["rollout"]
     assert jobs[0]["dpo"] != jobs[1]["dpo"]
-    runs = [json.loads(line) for n in (0, 1) for line in (tmp_path / str(n) / "wandb_runs.jsonl").read_text().splitlines()]
+    runs = [
+        json.loads(line) for n in (0, 1) for line in (tmp_path / str(n) / "wandb_runs.jsonl").read_text().splitlines()
+    ]
     dpo_runs = [r for r in runs if r["stage"] == "dpo"]
     assert len(dpo_runs) == 2 and len({r["id"] for r in dpo_runs}) == 2
     assert {r["group"] for r in runs} == {tmp_path.name} and {r["mode"] for r in runs} == {"offline"}
@@ -73,8 +100,14 @@ def test_a_malformed_data_line_stops_with_its_location_and_keeps_finished_artifa
     (data / "train.jsonl").write_text(f"{good}\n{good}\n" + json.dumps({"question": "Q?"}) + "\n")
     (data / "test.jsonl").write_text(f"{good}\n")
     done_before = sorted(str(p) for p in artifacts.glob("*/*/DONE"))
-    result = looper_cli(f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path / 'run'}", *FAST, "data=gsm8k",
-                        f"data.path={data}", "model.tiny.pretrain_steps=400")
+    result = looper_cli(
+        f"paths.artifacts={artifacts}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *FAST,
+        "data=gsm8k",
+        f"data.path={data}",
+        "model.tiny.pretrain_steps=400",
+    )
     assert result.returncode != 0
     assert f"{data / 'train.jsonl'}:3" in result.stderr and "missing or empty field 'answer'" in result.stderr
     assert sorted(str(p) for p in artifacts.glob("*/*/DONE")) == done_before  # nothing lost, nothing built first

@@ -9,8 +9,17 @@ REWARD = RewardConfig(alpha=1.0, beta=0.5, length_penalty=0.0, w_end=1.0, w_path
 
 
 def r(text, correct, s_end, question="q1", tokens=10):
-    return {"question_id": question, "question": "Q?", "text": text, "correct": correct, "s_end": s_end,
-            "s_path": 0.0, "s_cf": None, "num_tokens": tokens, "arm": "a"}
+    return {
+        "question_id": question,
+        "question": "Q?",
+        "text": text,
+        "correct": correct,
+        "s_end": s_end,
+        "s_path": 0.0,
+        "s_cf": None,
+        "num_tokens": tokens,
+        "arm": "a",
+    }
 
 
 def settings(**kw):
@@ -22,11 +31,17 @@ def texts(found):
 
 
 def test_correctness_first_pairs_best_correct_with_worst_incorrect_then_coherence():
-    records = [r("right, coherent", True, 0.9), r("right, odd", True, 0.2), r("wrong, coherent", False, 0.8),
-               r("wrong, odd", False, 0.1)]
+    records = [
+        r("right, coherent", True, 0.9),
+        r("right, odd", True, 0.2),
+        r("wrong, coherent", False, 0.8),
+        r("wrong, odd", False, 0.1),
+    ]
     found, reason = question_pairs(records, REWARD, settings())
-    assert reason == "" and texts(found) == [("right, coherent", "wrong, odd", "correctness"),
-                                             ("right, coherent", "right, odd", "coherence")]
+    assert reason == "" and texts(found) == [
+        ("right, coherent", "wrong, odd", "correctness"),
+        ("right, coherent", "right, odd", "coherence"),
+    ]
 
 
 def test_the_cap_applies_per_type():

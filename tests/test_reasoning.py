@@ -19,8 +19,12 @@ _spec = importlib.util.spec_from_file_location("reasoning_probe", ROOT / "script
 probe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(probe)
 USER, ASSISTANT = probe.USER, probe.ASSISTANT
-R1_OVERRIDES = ["model.prompt_format=chat", "model.reasoning=think", "model.system_prompt=user",
-                "model.completion_template='{reasoning}\n</think>\n\n**Final Answer**\n\\[\n\\boxed{{{answer}}}\n\\]'"]
+R1_OVERRIDES = [
+    "model.prompt_format=chat",
+    "model.reasoning=think",
+    "model.system_prompt=user",
+    "model.completion_template='{reasoning}\n</think>\n\n**Final Answer**\n\\[\n\\boxed{{{answer}}}\n\\]'",
+]
 
 
 def _r1_model(directory, cfg, bos_in_template: bool):
@@ -29,10 +33,20 @@ def _r1_model(directory, cfg, bos_in_template: bool):
     texts = [row["question"] + " " + row["answer"] for row in synthetic_splits(cfg.data)["train"][:300]]
     fast = probe.r1_tokenizer(texts, 300, bos_in_template)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                         max_position_embeddings=2048, bos_token_id=fast.bos_token_id,
-                                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(fast),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=fast.bos_token_id,
+            eos_token_id=fast.eos_token_id,
+            pad_token_id=fast.pad_token_id,
+        )
+    )
     model.save_pretrained(directory)
     fast.save_pretrained(directory)
     return str(directory)
@@ -59,7 +73,7 @@ def test_sft_trains_on_generations_prompt_ids_then_the_completion_with_one_bos(r
     completion_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     row = trainer.train_dataset[0]
     assert row["input_ids"] == prompt_ids + completion_ids and _one_bos(row["input_ids"], tokenizer)
-    assert row["labels"][:len(prompt_ids)] == [-100] * len(prompt_ids)
+    assert row["labels"][: len(prompt_ids)] == [-100] * len(prompt_ids)
 
 
 def test_generation_tokenizes_prompts_with_one_bos(r1):
@@ -77,15 +91,14 @@ def test_generation_tokenizes_prompts_with_one_bos(r1):
     model.forward = spy
     generate(model, tokenizer, [prompt], max_new_tokens=1, batch_size=1, desc=None)
     first = seen[0].flatten().tolist()
-    assert first[:len(models.encode_prompt(tokenizer, prompt))] == models.encode_prompt(tokenizer, prompt)
+    assert first[: len(models.encode_prompt(tokenizer, prompt))] == models.encode_prompt(tokenizer, prompt)
 
 
 def test_dpo_trains_on_generations_prompt_ids_then_each_completion_with_one_bos(r1, tmp_path):
     cfg, path, tokenizer = r1
     prompt = models.build_prompt(cfg.model, tokenizer, "How many?")
     chosen, rejected = "2+3=5\n</think>\n\n\\boxed{5}", "2+3=6\n</think>\n\n\\boxed{6}"
-    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-                                          + "\n")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
     trainer = dpo.make_trainer(cfg, path, tmp_path, tmp_path)
     row = trainer.train_dataset[0]
     assert row["prompt_ids"] == models.encode_prompt(tokenizer, prompt) and _one_bos(row["prompt_ids"], tokenizer)
@@ -136,8 +149,9 @@ def test_a_truncated_or_unclosed_trace_is_recorded_and_unanswered(r1):
 def test_the_reference_check_stops_dpo_when_the_policy_does_not_start_at_the_reference(r1, tmp_path):
     cfg, path, tokenizer = r1
     prompt = models.build_prompt(cfg.model, tokenizer, "How many?")
-    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": prompt, "chosen": "5 </think> 5",
-                                                      "rejected": "6 </think> 6"}) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(
+        json.dumps({"prompt": prompt, "chosen": "5 </think> 5", "rejected": "6 </think> 6"}) + "\n"
+    )
     trainer = dpo.make_trainer(cfg, path, tmp_path, tmp_path)
     assert dpo._check_reference(cfg, trainer)["max_abs_margin"] == 0.0  # fresh LoRA: the policy is the reference
     with torch.no_grad():  # move the policy's adapter away from the reference

@@ -7,22 +7,45 @@ import sys
 from pathlib import Path
 
 from looper import rollout
+from looper.engine import sampling
 from tests.conftest import FAST, ROOT, cache_sharing_models, compose, kill_when_written, looper_cli
 
-RECORD_KEYS = {"question_id", "arm", "family", "sample", "seed", "text", "reasoning", "answer", "correct",
-               "num_tokens", "finish_reason", "equations", "s_end", "s_path", "s_cf", "s_wm"}
+RECORD_KEYS = {
+    "question_id",
+    "arm",
+    "family",
+    "sample",
+    "seed",
+    "text",
+    "reasoning",
+    "answer",
+    "correct",
+    "num_tokens",
+    "finish_reason",
+    "equations",
+    "s_end",
+    "s_path",
+    "s_cf",
+    "s_wm",
+}
 
 
 def _build(cfg, sft_dir, out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    rollout._build(cfg, sft_dir, out)
+    rollout.build(cfg, {"sft": sft_dir}, out)
     return rollout.read_trajectories(out)
 
 
 def _regime_w(artifacts, *overrides):
     plain_arm = [o for o in FAST if not o.startswith("arms.")]  # FAST tunes the `single` arm-set's arm
-    return compose(f"paths.artifacts={artifacts}", *plain_arm, "arms=regime_w", "arms.equations.samples=2",
-                   "rollout.num_questions=4", *overrides)
+    return compose(
+        f"paths.artifacts={artifacts}",
+        *plain_arm,
+        "arms=regime_w",
+        "arms.equations.samples=2",
+        "rollout.num_questions=4",
+        *overrides,
+    )
 
 
 def test_records_keep_the_raw_components_and_are_reproducible(artifacts, tiny_sft, tmp_path):
@@ -37,18 +60,22 @@ def test_records_keep_the_raw_components_and_are_reproducible(artifacts, tiny_sf
     assert set(stats["arms"]) == set(cfg.arms) and stats["questions"] == 4
 
 
-def test_batches_per_call_sets_the_rows_of_each_generate_call_and_no_record(artifacts, tiny_sft, tmp_path,
-                                                                          monkeypatch):
+def test_batches_per_call_sets_the_rows_of_each_generate_call_and_no_record(artifacts, tiny_sft, tmp_path, monkeypatch):
     calls = []
     run = rollout.Sampler.run
     monkeypatch.setattr(rollout.Sampler, "run", lambda self, jobs: calls.append(len(jobs)) or run(self, jobs))
     records, specs = [], []
     for batches in (1, 3):  # 9 trajectories a question, batches of 9: a question a batch
-        cfg = _regime_w(artifacts, "rollout.batch_size=9", f"rollout.batches_per_call={batches}",
-                        "reward.scorer._target_=tests.scorers.length_scorer", "+reward.scorer.unit=30")
+        cfg = _regime_w(
+            artifacts,
+            "rollout.batch_size=9",
+            f"rollout.batches_per_call={batches}",
+            "reward.scorer._target_=tests.scorers.length_scorer",
+            "+reward.scorer.unit=30",
+        )
         calls.clear()
         records.append(_build(cfg, tiny_sft[3], tmp_path / str(batches)))
-        specs.append(rollout.rollout_spec(cfg, tiny_sft[3]))
+        specs.append(rollout.spec(cfg, {"sft": tiny_sft[3]}))
         assert calls == {1: [9, 9, 9, 9], 3: [27, 9]}[batches]  # (no continuations with this scorer)
         # each call's generation figures are kept with the artifact (looper/throughput.py)
         figures = json.loads((tmp_path / str(batches) / "stats.json").read_text())["generation"]
@@ -59,9 +86,15 @@ def test_batches_per_call_sets_the_rows_of_each_generate_call_and_no_record(arti
 
 
 def test_a_scorer_plugs_in_through_config_alone(artifacts, tiny_sft, tmp_path):
-    result = looper_cli(f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path}", *FAST, "stage=rollout",
-                        "rollout.num_questions=3", "reward.scorer._target_=tests.scorers.length_scorer",
-                        "+reward.scorer.unit=30")
+    result = looper_cli(
+        f"paths.artifacts={artifacts}",
+        f"hydra.run.dir={tmp_path}",
+        *FAST,
+        "stage=rollout",
+        "rollout.num_questions=3",
+        "reward.scorer._target_=tests.scorers.length_scorer",
+        "+reward.scorer.unit=30",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     made = [json.loads(line) for line in (tmp_path / "artifacts.jsonl").read_text().splitlines()]
     records = rollout.read_trajectories(Path(next(r["path"] for r in made if r["stage"] == "rollout")))
@@ -71,16 +104,18 @@ def test_a_scorer_plugs_in_through_config_alone(artifacts, tiny_sft, tmp_path):
 
 def test_a_rollout_killed_half_way_resumes_to_the_same_records(artifacts, tiny_sft, fast_cfg, tmp_path):
     overrides = [*FAST, "rollout.num_questions=60", "rollout.batch_size=8", "reward.cf_samples=1"]
-    reference = _build(fast_cfg(*overrides[len(FAST):]), tiny_sft[3], tmp_path / "reference")
+    reference = _build(fast_cfg(*overrides[len(FAST) :]), tiny_sft[3], tmp_path / "reference")
     killed_cache = cache_sharing_models(artifacts, tmp_path / "cache")
     args = [f"paths.artifacts={killed_cache}", *overrides, "stage=rollout"]
-    kill_when_written([*args, f"hydra.run.dir={tmp_path / 'a'}"], "rollout/*.partial/trajectories.rank0.jsonl",
-                      15 * 8, killed_cache)
+    kill_when_written(
+        [*args, f"hydra.run.dir={tmp_path / 'a'}"], "rollout/*.partial/trajectories.rank0.jsonl", 15 * 8, killed_cache
+    )
     result = looper_cli(*args, f"hydra.run.dir={tmp_path / 'b'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" in result.stdout + result.stderr
-    resumed = rollout.read_trajectories(next(p for p in killed_cache.glob("rollout/*") if p.is_dir()
-                                             and not p.name.endswith(".partial")))
+    resumed = rollout.read_trajectories(
+        next(p for p in killed_cache.glob("rollout/*") if p.is_dir() and not p.name.endswith(".partial"))
+    )
     keys = [(r["question_id"], r["arm"], r["sample"]) for r in resumed]
     assert len(keys) == len(set(keys)) == 60 * 8
     assert resumed == reference
@@ -88,20 +123,44 @@ def test_a_rollout_killed_half_way_resumes_to_the_same_records(artifacts, tiny_s
 
 def test_two_processes_give_the_same_records_as_one(artifacts, tiny_sft, fast_cfg, tmp_path):
     overrides = [*FAST, "rollout.num_questions=10", "reward.cf_samples=1"]
-    reference = _build(fast_cfg(*overrides[len(FAST):]), tiny_sft[3], tmp_path / "reference")
+    reference = _build(fast_cfg(*overrides[len(FAST) :]), tiny_sft[3], tmp_path / "reference")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # `--multi_gpu` selects accelerate's torchrun launcher; with no GPU the processes run on the CPU over gloo
     # (`--cpu` would select its single-process launcher)
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
-                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             "-m", "looper", f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path / 'run'}",
-                             *overrides, "stage=rollout"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "looper",
+            f"paths.artifacts={artifacts}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *overrides,
+            "stage=rollout",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     made = [json.loads(line) for line in (tmp_path / "run" / "artifacts.jsonl").read_text().splitlines()]
     artifact = Path(next(r["path"] for r in made if r["stage"] == "rollout"))
     assert sorted(p.name for p in artifact.glob("trajectories.rank*.jsonl")) == [
-        "trajectories.rank0.jsonl", "trajectories.rank1.jsonl"]
+        "trajectories.rank0.jsonl",
+        "trajectories.rank1.jsonl",
+    ]
     assert rollout.read_trajectories(artifact) == reference
 
 
@@ -118,15 +177,19 @@ def test_a_chunks_continuations_are_decoded_together_and_give_the_same_records(a
     problems = load_splits(cfg.data)["train"][:3]
     trajectories = []
     for problem in problems:
-        keys = [(name, arm, k, rollout.trajectory_seed(cfg.seed, problem["id"], name, k))
-                for name, arm in cfg.arms.items() for k in range(arm.samples)]
+        keys = [
+            (name, arm, k, sampling.row_seed(cfg.seed, problem["id"], name, k))
+            for name, arm in cfg.arms.items()
+            for k in range(arm.samples)
+        ]
         outputs = sampler.run([(sampler.prompt(problem["question"], arm), arm, seed) for _, arm, _, seed in keys])
         trajectories.append(rollout._trajectories(cfg, problem, list(zip(keys, outputs))))
     calls = []
     run = sampler.run
     sampler.run = lambda jobs: calls.append(len(jobs)) or run(jobs)
-    one_by_one = [rollout._score_question(cfg, scorer, p, t, sampler.continuations(p, t))
-                  for p, t in zip(problems, trajectories)]
+    one_by_one = [
+        rollout._score_question(cfg, scorer, p, t, sampler.continuations(p, t)) for p, t in zip(problems, trajectories)
+    ]
     assert len(calls) == 3  # one continuation batch per question
     rows, calls[:] = sum(calls), []
     together = rollout.score_together(cfg, sampler, scorer, problems, trajectories)
@@ -139,8 +202,13 @@ def test_a_scorer_stuck_on_a_question_fails_the_run_naming_it(artifacts, tiny_sf
 
     import pytest
 
-    cfg = _regime_w(artifacts, "rollout.num_questions=2", "reward.scorer._target_=tests.scorers.stuck_scorer",
-                    "+reward.scorer.seconds=60", "rollout.scorer_timeout_s=1")
+    cfg = _regime_w(
+        artifacts,
+        "rollout.num_questions=2",
+        "reward.scorer._target_=tests.scorers.stuck_scorer",
+        "+reward.scorer.seconds=60",
+        "rollout.scorer_timeout_s=1",
+    )
     start = time.time()
     with pytest.raises(RuntimeError, match=r"rollout.scorer_timeout_s=1 s on question 'synthetic-train-0'"):
         _build(cfg, tiny_sft[3], tmp_path / "stuck")

@@ -5,7 +5,8 @@ import re
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from looper.answers import extract, is_correct, same_answer
 from looper.coherence import cut, s_end_and_path, split_reasoning
@@ -22,12 +23,65 @@ def _timed(function, *args):
     return result
 
 
-pieces = st.sampled_from([
-    "1", "9" * 60, "1e4300", "1e100000000", ".", "..", "-", "--", "+", "*", "/", "//", "x", "×", "÷", "−", "%", "$",
-    "=", "==", "(", ")", "((", "))", "<<", ">>", "<<1+1=", "=2>>", " ", "\n", "#### ", "answer: ", "Answer:", "**",
-    "\\boxed{", "\\text{", "}", "{", "\\frac{", "}{", "\\times", "\\cdot", "\\div", "\\(", "\\)", "</think>", "<think>",
-    ",", "1,000", "0.5", "٣", "٤", "½", "apples", "so",
-])
+pieces = st.sampled_from(
+    [
+        "1",
+        "9" * 60,
+        "1e4300",
+        "1e100000000",
+        ".",
+        "..",
+        "-",
+        "--",
+        "+",
+        "*",
+        "/",
+        "//",
+        "x",
+        "×",
+        "÷",
+        "−",
+        "%",
+        "$",
+        "=",
+        "==",
+        "(",
+        ")",
+        "((",
+        "))",
+        "<<",
+        ">>",
+        "<<1+1=",
+        "=2>>",
+        " ",
+        "\n",
+        "#### ",
+        "answer: ",
+        "Answer:",
+        "**",
+        "\\boxed{",
+        "\\text{",
+        "}",
+        "{",
+        "\\frac{",
+        "}{",
+        "\\times",
+        "\\cdot",
+        "\\div",
+        "\\(",
+        "\\)",
+        "</think>",
+        "<think>",
+        ",",
+        "1,000",
+        "0.5",
+        "٣",
+        "٤",
+        "½",
+        "apples",
+        "so",
+    ]
+)
 adversarial = st.one_of(
     st.lists(pieces, max_size=400).map("".join),  # any mixture of the markers and operators
     st.tuples(pieces, st.integers(1, 3000)).map(lambda p: p[0] * p[1]),  # one piece repeated
@@ -54,15 +108,18 @@ def test_no_text_makes_a_scorer_raise_or_stall(text):
     _timed(s_end_and_path, [{"answer": "1", "reasoning": text}, {"answer": "1.0", "reasoning": text}])
 
 
-@pytest.mark.parametrize("text", [
-    "1 + " * 250,  # backtracked exponentially in the old plain-equation regex (> 120 s)
-    "<<" + "(" * 330 + "1" + ")" * 330 + "=1>>",  # RecursionError in the old recursive parser
-    "<<" + "-" * 1000 + "1=1>>",
-    "<<1+1=" + "1" * 400 + ".5>>",  # OverflowError
-    "<<1+1=1e4300>>",  # ValueError (int digit limit)
-    "<<1+1=1e100000000>>",  # hung
-    "answer: " + "." * 100_000,  # quadratic in the platinum parser (> 60 s)
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1 + " * 250,  # backtracked exponentially in the old plain-equation regex (> 120 s)
+        "<<" + "(" * 330 + "1" + ")" * 330 + "=1>>",  # RecursionError in the old recursive parser
+        "<<" + "-" * 1000 + "1=1>>",
+        "<<1+1=" + "1" * 400 + ".5>>",  # OverflowError
+        "<<1+1=1e4300>>",  # ValueError (int digit limit)
+        "<<1+1=1e100000000>>",  # hung
+        "answer: " + "." * 100_000,  # quadratic in the platinum parser (> 60 s)
+    ],
+)
 def test_the_reported_inputs_finish_quickly_without_an_error(text):
     _timed(find_equations, text)
     for scorer in SCORERS:

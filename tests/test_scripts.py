@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import FAST, ROOT
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
@@ -13,8 +15,14 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH
 def _bench(tmp_path, *args) -> dict:
     """The report of `scripts/bench_gpu.py --arch tiny --quick *args`."""
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--arch", "tiny", "--quick", *args, "--out",
-                             str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "scripts/bench_gpu.py", "--arch", "tiny", "--quick", *args, "--out", str(out)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -40,8 +48,14 @@ def test_the_benchmark_rolls_out_the_issue_setting_with_shared_prompts(tmp_path)
 
 
 def test_the_greedy_check_compares_a_trained_model_with_plain_generate(artifacts, tiny_sft):
-    result = subprocess.run([sys.executable, "scripts/greedy_check.py", f"paths.artifacts={artifacts}", *FAST],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "scripts/greedy_check.py", f"paths.artifacts={artifacts}", *FAST],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("looper (sdpa) 24/24") == 2, result.stdout
 
@@ -55,14 +69,30 @@ def test_the_benchmark_rolls_out_prompts_in_arm_templates_sharing_their_prefixes
     assert rollout["arms"] == 8 and rollout["rank0_stats"]["prefix_shared_tokens"] > 0
 
 
+@pytest.mark.data
 def test_the_reasoning_probe_builds_an_r1_style_model_the_deepseek_preset_accepts(tmp_path):
     from looper import models
     from tests.conftest import compose, shared_file
 
     data = shared_file("gsm8k", "train.jsonl").parent
-    result = subprocess.run([sys.executable, "scripts/reasoning_probe.py", str(tmp_path / "r1"), "--data", str(data),
-                             "--arch", "tiny", "--vocab", "600"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/reasoning_probe.py",
+            str(tmp_path / "r1"),
+            "--data",
+            str(data),
+            "--arch",
+            "tiny",
+            "--vocab",
+            "600",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = compose("experiment=deepseek_qlora", "lora=r64", f"model.name_or_path={tmp_path / 'r1'}")
     tokenizer = models.load_tokenizer(str(tmp_path / "r1"), cfg.model)

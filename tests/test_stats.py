@@ -16,7 +16,7 @@ def test_wilson_stays_inside_zero_one():
 
 
 def test_mcnemar_exact_on_discordant_counts():
-    a = [True] * 10 + [False] * 2 + [True] * 5   # 10 only-a, 2 only-b, 5 both right
+    a = [True] * 10 + [False] * 2 + [True] * 5  # 10 only-a, 2 only-b, 5 both right
     b = [False] * 10 + [True] * 2 + [True] * 5
     # two-sided binomial: 2 * P(X <= 2 | n=12, p=1/2) = 2 * (1 + 12 + 66) / 4096
     assert mcnemar_exact(a, b) == pytest.approx(2 * 79 / 4096)

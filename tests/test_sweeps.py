@@ -21,8 +21,17 @@ def grid(artifacts, tiny_sft, tmp_path_factory):
     """A 2 x 2 x 2 sweep of the fast tiny setup over a fresh SFT key (so its rollout is made inside the sweep)."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
     fast = [o for o in FAST if o != "logger=none"]
-    result = looper_cli("-m", f"paths.artifacts={artifacts}", f"hydra.sweep.dir={sweep_dir}", *fast,
-                        "sft.max_steps=152", "logger.mode=offline", "eval.targets=[dpo]", *GRID, timeout=1200)
+    result = looper_cli(
+        "-m",
+        f"paths.artifacts={artifacts}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *fast,
+        "sft.max_steps=152",
+        "logger.mode=offline",
+        "eval.targets=[dpo]",
+        *GRID,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep_dir
 
@@ -45,8 +54,12 @@ def test_the_grid_runs_eight_dpo_jobs_on_one_sft_and_one_rollout(grid):
 
 
 def test_every_job_logs_its_own_wandb_runs_in_one_group(grid):
-    runs = [json.loads(line) for n in range(8) for line in (grid / str(n) / "wandb_runs.jsonl").read_text().split("\n")
-            if line]
+    runs = [
+        json.loads(line)
+        for n in range(8)
+        for line in (grid / str(n) / "wandb_runs.jsonl").read_text().split("\n")
+        if line
+    ]
     assert {r["group"] for r in runs} == {grid.name}
     for n in range(8):  # one run per job and stage, made or reused
         job_runs = [json.loads(line) for line in (grid / str(n) / "wandb_runs.jsonl").read_text().splitlines()]
@@ -63,26 +76,45 @@ def test_the_sweep_report_writes_a_table_and_heatmaps(grid):
     table = (grid / "sweep.md").read_text()
     # ranked on the dev split (the objective), the test set shown beside it, never ranked on
     assert "best first by their accuracy on synthetic_dev" in table
-    assert ("| rank | job | reward.alpha | reward.beta | dpo.beta | selected on: accuracy [95% CI] | n "
-            "| synthetic_test |") in table
+    assert (
+        "| rank | job | reward.alpha | reward.beta | dpo.beta | selected on: accuracy [95% CI] | n | synthetic_test |"
+    ) in table
     assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()] == [
-        f"| {rank}" for rank in range(1, 9)] and "% [" in table
-    assert sorted(p.name for p in grid.glob("heatmap_*.png")) == ["heatmap_dpo.beta=0.05.png",
-                                                                 "heatmap_dpo.beta=0.2.png"]
+        f"| {rank}" for rank in range(1, 9)
+    ] and "% [" in table
+    assert sorted(p.name for p in grid.glob("heatmap_*.png")) == [
+        "heatmap_dpo.beta=0.05.png",
+        "heatmap_dpo.beta=0.2.png",
+    ]
 
 
 def test_rerunning_the_sweep_reuses_every_finished_artifact(grid, artifacts, tmp_path):
     fast = [o for o in FAST if o != "logger=none"]
-    result = looper_cli("-m", f"paths.artifacts={artifacts}", f"hydra.sweep.dir={tmp_path}", *fast,
-                        "sft.max_steps=152", "logger=none", "eval.targets=[dpo]", *GRID, timeout=1200)
+    result = looper_cli(
+        "-m",
+        f"paths.artifacts={artifacts}",
+        f"hydra.sweep.dir={tmp_path}",
+        *fast,
+        "sft.max_steps=152",
+        "logger=none",
+        "eval.targets=[dpo]",
+        *GRID,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     statuses = {r["status"] for n in range(8) for r in _records(tmp_path / str(n))}
     assert statuses == {"reused"}
 
 
 def test_an_optuna_search_names_the_best_setting(artifacts, tiny_sft, tmp_path):
-    result = looper_cli(f"paths.artifacts={artifacts}", f"hydra.sweep.dir={tmp_path}", *FAST,
-                        "hparams_search=coherence_optuna", "hydra.sweeper.n_trials=4", timeout=1200)
+    result = looper_cli(
+        f"paths.artifacts={artifacts}",
+        f"hydra.sweep.dir={tmp_path}",
+        *FAST,
+        "hparams_search=coherence_optuna",
+        "hydra.sweeper.n_trials=4",
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"reward.alpha", "reward.beta", "dpo.beta"}

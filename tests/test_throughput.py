@@ -7,9 +7,24 @@ from looper.engine import GenerationStats
 
 
 def _call(**overrides) -> GenerationStats:
-    figures = {"sequences": 10, "real_tokens": 400, "seconds": 2.0, "prefills": 3, "prefill_tokens": 900,
-               "prefill_seconds": 0.5, "drain_seconds": 0.25, "decode_steps": 50, "slot_steps": 400, "row_steps": 300,
-               "preempted": 0, "peak_pages": 70, "kv_pages": 100, "slots": 8, "kernel": "sdpa", "kv_positions": 9}
+    figures = {
+        "sequences": 10,
+        "real_tokens": 400,
+        "seconds": 2.0,
+        "prefills": 3,
+        "prefill_tokens": 900,
+        "prefill_seconds": 0.5,
+        "drain_seconds": 0.25,
+        "decode_steps": 50,
+        "slot_steps": 400,
+        "row_steps": 300,
+        "preempted": 0,
+        "peak_pages": 70,
+        "kv_pages": 100,
+        "slots": 8,
+        "kernel": "sdpa",
+        "kv_positions": 9,
+    }
     return GenerationStats(**{**figures, **overrides})
 
 
@@ -31,10 +46,21 @@ def test_calls_of_every_process_merge_into_one_summary_and_a_torn_line_is_droppe
 
 def test_the_figures_are_logged_as_numeric_summary_keys():
     logged = {}
-    tracker = type("Tracker", (), {"summary": lambda self, metrics: logged.update(metrics),
-                                   "histograms": lambda self, values: None, "table": lambda self, key, rows: None})()
-    stats = {"questions": 1, "overall": {"accuracy": 0.5}, "arms": {},
-             "generation": {"tokens_per_s": 150.0, "calls": 3, "kernel": "triton"}}
+    tracker = type(
+        "Tracker",
+        (),
+        {
+            "summary": lambda self, metrics: logged.update(metrics),
+            "histograms": lambda self, values: None,
+            "table": lambda self, key, rows: None,
+        },
+    )()
+    stats = {
+        "questions": 1,
+        "overall": {"accuracy": 0.5},
+        "arms": {},
+        "generation": {"tokens_per_s": 150.0, "calls": 3, "kernel": "triton"},
+    }
     rollout._log(tracker, stats, [])
     assert logged["rollout/generation/tokens_per_s"] == 150.0 and logged["rollout/generation/calls"] == 3
     assert "rollout/generation/kernel" not in logged

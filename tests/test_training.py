@@ -1,13 +1,12 @@
 """SFT and DPO train what they should and nothing else; DPO's reference really is the SFT policy."""
 
 import json
-
 from pathlib import Path
 
 import pytest
 import torch
 
-from looper import dpo, sft
+from looper import dpo, pipeline, sft, training
 from looper.data import synthetic_splits
 from looper.models import build_prompt, load_tokenizer
 
@@ -26,8 +25,13 @@ def _pairs_dir(cfg, tokenizer_path, tmp_path, n=8):
     rows = []
     for problem in synthetic_splits(cfg.data)["train"][:n]:
         wrong = problem["answer"].replace(f"#### {problem['gold']}", f"#### {int(problem['gold']) + 1}")
-        rows.append({"prompt": build_prompt(cfg.model, tokenizer, problem["question"]), "chosen": problem["answer"],
-                     "rejected": wrong})
+        rows.append(
+            {
+                "prompt": build_prompt(cfg.model, tokenizer, problem["question"]),
+                "chosen": problem["answer"],
+                "rejected": wrong,
+            }
+        )
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return tmp_path
 
@@ -46,10 +50,11 @@ def test_sft_loss_covers_the_completion_only(tiny_sft, tmp_path):
     trainer = sft.make_trainer(cfg, base, tmp_path)
     example = trainer.train_dataset[0]
     labels = example["labels"]  # -100: no loss on that token
-    prompt_ids = trainer.processing_class(sft.training_examples(cfg, trainer.processing_class)[0]["prompt"],
-                                          add_special_tokens=False)["input_ids"]
-    assert labels[:len(prompt_ids)] == [-100] * len(prompt_ids)
-    assert all(label != -100 for label in labels[len(prompt_ids):])
+    prompt_ids = trainer.processing_class(
+        sft.training_examples(cfg, trainer.processing_class)[0]["prompt"], add_special_tokens=False
+    )["input_ids"]
+    assert labels[: len(prompt_ids)] == [-100] * len(prompt_ids)
+    assert all(label != -100 for label in labels[len(prompt_ids) :])
     assert labels[-1] == trainer.processing_class.eos_token_id  # the completion ends with EOS
 
 
@@ -108,7 +113,7 @@ def _dpo_trains_policy_only(cfg, sft_dir, tmp_path):
 
 def test_dpo_after_lora_sft_trains_the_policy_against_a_frozen_copy(fast_cfg, tiny_sft, tmp_path):
     cfg = fast_cfg("lora=r64", "sft.max_steps=5")
-    lora_sft = sft.run(cfg, tiny_sft[1])
+    lora_sft = pipeline.artifact(cfg, tiny_sft[1], "sft")
     trainer = _dpo_trains_policy_only(cfg, lora_sft, tmp_path)
     assert set(trainer.model.peft_config) == {"default", "ref"}
 
@@ -121,10 +126,10 @@ def test_dpo_after_full_sft_trains_a_fresh_lora_over_the_frozen_sft_model(tiny_s
 
 def test_the_exported_dpo_adapter_has_no_reference_copy(fast_cfg, tiny_sft, tmp_path):
     cfg = fast_cfg("lora=r64", "sft.max_steps=5", "dpo.max_steps=1")
-    lora_sft = sft.run(cfg, tiny_sft[1])
+    lora_sft = pipeline.artifact(cfg, tiny_sft[1], "sft")
     out = tmp_path / "dpo"
     out.mkdir()
-    dpo._train(cfg, lora_sft, _pairs_dir(cfg, str(lora_sft), tmp_path), out)
+    dpo.build(cfg, {"sft": lora_sft, "preferences": _pairs_dir(cfg, str(lora_sft), tmp_path)}, out)
     assert (out / "adapter_config.json").exists() and not (out / "ref").exists()
     assert json.loads((out / "reference_check.json").read_text())["ok"] is True
 
@@ -146,7 +151,7 @@ def test_an_adapter_loaded_for_inference_is_merged_into_its_base(fast_cfg, tiny_
     from looper import models
 
     cfg = fast_cfg("lora=r64", "sft.max_steps=5")
-    lora_sft = str(sft.run(cfg, tiny_sft[1]))
+    lora_sft = str(pipeline.artifact(cfg, tiny_sft[1], "sft"))
     merged, tokenizer = models.load_target(lora_sft, cfg.model, cfg.lora)
     assert not isinstance(merged, PeftModel) and not any("lora_" in n for n, _ in merged.named_parameters())
     base = models.load_causal_lm(models.adapter_base(lora_sft), cfg.model).eval()
@@ -161,14 +166,14 @@ def test_an_adapter_loaded_for_inference_is_merged_into_its_base(fast_cfg, tiny_
 def test_a_diverged_training_fails_and_saves_nothing(tiny_sft, tmp_path):
     cfg, store, base, _ = tiny_sft
     trainer = sft.make_trainer(cfg, base, tmp_path)
-    sft.ensure_finite("sft", trainer, 1.0, "sft.learning_rate")  # a healthy model passes
+    training.ensure_finite("sft", trainer, 1.0, "sft.learning_rate")  # a healthy model passes
     with torch.no_grad():
         next(p for p in trainer.model.parameters() if p.requires_grad).fill_(float("nan"))
     with pytest.raises(RuntimeError, match="sft: training diverged .* Lower sft.learning_rate"):
-        sft.ensure_finite("sft", trainer, 1.0, "sft.learning_rate")
+        training.ensure_finite("sft", trainer, 1.0, "sft.learning_rate")
     trainer.state.log_history.append({"loss": float("nan")})
     with pytest.raises(RuntimeError, match="losses .*nan"):
-        sft.ensure_finite("sft", trainer, 1.0, "sft.learning_rate")
+        training.ensure_finite("sft", trainer, 1.0, "sft.learning_rate")
 
 
 def test_an_adapter_with_nan_weights_refuses_to_load(fast_cfg, tiny_sft, tmp_path):
@@ -177,7 +182,7 @@ def test_an_adapter_with_nan_weights_refuses_to_load(fast_cfg, tiny_sft, tmp_pat
     from looper import models
 
     cfg = fast_cfg("lora=r64", "sft.max_steps=5")
-    adapter = sft.run(cfg, tiny_sft[1])
+    adapter = pipeline.artifact(cfg, tiny_sft[1], "sft")
     broken = tmp_path / "adapter"
     import shutil
 

@@ -12,15 +12,20 @@ import torch
 
 pytest.importorskip("triton")
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")
+gpu = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py): compiled Triton kernels need a GPU
 # on a GPU machine the kernels are tested compiled (here and in test_attention.py); the interpreter of Triton 3.6
 # (PyTorch 2.11's) cannot run their loops over a run-time bound, 3.9's can
 interpreted = pytest.mark.skipif(torch.cuda.is_available(), reason="tested compiled on a GPU")
 
 
 def _interpreted(code: str) -> str:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
@@ -48,7 +53,7 @@ SAMPLING_CASE = """
 @interpreted
 def test_the_sampling_kernel_picks_what_pytorch_picks_interpreted():
     lines = _interpreted(SAMPLING_CASE).split()
-    results = [lines[i:i + 4] for i in range(0, len(lines), 4)]
+    results = [lines[i : i + 4] for i in range(0, len(lines), 4)]
     assert len(results) == 4
     assert all(same == rows for _, _, same, rows in results), results
 
@@ -101,8 +106,14 @@ def test_gpu_generation_runs_llamas_norms_as_one_kernel_and_restores_them():
 
     from looper.engine.kernels.fused import Patched, fused_norms, norm_patches
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=100)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=100,
+    )
     model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
     ids = torch.randint(0, 100, (2, 9), device="cuda")
     with torch.no_grad():
@@ -117,8 +128,8 @@ def test_gpu_generation_runs_llamas_norms_as_one_kernel_and_restores_them():
 
 @gpu
 def test_gpu_sampling_uses_the_kernel_and_agrees_with_pytorch():
-    from looper.engine.sampling import _torch_choice, _triton_sampler, hash32
     from looper.engine.kernels.triton_sampling import seeded_choice
+    from looper.engine.sampling import _torch_choice, _triton_sampler, hash32
 
     assert _triton_sampler(torch.device("cuda", torch.cuda.current_device()))
     generator = torch.Generator(device="cuda").manual_seed(1)
@@ -127,10 +138,10 @@ def test_gpu_sampling_uses_the_kernel_and_agrees_with_pytorch():
     temperatures = torch.tensor([0.0, 0.7, 1.0, 1.2] * (rows // 4), device="cuda")
     top_ps = torch.tensor([0.95, 0.9, 1.0, 0.5] * (rows // 4), device="cuda")
     keys = hash32(torch.arange(rows, device="cuda"))
-    same = seeded_choice(logits, keys, temperatures, top_ps, True) == _torch_choice(logits, keys, temperatures,
-                                                                                     top_ps, True)
+    same = seeded_choice(logits, keys, temperatures, top_ps, True) == _torch_choice(
+        logits, keys, temperatures, top_ps, True
+    )
     assert same[temperatures <= 0].all() and same.sum() >= rows - 3
-
 
 
 def rotary_case(device: str) -> list[tuple]:
@@ -168,8 +179,14 @@ def test_gpu_rotary_kernel_equals_llamas_and_generation_patches_and_restores_it(
     from looper.engine.kernels.fused import Patched, fused_rotary, rotary_patches
 
     assert rotary_case("cuda") == [True] * 8  # bit for bit
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
     original = modeling_llama.apply_rotary_pos_emb
     ids = torch.randint(0, 100, (2, 9), device="cuda")
@@ -181,6 +198,12 @@ def test_gpu_rotary_kernel_equals_llamas_and_generation_patches_and_restores_it(
             assert torch.allclose(model(ids).logits.float(), expected.float(), atol=2e-2)
         assert modeling_llama.apply_rotary_pos_emb is original
     # heads of 24: the kernel would never run, so it is not patched in (generation.compile compiles the function)
-    config = LlamaConfig(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100)
+    config = LlamaConfig(
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     assert fused_rotary(LlamaForCausalLM(config).to("cuda", torch.bfloat16)) == []

@@ -73,5 +73,4 @@ def build(settings, model, tokenizer, batch_size: int) -> Generator:
             log.info("generation.backend=auto: paged (%s passes its start-up checks)", type(model).__name__)
     if name not in BACKENDS:
         raise ValueError(f"generation.backend: got {name!r}; allowed: auto, {', '.join(BACKENDS)}")
-    return BACKENDS[name](model, tokenizer, batch_size, refill_at=settings.refill_at,
-                          compile_decode=settings.compile)
+    return BACKENDS[name](model, tokenizer, batch_size, refill_at=settings.refill_at, compile_decode=settings.compile)

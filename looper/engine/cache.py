@@ -69,8 +69,8 @@ class PagedCache:
             keys.index_copy_(0, self.prefill_index, new_keys)
             values.index_copy_(0, self.prefill_index, new_values)
             return (keys, values) if self.prefill_reads_cache else (key, value)
-        # (indexed assignment on the buffers themselves: compiled, index_copy_ on a view of them made a step take
-        # 100 ms instead of 17 on an H100, as if each layer's whole buffer were copied back)
+        # (indexed assignment on the buffers themselves: compiled, index_copy_ on a view of them made a step several
+        # times as slow, as if each layer's whole buffer were copied back)
         keys[self.write_index] = key[:, :, 0]
         values[self.write_index] = value[:, :, 0]
         return keys, values
@@ -123,7 +123,6 @@ class PagedCache:
         self.slots = len(slots)
 
 
-
 def kv_bytes_per_position(model) -> int:
     """Bytes of KV cache one slot position takes (keys and values of every layer)."""
     text = model.config.get_text_config()
@@ -171,15 +170,23 @@ def pages_that_fit(model, slots: int, pages_per_slot: int) -> int:
     fits = max(0, (free - working) // page_bytes)
     if fits >= want:
         return want
-    gib = lambda n: f"{n / 2 ** 30:.1f} GiB"  # noqa: E731
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
     if fits < pages_per_slot + 1:
         raise RuntimeError(
             f"generation: not enough memory for the KV cache: one slot of {pages_per_slot * PAGE} positions (the "
             f"longest prompt plus max_new_tokens) needs {gib(pages_per_slot * page_bytes)} besides {gib(working)} of "
             f"working memory, and {gib(free)} is free on {model.device}. Lower max_new_tokens "
-            f"(rollout.max_new_tokens, eval.max_new_tokens) or the prompts' length (eval.shots), or free memory.")
-    log.info("generation: KV cache of %d pages (%s): %.0f%% of %d slots' worst case of %d positions; rows start "
-             "while pages last", fits - 1, gib(fits * page_bytes), 100 * fits / want, slots, pages_per_slot * PAGE)
+            f"(rollout.max_new_tokens, eval.max_new_tokens) or the prompts' length (eval.shots), or free memory."
+        )
+    log.info(
+        "generation: KV cache of %d pages (%s): %.0f%% of %d slots' worst case of %d positions; rows start "
+        "while pages last",
+        fits - 1,
+        gib(fits * page_bytes),
+        100 * fits / want,
+        slots,
+        pages_per_slot * PAGE,
+    )
     return int(fits)
 
 

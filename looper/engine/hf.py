@@ -26,13 +26,17 @@ class HFGenerator(Generator):
     name = "hf"
 
     @torch.no_grad()
-    def generate(self, requests: Sequence[Request], on_result: Optional[Callable[[int, Generation], None]] = None,
-                 desc: Optional[str] = None) -> tuple[list[Generation], GenerationStats]:
+    def generate(
+        self,
+        requests: Sequence[Request],
+        on_result: Optional[Callable[[int, Generation], None]] = None,
+        desc: Optional[str] = None,
+    ) -> tuple[list[Generation], GenerationStats]:
         self.check(requests)
         tokenizer, stops = self.tokenizer, eos_ids(self.model, self.tokenizer)
         encoded = [models.encode_prompt(tokenizer, r.prompt) for r in requests]
         greedy = sorted((i for i, r in enumerate(requests) if r.temperature <= 0), key=lambda i: len(encoded[i]))
-        batches = [greedy[k:k + self.batch_size] for k in range(0, len(greedy), self.batch_size)]
+        batches = [greedy[k : k + self.batch_size] for k in range(0, len(greedy), self.batch_size)]
         batches += [[i] for i, r in enumerate(requests) if r.temperature > 0]
         results: list[Optional[Generation]] = [None] * len(requests)
         stats = GenerationStats(backend=self.name, sequences=len(requests), slots=min(self.batch_size, len(requests)))
@@ -44,8 +48,11 @@ class HFGenerator(Generator):
                 tokens = tokens[:limit]  # (a batch decodes to its longest limit; greedy prefixes are the same)
                 end = next((k for k, t in enumerate(tokens) if t in stops), None)
                 body = tokens if end is None else tokens[:end]
-                results[i] = Generation(tokenizer.decode(body, skip_special_tokens=True),
-                                        len(tokens) if end is None else end + 1, "length" if end is None else "stop")
+                results[i] = Generation(
+                    tokenizer.decode(body, skip_special_tokens=True),
+                    len(tokens) if end is None else end + 1,
+                    "length" if end is None else "stop",
+                )
                 stats.real_tokens += results[i].num_tokens
                 bar.update(1)
                 if on_result is not None:
@@ -61,12 +68,20 @@ class HFGenerator(Generator):
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
         first = requests[0]
-        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None} if first.temperature <= 0 \
+        sampling = (
+            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            if first.temperature <= 0
             else {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
+        )
         devices = [self.model.device] if self.model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(first.seed)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(r.max_new_tokens
-                                                                                               for r in requests),
-                                      eos_token_id=stops, pad_token_id=pad, **sampling)
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max(r.max_new_tokens for r in requests),
+                eos_token_id=stops,
+                pad_token_id=pad,
+                **sampling,
+            )
         return out[:, width:].tolist()

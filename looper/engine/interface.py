@@ -71,13 +71,15 @@ class GenerationStats:
     kv_shared_positions: int = _figure("Of those, entries on pages another row also reads.", kept=False)
     graphs: int = _figure("CUDA graphs captured.", kept=False)
     capture_seconds: float = _figure("Seconds spent capturing CUDA graphs.", 0.0, kept=False)
-    graph_failure: Optional[str] = _figure("Why CUDA graph capture failed (decoding went on without graphs).", None,
-                                           kept=False)
+    graph_failure: Optional[str] = _figure(
+        "Why CUDA graph capture failed (decoding went on without graphs).", None, kept=False
+    )
     kernel: Optional[str] = _figure("The decode step's attention kernel.", None)
     compiled_decode: bool = _figure("Whether the decode step ran through torch.compile.", False, kept=False)
     triton_rotary: bool = _figure("Whether the rotary embedding ran as looper's Triton kernel.", False, kept=False)
-    compiled_prefill: list = field(default_factory=list, metadata={"help": "What the prefills ran through "
-                                                                   "torch.compile.", "kept": False})
+    compiled_prefill: list = field(
+        default_factory=list, metadata={"help": "What the prefills ran through torch.compile.", "kept": False}
+    )
 
     def kept(self) -> dict:
         """The figures an artifact keeps, by name (`looper.throughput.record`)."""
@@ -97,8 +99,12 @@ class Generator:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.refill_at, self.compile_decode = batch_size, refill_at, compile_decode
 
-    def generate(self, requests: Sequence[Request], on_result: Optional[Callable[[int, Generation], None]] = None,
-                 desc: Optional[str] = None) -> tuple[list[Generation], GenerationStats]:
+    def generate(
+        self,
+        requests: Sequence[Request],
+        on_result: Optional[Callable[[int, Generation], None]] = None,
+        desc: Optional[str] = None,
+    ) -> tuple[list[Generation], GenerationStats]:
         """Complete `requests`; returns their generations in request order and the call's figures. `desc` names a
         progress bar (None: no bar)."""
         raise NotImplementedError

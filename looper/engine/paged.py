@@ -41,15 +41,29 @@ class PagedGenerator(Generator):
 
     name = "paged"
 
-    def generate(self, requests: Sequence[Request], on_result: Optional[Callable[[int, Generation], None]] = None,
-                 desc: Optional[str] = None) -> tuple[list[Generation], GenerationStats]:
+    def generate(
+        self,
+        requests: Sequence[Request],
+        on_result: Optional[Callable[[int, Generation], None]] = None,
+        desc: Optional[str] = None,
+    ) -> tuple[list[Generation], GenerationStats]:
         self.check(requests)
         figures = {}
-        results = generate(self.model, self.tokenizer, [r.prompt for r in requests],
-                           max_new_tokens=[r.max_new_tokens for r in requests], batch_size=self.batch_size,
-                           temperature=[r.temperature for r in requests], top_p=[r.top_p for r in requests],
-                           seeds=[r.seed for r in requests], refill_at=self.refill_at, on_result=on_result,
-                           stats=figures, desc=desc, compile_decode=self.compile_decode)
+        results = generate(
+            self.model,
+            self.tokenizer,
+            [r.prompt for r in requests],
+            max_new_tokens=[r.max_new_tokens for r in requests],
+            batch_size=self.batch_size,
+            temperature=[r.temperature for r in requests],
+            top_p=[r.top_p for r in requests],
+            seeds=[r.seed for r in requests],
+            refill_at=self.refill_at,
+            on_result=on_result,
+            stats=figures,
+            desc=desc,
+            compile_decode=self.compile_decode,
+        )
         return results, GenerationStats(**figures) if figures else GenerationStats(backend=self.name)
 
 
@@ -58,11 +72,23 @@ def _per_row(value: Union[float, Sequence[float]], n: int) -> list:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int, Sequence[int]], batch_size: int,
-             temperature: Union[float, Sequence[float]] = 0.0, top_p: Union[float, Sequence[float]] = 1.0,
-             seeds: Optional[Sequence[int]] = None, add_special_tokens: Optional[bool] = None, refill_at: float = 0.125,
-             on_result: Optional[Callable[[int, Generation], None]] = None, stats: Optional[dict] = None,
-             desc: Optional[str] = "generate", compile_decode: bool = False) -> list[Generation]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: Union[int, Sequence[int]],
+    batch_size: int,
+    temperature: Union[float, Sequence[float]] = 0.0,
+    top_p: Union[float, Sequence[float]] = 1.0,
+    seeds: Optional[Sequence[int]] = None,
+    add_special_tokens: Optional[bool] = None,
+    refill_at: float = 0.125,
+    on_result: Optional[Callable[[int, Generation], None]] = None,
+    stats: Optional[dict] = None,
+    desc: Optional[str] = "generate",
+    compile_decode: bool = False,
+) -> list[Generation]:
     """The engine called directly (tests and benchmarks; the pipeline goes through `PagedGenerator`): complete each
     prompt, `batch_size` rows decoding at a time, greedy where a row's temperature is 0, else sampled with that row's
     `temperature`, `top_p` and seed (each one per prompt, or one value for all). `max_new_tokens` may be per row. Freed
@@ -79,14 +105,25 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
         raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
     if n == 0:
         return []
-    encoded = [models.encode_prompt(tokenizer, p) for p in prompts] if add_special_tokens is None else \
-        tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
+    encoded = (
+        [models.encode_prompt(tokenizer, p) for p in prompts]
+        if add_special_tokens is None
+        else tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
+    )
     with AttentionSwitch(model):
-        scheduler = Scheduler(model, tokenizer, encoded, limits, [float(t) for t in temperatures],
-                              [float(p) for p in top_ps], [s & MASK32 for s in (seeds or [0] * n)],
-                              # compiled: never one slot (a size-1 dimension would be compiled again)
-                              max(min(batch_size, n), 2 if compile_decode else 1), compile_decode,
-                              eos_ids(model, tokenizer))
+        scheduler = Scheduler(
+            model,
+            tokenizer,
+            encoded,
+            limits,
+            [float(t) for t in temperatures],
+            [float(p) for p in top_ps],
+            [s & MASK32 for s in (seeds or [0] * n)],
+            # compiled: never one slot (a size-1 dimension would be compiled again)
+            max(min(batch_size, n), 2 if compile_decode else 1),
+            compile_decode,
+            eos_ids(model, tokenizer),
+        )
         bar = tqdm(total=n, desc=desc, unit="seq", leave=False, disable=desc is None)
         start = time.time()
         for i, result in scheduler.run(refill_at):
@@ -97,12 +134,26 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: Union[int,
         bar.close()
     counts = scheduler.counts
     if counts["preempted"]:
-        log.info("generation: %d times a row's KV pages were taken back and it resumed later (recomputing its "
-                 "prompt and tokens); a smaller batch size avoids that", counts["preempted"])
+        log.info(
+            "generation: %d times a row's KV pages were taken back and it resumed later (recomputing its "
+            "prompt and tokens); a smaller batch size avoids that",
+            counts["preempted"],
+        )
     if stats is not None:
         runner = scheduler.runner
-        stats.update(GenerationStats(
-            backend=PagedGenerator.name, sequences=n, real_tokens=scheduler.real_tokens, seconds=time.time() - start,
-            graphs=runner.graph_count, capture_seconds=runner.capture_seconds, graph_failure=runner.graph_failure,
-            kernel=runner.kernel, compiled_decode=runner.compiled, **runner.fused, **counts).as_dict())
+        stats.update(
+            GenerationStats(
+                backend=PagedGenerator.name,
+                sequences=n,
+                real_tokens=scheduler.real_tokens,
+                seconds=time.time() - start,
+                graphs=runner.graph_count,
+                capture_seconds=runner.capture_seconds,
+                graph_failure=runner.graph_failure,
+                kernel=runner.kernel,
+                compiled_decode=runner.compiled,
+                **runner.fused,
+                **counts,
+            ).as_dict()
+        )
     return scheduler.results

@@ -41,8 +41,14 @@ def logits_at(model, cache, ids, positions, keep, **attention_args):
     """The model's logits at `keep` (a count from the end, or the positions) of `ids`, with `cache` as its KV cache
     and the `looper.engine.kernels.attention` arguments (`looper_packed` for a prefill, `looper_decode` for a decode
     step)."""
-    return model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=keep,
-                 **attention_args).logits
+    return model(
+        input_ids=ids,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=keep,
+        **attention_args,
+    ).logits
 
 
 def decode_logits(model, cache, tokens, lengths, step):
@@ -83,8 +89,10 @@ class ModelRunner:
         eager = fused.norm_patches(fused.fused_norms(model)) + fused.rotary_patches(rotary)
         self.prefill_patches = eager + fused.compiled_patches(mlps, modeling)
         self.step_patches = [] if compile_decode else eager  # (a compiled step fuses them itself)
-        self.fused = {"triton_rotary": bool(rotary),
-                      "compiled_prefill": sorted({type(m).__name__ for m in mlps}) + ["apply_rotary_pos_emb"] * bool(modeling)}
+        self.fused = {
+            "triton_rotary": bool(rotary),
+            "compiled_prefill": sorted({type(m).__name__ for m in mlps}) + ["apply_rotary_pos_emb"] * bool(modeling),
+        }
         # CUDA graphs replay a decode step without Python and kernel-launch overhead (which otherwise bounds the step
         # time of a 7B model); one graph per slot count (and, for the sdpa kernel, width), captured on first use
         self.graphs: dict = {}
@@ -92,23 +100,39 @@ class ModelRunner:
         self.use_graphs = self.device.type == "cuda" and not quantized
         self.graph_count, self.capture_seconds, self.graph_failure = 0, 0.0, None
         text = model.config.get_text_config()
-        shape = (self.device, model.dtype, text.num_attention_heads,
-                 getattr(text, "num_key_value_heads", None) or text.num_attention_heads, attention.head_dim(model))
+        shape = (
+            self.device,
+            model.dtype,
+            text.num_attention_heads,
+            getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            attention.head_dim(model),
+        )
         self.packed_kernel, self.kernel = attention.kernels(*shape)
         self.prefix_kernel = attention.prefix_kernel(*shape)
         self.width = 0  # positions every slot's attention covers in a decode step (sdpa and flash kernels)
         slots, zeros = cache.slots, dict(dtype=torch.long, device=self.device)
-        self.state = {"length": torch.zeros(slots, **zeros), "live": torch.zeros(slots, **zeros),
-                      "step": torch.zeros(slots, **zeros), "seed": torch.zeros(slots, **zeros),
-                      "temperature": torch.zeros(slots, device=self.device),
-                      "top_p": torch.ones(slots, device=self.device)}
+        self.state = {
+            "length": torch.zeros(slots, **zeros),
+            "live": torch.zeros(slots, **zeros),
+            "step": torch.zeros(slots, **zeros),
+            "seed": torch.zeros(slots, **zeros),
+            "temperature": torch.zeros(slots, device=self.device),
+            "top_p": torch.ones(slots, device=self.device),
+        }
         self.tokens = torch.zeros(slots, **zeros)
         self.next_tokens = torch.zeros(slots, **zeros)
 
     # ------------------------------------------------------------------------------------------------ prefill
 
-    def prefill(self, pieces: list[list[int]], offsets: list[int], targets: list[tuple[int, int]], own: dict,
-                answers: list[int], history: Optional[list[int]] = None) -> torch.Tensor:
+    def prefill(
+        self,
+        pieces: list[list[int]],
+        offsets: list[int],
+        targets: list[tuple[int, int]],
+        own: dict,
+        answers: list[int],
+        history: Optional[list[int]] = None,
+    ) -> torch.Tensor:
         """One prefill forward: the token lists `pieces` packed into one row, piece j at positions offsets[j]...
         Each (slot, j) of `targets` receives piece j's KV entries at those positions of its slot, from position
         `own[slot]` on (before it, its pages are another slot's). Without `history` each piece attends to itself
@@ -140,14 +164,27 @@ class ModelRunner:
             cache.prefill_reads_cache = True
         try:
             with fused.Patched(self.prefill_patches):
-                return logits_at(self.model, cache, ids, positions[None].to(self.device),
-                                 (ends - 1)[answers].to(self.device), looper_packed=packed)[0]
+                return logits_at(
+                    self.model,
+                    cache,
+                    ids,
+                    positions[None].to(self.device),
+                    (ends - 1)[answers].to(self.device),
+                    looper_packed=packed,
+                )[0]
         finally:
             cache.prefill_index = cache.prefill_sources = None
             cache.prefill_reads_cache = False
 
-    def start(self, slots: list[int], lengths: list[int], seeds: list[int], temperatures: list[float],
-              top_ps: list[float], logits: torch.Tensor) -> None:
+    def start(
+        self,
+        slots: list[int],
+        lengths: list[int],
+        seeds: list[int],
+        temperatures: list[float],
+        top_ps: list[float],
+        logits: torch.Tensor,
+    ) -> None:
         """Rows start in `slots` with their prompts' `lengths` and sampling settings; their first tokens (in `tokens`)
         are chosen from the prefill's `logits` (one row each)."""
         to = functools.partial(on, self.device)
@@ -159,9 +196,15 @@ class ModelRunner:
         self.state["temperature"][where] = to(temperatures, torch.float32)
         self.state["top_p"][where] = to(top_ps, torch.float32)
         state = self.state
-        self.tokens[where] = sampling.seeded_choice(logits, state["seed"][where], state["step"][where],
-                                                    state["temperature"][where], state["top_p"][where],
-                                                    self.sampling, self.nucleus)
+        self.tokens[where] = sampling.seeded_choice(
+            logits,
+            state["seed"][where],
+            state["step"][where],
+            state["temperature"][where],
+            state["top_p"][where],
+            self.sampling,
+            self.nucleus,
+        )
         state["step"][where] += 1
 
     def resume(self, slots: list[int], produced: list[list[int]]) -> None:
@@ -209,8 +252,11 @@ class ModelRunner:
         step = attention.DecodeStep(self.kernel, (state["length"] + 1).to(torch.int32), self.width, table, PAGE)
         with fused.Patched(self.step_patches):
             logits = self.decode_logits(self.model, self.cache, self.tokens, state["length"], step)
-        self.next_tokens.copy_(sampling.seeded_choice(logits, state["seed"], state["step"], state["temperature"],
-                                                      state["top_p"], self.sampling, self.nucleus))
+        self.next_tokens.copy_(
+            sampling.seeded_choice(
+                logits, state["seed"], state["step"], state["temperature"], state["top_p"], self.sampling, self.nucleus
+            )
+        )
 
     def _replay(self) -> None:
         shape = (self.cache.slots, self.width)

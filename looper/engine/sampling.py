@@ -8,6 +8,7 @@ Must never touch the KV cache, the scheduler's queues or the model.
 """
 
 import functools
+import hashlib
 import logging
 
 import torch
@@ -15,6 +16,13 @@ import torch
 log = logging.getLogger(__name__)
 
 MASK32 = 0xFFFFFFFF
+
+
+def row_seed(run_seed: int, question_id: str, arm: str, sample: int, *extra) -> int:
+    """A 31-bit seed for one row: a (question, arm, sample) of a rollout (`arm` "eval" for a sampled evaluation) and,
+    with `extra`, its resampled continuations."""
+    key = "/".join(map(str, (run_seed, question_id, arm, sample, *extra)))
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") >> 1
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
@@ -28,8 +36,15 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def seeded_choice(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, temperatures: torch.Tensor,
-                  top_ps: torch.Tensor, sampling: bool = True, nucleus: bool = True) -> torch.Tensor:
+def seeded_choice(
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_ps: torch.Tensor,
+    sampling: bool = True,
+    nucleus: bool = True,
+) -> torch.Tensor:
     """One token per row: a sample from the temperature- and top-p-filtered distribution, by Gumbel-max with noise
     that is a hash of (row seed, row step, token id); the argmax where a row's temperature is 0 (greedy).
     `sampling=False` (no row samples) and `nucleus=False` (no row has top_p < 1) only skip work; a row's choice never
@@ -56,13 +71,13 @@ def _torch_choice(logits, row, temperatures, top_ps, nucleus):
         logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
     tokens = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int64)
     bits = hash32(row[:, None] + tokens[None, :] * 0x9E3779B1) >> 8  # 24 bits: exact in float32
-    gumbel = -torch.log(-torch.log((bits.float() + 0.5) / 2.0 ** 24))  # uniform strictly inside (0, 1)
+    gumbel = -torch.log(-torch.log((bits.float() + 0.5) / 2.0**24))  # uniform strictly inside (0, 1)
     return torch.where(greedy[:, None], logits, logits + gumbel).argmax(dim=-1)
 
 
 @functools.lru_cache(maxsize=None)
 def _triton_sampler(device: torch.device) -> bool:
-    """Whether `seeded_choice` runs as `looper.triton_sampling`'s kernel here: on CUDA, when the kernel compiles and
+    """Whether `seeded_choice` runs as `kernels.triton_sampling`'s kernel here: on CUDA, when the kernel compiles and
     picks what the PyTorch path picks on a test case (all greedy rows; sampled rows but a few at rounding ties)."""
     if device.type != "cuda":
         return False
@@ -82,6 +97,7 @@ def _triton_sampler(device: torch.device) -> bool:
     same = got == _torch_choice(logits, keys, temperatures, top_ps, nucleus=True)
     if bool(same[temperatures <= 0].all()) and int(same.sum()) >= rows - 2:
         return True
-    log.warning("generation: Triton sampling agrees with PyTorch on %d of %d rows here; not used", int(same.sum()), rows)
+    log.warning(
+        "generation: Triton sampling agrees with PyTorch on %d of %d rows here; not used", int(same.sum()), rows
+    )
     return False
-

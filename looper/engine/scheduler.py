@@ -53,7 +53,6 @@ def shared_prefixes(prompts: list[list[int]], minimum: int) -> list[tuple[int, i
     return groups
 
 
-
 @dataclass
 class _Plan:
     """The next queued rows as one prefill (`Scheduler.plan`): identical prompts computed once (`unique`: the first
@@ -79,8 +78,7 @@ class Scheduler:
     and when it started; the queue of prompts not yet started (and the tokens of preempted ones); the results. The
     runner holds the same slots' state on the device."""
 
-    def __init__(self, model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots, compile_decode,
-                 eos_ids):
+    def __init__(self, model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots, compile_decode, eos_ids):
         self.tokenizer, self.encoded, self.limits = tokenizer, encoded, limits
         self.settings = (temperatures, top_ps, seeds)
         self.eos_ids = set(eos_ids)
@@ -94,8 +92,9 @@ class Scheduler:
         self.capacity = round_up(max(map(len, encoded)) + max(limits) + 1, WIDTH_STEP)
         pool = pages_that_fit(model, slots, self.capacity // PAGE)
         self.cache = PagedCache(text.num_hidden_layers, slots, pool, self.capacity // PAGE, self.device)
-        self.runner = ModelRunner(model, self.cache, any(t > 0 for t in temperatures), any(p < 1 for p in top_ps),
-                                  compile_decode)
+        self.runner = ModelRunner(
+            model, self.cache, any(t > 0 for t in temperatures), any(p < 1 for p in top_ps), compile_decode
+        )
         # a prefill starts rows only while this many pages stay free besides theirs: the next step can then give
         # every row a page, so a row started is not taken back before it has decoded (where the pool holds a page
         # per slot beyond one slot's worst case; a smaller pool keeps what it can)
@@ -106,10 +105,24 @@ class Scheduler:
         self.pending = None  # (slots, their owners, tokens on the host, done event) of the step launched last
         self.results: list[Optional[Generation]] = [None] * len(encoded)
         self.real_tokens = 0
-        self.counts = {"decode_steps": 0, "slot_steps": 0, "row_steps": 0, "prefills": 0, "prefill_tokens": 0,
-                       "prefill_shared": 0, "prefix_shared_tokens": 0, "prefill_seconds": 0.0, "drain_steps": 0,
-                       "drain_seconds": 0.0, "kv_pages": pool - 1, "peak_pages": 0, "preempted": 0,
-                       "kv_positions": 0, "kv_shared_positions": 0, "slots": slots}
+        self.counts = {
+            "decode_steps": 0,
+            "slot_steps": 0,
+            "row_steps": 0,
+            "prefills": 0,
+            "prefill_tokens": 0,
+            "prefill_shared": 0,
+            "prefix_shared_tokens": 0,
+            "prefill_seconds": 0.0,
+            "drain_steps": 0,
+            "drain_seconds": 0.0,
+            "kv_pages": pool - 1,
+            "peak_pages": 0,
+            "preempted": 0,
+            "kv_positions": 0,
+            "kv_shared_positions": 0,
+            "slots": slots,
+        }
 
     def run(self, refill_at: float):
         """Yields (prompt index, Generation) as rows finish. A decode step's tokens are read while the next step
@@ -175,8 +188,12 @@ class Scheduler:
         else:
             resident = None
         rows = [source.count(d) for d in range(len(distinct))]  # (source is ascending)
-        needed = sum(pages(len(prompt)) - (shared[d] // PAGE if d not in groups else 0)
-                     + (rows[d] - 1) * (pages(len(prompt)) - len(prompt) // PAGE) for d, prompt in enumerate(distinct))
+        needed = sum(
+            pages(len(prompt))
+            - (shared[d] // PAGE if d not in groups else 0)
+            + (rows[d] - 1) * (pages(len(prompt)) - len(prompt) // PAGE)
+            for d, prompt in enumerate(distinct)
+        )
         return _Plan(take, unique, source, distinct, shared, groups, tokens, needed, resident)
 
     def _resident(self, distinct: list[list[int]]) -> tuple[Optional[int], list[int]]:
@@ -207,8 +224,8 @@ class Scheduler:
                 plan = self.plan(max(1, min(plan.take - 1, plan.take * room // plan.pages)))
             if plan.pages > room:
                 break
-            rows, self.queue = self.queue[:plan.take], self.queue[plan.take:]
-            where, free = free[:plan.take], free[plan.take:]
+            rows, self.queue = self.queue[: plan.take], self.queue[plan.take :]
+            where, free = free[: plan.take], free[plan.take :]
             distinct, shared, groups = plan.distinct, plan.shared, plan.groups
             slots_of = [[] for _ in distinct]  # each distinct prompt's slots
             for k, d in enumerate(plan.source):
@@ -242,13 +259,14 @@ class Scheduler:
                     offsets.append(0)
                     targets += [(slot, len(pieces) - 1) for e in range(d, end) for slot in slots_of[e]]
                     history.append(slots_of[d][0])
-                pieces.append(prompt[shared[d]:])
+                pieces.append(prompt[shared[d] :])
                 offsets.append(shared[d])
                 targets += [(slot, len(pieces) - 1) for slot in slots_of[d]]
                 history.append(slots_of[d][0])
                 answers.append(len(pieces) - 1)
-            logits = self.runner.prefill(pieces, offsets, targets, own, answers,
-                                         history if groups or plan.resident is not None else None)
+            logits = self.runner.prefill(
+                pieces, offsets, targets, own, answers, history if groups or plan.resident is not None else None
+            )
             self.counts["prefills"] += 1
             self.counts["prefill_tokens"] += sum(map(len, pieces))
             self.counts["prefill_shared"] += plan.take - len(plan.unique)
@@ -257,8 +275,14 @@ class Scheduler:
                 logits = logits[torch.tensor(plan.source, device=self.device)]
             temperatures, top_ps, seeds = self.settings
             lengths = [len(self._prompt(i)) for i in rows]
-            self.runner.start(where, lengths, [seeds[i] for i in rows], [temperatures[i] for i in rows],
-                              [top_ps[i] for i in rows], logits)
+            self.runner.start(
+                where,
+                lengths,
+                [seeds[i] for i in rows],
+                [temperatures[i] for i in rows],
+                [top_ps[i] for i in rows],
+                logits,
+            )
             for slot, i, length in zip(where, rows, lengths):
                 self.owner[slot], self.produced[slot], self.length[slot] = i, self.resumed.pop(i, []), length
                 self.started[slot], self.starts = self.starts, self.starts + 1
@@ -357,8 +381,9 @@ class Scheduler:
             stop = tokens[slot] in self.eos_ids
             if stop or len(produced) >= self.limits[i]:
                 body = produced[:-1] if stop else produced
-                self.results[i] = Generation(self.tokenizer.decode(body, skip_special_tokens=True), len(produced),
-                                             "stop" if stop else "length")
+                self.results[i] = Generation(
+                    self.tokenizer.decode(body, skip_special_tokens=True), len(produced), "stop" if stop else "length"
+                )
                 self.real_tokens += len(produced)
                 freed.append(slot)
                 yield i, self.results[i]

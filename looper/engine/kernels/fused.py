@@ -45,15 +45,18 @@ class Patched:
 def norm_patches(modules: list) -> list:
     """The RMSNorm `modules` (`fused_norms`) as one Triton kernel each. Eager forwards only: in a compiled decode
     step inductor fuses the norms itself, and a Triton kernel in it made every new slot count compile again."""
-    return [(m, "forward", functools.partial(_triton_rms_norm, weight=m.weight, eps=m.variance_epsilon))
-            for m in modules]
+    return [
+        (m, "forward", functools.partial(_triton_rms_norm, weight=m.weight, eps=m.variance_epsilon)) for m in modules
+    ]
 
 
 def rotary_patches(modeling: list) -> list:
     """Each of the `modeling` modules' `apply_rotary_pos_emb` (`fused_rotary`) as looper's Triton kernel where the
     call is one it handles, and as itself otherwise. Eager forwards only, as the norms."""
-    return [(python, "apply_rotary_pos_emb", functools.partial(_triton_rotary, python.apply_rotary_pos_emb))
-            for python in modeling]
+    return [
+        (python, "apply_rotary_pos_emb", functools.partial(_triton_rotary, python.apply_rotary_pos_emb))
+        for python in modeling
+    ]
 
 
 def compiled_patches(mlps: list, modeling: list) -> list:
@@ -61,9 +64,9 @@ def compiled_patches(mlps: list, modeling: list) -> list:
     `compile_decode`): inductor fuses the MLP's activation and product, and the rotary embedding's slices, negation,
     products and sum, where eager PyTorch makes a pass over the prompts' activations for each. One compilation per
     function (dynamic shapes) serves every layer and prefill size."""
-    return [(m, "forward", functools.partial(_compiled(type(m).forward, COMPILE_BACKEND), m)) for m in mlps] + \
-        [(python, "apply_rotary_pos_emb", _compiled(python.apply_rotary_pos_emb, COMPILE_BACKEND))
-         for python in modeling]
+    return [(m, "forward", functools.partial(_compiled(type(m).forward, COMPILE_BACKEND), m)) for m in mlps] + [
+        (python, "apply_rotary_pos_emb", _compiled(python.apply_rotary_pos_emb, COMPILE_BACKEND)) for python in modeling
+    ]
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,10 +93,18 @@ def _triton_rotary(original, q, k, cos, sin, *args, **kwargs):
     """`original(q, k, cos, sin, ...)`, by `triton_rotary` where the call is its plain form: q and k
     [batch, heads, tokens, head_dim] (a power of two, the last dimension contiguous), cos/sin [batch, tokens,
     head_dim], all bfloat16."""
-    plain = not args and kwargs.get("unsqueeze_dim", 1) == 1 and set(kwargs) <= {"unsqueeze_dim"} \
-        and q.dim() == k.dim() == 4 and cos.dim() == sin.dim() == 3 and q.stride(-1) == k.stride(-1) == 1 \
-        and q.shape[-1] == k.shape[-1] == cos.shape[-1] and q.shape[-1] & (q.shape[-1] - 1) == 0 \
-        and q.dtype == k.dtype == cos.dtype == sin.dtype == torch.bfloat16 and q.is_cuda
+    plain = (
+        not args
+        and kwargs.get("unsqueeze_dim", 1) == 1
+        and set(kwargs) <= {"unsqueeze_dim"}
+        and q.dim() == k.dim() == 4
+        and cos.dim() == sin.dim() == 3
+        and q.stride(-1) == k.stride(-1) == 1
+        and q.shape[-1] == k.shape[-1] == cos.shape[-1]
+        and q.shape[-1] & (q.shape[-1] - 1) == 0
+        and q.dtype == k.dtype == cos.dtype == sin.dtype == torch.bfloat16
+        and q.is_cuda
+    )
     if not plain:
         return original(q, k, cos, sin, *args, **kwargs)
     from looper.engine.kernels.triton_rotary import apply_rotary_pos_emb
@@ -108,8 +119,11 @@ def fused_rotary(model) -> list:
     size = head_dim(model)
     if model.device.type != "cuda" or model.dtype != torch.bfloat16 or size & (size - 1):
         return []
-    return [python for python in modeling_with_rotary(model)
-            if _rotary_matches(python.apply_rotary_pos_emb, model.dtype, model.device)]
+    return [
+        python
+        for python in modeling_with_rotary(model)
+        if _rotary_matches(python.apply_rotary_pos_emb, model.dtype, model.device)
+    ]
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,8 +143,9 @@ def _rotary_matches(function, dtype: torch.dtype, device: torch.device) -> bool:
         return False
     if all(torch.equal(a, b) for a, b in zip(got, expected)):
         return True
-    log.warning("generation: Triton rotary embedding differs from %s.apply_rotary_pos_emb here; not used",
-                function.__module__)
+    log.warning(
+        "generation: Triton rotary embedding differs from %s.apply_rotary_pos_emb here; not used", function.__module__
+    )
     return False
 
 
@@ -146,9 +161,16 @@ def fused_norms(model) -> list:
     variant such as Gemma's 1 + weight does not)."""
     if model.device.type != "cuda" or model.dtype not in (torch.float16, torch.bfloat16):
         return []
-    candidates = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm") and "forward" not in vars(m)
-                  and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None
-                  and m.weight.dim() == 1 and m.weight.dtype == model.dtype]
+    candidates = [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("RMSNorm")
+        and "forward" not in vars(m)
+        and hasattr(m, "variance_epsilon")
+        and getattr(m, "weight", None) is not None
+        and m.weight.dim() == 1
+        and m.weight.dtype == model.dtype
+    ]
     return [m for m in candidates if _norm_matches(type(m), m.weight.shape[0], m.weight.dtype, m.weight.device)]
 
 
@@ -168,4 +190,3 @@ def _norm_matches(cls, width: int, dtype: torch.dtype, device: torch.device) -> 
         return True
     log.warning("generation: Triton RMSNorm differs from %s here; not used", cls.__name__)
     return False
-

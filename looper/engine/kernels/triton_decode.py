@@ -3,11 +3,10 @@ only that row's own `length` keys and values, finding each position's page throu
 reads the real context and nothing more.
 
 Why not a library kernel: PyTorch's built-in FlashAttention-2 (variable-length form, `seqused_k`) skips the unused
-positions too, but a one-token query still fills a whole tile. At batch 256, 32 heads of 128, 250 keys a row on
-average, on an H200 (4.2 TB/s copy bandwidth) FlashAttention read the rows' real keys and values at 2.1 TB/s, cuDNN's
-SDPA at 2.4 (it reads every row up to the longest) and this kernel at 4.2 (the calls of `scripts/bench_attention.py`).
-Imported only on CUDA (Triton ships with PyTorch's CUDA builds); `looper.engine.kernels.attention.kernels` checks it against the
-masked sdpa step before using it. Head sizes must be powers of two (Triton tiles); other models decode with
+positions too, but a one-token query still fills a whole tile, and cuDNN's SDPA reads every row up to the longest;
+this kernel reads the rows' real keys and values at about the copy bandwidth (`scripts/bench_attention.py`;
+docs/performance.md). Imported only on CUDA (Triton ships with PyTorch's CUDA builds); `attention.kernels` checks it
+against the masked sdpa step before using it. Head sizes must be powers of two (Triton tiles); other models decode with
 FlashAttention.
 """
 
@@ -17,16 +16,32 @@ import triton.language as tl
 
 
 @triton.jit
-def _decode(q_ptr, k_ptr, v_ptr, out_ptr, lengths_ptr, table_ptr, scale,
-            stride_qb, stride_qh, stride_kt, stride_kh, stride_ob, stride_oh, stride_table,
-            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-            PAGE: tl.constexpr):
+def _decode(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lengths_ptr,
+    table_ptr,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ob,
+    stride_oh,
+    stride_table,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,
+):
     row, kv_head = tl.program_id(0), tl.program_id(1)
     length = tl.load(lengths_ptr + row)
     g, d, n = tl.arange(0, BLOCK_G), tl.arange(0, HEAD_DIM), tl.arange(0, BLOCK_N)
     heads = kv_head * GROUP + g  # the query heads that share this KV head
-    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None],
-                other=0.0)
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
     q = (q * (scale * 1.4426950408889634)).to(q.dtype)  # exp2 below
     best = tl.full([BLOCK_G], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_G], tl.float32)
@@ -47,13 +62,25 @@ def _decode(q_ptr, k_ptr, v_ptr, out_ptr, lengths_ptr, table_ptr, scale,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         best = new_best
     out = acc / total[:, None]
-    tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(g < GROUP)[:, None])
+    tl.store(
+        out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=(g < GROUP)[:, None],
+    )
 
 
-def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                     table: torch.Tensor, page: int, scale: float, block_n: int = 64, num_warps: int = 4,
-                     num_stages: int = 3) -> torch.Tensor:
+def decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    table: torch.Tensor,
+    page: int,
+    scale: float,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
     """query [rows, heads, head_dim]; keys/values [pages * page, kv_heads, head_dim] (last dim contiguous), row r's
     position t at page table[r, t // page], offset t % page; lengths [rows] int32, each >= 1. Returns [rows, heads,
     head_dim]."""
@@ -62,8 +89,26 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     group = heads // kv_heads
     out = torch.empty_like(query)
     _decode[(rows, kv_heads)](
-        query, keys, values, out, lengths, table, scale,
-        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1), table.stride(0),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, HEAD_DIM=head_dim, PAGE=page,
-        num_warps=num_warps, num_stages=num_stages)
+        query,
+        keys,
+        values,
+        out,
+        lengths,
+        table,
+        scale,
+        query.stride(0),
+        query.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        out.stride(0),
+        out.stride(1),
+        table.stride(0),
+        GROUP=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n,
+        HEAD_DIM=head_dim,
+        PAGE=page,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     return out

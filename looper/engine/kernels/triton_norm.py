@@ -1,11 +1,11 @@
 """RMSNorm as one Triton kernel, for generation on a GPU in bf16/fp16.
 
 Why: transformers' Llama RMSNorm is eight PyTorch kernels (cast to float32, square, mean, add eps, rsqrt, multiply,
-cast back, multiply by the weight), each a pass over the hidden states. In a 7B prefill of 16,384 tokens on an H100
-the model's 65 norms took ~70 ms of 473 (`scripts/bench_gpu.py --sections prefill --profile`); one kernel reads each
-row once and writes it once. The arithmetic is the module's: float32 sum of squares, x * rsqrt(mean + eps), cast to
-the input's dtype, times the weight. The sum is taken in a different order, so a result can differ from PyTorch's in
-the last bit; `looper.generation` uses the kernel only where it matches the module's own forward on a test input,
+cast back, multiply by the weight), each a pass over the hidden states, a visible share of a prefill's time
+(`scripts/bench_gpu.py --sections prefill --profile`); one kernel reads each row once and writes it once. The
+arithmetic is the module's: float32 sum of squares, x * rsqrt(mean + eps), cast to the input's dtype, times the
+weight. The sum is taken in a different order, so a result can differ from PyTorch's in
+the last bit; `kernels.fused` uses the kernel only where it matches the module's own forward on a test input,
 and never in float32 (where greedy decoding is checked against plain `generate` exactly).
 """
 
@@ -34,6 +34,7 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> t
         x = x.contiguous()
     out = torch.empty(x.shape, dtype=hidden_states.dtype, device=hidden_states.device)
     block = triton.next_power_of_2(width)
-    _rms_norm[(x.shape[0],)](x, weight, out, x.stride(0), width, eps, BLOCK=block,
-                             num_warps=min(16, max(1, block // 256)))
+    _rms_norm[(x.shape[0],)](
+        x, weight, out, x.stride(0), width, eps, BLOCK=block, num_warps=min(16, max(1, block // 256))
+    )
     return out.view(hidden_states.shape)

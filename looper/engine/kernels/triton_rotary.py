@@ -1,16 +1,14 @@
 """The rotary position embedding as one Triton kernel, for generation on a GPU in bfloat16.
 
-Why: transformers' `apply_rotary_pos_emb` (`q * cos + rotate_half(q) * sin`) is about eight PyTorch kernels for q
-and k (slices, negation, a concatenation, products, sums), each a pass over the prompts' activations, and leaves q
-and k head-major, so that writing k into the KV cache is a strided gather (in a 7B prefill of 16,384 tokens on an
-H100, ~2.7 times as slow as a contiguous copy). This kernel reads each token's heads once and writes them
-token-major (the layout of the KV cache and of FlashAttention's packed input), and returns the same
-[batch, heads, tokens, head_dim] view. With it that prefill took 380 ms instead of 426, and a decode step of 256
-slots 18.9 instead of 20.1 ms (`scripts/bench_gpu.py --sections prefill,step`). The arithmetic is the function's,
-rounding where it rounds: each product rounded to bfloat16, then their sum, so the result equals PyTorch's bit for
-bit. `looper.generation`
-uses it only where it equals the model's own function on a test input; never in float32 or float16 (whose
-rounding the kernel does not reproduce).
+Why: transformers' `apply_rotary_pos_emb` (`q * cos + rotate_half(q) * sin`) is about eight PyTorch kernels for q and k
+(slices, negation, a concatenation, products, sums), each a pass over the prompts' activations, and leaves q and k
+head-major, so that writing k into the KV cache is a strided gather, several times as slow as a contiguous copy. This
+kernel reads each token's heads once and writes them token-major (the layout of the KV cache and of FlashAttention's
+packed input), and returns the same [batch, heads, tokens, head_dim] view (`scripts/bench_gpu.py --sections
+prefill,step` measures the prefill and the decode step). The arithmetic is the function's, rounding where it rounds:
+each product rounded to bfloat16, then their sum, so the result equals PyTorch's bit for bit. `kernels.fused` uses it
+only where it equals the model's own function on a test input; never in float32 or float16 (whose rounding the kernel
+does not reproduce).
 """
 
 import torch
@@ -21,16 +19,29 @@ import triton.language as tl
 @triton.jit
 def _round_to_bf16(x):
     """float32 `x` rounded to the nearest bfloat16 (ties to even), still as float32. In integer arithmetic: a cast
-    there and back may be folded away by the compiler, and the product and sum around it fused into an FMA (on an
-    H100 that gave a result different from PyTorch's in a quarter of the elements)."""
+    there and back may be folded away by the compiler, and the product and sum around it fused into an FMA (on a GPU
+    that gave a result different from PyTorch's in a quarter of the elements)."""
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _rotary(x_ptr, cos_ptr, sin_ptr, out_ptr, tokens, heads, x_stride_b, x_stride_h, x_stride_t, c_stride_b,
-            c_stride_t, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rotary(
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    tokens,
+    heads,
+    x_stride_b,
+    x_stride_h,
+    x_stride_t,
+    c_stride_b,
+    c_stride_t,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     row = tl.program_id(0)  # (batch, token)
     b, t = row // tokens, row % tokens
     h, d = tl.arange(0, BLOCK_H), tl.arange(0, HALF)
@@ -60,9 +71,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     if batch * tokens:
-        _rotary[(batch * tokens,)](x, cos, sin, out, tokens, heads, x.stride(0), x.stride(1), x.stride(2),
-                                   cos.stride(0), cos.stride(1), HALF=dim // 2,
-                                   BLOCK_H=triton.next_power_of_2(heads), num_warps=4)
+        _rotary[(batch * tokens,)](
+            x,
+            cos,
+            sin,
+            out,
+            tokens,
+            heads,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            cos.stride(0),
+            cos.stride(1),
+            HALF=dim // 2,
+            BLOCK_H=triton.next_power_of_2(heads),
+            num_warps=4,
+        )
     return out.transpose(1, 2)
 
 

@@ -1,18 +1,18 @@
-"""A Triton kernel for `looper.generation.seeded_choice` on a GPU: temperature, top-p and the seeded Gumbel-max draw
-of one row in one program, without sorting the vocabulary.
+"""A Triton kernel for `looper.engine.sampling.seeded_choice` on a GPU: temperature, top-p and the seeded Gumbel-max
+draw of one row in one program, without sorting the vocabulary.
 
 Why: in PyTorch, top-p sorts every row (a segmented radix sort of batch x vocab floats), then takes a softmax, a
-cumulative sum, a scatter back, the noise hash and an argmax — a dozen passes over a [256, 32000] float32 tensor:
-2.1 ms on an H100, a tenth of a 7B model's decode step at batch 256; this kernel takes 0.21 ms (0.04 ms without
-top-p, against 1.0). Here the nucleus is found as a probability threshold instead: with e_k = exp(x_k - max x)
+cumulative sum, a scatter back, the noise hash and an argmax — a dozen passes over a [256, 32000] float32 tensor, a
+tenth of a 7B model's decode step at batch 256; this kernel makes one (`scripts/bench_gpu.py --sections sampling`).
+Here the nucleus is found as a probability threshold instead: with e_k = exp(x_k - max x)
 (x = logits / temperature), token i stays iff the mass of the tokens more likely than it, sum of e_k over
 e_k > e_i, is at most top_p * sum of e_k — the sorted rule ("drop a token once the tokens before it hold more than
 top_p") without the order. That mass falls as the threshold rises, so a bisection on the float32 bit pattern
 (positive floats order like their bits) finds the smallest e-value that passes in 31 passes over the row (the row
-stays in L1/L2). The noise is `generation._hash32` of (row, token) in uint32 arithmetic (the same integers), so a
+stays in L1/L2). The noise is `sampling.hash32` of (row, token) in uint32 arithmetic (the same integers), so a
 row's draw still depends on its own seed and step only. Results agree with the PyTorch path except where a token
 sits within rounding of the nucleus boundary or two scores tie within rounding (the sums are taken in a different
-order); `looper.generation` checks it against PyTorch at first use.
+order); `looper.engine.sampling` checks it against PyTorch at first use.
 """
 
 import torch
@@ -22,7 +22,7 @@ import triton.language as tl
 
 @triton.jit
 def _hash32(x):
-    """xorshift-multiply on uint32 (products wrap modulo 2^32, as `generation._hash32`'s masks do)."""
+    """xorshift-multiply on uint32 (products wrap modulo 2^32, as `sampling.hash32`'s masks do)."""
     x = x ^ (x >> 16)
     x = x * 0x7FEB352D
     x = x ^ (x >> 15)
@@ -38,8 +38,17 @@ def _scaled(row_ptr, start, offsets, vocab, divisor):
 
 
 @triton.jit
-def _choose(logits_ptr, stride, rows_ptr, temperatures_ptr, top_ps_ptr, out_ptr, vocab,
-            NUCLEUS: tl.constexpr, BLOCK: tl.constexpr):
+def _choose(
+    logits_ptr,
+    stride,
+    rows_ptr,
+    temperatures_ptr,
+    top_ps_ptr,
+    out_ptr,
+    vocab,
+    NUCLEUS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     r = tl.program_id(0)
     row_ptr = logits_ptr + r.to(tl.int64) * stride
     temperature = tl.load(temperatures_ptr + r)
@@ -88,13 +97,28 @@ def _choose(logits_ptr, stride, rows_ptr, temperatures_ptr, top_ps_ptr, out_ptr,
     tl.store(out_ptr + r, best_index.to(tl.int64))
 
 
-def seeded_choice(logits: torch.Tensor, row_hashes: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor,
-                  nucleus: bool, block: int = 8192) -> torch.Tensor:
+def seeded_choice(
+    logits: torch.Tensor,
+    row_hashes: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_ps: torch.Tensor,
+    nucleus: bool,
+    block: int = 8192,
+) -> torch.Tensor:
     """One token per row of `logits` [rows, vocab] (any float dtype, last dim contiguous): see the module docstring.
     `row_hashes` [rows] are `generation`'s per-row noise keys (hash of seed and step); `nucleus=False` skips top-p."""
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    _choose[(rows,)](logits, logits.stride(0), row_hashes, temperatures.float().contiguous(),
-                     top_ps.float().contiguous(), out, vocab, NUCLEUS=nucleus,
-                     BLOCK=min(block, triton.next_power_of_2(vocab)), num_warps=16)
+    _choose[(rows,)](
+        logits,
+        logits.stride(0),
+        row_hashes,
+        temperatures.float().contiguous(),
+        top_ps.float().contiguous(),
+        out,
+        vocab,
+        NUCLEUS=nucleus,
+        BLOCK=min(block, triton.next_power_of_2(vocab)),
+        num_warps=16,
+    )
     return out
