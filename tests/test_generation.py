@@ -1,5 +1,6 @@
 """The shared generation path: greedy equals plain `generate`, and seeded sampling is reproducible row by row."""
 
+import dataclasses
 import json
 
 import pytest
@@ -396,8 +397,7 @@ def test_the_hf_backend_gives_the_paged_engines_greedy_outputs_in_float32(tiny_s
     from looper.engine.paged import PagedGenerator
 
     cfg, _, _, sft_dir = tiny_sft
-    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
-    assert model.dtype == torch.float32
+    model, tokenizer = models.load_target(str(sft_dir), dataclasses.replace(cfg.model, dtype="float32"))
     prompts = _prompts(cfg, tokenizer, n=10)
     requests = [engine.Request(p, 4 + 6 * k) for k, p in enumerate(prompts)]  # rows end at their own limits
     paged, paged_stats = PagedGenerator(model, tokenizer, batch_size=4).generate(requests)

@@ -100,3 +100,25 @@ def test_the_reasoning_probe_builds_an_r1_style_model_the_deepseek_preset_accept
     ids = models.encode_prompt(tokenizer, prompt)
     assert prompt.endswith("<｜Assistant｜><think>\n")
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_every_path_the_docs_name_exists():
+    """README's layout map and the paths README, CONTRIBUTING and docs/ name (in backticks or as links) exist."""
+    import re
+
+    missing = []
+    for doc in [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        top = "|".join(p.name for p in ROOT.iterdir() if not p.name.startswith("."))
+        named = set(re.findall(rf"`((?:{top})(?:/[\w.-]*)*)`", text))  # repository paths in backticks
+        named |= {link for link in re.findall(r"\]\(([^)#]+)", text) if not link.startswith("http")}
+        for block in re.findall(r"```\n(.*?)```", text, re.S):  # a layout map: every file and folder it lists
+            if "looper/" in block:
+                named |= set(re.findall(r"(?<![\w./<-])([\w-]+(?:\.py|\.md|\.sh|/))(?=[\s,]|$)", block, re.M))
+        for name in sorted(named):
+            if "<" in name or name.startswith(("outputs/", "multirun/")):
+                continue  # (run outputs and placeholders)
+            candidates = [doc.parent / name, ROOT / name]
+            if not any(c.exists() for c in candidates) and not list(ROOT.glob(f"**/{name.rstrip('/')}")):
+                missing.append(f"{doc.name}: {name}")
+    assert missing == []
