@@ -98,7 +98,7 @@ def test_an_interrupted_evaluation_resumes_without_redoing_finished_questions(fa
     monkeypatch.setattr(
         PagedGenerator,
         "generate",
-        lambda self, requests, *args: decoded.extend(requests) or original(self, requests, *args),
+        lambda self, requests, **kw: decoded.extend(requests) or original(self, requests, **kw),
     )
     records = evaluation.read_predictions(pipeline.evaluate(cfg, store, "sft", "synthetic_test"))
     assert len(decoded) == 12
