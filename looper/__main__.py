@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from looper import distributed, evaluation, preflight, throughput
+from looper import credit, distributed, evaluation, preflight, throughput
 from looper.artifacts import ArtifactStore
 from looper.config import Config, register_configs
 from looper.pipeline import STAGES, Pipeline
@@ -65,7 +66,12 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
     an Optuna search maximises), never a test set unless `eval.select_on` asks for one."""
     preflight.check(cfg)  # bad data, counts or limits stop the run here, before anything expensive starts
     store = ArtifactStore(Path(cfg.paths.artifacts), run_dir / "artifacts.jsonl", cfg.paths.verify)
-    results = Pipeline(cfg, store).run(cfg.stage.name, run_dir)
+    graph = Pipeline(cfg, store)
+    results = graph.run(cfg.stage.name, run_dir)
+    if "preferences" in graph.resolved and distributed.is_main_process():  # per-arm credit, beside the run's results
+        credit_png = Path(graph.resolved["preferences"]) / credit.PNG
+        if credit_png.exists():  # (an artifact made before per-arm credit has none)
+            shutil.copy(credit_png, run_dir / credit.PNG)
     if results is None:
         log_reused(cfg, store)
         return None

@@ -1,6 +1,7 @@
 """The stage graph, declared once: which stage builds on which, resolved into cached artifacts.
 
-Each stage module (sft, rollout, preferences, dpo) exposes `NEEDS` (the artifacts it builds on), `spec(cfg, up,
+Each stage module (sft, rollout, preferences, dpo, export) exposes `NEEDS` (the artifacts it builds on, or a function
+of the config that names them), `spec(cfg, up,
 store)` (what identifies its artifact, given its upstream artifacts `up`), `build(cfg, up, out)` (how to make it) and
 `ENSURE` (how the store builds it: `resumable`, `collective`). `Pipeline.artifact(name)` resolves a stage's upstreams
 first, each once per run, and returns the stage's artifact from the cache or builds it. `base` is the base model
@@ -8,14 +9,16 @@ first, each once per run, and returns the stage's artifact from the cache or bui
 handed to `evaluation.run`. No stage imports another; only this module knows the graph.
 """
 
+import json
 from pathlib import Path
 from typing import Optional
 
-from looper import dpo, evaluation, models, preferences, rollout, sft
+from looper import dpo, evaluation, export, models, preferences, rollout, sft
 from looper.artifacts import ArtifactStore
 from looper.config import Config
 
-STAGES = {"sft": sft, "rollout": rollout, "preferences": preferences, "dpo": dpo}  # in the order the graph runs
+STAGES = {"sft": sft, "rollout": rollout, "preferences": preferences, "dpo": dpo, "export": export}
+PIPELINE = ("sft", "rollout", "preferences", "dpo")  # what `stage=pipeline` builds before evaluating
 TARGETS = ("base", "sft", "dpo")  # eval targets that name an artifact of this graph
 
 
@@ -33,7 +36,10 @@ class Pipeline:
                 self.resolved[name] = models.base_model_path(self.cfg, self.store)
             else:
                 stage = STAGES[name]
-                up = {need: self.artifact(need) for need in stage.NEEDS}
+                needs = stage.NEEDS(self.cfg) if callable(stage.NEEDS) else stage.NEEDS
+                up = {need: self.artifact(need) for need in needs}
+                if name == "export":  # its model card reports the source's evaluations (cached like any other)
+                    up["evaluations"] = self.evaluations(self.cfg.export.source)
                 self.resolved[name] = str(
                     self.store.ensure(
                         name,
@@ -43,6 +49,14 @@ class Pipeline:
                     )
                 )
         return Path(self.resolved[name]) if name != "base" else self.resolved[name]
+
+    def evaluations(self, target: str) -> list[dict]:
+        """The summaries of `target` evaluated on each of `eval.datasets`."""
+        paths = [
+            evaluation.evaluate(self.cfg, self.store, target, self.target_path(target), dataset)
+            for dataset in self.cfg.eval.datasets
+        ]
+        return [json.loads((path / "summary.json").read_text()) for path in paths]
 
     def target_path(self, target: str) -> str:
         """The model directory (or hub id) of an eval target, building it first when it is a stage's artifact."""
@@ -55,7 +69,7 @@ class Pipeline:
     def run(self, stage: str, run_dir: Optional[Path] = None) -> Optional[list[dict]]:
         """Run `stage`: one stage (its upstreams first), `eval` (every target, then the report) or `pipeline` (every
         stage, then eval). Returns eval's per-artifact summaries when eval ran."""
-        for name in STAGES if stage == "pipeline" else [stage] if stage != "eval" else []:
+        for name in PIPELINE if stage == "pipeline" else [stage] if stage != "eval" else []:
             self.artifact(name)
         if stage not in ("pipeline", "eval"):
             return None

@@ -20,7 +20,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from looper import models
+from looper import credit, models
 from looper.artifacts import PAIRS, TRAJECTORIES, read_jsonl
 from looper.coherence import group_by_question, reward_of, weighted
 from looper.config import Config, PreferencesConfig, RewardConfig, identity
@@ -131,6 +131,8 @@ def _build(cfg: Config, rollout_dir: Path, sft_dir: Path, out: Path) -> None:
             pair["prompt"] = models.build_prompt(cfg.model, tokenizer, pair["question"])
             handle.write(json.dumps(pair) + "\n")
     stats = pair_stats(pairs, unpaired, len(group_by_question(trajectories)))
+    stats["arm_credit"] = credit.arm_credit(trajectories, pairs, cfg.reward)
+    png = credit.plot(stats["arm_credit"], out / credit.PNG)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     with stage_run(cfg, "preferences") as tracker:
         tracker.summary(
@@ -141,6 +143,7 @@ def _build(cfg: Config, rollout_dir: Path, sft_dir: Path, out: Path) -> None:
                 **{f"preferences/reward_gap_{k}": v for k, v in (stats["reward_gap"] or {}).items()},
             }
         )
+        credit.log(tracker, stats["arm_credit"], png)
     log.info(
         "preferences: %d pairs %s; questions without a pair: %s", len(pairs), stats["pairs_by_type"], unpaired or "none"
     )

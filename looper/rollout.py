@@ -353,7 +353,13 @@ def _log(tracker, stats: dict, records: list[dict]) -> None:
 def _build(cfg: Config, sft_dir: Path, out: Path) -> None:
     problems = load_splits(cfg.data)["train"][: cfg.rollout.num_questions]
     rank, world = distributed.rank(), distributed.world_size()
-    _sample_shard(cfg, sft_dir, problems[rank::world], out / f"trajectories.rank{rank}.jsonl")
+    shard = out / f"trajectories.rank{rank}.jsonl"
+    if cfg.rollout.allocation == "uniform":
+        _sample_shard(cfg, sft_dir, problems[rank::world], shard)
+    else:
+        from looper import bandit  # (the bandit's rounds: looper/bandit.py)
+
+        bandit.sample_shard(cfg, sft_dir, problems[rank::world], problems, shard)
     distributed.barrier()
     if not distributed.is_main_process():
         return

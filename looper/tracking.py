@@ -119,6 +119,27 @@ class Tracker:
 
         self._call("table", _log)
 
+    def image(self, key: str, path: Path) -> None:
+        """Log a PNG file as a W&B image."""
+
+        def _log():
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))})
+
+        self._call("image", _log)
+
+    def lines(self, key: str, xs: list, series: dict[str, list], title: str, xname: str) -> None:
+        """Log a W&B line chart with one line per entry of `series` over `xs`."""
+
+        def _log():
+            import wandb
+
+            ys = [list(v) for v in series.values()]
+            self.run.log({key: wandb.plot.line_series(xs=xs, ys=ys, keys=list(series), title=title, xname=xname)})
+
+        self._call("lines", _log)
+
 
 def keep_wandb_out(cfg: Config) -> None:
     """With `logger=none`, make W&B unimportable for this process (`sys.modules["wandb"] = None`): transformers and

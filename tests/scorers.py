@@ -16,3 +16,8 @@ def stuck_scorer(*, question, gold, trajectories, generate, extract_answer, rewa
 
     time.sleep(seconds)
     return [{"s_end": 0.0, "s_path": 0.0, "s_cf": None} for _ in trajectories]
+
+
+def arm_scorer(*, question, gold, trajectories, generate, extract_answer, reward, favourite="equations"):
+    """Scripted coherence: a trajectory of the `favourite` arm agrees fully (s_end 1), any other one not at all."""
+    return [{"s_end": float(t["arm"] == favourite), "s_path": 0.0, "s_cf": None} for t in trajectories]

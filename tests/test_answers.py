@@ -63,6 +63,7 @@ def test_model_output_is_never_evaluated():
     assert is_correct("#### 2+2", "4", "strict") is False
 
 
+@pytest.mark.slow
 @pytest.mark.data
 @pytest.mark.parametrize("parts", [("gsm8k", "train.jsonl"), ("gsm8k", "test.jsonl"), ("gsm8k_platinum", "test.jsonl")])
 @pytest.mark.parametrize("scorer", ["strict", "flexible", "platinum", "math_verify"])

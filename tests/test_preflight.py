@@ -45,6 +45,7 @@ def test_counts_and_limits_beyond_the_data_or_the_model_are_refused(fast_cfg, ov
         preflight.check(fast_cfg(override))
 
 
+@pytest.mark.slow
 def test_a_platinum_file_that_cannot_be_read_fails_in_seconds_before_any_stage(tmp_path):
     start = time.time()
     result = looper_cli(
@@ -59,6 +60,7 @@ def test_a_platinum_file_that_cannot_be_read_fails_in_seconds_before_any_stage(t
     assert time.time() - start < 60
 
 
+@pytest.mark.slow
 def test_logger_none_imports_no_wandb(fast_cfg):
     import subprocess
 

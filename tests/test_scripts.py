@@ -27,6 +27,7 @@ def _bench(tmp_path, *args) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_the_benchmark_reports_real_tokens_and_the_greedy_check(tmp_path):
     report = _bench(tmp_path, "--sections", "rollout,eval", "--baseline", "--check-greedy", "--eval-shots", "2")
     rollout = report["rollout"]["looper"]
@@ -38,6 +39,7 @@ def test_the_benchmark_reports_real_tokens_and_the_greedy_check(tmp_path):
     assert evaluation["shots"] == 2 and evaluation["rank0_stats"]["prefix_shared_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_the_benchmark_rolls_out_the_issue_setting_with_shared_prompts(tmp_path):
     report = _bench(tmp_path, "--sections", "sampling,rollout", "--issue-setting", "--rollout-samples", "8")
     assert report["sampling"]["torch_ms"] > 0 and report["sampling"]["vocab"] == 1000
@@ -47,6 +49,7 @@ def test_the_benchmark_rolls_out_the_issue_setting_with_shared_prompts(tmp_path)
     assert stats["prefill_tokens"] == 32 * 128 and stats["prefill_shared"] == 256 - 32  # 32 prompts of 128, 8 each
 
 
+@pytest.mark.slow
 def test_the_greedy_check_compares_a_trained_model_with_plain_generate(artifacts, tiny_sft):
     result = subprocess.run(
         [sys.executable, "scripts/greedy_check.py", f"paths.artifacts={artifacts}", *FAST],
@@ -60,6 +63,7 @@ def test_the_greedy_check_compares_a_trained_model_with_plain_generate(artifacts
     assert result.stdout.count("looper (sdpa) 24/24") == 2, result.stdout
 
 
+@pytest.mark.slow
 def test_the_benchmark_rolls_out_prompts_in_arm_templates_sharing_their_prefixes(tmp_path):
     report = _bench(tmp_path, "--sections", "prefill,step,rollout", "--rollout-arms", "8")
     assert report["prefill"]["tokens"] > 0 and report["prefill"]["prompts"] == 16
@@ -69,6 +73,7 @@ def test_the_benchmark_rolls_out_prompts_in_arm_templates_sharing_their_prefixes
     assert rollout["arms"] == 8 and rollout["rank0_stats"]["prefix_shared_tokens"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.data
 def test_the_reasoning_probe_builds_an_r1_style_model_the_deepseek_preset_accepts(tmp_path):
     from looper import models

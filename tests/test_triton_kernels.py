@@ -50,6 +50,7 @@ SAMPLING_CASE = """
 """
 
 
+@pytest.mark.slow
 @interpreted
 def test_the_sampling_kernel_picks_what_pytorch_picks_interpreted():
     lines = _interpreted(SAMPLING_CASE).split()
@@ -58,6 +59,7 @@ def test_the_sampling_kernel_picks_what_pytorch_picks_interpreted():
     assert all(same == rows for _, _, same, rows in results), results
 
 
+@pytest.mark.slow
 @interpreted
 def test_the_decode_attention_kernel_reads_each_row_up_to_its_length_through_its_pages_interpreted():
     out = _interpreted("""
@@ -81,6 +83,7 @@ def test_the_decode_attention_kernel_reads_each_row_up_to_its_length_through_its
     assert float(out) < 1e-4
 
 
+@pytest.mark.slow
 @interpreted
 def test_the_rms_norm_kernel_computes_llamas_norm_interpreted():
     out = _interpreted("""
@@ -165,6 +168,7 @@ def rotary_case(device: str) -> list[tuple]:
     return results
 
 
+@pytest.mark.slow
 @interpreted
 def test_the_rotary_kernel_equals_llamas_rotary_embedding_bit_for_bit_interpreted():
     out = _interpreted("from tests.test_triton_kernels import rotary_case; print(rotary_case('cpu'))")

@@ -22,6 +22,7 @@ from looper.config.root import (
 from looper.config.stages import (
     DPOConfig,
     EvalConfig,
+    ExportConfig,
     GenerationSettings,
     PreferencesConfig,
     RolloutConfig,
@@ -36,6 +37,7 @@ __all__ = [
     "DataConfig",
     "EVAL_DATASETS",
     "EvalConfig",
+    "ExportConfig",
     "GenerationSettings",
     "LoggerConfig",
     "LoraSettings",

@@ -7,7 +7,7 @@ checks that name the key and what is allowed. Must never import a stage or a sch
 from dataclasses import MISSING, field, fields
 from typing import Any, Optional
 
-STAGES = ("sft", "rollout", "preferences", "dpo", "eval", "pipeline")
+STAGES = ("sft", "rollout", "preferences", "dpo", "eval", "pipeline", "export")
 EVAL_DATASETS = ("synthetic_test", "synthetic_dev", "gsm8k_test", "gsm8k_dev", "gsm8k_platinum")
 
 

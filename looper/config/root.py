@@ -11,6 +11,7 @@ from looper.config.model import ArmConfig, LoraSettings, ModelConfig, RewardConf
 from looper.config.stages import (
     DPOConfig,
     EvalConfig,
+    ExportConfig,
     GenerationSettings,
     PreferencesConfig,
     RolloutConfig,
@@ -82,6 +83,7 @@ class Config:
     preferences: PreferencesConfig = doc("Pair construction.", factory=PreferencesConfig)
     dpo: DPOConfig = doc("Direct preference optimisation.", factory=DPOConfig)
     eval: EvalConfig = doc("Evaluation.", factory=EvalConfig)
+    export: ExportConfig = doc("The standalone model `stage=export` writes.", factory=ExportConfig)
     generation: GenerationSettings = doc(
         "The shared decoding path of rollouts and evaluation.", factory=GenerationSettings
     )
@@ -93,6 +95,15 @@ class Config:
         _check(len(self.arms) > 0, "arms", "the arm-set is empty; choose arms=regime_w or arms=single")
         for name, arm in self.arms.items():
             arm.check(name)
+        if self.rollout.allocation != "uniform":
+            budget = self.rollout.budget or sum(arm.samples for arm in self.arms.values())
+            _check(
+                budget >= self.rollout.floor * len(self.arms) + self.rollout.rounds - 1,
+                "rollout.budget",
+                f"{budget} samples a question cannot give {len(self.arms)} arms their floor of {self.rollout.floor} "
+                f"and one sample to each of the {self.rollout.rounds - 1} bandit rounds; raise it or lower "
+                "rollout.floor / rollout.rounds",
+            )
         for key, value in _numbers(self):
             _check(math.isfinite(value), key, f"must be a finite number, got {value}")
         _check(

@@ -10,7 +10,10 @@ from looper.config.model import LoraSettings
 
 @dataclass
 class StageConfig:
-    name: str = doc("What runs: sft, rollout, preferences, dpo, eval or pipeline (all, then a table).", "pipeline")
+    name: str = doc(
+        "What runs: sft, rollout, preferences, dpo, eval, pipeline (all, then a table) or export (a standalone model).",
+        "pipeline",
+    )
 
     def __post_init__(self):
         _choice(self.name, "stage", STAGES)
@@ -78,8 +81,31 @@ class RolloutConfig:
         600.0,
         identity=False,
     )
+    allocation: str = doc(
+        "How each question's samples are spread over the arms: `uniform` (every arm its `arms.<arm>.samples`) or "
+        "`thompson` (a bandit: `rollout.budget` samples a question, spent in `rollout.rounds` rounds, each round's "
+        "going where Thompson sampling on the arms' reward posteriors sends them; looper/bandit.py).",
+        "uniform",
+    )
+    budget: Optional[int] = doc("Samples per question under a bandit (null: the arms' samples, summed).", None)
+    rounds: int = doc("Rounds a bandit spends each question's budget in (the first gives every arm its floor).", 4)
+    floor: int = doc("Samples every arm gets per question in a bandit's first round, before it has data.", 1)
+    bandit_stats: str = doc(
+        "What a bandit's arm posteriors pool: `pooled` (each arm's rewards over all questions: the arm's quality) or "
+        "`question` (the question's own rewards, with the pooled mean as prior).",
+        "pooled",
+    )
 
     def __post_init__(self):
+        _choice(self.allocation, "rollout.allocation", ("uniform", "thompson"))
+        _choice(self.bandit_stats, "rollout.bandit_stats", ("pooled", "question"))
+        _positive(self.budget, "rollout.budget")
+        _check(
+            self.rounds >= 2,
+            "rollout.rounds",
+            f"must be at least 2 (a floor round, then the bandit's), got {self.rounds}",
+        )
+        _check(self.floor >= 1, "rollout.floor", f"must be at least 1, got {self.floor}")
         _positive(self.num_questions, "rollout.num_questions")
         _positive(self.scorer_timeout_s, "rollout.scorer_timeout_s")
         _positive(self.batch_size, "rollout.batch_size")
@@ -155,6 +181,22 @@ class DPOConfig:
         _check(self.max_steps == -1 or self.max_steps > 0, "dpo.max_steps", "must be -1 or positive")
         _choice(self.reference_check, "dpo.reference_check", ("error", "warn"))
         _check(self.reference_tolerance >= 0, "dpo.reference_tolerance", "must be >= 0")
+
+
+@dataclass
+class ExportConfig:
+    source: str = doc("What `stage=export` merges into its base: the `dpo` policy or the `sft` model.", "dpo")
+    dtype: str = doc("Weights of the exported model: bfloat16, float16 or float32.", "bfloat16")
+    quantized: str = doc(
+        "Also write a bitsandbytes-quantized copy under `quantized-<bits>/`: none, 8bit or 4bit (needs CUDA and "
+        "`looper[qlora]`).",
+        "none",
+    )
+
+    def __post_init__(self):
+        _choice(self.source, "export.source", ("dpo", "sft"))
+        _choice(self.dtype, "export.dtype", ("bfloat16", "float16", "float32"))
+        _choice(self.quantized, "export.quantized", ("none", "8bit", "4bit"))
 
 
 @dataclass

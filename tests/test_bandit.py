@@ -1,0 +1,142 @@
+"""Regime W as a bandit (rollout.allocation=thompson): the budget follows the reward, every arm keeps its floor,
+records are reproducible, resumable and the same under two processes; per-arm credit in stats, PNG and W&B."""
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from looper import bandit, rollout
+from tests.conftest import FAST, ROOT, cache_sharing_models, compose, kill_when_written, looper_cli
+
+FAST_W = [o for o in FAST if not o.startswith("arms.")]  # FAST tunes the `single` arm-set's arm
+
+# a scripted reward: the `equations` arm's trajectories earn 0.5 (s_wm of s_end 1 and s_path 0), every other arm's 0
+BANDIT = [
+    "arms=regime_w",
+    "rollout.allocation=thompson",
+    "rollout.budget=32",
+    "rollout.rounds=4",
+    "reward.scorer._target_=tests.scorers.arm_scorer",
+    "reward.alpha=0",
+    "reward.beta=1",
+    "reward.length_penalty=0",
+    "model.max_new_tokens=24",
+]
+
+
+def _build(cfg, sft_dir, out: Path) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    rollout.build(cfg, {"sft": sft_dir}, out)
+    return rollout.read_trajectories(out)
+
+
+def _cfg(artifacts, *overrides):
+    return compose(f"paths.artifacts={artifacts}", *FAST_W, *BANDIT, *overrides)
+
+
+def test_the_bandit_sends_the_budget_to_the_arm_that_earns_reward_and_keeps_every_floor(artifacts, tiny_sft, tmp_path):
+    cfg = _cfg(artifacts, "rollout.num_questions=6")
+    assert bandit.plan(cfg) == [8, 8, 8, 8]
+    records = _build(cfg, tiny_sft[3], tmp_path / "out")
+    assert len(records) == 6 * 32 and {r["allocation"] for r in records} == {"thompson"}
+    per_question = Counter((r["question_id"], r["arm"]) for r in records)
+    assert all(per_question[q, arm] >= 1 for q in {r["question_id"] for r in records} for arm in cfg.arms)  # floors
+    by_round = Counter((r["round"], r["arm"]) for r in records)
+    assert all(by_round[0, arm] == 6 for arm in cfg.arms)  # round 0: the floor, one per arm and question
+    later = sum(by_round[k, "equations"] for k in (1, 2, 3))
+    assert later >= 0.8 * 3 * 6 * 8  # once it has data, the bandit spends most of each round on the rewarding arm
+    keys = [(r["question_id"], r["arm"], r["sample"]) for r in records]
+    assert len(set(keys)) == len(keys)  # each arm's samples numbered on across rounds: every trajectory its own seed
+    assert {r["scored_by"] if "scored_by" in r else "final" for r in records} == {"final"}
+    assert all(r["s_end"] == float(r["arm"] == "equations") for r in records)  # the final, full scoring
+    again = _build(cfg, tiny_sft[3], tmp_path / "again")
+    assert again == records  # reproducible
+
+
+def test_per_question_statistics_also_find_the_arm(artifacts, tiny_sft, tmp_path):
+    cfg = _cfg(artifacts, "rollout.num_questions=2", "rollout.bandit_stats=question")
+    records = _build(cfg, tiny_sft[3], tmp_path / "out")
+    assert sum(r["arm"] == "equations" for r in records) > 2 * 32 / 2
+
+
+def test_a_killed_bandit_rollout_resumes_to_the_same_records_and_two_processes_give_them_too(
+    artifacts, tiny_sft, tmp_path
+):
+    overrides = [*FAST_W, *BANDIT, "rollout.num_questions=6", "rollout.batch_size=16"]
+    reference = _build(_cfg(artifacts, *overrides[len(FAST_W) :]), tiny_sft[3], tmp_path / "reference")
+    killed_cache = cache_sharing_models(artifacts, tmp_path / "cache")
+    args = [f"paths.artifacts={killed_cache}", *overrides, "stage=rollout"]
+    # killed in round 1 (round 0 holds 8 questions x 8 records)
+    kill_when_written(
+        [*args, f"hydra.run.dir={tmp_path / 'a'}"], "rollout/*.partial/rounds.rank0.jsonl", 8 * 8 + 12, killed_cache
+    )
+    result = looper_cli(*args, f"hydra.run.dir={tmp_path / 'b'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = rollout.read_trajectories(
+        next(p for p in killed_cache.glob("rollout/*") if p.is_dir() and not p.name.endswith(".partial"))
+    )
+    assert resumed == reference
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    two = cache_sharing_models(artifacts, tmp_path / "two")
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--multi_gpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "looper",
+    ]
+    result = subprocess.run(
+        [*launch, f"paths.artifacts={two}", f"hydra.run.dir={tmp_path / 'c'}", *overrides, "stage=rollout"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    artifact = next(p for p in two.glob("rollout/*") if p.is_dir() and not p.name.endswith(".partial"))
+    assert sorted(p.name for p in artifact.glob("rounds.rank*.jsonl")) == ["rounds.rank0.jsonl", "rounds.rank1.jsonl"]
+    assert rollout.read_trajectories(artifact) == reference
+
+
+def test_the_demo_with_a_bandit_writes_per_arm_credit_to_stats_png_and_wandb(artifacts, tiny_sft, tmp_path):
+    run_dir = tmp_path / "run"
+    result = looper_cli(
+        f"paths.artifacts={artifacts}",
+        f"hydra.run.dir={run_dir}",
+        *FAST_W,
+        *BANDIT[:4],
+        "rollout.num_questions=8",
+        "stage=preferences",
+        "logger=wandb",
+        "logger.mode=offline",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "arm_credit.png").stat().st_size > 10_000
+    made = [json.loads(line) for line in (run_dir / "artifacts.jsonl").read_text().splitlines()]
+    stats = json.loads((Path(next(r["path"] for r in made if r["stage"] == "preferences")) / "stats.json").read_text())
+    credit = stats["arm_credit"]
+    assert set(credit["arms"]) == set(compose("arms=regime_w").arms) and len(credit["rounds"]) == 4
+    assert sum(a["samples"] for a in credit["arms"].values()) == 8 * 32
+    pairs = stats["pairs"]
+    assert (
+        sum(a["chosen"] for a in credit["arms"].values())
+        == sum(a["rejected"] for a in credit["arms"].values())
+        == pairs
+    )
+    tables = [p.name for p in run_dir.rglob("*.table.json")]
+    assert any(name.startswith("preferences/arm_credit") or "arm_credit" in name for name in tables), tables
+    assert any("allocation" in name for name in tables), tables

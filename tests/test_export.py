@@ -1,0 +1,48 @@
+"""stage=export: the final adapter merged into its base, a standalone model that plain transformers loads."""
+
+import json
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from looper import models, pipeline
+from looper.artifacts import ArtifactStore
+from looper.data import synthetic_splits
+from looper.engine.paged import generate
+
+
+def test_export_writes_a_model_plain_transformers_loads_with_the_dpo_policys_outputs_and_accuracy(fast_cfg, tiny_sft):
+    cfg = fast_cfg("stage=export", "export.dtype=float32", "eval.num_questions=8")
+    store = ArtifactStore(cfg.paths.artifacts)
+    graph = pipeline.Pipeline(cfg, store)
+    out = graph.artifact("export")
+    assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()
+    card = (out / "README.md").read_text()
+    assert "| synthetic_test | 8 |" in card and str(graph.artifact("dpo")) in card
+    assert "export:" in (out / "looper_config.yaml").read_text()
+
+    exported = AutoModelForCausalLM.from_pretrained(str(out))  # plain transformers, no looper, no PEFT
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    policy, policy_tokenizer = models.load_target(str(graph.artifact("dpo")), cfg.model)  # adapter over its base
+    assert exported.dtype == policy.dtype
+    questions = [p["question"] for p in synthetic_splits(cfg.data)["test"][:8]]
+    prompts = [models.build_prompt(cfg.model, policy_tokenizer, q) for q in questions]
+    ours = [g.text for g in generate(exported, tokenizer, prompts, max_new_tokens=48, batch_size=8, desc=None)]
+    theirs = [g.text for g in generate(policy, policy_tokenizer, prompts, max_new_tokens=48, batch_size=8, desc=None)]
+    assert ours == theirs
+
+    evaluated = json.loads((pipeline.evaluate(cfg, store, str(out), "synthetic_test") / "summary.json").read_text())
+    dpo = json.loads((pipeline.evaluate(cfg, store, "dpo", "synthetic_test") / "summary.json").read_text())
+    assert evaluated["acc_strict"] == dpo["acc_strict"] and evaluated["n"] == dpo["n"] == 8
+    assert graph.artifact("export") == out  # cached: asked again, nothing is rebuilt
+
+
+def test_export_of_the_sft_model_needs_no_rollout(artifacts, fast_cfg, tiny_sft, tmp_path):
+    from tests.conftest import cache_sharing_models
+
+    cache = cache_sharing_models(artifacts, tmp_path / "cache")
+    cfg = fast_cfg(f"paths.artifacts={cache}", "stage=export", "export.source=sft", "eval.datasets=[]")
+    store = ArtifactStore(cfg.paths.artifacts)
+    out = pipeline.Pipeline(cfg, store).artifact("export")
+    assert not list(store.root.glob("rollout/*")) and not list(store.root.glob("dpo/*"))
+    assert AutoModelForCausalLM.from_pretrained(str(out)).dtype.is_floating_point
+    assert "No evaluation was run" in (out / "README.md").read_text()
