@@ -117,7 +117,7 @@ def _quantized_copy(cfg: Config, out: Path) -> None:
     """The exported model loaded through bitsandbytes (8- or 4-bit) and saved again in `out/quantized-<bits>/`."""
     if not torch.cuda.is_available():
         raise RuntimeError("export.quantized needs a CUDA GPU (bitsandbytes quantizes on the GPU); set it to none")
-    settings = dataclasses.replace(cfg.lora, quantization=cfg.export.quantized)
+    settings = dataclasses.replace(cfg.lora, enabled=True, quantization=cfg.export.quantized)  # (how to load only)
     exported = dataclasses.replace(cfg.model, name_or_path=str(out))
     model = models.load_causal_lm(str(out), exported, settings)
     target = out / f"quantized-{cfg.export.quantized}"

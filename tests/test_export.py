@@ -1,7 +1,9 @@
 """stage=export: the final adapter merged into its base, a standalone model that plain transformers loads."""
 
+import dataclasses
 import json
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from looper import models, pipeline
@@ -20,9 +22,12 @@ def test_export_writes_a_model_plain_transformers_loads_with_the_dpo_policys_out
     assert "| synthetic_test | 8 |" in card and str(graph.artifact("dpo")) in card
     assert "export:" in (out / "looper_config.yaml").read_text()
 
-    exported = AutoModelForCausalLM.from_pretrained(str(out))  # plain transformers, no looper, no PEFT
+    exported = AutoModelForCausalLM.from_pretrained(str(out)).to(models.device())  # plain transformers, no PEFT
     tokenizer = AutoTokenizer.from_pretrained(str(out))
-    policy, policy_tokenizer = models.load_target(str(graph.artifact("dpo")), cfg.model)  # adapter over its base
+    # the adapter over its base, in the exported dtype
+    policy, policy_tokenizer = models.load_target(
+        str(graph.artifact("dpo")), dataclasses.replace(cfg.model, dtype="float32")
+    )
     assert exported.dtype == policy.dtype
     questions = [p["question"] for p in synthetic_splits(cfg.data)["test"][:8]]
     prompts = [models.build_prompt(cfg.model, policy_tokenizer, q) for q in questions]
@@ -46,3 +51,20 @@ def test_export_of_the_sft_model_needs_no_rollout(artifacts, fast_cfg, tiny_sft,
     assert not list(store.root.glob("rollout/*")) and not list(store.root.glob("dpo/*"))
     assert AutoModelForCausalLM.from_pretrained(str(out)).dtype.is_floating_point
     assert "No evaluation was run" in (out / "README.md").read_text()
+
+
+@pytest.mark.gpu
+def test_export_writes_a_bitsandbytes_copy_that_plain_transformers_loads(artifacts, fast_cfg, tiny_sft, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from tests.conftest import cache_sharing_models
+
+    cache = cache_sharing_models(artifacts, tmp_path / "cache")
+    cfg = fast_cfg(
+        f"paths.artifacts={cache}", "stage=export", "export.source=sft", "export.quantized=8bit", "eval.datasets=[]"
+    )
+    out = pipeline.Pipeline(cfg, ArtifactStore(cfg.paths.artifacts)).artifact("export")
+    quantized = AutoModelForCausalLM.from_pretrained(str(out / "quantized-8bit"), device_map={"": 0})
+    assert models.is_quantized(quantized) and quantized.config.quantization_config.load_in_8bit
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "quantized-8bit"))
+    prompt = models.build_prompt(cfg.model, tokenizer, synthetic_splits(cfg.data)["test"][0]["question"])
+    assert generate(quantized, tokenizer, [prompt], max_new_tokens=8, batch_size=1, desc=None)[0].num_tokens > 0
