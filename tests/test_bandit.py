@@ -65,13 +65,14 @@ def test_per_question_statistics_also_find_the_arm(artifacts, tiny_sft, tmp_path
 def test_a_killed_bandit_rollout_resumes_to_the_same_records_and_two_processes_give_them_too(
     artifacts, tiny_sft, tmp_path
 ):
-    overrides = [*FAST_W, *BANDIT, "rollout.num_questions=6", "rollout.batch_size=16"]
-    reference = _build(_cfg(artifacts, *overrides[len(FAST_W) :]), tiny_sft[3], tmp_path / "reference")
+    smaller = [o.replace("budget=32", "budget=16").replace("rounds=4", "rounds=3") for o in BANDIT]  # 8, 4, 4
+    overrides = [*FAST_W, *smaller, "rollout.num_questions=6", "rollout.batch_size=16"]
+    reference = _build(compose(f"paths.artifacts={artifacts}", *overrides), tiny_sft[3], tmp_path / "reference")
     killed_cache = cache_sharing_models(artifacts, tmp_path / "cache")
     args = [f"paths.artifacts={killed_cache}", *overrides, "stage=rollout"]
-    # killed in round 1 (round 0 holds 8 questions x 8 records)
+    # killed after round 0 (6 questions x 8 records), in round 1 or just after it
     kill_when_written(
-        [*args, f"hydra.run.dir={tmp_path / 'a'}"], "rollout/*.partial/rounds.rank0.jsonl", 8 * 8 + 12, killed_cache
+        [*args, f"hydra.run.dir={tmp_path / 'a'}"], "rollout/*.partial/rounds.rank0.jsonl", 6 * 8 + 8, killed_cache
     )
     result = looper_cli(*args, f"hydra.run.dir={tmp_path / 'b'}")
     assert result.returncode == 0, result.stderr[-3000:]
