@@ -8,9 +8,9 @@ from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from looper import credit, distributed, evaluation, preflight, throughput
+from looper import config, credit, distributed, evaluation, preflight, throughput
 from looper.artifacts import ArtifactStore
 from looper.config import Config, register_configs
 from looper.pipeline import STAGES, Pipeline
@@ -103,7 +103,7 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> Optional[float]:
-    cfg: Config = OmegaConf.to_object(raw)  # runs every schema's value checks
+    cfg: Config = config.load(raw)  # unknown keys, then every schema's value checks
     keep_wandb_out(cfg)
     with distributed.claim_gpu(Path(cfg.paths.artifacts) / ".gpu_locks"):  # before anything starts CUDA
         distributed.init()

@@ -14,6 +14,8 @@ adapter holds the policy only (no `ref/` copy).
 
 import json
 import logging
+import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +25,14 @@ from looper import distributed, models
 from looper.artifacts import PAIRS, read_jsonl
 from looper.config import Config, identity
 from looper.tracking import stage_run
-from looper.training import ensure_finite, peft_config, trainer_precision
+from looper.training import (
+    drop_checkpoints,
+    ensure_finite,
+    last_checkpoint,
+    peft_config,
+    trainer_arguments,
+    trainer_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,7 @@ def _on_disk(rows: list[dict], where: Path):
     from datasets import Dataset, load_from_disk
 
     if distributed.is_main_process():
+        shutil.rmtree(where, ignore_errors=True)  # a killed build's copy (its reference log-probs included)
         Dataset.from_list(rows).save_to_disk(str(where))
     distributed.barrier()
     return load_from_disk(str(where))
@@ -122,18 +132,10 @@ def reference_margin(trainer, dropout: bool = False) -> dict:
     }
 
 
-def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path, report_to: str = "none"):
-    """The configured DPOTrainer: policy = the SFT policy made trainable, reference = the frozen SFT policy."""
-    from trl import DPOConfig
-
-    model, tokenizer, peft_config = _policy(cfg, sft_dir)
-    tokenizer.padding_side = "right"
-    rows = read_jsonl(pairs_dir / PAIRS)
-    dataset = _on_disk(
-        [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows],
-        out / "trainer" / "pairs",
-    )
-    args = DPOConfig(
+def looper_arguments(cfg: Config, out: Path, report_to: str = "none", evaluate: bool = False) -> dict:
+    """The DPOConfig arguments looper derives from the schema (training.trainer_arguments adds the named keys, the
+    checkpoints and the pass-through); `evaluate`: a held-out split is evaluated every dpo.eval_steps."""
+    return dict(
         output_dir=str(out / "trainer"),
         beta=cfg.dpo.beta,
         loss_type=[cfg.dpo.loss_type],
@@ -141,22 +143,53 @@ def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path, report_
         num_train_epochs=cfg.dpo.epochs,
         max_steps=cfg.dpo.max_steps,
         per_device_train_batch_size=cfg.dpo.batch_size,
+        per_device_eval_batch_size=cfg.dpo.batch_size,
         gradient_accumulation_steps=cfg.dpo.gradient_accumulation_steps,
         max_length=cfg.dpo.max_length,
         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
         gradient_checkpointing=cfg.dpo.gradient_checkpointing,
+        warmup_steps=cfg.dpo.warmup_ratio,  # a float below 1: a share of the steps
         logging_steps=cfg.dpo.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=(cfg.dpo.eval_steps or cfg.dpo.logging_steps) if evaluate else None,
         report_to=report_to,
         seed=cfg.seed,
         **trainer_precision(cfg),
     )
+
+
+def split_pairs(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held out): the pairs of a seeded `fraction` of the questions are held out, so no question has pairs
+    on both sides. Without a fraction, every pair trains."""
+    if not fraction:
+        return rows, []
+    questions = sorted({row["question_id"] for row in rows}, key=str)
+    held = set(random.Random(seed).sample(questions, max(1, round(fraction * len(questions)))))
+    if len(held) == len(questions):
+        raise ValueError(f"dpo.eval_fraction={fraction} holds out every one of the {len(questions)} questions")
+    return [r for r in rows if r["question_id"] not in held], [r for r in rows if r["question_id"] in held]
+
+
+def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path, report_to: str = "none"):
+    """The configured DPOTrainer: policy = the SFT policy made trainable, reference = the frozen SFT policy."""
+    from trl import DPOConfig
+
+    model, tokenizer, peft_config = _policy(cfg, sft_dir)
+    tokenizer.padding_side = "right"
+    train, held_out = split_pairs(read_jsonl(pairs_dir / PAIRS), cfg.dpo.eval_fraction, cfg.seed)
+    fields = ("prompt", "chosen", "rejected")
+    dataset = _on_disk([{k: r[k] for k in fields} for r in train], out / "trainer" / "pairs")
+    held_out = (
+        _on_disk([{k: r[k] for k in fields} for r in held_out], out / "trainer" / "eval_pairs") if held_out else None
+    )
+    args = trainer_arguments(cfg.dpo, "dpo", DPOConfig, looper_arguments(cfg, out, report_to, held_out is not None))
     return _trainer_class()(
         model=model,
         ref_model=None,
         args=args,
         train_dataset=dataset,
+        eval_dataset=held_out,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[FirstStepCheck()],
@@ -184,7 +217,7 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
         trainer = make_trainer(cfg, sft_dir, pairs_dir, out, tracker.report_to)
         measured = _check_reference(cfg, trainer)
         check = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FirstStepCheck))
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "dpo"))
         ensure_finite("dpo", trainer, result.training_loss, "dpo.learning_rate")
         margin = check.first.get("rewards/margins")
         tracker.summary(
@@ -196,6 +229,7 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
             }
         )
     if distributed.is_main_process():
+        drop_checkpoints(out / "trainer")
         record = {**measured, "first_step_train_mode": check.first}
         (out / "reference_check.json").write_text(json.dumps(record, indent=2))
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out), selected_adapters=["default"])
@@ -213,7 +247,7 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
 
 
 NEEDS = ("preferences", "sft")  # the artifacts this stage builds on (looper/pipeline.py resolves them)
-ENSURE = {"collective": True}  # every process trains
+ENSURE = {"collective": True, "resumable": True}  # every process trains; a crash resumes from the last checkpoint
 
 
 def spec(cfg: Config, up: dict, store=None) -> dict:

@@ -2,9 +2,9 @@
 
 Owns the checks that need more than one config group or the data: every data file the run will read (training,
 dev, test, GSM8K-Platinum) parsed in full, counts asked for against the data they draw from (`*.num_questions`,
-`sft.num_examples`, `eval.shots`), and token limits against the model's context. Value checks of one group live in
-its schema (looper/config.py). Nothing here loads model weights: a run that would fail at evaluation, hours in,
-fails here in seconds.
+`sft.num_examples`, `eval.shots`), token limits against the model's context, and the trainers' pass-through
+arguments against TRL's dataclasses. Value checks of one group live in its schema (looper/config/). Nothing here
+loads model weights: a run that would fail at evaluation, hours in, fails here in seconds.
 """
 
 import json
@@ -85,6 +85,20 @@ def _counts(cfg: Config, splits: dict, evaluated: dict) -> None:
                 )
 
 
+def _passthrough(cfg: Config) -> None:
+    """The trainers' pass-through arguments (`sft.trainer`, `dpo.trainer`) against TRL's dataclasses, now rather than
+    when the trainer is built (DPO's comes after the rollout)."""
+    if not (cfg.sft.trainer or cfg.dpo.trainer):
+        return
+    import trl
+
+    from looper import dpo, sft
+    from looper.training import check_passthrough
+
+    check_passthrough(cfg.sft, "sft", trl.SFTConfig, tuple(sft.looper_arguments(cfg, Path("."))))
+    check_passthrough(cfg.dpo, "dpo", trl.DPOConfig, tuple(dpo.looper_arguments(cfg, Path("."))))
+
+
 def check(cfg: Config) -> None:
     """Fail now, naming the key or the file, for anything the run would fail on later: unreadable or empty data
     files (every one the run will read, the Platinum file included), counts beyond the data, token limits beyond the
@@ -105,6 +119,7 @@ def check(cfg: Config) -> None:
                 raise ValueError(f"eval.datasets: {dataset} holds no problems")
             evaluated[dataset] = rows
     _counts(cfg, splits, evaluated)
+    _passthrough(cfg)
     context = model_context(cfg)
     if context is not None:
         _limits(cfg, context)

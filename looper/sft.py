@@ -14,7 +14,14 @@ from looper.config import Config, identity
 from looper.data import load_splits
 from looper.engine.kernels import attention
 from looper.tracking import stage_run
-from looper.training import ensure_finite, peft_config, trainer_precision
+from looper.training import (
+    drop_checkpoints,
+    ensure_finite,
+    last_checkpoint,
+    peft_config,
+    trainer_arguments,
+    trainer_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,35 @@ def tokenize_examples(tokenizer, examples: list[dict]) -> list[dict]:
     return rows
 
 
+def looper_arguments(cfg: Config, out: Path, report_to: str = "none") -> dict:
+    """The SFTConfig arguments looper derives from the schema (training.trainer_arguments adds the named keys, the
+    checkpoints and the pass-through)."""
+    from trl import SFTConfig
+
+    return dict(
+        output_dir=str(out / "trainer"),
+        learning_rate=cfg.sft.learning_rate,
+        num_train_epochs=cfg.sft.epochs,
+        max_steps=cfg.sft.max_steps,
+        per_device_train_batch_size=cfg.sft.batch_size,
+        gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps,
+        max_length=None,
+        padding_free=cfg.sft.padding_free,
+        # a flattened batch is padded to a multiple of 64 tokens: few distinct shapes, so per-shape work is reused
+        # (kernel choices; on the sdpa path cuDNN builds a plan per shape, ~2.5 ms of host time per layer)
+        pad_to_multiple_of=64 if cfg.sft.padding_free else None,
+        warmup_steps=cfg.sft.warmup_ratio,  # a float below 1: a share of the steps
+        gradient_checkpointing=cfg.sft.gradient_checkpointing,
+        completion_only_loss=True,
+        **_length_grouping(SFTConfig, cfg.sft.group_by_length),
+        logging_steps=cfg.sft.logging_steps,
+        report_to=report_to,
+        seed=cfg.seed,
+        dataloader_num_workers=0,
+        **trainer_precision(cfg),
+    )
+
+
 def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", examples: Optional[list[dict]] = None):
     """The configured SFTTrainer over the base model (LoRA/QLoRA adapter or full fine-tuning); `examples`
     (prompt/completion dicts) replace the training split (the GPU benchmark uses this)."""
@@ -68,30 +104,7 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
     dataset = Dataset.from_list(
         tokenize_examples(tokenizer, examples if examples is not None else training_examples(cfg, tokenizer))
     )
-    args = SFTConfig(
-        output_dir=str(out / "trainer"),
-        learning_rate=cfg.sft.learning_rate,
-        num_train_epochs=cfg.sft.epochs,
-        max_steps=cfg.sft.max_steps,
-        per_device_train_batch_size=cfg.sft.batch_size,
-        gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps,
-        max_length=None,
-        padding_free=cfg.sft.padding_free,
-        # a flattened batch is padded to a multiple of 64 tokens: few distinct shapes, so per-shape work is reused
-        # (kernel choices; on the sdpa path cuDNN builds a plan per shape, ~2.5 ms of host time per layer)
-        pad_to_multiple_of=64 if cfg.sft.padding_free else None,
-        warmup_steps=cfg.sft.warmup_ratio,
-        lr_scheduler_type="cosine",
-        gradient_checkpointing=cfg.sft.gradient_checkpointing,
-        completion_only_loss=True,
-        **_length_grouping(SFTConfig, cfg.sft.group_by_length),
-        logging_steps=cfg.sft.logging_steps,
-        save_strategy="no",
-        report_to=report_to,
-        seed=cfg.seed,
-        dataloader_num_workers=0,
-        **trainer_precision(cfg),
-    )
+    args = trainer_arguments(cfg.sft, "sft", SFTConfig, looper_arguments(cfg, out, report_to))
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -118,13 +131,14 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
 def _train(cfg: Config, base: str, out: Path) -> None:
     with stage_run(cfg, "sft") as tracker:
         trainer = make_trainer(cfg, base, out, tracker.report_to)
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "sft"))
         ensure_finite("sft", trainer, result.training_loss, "sft.learning_rate")
         tracker.summary({"sft/train_loss": result.training_loss})
     if trainer.model.config._attn_implementation == attention.TRAINING:  # a saved full model names its own
         trainer.model.set_attn_implementation("sdpa")
     trainer.save_model(str(out))  # on the main process only
     if distributed.is_main_process():
+        drop_checkpoints(out / "trainer")
         tokenizer = trainer.processing_class
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(str(out))
@@ -132,7 +146,7 @@ def _train(cfg: Config, base: str, out: Path) -> None:
 
 
 NEEDS = ("base",)  # the artifacts this stage builds on (looper/pipeline.py resolves them)
-ENSURE = {"collective": True}  # how the store builds it: every process trains
+ENSURE = {"collective": True, "resumable": True}  # every process trains; a crash resumes from the last checkpoint
 
 
 def spec(cfg: Config, up: dict, store: ArtifactStore) -> dict:

@@ -6,13 +6,12 @@ from pathlib import Path
 import pytest
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from omegaconf import OmegaConf
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from looper.config import Config, register_configs  # noqa: E402
+from looper.config import Config, load, register_configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -59,7 +58,7 @@ def compose_raw(*overrides: str):
 
 def compose(*overrides: str) -> Config:
     """The typed, checked Config for these overrides."""
-    return OmegaConf.to_object(compose_raw(*overrides))
+    return load(compose_raw(*overrides))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,9 @@ from looper.config.root import (
     DataConfig,
     LoggerConfig,
     PathsConfig,
+    check_known,
     iter_docs,
+    load,
     reference_markdown,
     register_configs,
 )
@@ -52,7 +54,9 @@ __all__ = [
     "TinyModelConfig",
     "doc",
     "identity",
+    "check_known",
     "iter_docs",
+    "load",
     "reference_markdown",
     "register_configs",
 ]

@@ -1,5 +1,6 @@
 """The root schema (`Config`), the data, logging and path sections, and the generated reference (docs/config.md)."""
 
+import difflib
 import math
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Dict, Optional, Union, get_args, get_origin
@@ -128,6 +129,58 @@ def _numbers(node: Any, prefix: str = ""):
             yield key, value
         elif is_dataclass(value) or isinstance(value, dict):
             yield from _numbers(value, key + ".")
+
+
+def _inner(kind: Any) -> Any:
+    """X of Optional[X]."""
+    if get_origin(kind) is Union:
+        return next(arg for arg in get_args(kind) if arg is not type(None))
+    return kind
+
+
+def unknown_keys(node: Any, schema: Any = Config, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """(dotted key, the schema's keys at that level) for every key of a composed config that the schema does not
+    declare. Hydra's `+key=value` adds a key that no schema field reads; it would be stored, enter nothing and do
+    nothing. The open places are the `Dict[str, Any]` fields (the scorer's own keys, the trainers' pass-through)."""
+    declared = {f.name: _inner(f.type) for f in fields(schema)}
+    found = []
+    for key in node.keys() if hasattr(node, "keys") else ():
+        dotted = f"{prefix}{key}"
+        if key not in declared:
+            found.append((dotted, list(declared)))
+            continue
+        kind, value = declared[key], node[key]
+        if is_dataclass(kind) and hasattr(value, "keys"):
+            found += unknown_keys(value, kind, dotted + ".")
+        elif get_origin(kind) is dict and is_dataclass(get_args(kind)[1]) and hasattr(value, "keys"):
+            for name in value.keys():  # arms.<name>: each a schema of its own
+                found += unknown_keys(value[name], get_args(kind)[1], f"{dotted}.{name}.")
+    return found
+
+
+def check_known(raw: Any) -> None:
+    """Fail naming every key the schema does not know (with the closest known key), before anything runs."""
+    found = unknown_keys(raw)
+    if not found:
+        return
+    lines = []
+    for key, known in found:
+        parent, _, name = key.rpartition(".")
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+        lines.append(f"{key}: not a config key{hint}")
+    raise ValueError(
+        "; ".join(lines) + ". `+key=value` adds only what the schema declares (docs/config.md); the open places are "
+        "sft.trainer and dpo.trainer (TRL's arguments) and reward.scorer (the scorer's own keys)"
+    )
+
+
+def load(raw: Any) -> "Config":
+    """The typed, checked Config of a composed config: unknown keys first, then every schema's value checks."""
+    from omegaconf import OmegaConf
+
+    check_known(raw)
+    return OmegaConf.to_object(raw)
 
 
 def register_configs() -> None:

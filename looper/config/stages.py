@@ -1,7 +1,7 @@
 """The schemas of the stages: what runs, SFT, rollouts, preferences, DPO, evaluation and the shared generation path."""
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from looper.answers import SCORERS
 from looper.config.fields import EVAL_DATASETS, STAGES, _check, _choice, _fraction, _positive, doc
@@ -17,6 +17,14 @@ class StageConfig:
 
     def __post_init__(self):
         _choice(self.name, "stage", STAGES)
+
+
+def _trainer_checks(section: Any, name: str) -> None:
+    """The checks the SFT and DPO sections share (TRL's own dataclass checks the pass-through: looper/training.py)."""
+    _check(section.weight_decay >= 0, f"{name}.weight_decay", f"must be >= 0, got {section.weight_decay}")
+    _positive(section.max_grad_norm, f"{name}.max_grad_norm")
+    _check(section.save_steps >= 0, f"{name}.save_steps", f"must be >= 0, got {section.save_steps}")
+    _positive(section.save_total_limit, f"{name}.save_total_limit")
 
 
 @dataclass
@@ -43,6 +51,28 @@ class SFTConfig:
     )
     num_examples: Optional[int] = doc("Use only the first N training problems (null: all).", None)
     logging_steps: int = doc("Log the loss every N steps.", 10, identity=False)
+    weight_decay: float = doc("AdamW weight decay.", 0.0)
+    lr_scheduler_type: str = doc(
+        "Learning-rate schedule (transformers' SchedulerType: linear, cosine, constant, ...).", "cosine"
+    )
+    optim: str = doc(
+        "Optimizer (transformers' OptimizerNames: adamw_torch_fused, adamw_torch, adamw_8bit, ...).",
+        "adamw_torch_fused",
+    )
+    max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
+    use_liger_kernel: bool = doc("Liger's fused Triton kernels (needs `liger-kernel`; GPU).", False)
+    save_steps: int = doc(
+        "Save a checkpoint every N optimizer steps into the artifact's `.partial/trainer/`; a crashed or killed run "
+        "resumes from the last one. 0: no checkpoints. The finished artifact keeps the model only.",
+        200,
+        identity=False,
+    )
+    save_total_limit: int = doc("Checkpoints kept while training (the oldest are deleted).", 2, identity=False)
+    trainer: Dict[str, Any] = doc(
+        "Any other argument of TRL's `SFTConfig`, passed through as given (`+sft.trainer.<arg>=value`); checked "
+        "against TRL's dataclass at start, so a misspelt argument fails naming it.",
+        factory=dict,
+    )
 
     def __post_init__(self):
         for name in (
@@ -58,6 +88,7 @@ class SFTConfig:
         _check(self.learning_rate <= 1, "sft.learning_rate", f"must be at most 1, got {self.learning_rate}")
         _check(self.max_steps == -1 or self.max_steps > 0, "sft.max_steps", "must be -1 or positive")
         _fraction(self.warmup_ratio, "sft.warmup_ratio")
+        _trainer_checks(self, "sft")
 
 
 @dataclass
@@ -161,6 +192,37 @@ class DPOConfig:
         1e-3,
         identity=False,
     )
+    warmup_ratio: float = doc("Share of steps with linear warmup.", 0.0)
+    weight_decay: float = doc("AdamW weight decay.", 0.0)
+    lr_scheduler_type: str = doc(
+        "Learning-rate schedule (transformers' SchedulerType: linear, cosine, constant, ...).", "linear"
+    )
+    optim: str = doc(
+        "Optimizer (transformers' OptimizerNames: adamw_torch_fused, adamw_torch, adamw_8bit, ...).",
+        "adamw_torch_fused",
+    )
+    max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
+    use_liger_kernel: bool = doc("Liger's fused Triton kernels (needs `liger-kernel`; GPU).", False)
+    save_steps: int = doc(
+        "Save a checkpoint every N optimizer steps into the artifact's `.partial/trainer/`; a crashed or killed run "
+        "resumes from the last one. 0: no checkpoints. The finished artifact keeps the model only.",
+        200,
+        identity=False,
+    )
+    save_total_limit: int = doc("Checkpoints kept while training (the oldest are deleted).", 2, identity=False)
+    trainer: Dict[str, Any] = doc(
+        "Any other argument of TRL's `DPOConfig`, passed through as given (`+dpo.trainer.<arg>=value`); checked "
+        "against TRL's dataclass at start, so a misspelt argument fails naming it.",
+        factory=dict,
+    )
+    eval_fraction: float = doc(
+        "Share of the questions whose pairs are held out as a DPO eval split (its loss and reward curves are logged "
+        "every dpo.eval_steps); 0: train on every pair.",
+        0.0,
+    )
+    eval_steps: Optional[int] = doc(
+        "Evaluate the held-out pairs every N steps (null: dpo.logging_steps).", None, identity=False
+    )
     fresh_lora: LoraSettings = doc(
         "The adapter DPO trains when SFT was full fine-tuning (`lora=none`).",
         factory=lambda: LoraSettings(r=16, alpha=32, dropout=0.0),
@@ -181,6 +243,10 @@ class DPOConfig:
         _check(self.max_steps == -1 or self.max_steps > 0, "dpo.max_steps", "must be -1 or positive")
         _choice(self.reference_check, "dpo.reference_check", ("error", "warn"))
         _check(self.reference_tolerance >= 0, "dpo.reference_tolerance", "must be >= 0")
+        _fraction(self.warmup_ratio, "dpo.warmup_ratio")
+        _check(0 <= self.eval_fraction < 1, "dpo.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        _positive(self.eval_steps, "dpo.eval_steps")
+        _trainer_checks(self, "dpo")
 
 
 @dataclass

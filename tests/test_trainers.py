@@ -1,0 +1,197 @@
+"""The trainers' surface: named keys and TRL's pass-through reach the trainer and the artifact's identity, unknown
+keys fail at start naming themselves, and a SIGKILLed SFT or DPO resumes from its last checkpoint."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trl import DPOConfig, SFTConfig
+
+from looper import dpo, pipeline, preflight, sft, training
+from looper.artifacts import ArtifactStore
+from tests.conftest import ROOT, compose, looper_cli
+from tests.test_training import _pairs_dir
+
+
+def _sft_args(cfg):
+    return training.trainer_arguments(cfg.sft, "sft", SFTConfig, sft.looper_arguments(cfg, ROOT / "unused"))
+
+
+def test_named_keys_and_the_passthrough_reach_trl(fast_cfg):
+    cfg = fast_cfg("sft.weight_decay=0.1", "+sft.trainer.neftune_noise_alpha=5", "sft.optim=adamw_torch")
+    args = _sft_args(cfg)
+    assert (args.weight_decay, args.neftune_noise_alpha, args.optim) == (0.1, 5, "adamw_torch")
+    assert (args.lr_scheduler_type, args.save_strategy, args.save_steps) == ("cosine", "steps", 200)
+    default = _sft_args(fast_cfg())
+    assert (default.weight_decay, default.neftune_noise_alpha, default.optim) == (0.0, None, "adamw_torch_fused")
+    assert _sft_args(fast_cfg("sft.save_steps=0")).save_strategy == "no"
+    held = fast_cfg("dpo.eval_fraction=0.25", "dpo.eval_steps=2", "+dpo.trainer.label_smoothing=0.1")
+    args = training.trainer_arguments(held.dpo, "dpo", DPOConfig, dpo.looper_arguments(held, ROOT, evaluate=True))
+    assert (args.eval_strategy, args.eval_steps, args.label_smoothing) == ("steps", 2, 0.1)
+
+
+def test_a_trainer_key_changes_the_sft_artifact_key_and_a_logging_key_does_not(fast_cfg, artifacts):
+    store = ArtifactStore(artifacts)
+    key = lambda cfg: store.path("sft", sft.spec(cfg, {"base": "tiny"}, store)).name  # noqa: E731
+    assert key(fast_cfg("sft.weight_decay=0.1")) != key(fast_cfg())
+    assert key(fast_cfg("+sft.trainer.neftune_noise_alpha=5")) != key(fast_cfg())
+    assert key(fast_cfg("sft.save_steps=7", "sft.logging_steps=3")) == key(fast_cfg())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+reward.alpah=1", r"reward.alpah: not a config key \(did you mean reward.alpha\?\)"),
+        ("+sft.weight_decayy=0.1", r"sft.weight_decayy: not a config key \(did you mean sft.weight_decay\?\)"),
+        ("+arms.plain.temprature=1", r"arms.plain.temprature: not a config key"),
+        ("+nonsense=1", r"nonsense: not a config key"),
+    ],
+)
+def test_a_key_the_schema_does_not_know_fails_naming_it(override, message):
+    with pytest.raises(ValueError, match=message):
+        compose(override)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+sft.trainer.weight_decayy=0.1", r"sft.trainer.weight_decayy: not an argument of TRL's SFTConfig"),
+        ("+sft.trainer.weight_decay=0.1", r"sft.trainer.weight_decay: .*set sft.weight_decay"),
+        ("+dpo.trainer.learning_rate=0.1", r"dpo.trainer.learning_rate: .*looper sets it"),
+        ("+dpo.trainer.output_dir=x", r"dpo.trainer.output_dir: .*looper sets it"),
+    ],
+)
+def test_the_passthrough_is_checked_against_trl_at_start(override, message):
+    with pytest.raises(ValueError, match=message):
+        preflight.check(compose("logger=none", "stage=sft", override))
+
+
+def test_the_open_places_accept_new_keys():
+    cfg = compose("+reward.scorer.window=3", "+dpo.trainer.label_smoothing=0.1")
+    assert cfg.reward.scorer["window"] == 3 and cfg.dpo.trainer == {"label_smoothing": 0.1}
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_an_added_key_before_running(tmp_path):
+    result = looper_cli("+reward.alpah=1", "logger=none", f"paths.artifacts={tmp_path}", cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "reward.alpah: not a config key (did you mean reward.alpha?)" in result.stderr
+    assert not (tmp_path / "sft").exists()  # nothing was built
+
+
+KILLED = """
+import os, signal, sys
+from pathlib import Path
+from transformers import TrainerCallback
+from tests.conftest import compose
+from looper import dpo, pipeline, sft
+from looper.artifacts import ArtifactStore
+
+stage, kill_at, up, out, *overrides = sys.argv[1:]
+
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+module = {"sft": sft, "dpo": dpo}[stage]
+make_trainer = module.make_trainer
+module.make_trainer = lambda *a, **k: [t := make_trainer(*a, **k), t.add_callback(Kill())][0]
+cfg = compose(*overrides)
+if stage == "sft":
+    pipeline.artifact(cfg, ArtifactStore(Path(cfg.paths.artifacts)), "sft")
+else:
+    dpo.build(cfg, {"sft": up, "preferences": up + "-pairs"}, Path(out))
+"""
+
+
+def _killed(stage: str, kill_at: int, up: str, out, overrides: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED, stage, str(kill_at), up, str(out), *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == -9, result.stderr[-3000:]  # SIGKILLed where the callback said
+
+
+def _weights(directory) -> dict:
+    name = "adapter_model.safetensors" if (directory / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(directory / name)
+
+
+def _same(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_a_killed_sft_resumes_from_its_last_checkpoint(fast_cfg, tiny_sft, tmp_path, caplog):
+    settings = ("sft.max_steps=40", "sft.save_steps=10")
+    cfg, store = fast_cfg(*settings), ArtifactStore(tiny_sft[1].root)
+    overrides = [f"paths.artifacts={cfg.paths.artifacts}", *_fast_overrides(), *settings]
+    _killed("sft", 25, "", "", overrides)
+    with caplog.at_level(logging.INFO, logger="looper.training"):
+        resumed = pipeline.artifact(cfg, store, "sft")
+    assert "sft: resuming from" in caplog.text and "checkpoint-20 (step 20)" in caplog.text
+    assert not list((resumed / "trainer").glob("checkpoint-*"))  # the finished artifact keeps the model only
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    sft.build(cfg, {"base": tiny_sft[2]}, whole)
+    assert _same(_weights(resumed), _weights(whole)) == 0.0  # step for step the uninterrupted run
+
+
+def test_a_killed_dpo_resumes_from_its_last_checkpoint(fast_cfg, tiny_sft, tmp_path, caplog):
+    settings = ("dpo.max_steps=6", "dpo.save_steps=2", "dpo.logging_steps=1")
+    cfg = fast_cfg(*settings)
+    up = str(tiny_sft[3])
+    (tmp_path / "pairs").mkdir()
+    pairs = _pairs_dir(cfg, up, tmp_path / "pairs")
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (tmp_path / "up").symlink_to(up)
+    (tmp_path / "up-pairs").symlink_to(pairs)
+    overrides = [f"paths.artifacts={cfg.paths.artifacts}", *_fast_overrides(), *settings]
+    _killed("dpo", 5, str(tmp_path / "up"), killed, overrides)
+    assert sorted(p.name for p in (killed / "trainer").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    with caplog.at_level(logging.INFO, logger="looper.training"):
+        dpo.build(cfg, {"sft": up, "preferences": pairs}, killed)
+    assert "dpo: resuming from" in caplog.text and "checkpoint-4 (step 4)" in caplog.text
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    dpo.build(cfg, {"sft": up, "preferences": pairs}, whole)
+    assert _same(_weights(killed), _weights(whole)) == 0.0
+
+
+def _fast_overrides() -> list[str]:
+    from tests.conftest import FAST
+
+    return list(FAST)
+
+
+def test_a_dpo_eval_split_holds_out_whole_questions(fast_cfg, tiny_sft, tmp_path):
+    rows = [{"question_id": q, "i": i} for q in range(10) for i in range(2)]
+    train, held = dpo.split_pairs(rows, 0.3, seed=0)
+    assert len(held) == 6 and {r["question_id"] for r in train}.isdisjoint({r["question_id"] for r in held})
+    assert dpo.split_pairs(rows, 0.3, seed=0) == (train, held) and dpo.split_pairs(rows, 0.0, 0) == (rows, [])
+    cfg = fast_cfg("dpo.eval_fraction=0.25", "dpo.eval_steps=1", "dpo.max_steps=2")
+    pairs = _pairs_dir(cfg, str(tiny_sft[3]), tmp_path)
+    lines = (pairs / "pairs.jsonl").read_text().splitlines()
+    (pairs / "pairs.jsonl").write_text(
+        "".join(json.dumps({**json.loads(line), "question_id": i}) + "\n" for i, line in enumerate(lines))
+    )
+    trainer = dpo.make_trainer(cfg, tiny_sft[3], pairs, tmp_path)
+    assert (len(trainer.train_dataset), len(trainer.eval_dataset)) == (6, 2)
+    trainer.train()
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert len(evals) == 2 and all(torch.isfinite(torch.tensor(e["eval_loss"])) for e in evals)
+    assert "eval_rewards/margins" in evals[0]
