@@ -255,43 +255,53 @@ class ArtifactStore:
         return self.root / stage / artifact_key(spec)
 
     def ensure(
-        self, stage: str, spec: dict, build: Callable[[Path], None], resumable: bool = False, collective: bool = False
+        self,
+        stage: str,
+        spec: dict,
+        build: Callable[[Path], None],
+        resumable: bool = False,
+        collective: bool = False,
+        what: str = "",
     ) -> Path:
         """Return the complete artifact for `spec`, calling `build(partial_dir)` first if there is none.
 
         `resumable`: keep a `.partial` directory left by a crash. `collective`: under several processes every rank
-        calls `build` (trainers, the sharded rollout); otherwise rank 0 builds while the others wait."""
+        calls `build` (trainers, the sharded rollout); otherwise rank 0 builds while the others wait. `what` names the
+        artifact in the log (model, target, dataset), beside its key."""
         final = self.path(stage, spec)
+        label = f"{stage} {what}" if what else stage
         if final in self._resolved:
             return final
         if is_complete(final):
             verify(final, stage, self.full_verify)
-            log.info("%s: reusing %s", stage, final)
+            log.info("%s: reusing %s", label, final)
             self._record(stage, final, "reused")
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
         if distributed.world_size() > 1:
-            return self._build_together(stage, spec, final, build, resumable, collective)
+            return self._build_together(stage, label, spec, final, build, resumable, collective)
         with self._lock(final):
             if is_complete(final):  # another process built it while we waited
                 verify(final, stage, self.full_verify)
-                log.info("%s: reusing %s (built by another job)", stage, final)
+                log.info("%s: reusing %s (built by another job)", label, final)
                 self._record(stage, final, "reused")
                 return final
             partial = _prepare(final, spec, resumable)
-            log.info("%s: building %s", stage, final)
+            log.info("%s: building %s", label, final)
             start = time.time()
             build(partial)
             _finalise(partial, final)
-        log.info("%s: done in %.1fs -> %s", stage, time.time() - start, final)
+        log.info("%s: done in %.1fs -> %s", label, time.time() - start, final)
         self._record(stage, final, "made")
         return final
 
-    def _build_together(self, stage: str, spec: dict, final: Path, build, resumable: bool, collective: bool) -> Path:
+    def _build_together(
+        self, stage: str, label: str, spec: dict, final: Path, build, resumable: bool, collective: bool
+    ) -> Path:
         partial = final.with_name(final.name + ".partial")
         if distributed.is_main_process():
             _prepare(final, spec, resumable)
-            log.info("%s: building %s on %d processes", stage, final, distributed.world_size())
+            log.info("%s: building %s on %d processes", label, final, distributed.world_size())
         distributed.barrier()
         if collective or distributed.is_main_process():
             build(partial)

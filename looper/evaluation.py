@@ -278,7 +278,12 @@ def evaluate(cfg: Config, store: ArtifactStore, target: str, path: str, dataset:
         "platinum_path": cfg.eval.platinum_path if dataset == "gsm8k_platinum" else None,
     }
     return store.ensure(
-        "eval", spec, lambda partial: _build(cfg, target, path, dataset, partial), resumable=True, collective=True
+        "eval",
+        spec,
+        lambda partial: _build(cfg, target, path, dataset, partial),
+        resumable=True,
+        collective=True,
+        what=f"{target} ({cfg.model.name}) on {dataset}",
     )
 
 

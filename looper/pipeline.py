@@ -46,6 +46,7 @@ class Pipeline:
                         stage.spec(self.cfg, up, self.store),
                         lambda out: stage.build(self.cfg, up, out),
                         **stage.ENSURE,
+                        what=f"({self.cfg.model.name})",
                     )
                 )
         return Path(self.resolved[name]) if name != "base" else self.resolved[name]

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 # the common trainer arguments the SFT and DPO sections name and document (looper/config/stages.py)
 NAMED = ("weight_decay", "lr_scheduler_type", "optim", "max_grad_norm", "use_liger_kernel")
 # looper's own: the pass-through may not set them (the schema's keys or looper's mechanics decide them)
+# transformers' new names for arguments looper sets, used where the installed release has them (the old ones warn)
+RENAMED = {"gradient_checkpointing": "activation_checkpointing"}
 RESERVED = ("output_dir", "report_to", "save_strategy", "save_steps", "save_total_limit", "resume_from_checkpoint")
 
 
@@ -43,6 +45,8 @@ def trainer_arguments(section: Any, name: str, args_class: Any, looper_sets: dic
     """TRL's `args_class` built from what the stage sets (`looper_sets`), the section's named keys, its checkpoint
     settings and its pass-through (`<name>.trainer`), after `check_passthrough`."""
     check_passthrough(section, name, args_class, tuple(looper_sets))
+    known = {f.name for f in dataclasses.fields(args_class)}
+    looper_sets = {RENAMED.get(k, k) if RENAMED.get(k) in known else k: v for k, v in looper_sets.items()}
     saving = (
         {"save_strategy": "steps", "save_steps": section.save_steps, "save_total_limit": section.save_total_limit}
         if section.save_steps

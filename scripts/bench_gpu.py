@@ -642,7 +642,7 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     from looper.config import register_configs
 
     register_configs()
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = Path(__file__).resolve().parents[1] / "looper" / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         raw = compose(
             config_name="config",

@@ -28,7 +28,9 @@ from looper.engine.kernels import attention  # noqa: E402
 
 def main(overrides: list[str], n: int = 64) -> None:
     register_configs()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(
+        config_dir=str(Path(__file__).resolve().parents[1] / "looper" / "conf"), version_base="1.3"
+    ):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=["logger=none", *overrides]))
     target = pipeline.artifact(cfg, ArtifactStore(Path(cfg.paths.artifacts)), "sft")
     model, tokenizer = models.load_target(str(target), cfg.model)

@@ -14,26 +14,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 from looper.config import Config, load, register_configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = ROOT / "looper" / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-# A tiny pipeline that runs in seconds: it exercises every mechanism, not the demo's accuracy.
-FAST = [
-    "model.tiny.pretrain_steps=400",
-    "model.tiny.corpus_size=4000",
-    "data.max_steps=1",
-    "data.synthetic_train=300",
-    "data.synthetic_dev=20",
-    "data.synthetic_test=24",
-    "sft.max_steps=150",
-    "sft.logging_steps=50",
-    "rollout.num_questions=16",
-    "arms.plain.temperature=0.7",
-    "dpo.max_steps=3",
-    "dpo.logging_steps=1",
-    "eval.num_questions=16",
-    "logger=none",
-]
+# A tiny pipeline that runs in seconds (looper/conf/debug/fast.yaml): it exercises every mechanism, not the demo's
+# accuracy. The arm temperature is the `single` arm-set's (tests that pick another arm-set leave it out).
+FAST = ["debug=fast", "arms.plain.temperature=0.7"]
 
 register_configs()
 

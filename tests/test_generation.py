@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -400,11 +401,14 @@ def test_the_hf_backend_gives_the_paged_engines_greedy_outputs_in_float32(tiny_s
     model, tokenizer = models.load_target(str(sft_dir), dataclasses.replace(cfg.model, dtype="float32"))
     prompts = _prompts(cfg, tokenizer, n=10)
     requests = [engine.Request(p, 4 + 6 * k) for k, p in enumerate(prompts)]  # rows end at their own limits
-    paged, paged_stats = PagedGenerator(model, tokenizer, batch_size=4).generate(requests)
     finished = []
-    hf, hf_stats = HFGenerator(model, tokenizer, batch_size=4).generate(
-        requests, on_result=lambda i, g: finished.append(i)
-    )
+    with warnings.catch_warnings(record=True) as caught:  # looper's own calls use the current transformers names
+        warnings.simplefilter("always")
+        paged, paged_stats = PagedGenerator(model, tokenizer, batch_size=4).generate(requests)
+        hf, hf_stats = HFGenerator(model, tokenizer, batch_size=4).generate(
+            requests, on_result=lambda i, g: finished.append(i)
+        )
+    assert [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))] == []
     assert [(g.text, g.num_tokens, g.finish_reason) for g in hf] == [
         (g.text, g.num_tokens, g.finish_reason) for g in paged
     ]

@@ -121,7 +121,7 @@ def test_every_path_the_docs_name_exists():
             if "looper/" in block:
                 named |= set(re.findall(r"(?<![\w./<-])([\w-]+(?:\.py|\.md|\.sh|/))(?=[\s,]|$)", block, re.M))
         for name in sorted(named):
-            if "<" in name or name.startswith(("outputs/", "multirun/")):
+            if "<" in name or name.startswith("outputs/"):
                 continue  # (run outputs and placeholders)
             candidates = [doc.parent / name, ROOT / name]
             if not any(c.exists() for c in candidates) and not list(ROOT.glob(f"**/{name.rstrip('/')}")):

@@ -20,7 +20,7 @@ def _records(job_dir: Path) -> list[dict]:
 def grid(artifacts, tiny_sft, tmp_path_factory):
     """A 2 x 2 x 2 sweep of the fast tiny setup over a fresh SFT key (so its rollout is made inside the sweep)."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
-    fast = [o for o in FAST if o != "logger=none"]
+    fast = [*FAST, "logger=wandb"]
     result = looper_cli(
         "-m",
         f"paths.artifacts={artifacts}",
@@ -82,14 +82,15 @@ def test_the_sweep_report_writes_a_table_and_heatmaps(grid):
     assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()] == [
         f"| {rank}" for rank in range(1, 9)
     ] and "% [" in table
-    assert sorted(p.name for p in grid.glob("heatmap_*.png")) == [
-        "heatmap_dpo.beta=0.05.png",
-        "heatmap_dpo.beta=0.2.png",
+    # alpha x beta heatmaps, one panel per dpo.beta on one scale (tests/test_report.py checks the figures)
+    assert sorted(p.name for p in grid.glob("heatmap_*")) == [
+        "heatmap_reward.alpha_reward.beta.png",
+        "heatmap_reward.alpha_reward.beta.svg",
     ]
 
 
 def test_rerunning_the_sweep_reuses_every_finished_artifact(grid, artifacts, tmp_path):
-    fast = [o for o in FAST if o != "logger=none"]
+    fast = [*FAST, "logger=wandb"]
     result = looper_cli(
         "-m",
         f"paths.artifacts={artifacts}",

@@ -195,3 +195,14 @@ def test_a_dpo_eval_split_holds_out_whole_questions(fast_cfg, tiny_sft, tmp_path
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     assert len(evals) == 2 and all(torch.isfinite(torch.tensor(e["eval_loss"])) for e in evals)
     assert "eval_rewards/margins" in evals[0]
+
+
+def test_looper_sets_the_trainers_arguments_without_deprecation_warnings(fast_cfg):
+    import warnings
+
+    cfg = fast_cfg()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _sft_args(cfg)
+        training.trainer_arguments(cfg.dpo, "dpo", DPOConfig, dpo.looper_arguments(cfg, ROOT))
+    assert [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))] == []

@@ -1,8 +1,9 @@
 """Typed schemas for every config group, registered in Hydra's ConfigStore.
 
-Hydra merges the YAML under `conf/` into these dataclasses, so an unknown key or a wrong type fails at start with the
-key's name. Value checks (ranges, known names) live in each class's `__post_init__`, which runs when `__main__`
-turns the composed config into objects with `OmegaConf.to_object`. Every field carries a one-line `help`.
+Hydra merges the YAML under `looper/conf/` into these dataclasses, so a wrong type fails at start with the key's name;
+`load` also refuses keys the schema does not declare (Hydra's `+key=value`). Value checks (ranges, known names) live in
+each class's `__post_init__`, which runs when `load` turns the composed config into objects. Every field carries a
+one-line `help`.
 
 Modules: `fields` (documented fields, identities, value checks), `model` (model, adapter, arms, reward), `stages` (the
 stage sections and generation), `root` (data, logging, paths, the root `Config`, the generated reference).

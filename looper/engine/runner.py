@@ -8,6 +8,7 @@ scheduler does) or hand out KV pages (the cache does).
 """
 
 import functools
+import inspect
 import logging
 import time
 from typing import Optional
@@ -37,6 +38,13 @@ class AttentionSwitch:
         self.model.set_attn_implementation(self.original)
 
 
+@functools.lru_cache(maxsize=None)
+def cache_keyword(model_class) -> str:
+    """The forward's name for the KV cache: `cache` in the transformers releases that renamed it (where the old
+    `past_key_values` warns that it goes in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def logits_at(model, cache, ids, positions, keep, **attention_args):
     """The model's logits at `keep` (a count from the end, or the positions) of `ids`, with `cache` as its KV cache
     and the `looper.engine.kernels.attention` arguments (`looper_packed` for a prefill, `looper_decode` for a decode
@@ -44,7 +52,7 @@ def logits_at(model, cache, ids, positions, keep, **attention_args):
     return model(
         input_ids=ids,
         position_ids=positions,
-        past_key_values=cache,
+        **{cache_keyword(type(model)): cache},
         use_cache=True,
         logits_to_keep=keep,
         **attention_args,
