@@ -10,11 +10,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from looper import config, credit, distributed, evaluation, preflight, throughput
+from looper import config, credit, distributed, evaluation, preflight
 from looper.artifacts import ArtifactStore
 from looper.config import Config, register_configs
-from looper.pipeline import STAGES, Pipeline
-from looper.tracking import keep_wandb_out, stage_run
+from looper.pipeline import Pipeline
+from looper.tracking import keep_wandb_out
 
 log = logging.getLogger("looper")
 register_configs()
@@ -43,23 +43,6 @@ def _param(cfg: Config, dotted: str):
     return value
 
 
-def log_reused(cfg: Config, store: ArtifactStore) -> None:
-    """One W&B run for each stage this job took from the cache, so that every job of a sweep shows every stage:
-    the artifact it used and that artifact's top-level statistics."""
-    for stage, path in store.reused:
-        if stage not in STAGES:
-            continue
-        stats = json.loads((path / "stats.json").read_text()) if (path / "stats.json").exists() else {}
-        with stage_run(cfg, stage) as tracker:
-            tracker.summary(
-                {
-                    f"{stage}/reused_artifact": str(path),
-                    **{f"{stage}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
-                    **throughput.metrics(stage, stats.get("generation", {})),
-                }
-            )
-
-
 def run(cfg: Config, run_dir: Path) -> Optional[float]:
     """Run `cfg.stage.name`. When eval runs, writes `summary.json` and returns the objective: the primary-scorer
     accuracy of the last of `eval.targets` on a dev split (`evaluation.objective_dataset`; what a sweep ranks by and
@@ -72,12 +55,8 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
         credit_png = Path(graph.resolved["preferences"]) / credit.PNG
         if credit_png.exists():  # (an artifact made before per-arm credit has none)
             shutil.copy(credit_png, run_dir / credit.PNG)
-    if results is None:
-        log_reused(cfg, store)
+    if results is None or not distributed.is_main_process():
         return None
-    if not distributed.is_main_process():
-        return None
-    log_reused(cfg, store)
     print((run_dir / "eval_table.md").read_text(), flush=True)  # the headline result, whatever the logging setup
     log.info("accuracy table (greedy, same held-out questions for every target): %s", run_dir / "eval_table.md")
     primary = f"acc_{cfg.eval.primary_scorer}"

@@ -237,6 +237,7 @@ class ArtifactStore:
         self.full_verify = verify == "full"
         self._resolved: set[Path] = set()  # artifacts already resolved by this process: no repeated checks/logs
         self.reused: list[tuple[str, Path]] = []  # (stage, artifact) this process found complete
+        self.made: list[Path] = []  # the artifacts this process built
 
     def identity(self, model: str, revision: Optional[str] = None) -> Any:
         """How a spec names a model, by content: relative to the cache when it is an artifact (its key already
@@ -325,6 +326,8 @@ class ArtifactStore:
         self._resolved.add(path)
         if status == "reused":
             self.reused.append((stage, path))
+        else:
+            self.made.append(path)
         if self.record_file is None or not distributed.is_main_process():
             return
         self.record_file.parent.mkdir(parents=True, exist_ok=True)

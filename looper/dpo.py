@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from looper import distributed, models
+from looper import distributed, models, tracking
 from looper.artifacts import PAIRS, read_jsonl
 from looper.config import Config, identity
-from looper.tracking import stage_run
 from looper.training import (
     drop_checkpoints,
     ensure_finite,
@@ -213,21 +212,21 @@ def _check_reference(cfg: Config, trainer) -> dict:
 
 
 def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
-    with stage_run(cfg, "dpo") as tracker:
-        trainer = make_trainer(cfg, sft_dir, pairs_dir, out, tracker.report_to)
-        measured = _check_reference(cfg, trainer)
-        check = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FirstStepCheck))
-        result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "dpo"))
-        ensure_finite("dpo", trainer, result.training_loss, "dpo.learning_rate")
-        margin = check.first.get("rewards/margins")
-        tracker.summary(
-            {
-                "dpo/train_loss": result.training_loss,
-                "dpo/first_step_margin": margin,
-                "dpo/reference_margin": measured["max_abs_margin"],
-                "dpo/reference_check_ok": measured["ok"],
-            }
-        )
+    tracker = tracking.current()  # the stage's W&B run (looper/pipeline.py opens it)
+    trainer = make_trainer(cfg, sft_dir, pairs_dir, out, tracker.report_to)
+    measured = _check_reference(cfg, trainer)
+    check = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FirstStepCheck))
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "dpo"))
+    ensure_finite("dpo", trainer, result.training_loss, "dpo.learning_rate")
+    margin = check.first.get("rewards/margins")
+    tracker.summary(
+        {
+            "dpo/train_loss": result.training_loss,
+            "dpo/first_step_margin": margin,
+            "dpo/reference_margin": measured["max_abs_margin"],
+            "dpo/reference_check_ok": measured["ok"],
+        }
+    )
     if distributed.is_main_process():
         drop_checkpoints(out / "trainer")
         record = {**measured, "first_step_train_mode": check.first}

@@ -88,6 +88,35 @@ def _paired(a: list[dict], b: list[dict], scorer: str) -> tuple[list, list]:
     return [convert(first[key]) for key in common], [convert(second[key]) for key in common]
 
 
+def deltas(results: list[dict], records: dict, scorers: list[str]) -> list[dict]:
+    """Every pair of targets evaluated on the same dataset (A before B in eval.targets' order), per scorer: the paired
+    delta B - A over the questions both answered, its bootstrap 95% interval, the discordant counts and the exact
+    McNemar p-value (None for sampled answers, where verdicts are shares)."""
+    found = []
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        rows = [r for r in results if r["dataset"] == dataset]
+        for first, second in combinations(rows, 2):
+            for scorer in scorers:
+                a, b = _paired(records[(dataset, first["target"])], records[(dataset, second["target"])], scorer)
+                low, high = paired_bootstrap(a, b)
+                found.append(
+                    {
+                        "dataset": dataset,
+                        "a": first["target"],
+                        "b": second["target"],
+                        "scorer": scorer,
+                        "n": len(a),
+                        "delta": (sum(b) - sum(a)) / max(len(a), 1),
+                        "low": low,
+                        "high": high,
+                        "only_a": sum(x > y for x, y in zip(a, b)),
+                        "only_b": sum(y > x for x, y in zip(a, b)),
+                        "p": mcnemar_exact(a, b) if all(isinstance(x, bool) for x in a + b) else None,
+                    }
+                )
+    return found
+
+
 def report(results: list[dict], records: dict, scorers: list[str], primary: str) -> str:
     """report.md: accuracy with intervals, accuracy by cleaning_status, paired deltas with p-values."""
     out = [
@@ -139,19 +168,12 @@ def report(results: list[dict], records: dict, scorers: list[str], primary: str)
                 "| A → B | scorer | n | delta | bootstrap 95% | only A right | only B right | McNemar p |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- |",
             ]
-            for first, second in combinations(rows, 2):
-                for scorer in ordered:
-                    a, b = _paired(records[(dataset, first["target"])], records[(dataset, second["target"])], scorer)
-                    low, high = paired_bootstrap(a, b)
-                    delta = (sum(b) - sum(a)) / max(len(a), 1)
-                    only_a = sum(x > y for x, y in zip(a, b))
-                    only_b = sum(y > x for x, y in zip(a, b))
-                    exact = f"{mcnemar_exact(a, b):.3g}" if all(isinstance(x, bool) for x in a + b) else "—"
-                    out.append(
-                        f"| {first['target']} → {second['target']} | {scorer} | {len(a)} | "
-                        f"{100 * delta:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {only_a} | {only_b} | "
-                        f"{exact} |"
-                    )
+            for d in deltas(rows, records, ordered):
+                exact = f"{d['p']:.3g}" if d["p"] is not None else "—"
+                out.append(
+                    f"| {d['a']} → {d['b']} | {d['scorer']} | {d['n']} | {100 * d['delta']:+.1f} | "
+                    f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] | {d['only_a']} | {d['only_b']} | {exact} |"
+                )
         out.append("")
     return "\n".join(out)
 

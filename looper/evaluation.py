@@ -22,13 +22,12 @@ import random
 from pathlib import Path
 from typing import Callable, Optional
 
-from looper import distributed, engine, eval_report, models, throughput
+from looper import distributed, engine, eval_dashboard, eval_report, models, throughput, tracking
 from looper.answers import completion_flags, extract, is_correct, math_verify_available
 from looper.artifacts import PREDICTIONS, ArtifactStore, read_jsonl, recover_jsonl
 from looper.config import Config, DataConfig, ModelConfig, identity
 from looper.data import gold_from_solution, gsm8k_splits, load_splits, read_gsm8k_jsonl
 from looper.engine.sampling import row_seed
-from looper.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +172,17 @@ def _decode_shard(
     if not todo:
         return
     model, tokenizer = load()
+    tracker, total, every = tracking.current(), len(problems) * samples, max(1, len(todo) // 20)
     with open(shard, "a") as handle:
 
         def write(index: int, output) -> None:  # as each answer finishes: a crash loses only unfinished questions
             problem, sample = todo[index]
+            written.append(index)
+            if len(written) % every == 0 or len(written) == len(todo):  # live progress, about 20 points a cell
+                answered = len(done) + len(written)
+                tracker.log(
+                    {f"eval/{dataset}/{target}/progress/answers": answered, "eval/progress/share": answered / total}
+                )
             handle.write(
                 json.dumps(
                     scored(
@@ -193,6 +199,7 @@ def _decode_shard(
             )
             handle.flush()
 
+        written: list[int] = []
         prompts = {p["id"]: prompt_for(cfg, tokenizer, p, pool) for p in problems}
         sampled = cfg.eval.temperature > 0
         requests = [
@@ -308,36 +315,28 @@ def run(
     selected_on = objective_dataset(cfg)
     if selected_on not in cfg.eval.datasets:
         cells.append((selected_on, cfg.eval.targets[-1]))
-    results = []
-    for dataset, target in cells:
-        artifact = evaluate(cfg, store, target, target_path(target), dataset)
-        summary = json.loads((artifact / "summary.json").read_text())
-        results.append({**summary, "target": target, "artifact": str(artifact)})
-        throughput.report_truncation(
-            f"eval {target} on {dataset}",
-            summary.get("truncated"),
-            "eval.max_new_tokens",
-            cfg.model.reasoning == "think",
-        )
-    if not distributed.is_main_process():
-        return results
-    scorers = active_scorers(cfg)
-    records = {(r["dataset"], r["target"]): read_predictions(Path(r["artifact"])) for r in results}
-    if run_dir is not None:
-        eval_report.write(run_dir, results, records, scorers, cfg.eval.primary_scorer)
-    with stage_run(cfg, "eval") as tracker:
-        tracker.summary({f"eval/{r['dataset']}/{r['target']}/acc_{k}": r[f"acc_{k}"] for r in results for k in scorers})
-        tracker.summary(
-            {
-                f"eval/{r['dataset']}/{r['target']}/{key}": r[key]
-                for r in results
-                for key in ("truncated", "think_closed")
-                if key in r
-            }
-        )
-        for r in results:  # (an artifact made before these figures were kept has none)
-            tracker.summary(throughput.metrics(f"eval/{r['dataset']}/{r['target']}", r.get("generation", {})))
-        for (dataset, target), rows in records.items():
-            wrong_first = sorted(rows, key=lambda r: r[f"correct_{cfg.eval.primary_scorer}"])[:200]
-            tracker.table(f"eval/{dataset}/{target}/examples", wrong_first)
+    paths = {target: target_path(target) for target in cfg.eval.targets}  # built (in their own runs) first
+    with tracking.stage_run(cfg, "eval") as tracker:
+        for target, path in paths.items():  # the models evaluated, as the run's inputs
+            if Path(path).is_dir():
+                tracker.used(target if target in ("base", "sft", "dpo") else "model", Path(path))
+        results = []
+        for dataset, target in cells:
+            artifact = evaluate(cfg, store, target, paths[target], dataset)
+            (tracker.produced if artifact in store.made else tracker.used)("eval", artifact)
+            summary = json.loads((artifact / "summary.json").read_text())
+            results.append({**summary, "target": target, "artifact": str(artifact)})
+            throughput.report_truncation(
+                f"eval {target} on {dataset}",
+                summary.get("truncated"),
+                "eval.max_new_tokens",
+                cfg.model.reasoning == "think",
+            )
+        if not distributed.is_main_process():
+            return results
+        scorers = active_scorers(cfg)
+        records = {(r["dataset"], r["target"]): read_predictions(Path(r["artifact"])) for r in results}
+        if run_dir is not None:
+            eval_report.write(run_dir, results, records, scorers, cfg.eval.primary_scorer)
+        eval_dashboard.log(tracker, results, records, scorers, cfg.eval.primary_scorer, run_dir)
     return results

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from looper import dpo, evaluation, export, models, preferences, rollout, sft
+from looper import dpo, evaluation, export, models, preferences, rollout, sft, throughput, tracking
 from looper.artifacts import ArtifactStore
 from looper.config import Config
 
@@ -37,19 +37,39 @@ class Pipeline:
             else:
                 stage = STAGES[name]
                 needs = stage.NEEDS(self.cfg) if callable(stage.NEEDS) else stage.NEEDS
-                up = {need: self.artifact(need) for need in needs}
+                up = {need: self.artifact(need) for need in needs}  # (their runs finish before this one opens)
                 if name == "export":  # its model card reports the source's evaluations (cached like any other)
                     up["evaluations"] = self.evaluations(self.cfg.export.source)
-                self.resolved[name] = str(
-                    self.store.ensure(
+                with tracking.stage_run(self.cfg, name) as tracker:  # open while the stage works: live curves
+                    path = self.store.ensure(
                         name,
                         stage.spec(self.cfg, up, self.store),
                         lambda out: stage.build(self.cfg, up, out),
                         **stage.ENSURE,
                         what=f"({self.cfg.model.name})",
                     )
-                )
+                    self._lineage(tracker, name, path, {need: up[need] for need in needs})
+                self.resolved[name] = str(path)
         return Path(self.resolved[name]) if name != "base" else self.resolved[name]
+
+    def _lineage(self, tracker, name: str, path: Path, up: dict) -> None:
+        """The stage's W&B artifact and its inputs: the run uses its upstream artifacts and logs the one it made, or
+        uses the cached one it reused (and shows that artifact's top-level statistics)."""
+        for need, upstream in up.items():
+            if need != "base" or Path(upstream).is_dir():  # (a hub id is not a local artifact)
+                tracker.used(need, Path(upstream))
+        if path in self.store.made:
+            tracker.produced(name, path)
+            return
+        tracker.used(name, path)
+        stats = json.loads((path / "stats.json").read_text()) if (path / "stats.json").exists() else {}
+        tracker.summary(
+            {
+                f"{name}/reused_artifact": str(path),
+                **{f"{name}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
+                **throughput.metrics(name, stats.get("generation", {})),
+            }
+        )
 
     def evaluations(self, target: str) -> list[dict]:
         """The summaries of `target` evaluated on each of `eval.datasets`."""

@@ -20,11 +20,10 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from looper import credit, models
+from looper import credit, models, tracking
 from looper.artifacts import PAIRS, TRAJECTORIES, read_jsonl
 from looper.coherence import group_by_question, reward_of, weighted
 from looper.config import Config, PreferencesConfig, RewardConfig, identity
-from looper.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +121,19 @@ def pair_stats(pairs: list[dict], unpaired: dict, questions: int) -> dict:
     }
 
 
+PAIR_ROWS = 500  # pairs shown in the W&B table
+
+
+def pair_row(pair: dict) -> dict:
+    """A pair as one flat table row: question, type, both texts, both arms, rewards and components."""
+    row = {"question_id": pair["question_id"], "question": pair["question"], "pair_type": pair["pair_type"]}
+    for side in ("chosen", "rejected"):
+        components = pair[f"{side}_components"]
+        row |= {f"{side}_arm": components.get("arm"), side: pair[side], f"{side}_reward": pair[f"{side}_reward"]}
+        row |= {f"{side}_{k}": v for k, v in components.items() if k != "arm"}
+    return row
+
+
 def _build(cfg: Config, rollout_dir: Path, sft_dir: Path, out: Path) -> None:
     tokenizer = models.load_tokenizer(str(sft_dir), cfg.model)
     trajectories = read_jsonl(rollout_dir / TRAJECTORIES)
@@ -134,16 +146,17 @@ def _build(cfg: Config, rollout_dir: Path, sft_dir: Path, out: Path) -> None:
     stats["arm_credit"] = credit.arm_credit(trajectories, pairs, cfg.reward)
     png = credit.plot(stats["arm_credit"], out / credit.PNG)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    with stage_run(cfg, "preferences") as tracker:
-        tracker.summary(
-            {
-                "preferences/pairs": stats["pairs"],
-                **{f"preferences/pairs_{k}": v for k, v in stats["pairs_by_type"].items()},
-                **{f"preferences/unpaired_{k}": v for k, v in unpaired.items()},
-                **{f"preferences/reward_gap_{k}": v for k, v in (stats["reward_gap"] or {}).items()},
-            }
-        )
-        credit.log(tracker, stats["arm_credit"], png)
+    tracker = tracking.current()  # the stage's W&B run (looper/pipeline.py opens it)
+    tracker.summary(
+        {
+            "preferences/pairs": stats["pairs"],
+            **{f"preferences/pairs_{k}": v for k, v in stats["pairs_by_type"].items()},
+            **{f"preferences/unpaired_{k}": v for k, v in unpaired.items()},
+            **{f"preferences/reward_gap_{k}": v for k, v in (stats["reward_gap"] or {}).items()},
+        }
+    )
+    credit.log(tracker, stats["arm_credit"], png)
+    tracker.table("preferences/pairs", [pair_row(pair) for pair in pairs[:PAIR_ROWS]])
     log.info(
         "preferences: %d pairs %s; questions without a pair: %s", len(pairs), stats["pairs_by_type"], unpaired or "none"
     )

@@ -247,12 +247,49 @@ def _pyplot():
     return plt
 
 
+def log_to_wandb(sweep_dir: Path, jobs: list[dict], written: list[Path]) -> None:
+    """One W&B run (job_type `report`) in the sweep's group, with the figures, their SVGs, sweep.md and the jobs as a
+    typed table; project, entity and mode as the jobs logged (their `wandb_runs.jsonl`, `.hydra/config.yaml`)."""
+    import wandb
+    from omegaconf import OmegaConf
+
+    from looper.tracking import Tracker
+
+    first = sweep_dir / jobs[0]["job"]
+    runs = (
+        [json.loads(line) for line in (first / "wandb_runs.jsonl").read_text().splitlines()]
+        if (first / "wandb_runs.jsonl").exists()
+        else []
+    )
+    logger = OmegaConf.load(first / ".hydra" / "config.yaml").logger
+    run = wandb.init(
+        project=logger.project,
+        entity=logger.entity,
+        group=runs[0]["group"] if runs else sweep_dir.name,
+        mode=runs[0]["mode"] if runs else "offline",
+        job_type="report",
+        name=f"report:{sweep_dir.name}",
+        dir=str(sweep_dir),
+        settings=wandb.Settings(silent=True),
+    )
+    tracker = Tracker(run)
+    for path in written:
+        if path.suffix == ".png":
+            tracker.image(f"sweep/{path.stem}", path)
+        tracker.file(path)
+    tracker.file(sweep_dir / "sweep.md")
+    tracker.table("sweep/jobs", [{"job": j["job"], **j["params"], **j["metrics"]} for j in jobs])
+    run.finish()
+    print(f"logged the report to W&B run {run.name} (group {run.group}) -> {run.dir}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m looper.report", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory (outputs/sweeps/<date>/<time>)")
     parser.add_argument("--dataset", help="eval dataset (default: each job's objective dataset)")
     parser.add_argument("--target", help="eval target (default: each job's objective target)")
     parser.add_argument("--scorer", help="answer scorer (default: each job's primary scorer)")
+    parser.add_argument("--wandb", action="store_true", help="also log the report to a W&B run in the sweep's group")
     args = parser.parse_args(argv)
     jobs = load_jobs(args.sweep_dir)
     if not jobs:
@@ -269,6 +306,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     written = figures(jobs, choice, args.sweep_dir)
     print(text)
     print(f"wrote {args.sweep_dir / 'sweep.csv'}, {args.sweep_dir / 'sweep.md'}", *(str(p) for p in written), sep="\n")
+    if args.wandb:
+        log_to_wandb(args.sweep_dir, jobs, written)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,12 @@ from typing import Optional
 from hydra.utils import instantiate
 from tqdm.auto import tqdm
 
-from looper import coherence, distributed, engine, models, throughput
+from looper import coherence, distributed, engine, models, throughput, tracking
 from looper.answers import completion_flags, extract, is_correct
 from looper.artifacts import TRAJECTORIES, read_jsonl, recover_jsonl
 from looper.config import ArmConfig, Config, identity
 from looper.data import load_splits
 from looper.engine.sampling import row_seed
-from looper.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +238,7 @@ def _sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], shard: Path)
     # drain at the end of a call (ever fewer rows a step) weighs little (measured in docs/performance.md). Records
     # are written per call, so a crash loses at most one call's work.
     questions_per_batch = max(1, cfg.rollout.batches_per_call * cfg.rollout.batch_size // per_question)
-    start = time.time()
+    start, tracker = time.time(), tracking.current()
     with open(shard, "a") as handle, tqdm(total=len(problems), initial=len(done), unit="q", desc="rollout") as bar:
         for first in range(0, len(todo), questions_per_batch):
             chunk = todo[first : first + questions_per_batch]
@@ -269,6 +268,15 @@ def _sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], shard: Path)
             elapsed = max(time.time() - start, 1e-9)
             bar.set_postfix(
                 q_per_s=f"{(bar.n - len(done)) / elapsed:.2f}", tok_per_s=f"{sampler.real_tokens / elapsed:.0f}"
+            )
+            accuracy = [r["correct"] for records in trajectories for r in records]
+            tracker.log(  # live progress of this process's shard (the W&B run is rank 0's)
+                {
+                    "rollout/progress/questions": bar.n,
+                    "rollout/progress/share": bar.n / len(problems),
+                    "rollout/progress/tokens_per_s": sampler.real_tokens / elapsed,
+                    "rollout/progress/accuracy": sum(accuracy) / max(len(accuracy), 1),
+                }
             )
 
 
@@ -368,8 +376,7 @@ def _build(cfg: Config, sft_dir: Path, out: Path) -> None:
         handle.write("".join(json.dumps(r) + "\n" for r in records))
     stats = {**arm_stats(records), "generation": throughput.summary(out)}
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    with stage_run(cfg, "rollout") as tracker:
-        _log(tracker, stats, records)
+    _log(tracking.current(), stats, records)
     log.info(
         "rollout: %d trajectories over %d questions (%d processes), accuracy %.3f",
         len(records),

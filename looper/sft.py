@@ -8,12 +8,11 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from looper import distributed, models
+from looper import distributed, models, tracking
 from looper.artifacts import ArtifactStore
 from looper.config import Config, identity
 from looper.data import load_splits
 from looper.engine.kernels import attention
-from looper.tracking import stage_run
 from looper.training import (
     drop_checkpoints,
     ensure_finite,
@@ -129,11 +128,11 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
 
 
 def _train(cfg: Config, base: str, out: Path) -> None:
-    with stage_run(cfg, "sft") as tracker:
-        trainer = make_trainer(cfg, base, out, tracker.report_to)
-        result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "sft"))
-        ensure_finite("sft", trainer, result.training_loss, "sft.learning_rate")
-        tracker.summary({"sft/train_loss": result.training_loss})
+    tracker = tracking.current()  # the stage's W&B run (looper/pipeline.py opens it)
+    trainer = make_trainer(cfg, base, out, tracker.report_to)
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "sft"))
+    ensure_finite("sft", trainer, result.training_loss, "sft.learning_rate")
+    tracker.summary({"sft/train_loss": result.training_loss})
     if trainer.model.config._attn_implementation == attention.TRAINING:  # a saved full model names its own
         trainer.model.set_attn_implementation("sdpa")
     trainer.save_model(str(out))  # on the main process only

@@ -52,7 +52,10 @@ def test_stage_dpo_produces_its_upstream_then_reuses_everything(artifacts, tiny_
     assert again.returncode == 0, again.stderr[-3000:]
     assert {r["status"] for r in _records(tmp_path / "b")} == {"reused"}
     log = again.stdout + again.stderr
-    assert "building" not in log and all(f"{s}: reusing" in log for s in ("sft", "rollout", "preferences", "dpo"))
+    assert "building" not in log and all(
+        f"{s} (tiny): reusing" in log for s in ("sft", "rollout", "preferences", "dpo")
+    )
+    assert (tmp_path / "b" / "looper.log").exists()  # named after the program, not __main__
 
 
 def test_changing_the_reward_reuses_the_rollout(artifacts, tiny_sft, tmp_path):
@@ -91,6 +94,9 @@ def test_a_sweep_shares_sft_and_rollout_and_logs_one_wandb_group(artifacts, tiny
     assert len(dpo_runs) == 2 and len({r["id"] for r in dpo_runs}) == 2
     assert {r["group"] for r in runs} == {tmp_path.name} and {r["mode"] for r in runs} == {"offline"}
     assert {r["name"] for r in dpo_runs} == {"dpo:dpo.beta=0.15", "dpo:dpo.beta=0.35"}
+    console = (result.stdout + result.stderr).splitlines()  # no W&B banners: one looper line per run says where
+    assert [line for line in console if line.startswith("wandb:") and "WARNING" not in line] == []
+    assert sum(": W&B run " in line for line in console) == len(runs)
 
 
 def test_a_malformed_data_line_stops_with_its_location_and_keeps_finished_artifacts(artifacts, tiny_sft, tmp_path):

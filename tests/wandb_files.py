@@ -1,0 +1,80 @@
+"""Read the records of an offline W&B run file (`run-<id>.wandb`) back, to check what a run logged.
+
+The file is W&B's LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version 1), then 32 KiB blocks of
+chunks, each with a 7-byte header (CRC-32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last) holding a
+serialized `wandb_internal_pb2.Record`.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+BLOCK = 32 * 1024
+HEADER = 7
+
+
+def records(path: Path) -> list:
+    """Every Record in the run file, in order."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    out, pending, offset = [], b"", HEADER
+    while offset + HEADER <= len(data):
+        space = BLOCK - offset % BLOCK
+        if space < HEADER:  # the block's tail is padding
+            offset += space
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
+        if length == 0 and kind == 0:  # zero padding
+            offset += space
+            continue
+        chunk = data[offset + HEADER : offset + HEADER + length]
+        offset += HEADER + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+            pending = b""
+    return out
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def _value(item):
+    """A summary or history item's value (JSON, or one of the typed fields newer clients write)."""
+    if item.value_json:
+        return json.loads(item.value_json)
+    kind = item.WhichOneof("value") if "value" in item.DESCRIPTOR.oneofs_by_name else None
+    if kind == "json":
+        return json.loads(item.json)
+    return None if kind in (None, "none") else getattr(item, kind)
+
+
+class Run:
+    """What one offline run logged: config, summary, history rows, artifacts logged and used, files kept."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.records = records(next(self.directory.glob("run-*.wandb")))
+        kinds = [r.WhichOneof("record_type") for r in self.records]
+        self.run = next(r.run for r, k in zip(self.records, kinds) if k == "run")
+        self.summary = {}
+        for r, k in zip(self.records, kinds):
+            if k == "summary":
+                self.summary |= {_key(item): _value(item) for item in r.summary.update}
+        self.history = [
+            {_key(item): _value(item) for item in r.history.item} for r, k in zip(self.records, kinds) if k == "history"
+        ]
+        artifacts = [r.artifact for r, k in zip(self.records, kinds) if k == "artifact"]
+        self.logged = [a for a in artifacts if not a.use_after_commit]
+        self.used = [a for a in artifacts if a.use_after_commit]
+        self.files = {str(p.relative_to(self.directory / "files")) for p in (self.directory / "files").rglob("*")}
+
+    def table(self, key: str) -> dict:
+        """The last logged W&B table under `key`, as its JSON file (columns, data)."""
+        path = [row[f"{key}/path"] for row in self.history if f"{key}/path" in row][-1]  # (items arrive flattened)
+        return json.loads((self.directory / "files" / path).read_text())
