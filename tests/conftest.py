@@ -92,7 +92,7 @@ def looper_cli(*args: str, cwd: Path = ROOT, timeout: int = 600):
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
     return subprocess.run(
         [sys.executable, "-m", "looper", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout

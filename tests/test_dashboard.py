@@ -1,6 +1,8 @@
 """The W&B dashboard, read back from the offline run files of the tiny pipeline (tests/wandb_files.py): what each
 stage's run holds, and the artifacts that tie the stages together."""
 
+import json
+
 import pytest
 
 from looper import __main__ as entry
@@ -11,6 +13,7 @@ from tests.wandb_files import Run
 def runs(fast_cfg, tiny_sft, tmp_path_factory):
     """{stage: Run} of one pipeline run with offline W&B; a rollout of its own makes the rollout, pairs, DPO and its
     evaluations here (the base and SFT come from the session's cache)."""
+    pytest.importorskip("wandb")
     run_dir = tmp_path_factory.mktemp("dashboard")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_DIR", str(run_dir))
@@ -100,3 +103,37 @@ def test_rollout_and_eval_log_progress_while_they_work(runs):
     assert rollout and rollout[-1] == 15
     shares = [row["eval/progress/share"] for row in runs["eval"].history if "eval/progress/share" in row]
     assert len(shares) > 4 and shares[-1] == 1.0
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_logger_quiet_turns_the_banners_off(fast_cfg, monkeypatch, tmp_path, quiet):
+    wandb = pytest.importorskip("wandb")
+    from looper import tracking
+
+    seen = {}
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")  # (tracking goes on without a run)
+
+    monkeypatch.setattr(wandb, "init", init)
+    with tracking.stage_run(fast_cfg("logger=wandb", "logger.mode=offline", f"logger.quiet={quiet}"), "sft"):
+        pass
+    assert (seen["settings"] is not None and seen["settings"].silent) is quiet
+
+
+def test_the_upload_limit_decides_what_is_copied_and_what_is_referenced(tmp_path):
+    pytest.importorskip("wandb")
+    from looper.tracking import _artifact
+
+    directory = tmp_path / "rollout" / "0123456789abcdef"
+    directory.mkdir(parents=True)
+    (directory / "stats.json").write_text(json.dumps({"questions": 3}))
+    (directory / "trajectories.jsonl").write_bytes(b"x" * 3 * 2**20)
+    small = _artifact("rollout", directory, upload_limit_mb=1)
+    entries = small.manifest.entries
+    assert entries["trajectories.jsonl"].ref and not entries["stats.json"].ref
+    assert small.name == "rollout-0123456789abcdef" and small.type == "rollout"
+    assert small.metadata["stats"] == {"questions": 3}
+    assert not _artifact("rollout", directory, upload_limit_mb=4).manifest.entries["trajectories.jsonl"].ref
+    assert _artifact("rollout", directory, upload_limit_mb=1).digest == small.digest  # what joins producer and user

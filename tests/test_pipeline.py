@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from looper import report
 from tests.conftest import FAST, looper_cli
 
 
@@ -94,6 +95,9 @@ def test_a_sweep_shares_sft_and_rollout_and_logs_one_wandb_group(artifacts, tiny
     assert len(dpo_runs) == 2 and len({r["id"] for r in dpo_runs}) == 2
     assert {r["group"] for r in runs} == {tmp_path.name} and {r["mode"] for r in runs} == {"offline"}
     assert {r["name"] for r in dpo_runs} == {"dpo:dpo.beta=0.15", "dpo:dpo.beta=0.35"}
+    report.main([str(tmp_path)])  # one swept key: a line plot, no heatmap
+    assert sorted(p.name for p in tmp_path.glob("sweep_*")) == ["sweep_dpo.beta.png", "sweep_dpo.beta.svg"]
+    assert not list(tmp_path.glob("heatmap_*"))
     console = (result.stdout + result.stderr).splitlines()  # no W&B banners: one looper line per run says where
     assert [line for line in console if line.startswith("wandb:") and "WARNING" not in line] == []
     assert sum(": W&B run " in line for line in console) == len(runs)

@@ -104,3 +104,21 @@ def test_a_grid_draws_heatmaps_on_one_colour_scale(tmp_path, monkeypatch):
     assert (scales[0][0], scales[0][1]) == (min(cells), max(cells)) == (50.0, 75.0)  # percent, not fractions
     svg = (tmp_path / "heatmap_reward.alpha_reward.beta.svg").read_text()
     assert "dpo.beta=0.05" in svg and "dpo.beta=0.2" in svg and "accuracy, %" in svg
+
+
+def test_the_report_logs_its_figures_to_the_sweeps_wandb_group(beta_sweep, monkeypatch):
+    pytest.importorskip("wandb")
+    from tests.wandb_files import Run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for job in beta_sweep.glob("[0-9]*"):
+        (job / ".hydra").mkdir()
+        (job / ".hydra" / "config.yaml").write_text("logger:\n  project: looper\n  entity: null\n")
+        (job / "wandb_runs.jsonl").write_text(json.dumps({"group": "sweep-x", "mode": "offline"}) + "\n")
+    report.main([str(beta_sweep), "--wandb"])
+    run = Run(next((beta_sweep / "wandb").glob("offline-run-*")))
+    assert (run.run.job_type, run.run.run_group) == ("report", "sweep-x")
+    assert {"sweep_dpo.beta.svg", "sweep_dpo.beta.png", "sweep.md"} <= run.files
+    assert any(f.startswith("media/images/sweep/sweep_dpo.beta") for f in run.files)
+    jobs = run.table("sweep/jobs")
+    assert len(jobs["data"]) == 6 and isinstance(jobs["data"][0][jobs["columns"].index("dpo.beta")], float)

@@ -35,6 +35,28 @@ def test_named_keys_and_the_passthrough_reach_trl(fast_cfg):
     assert (args.eval_strategy, args.eval_steps, args.label_smoothing) == ("steps", 2, 0.1)
 
 
+@pytest.mark.parametrize("section, args_class", [("sft", SFTConfig), ("dpo", DPOConfig)])
+def test_every_named_trainer_key_reaches_trl(fast_cfg, section, args_class):
+    values = {
+        "weight_decay": 0.05,
+        "lr_scheduler_type": "constant",
+        "optim": "adamw_torch",
+        "max_grad_norm": 0.5,
+        "use_liger_kernel": True,
+        "save_steps": 7,
+        "save_total_limit": 3,
+        "warmup_ratio": 0.2,
+        "logging_steps": 4,
+    }
+    cfg = fast_cfg(*(f"{section}.{k}={v}" for k, v in values.items()))
+    stage = {"sft": sft, "dpo": dpo}[section]
+    args = training.trainer_arguments(
+        getattr(cfg, section), section, args_class, stage.looper_arguments(cfg, ROOT / "unused")
+    )
+    found = {k: getattr(args, "warmup_steps" if k == "warmup_ratio" else k) for k in values}
+    assert found == values
+
+
 def test_a_trainer_key_changes_the_sft_artifact_key_and_a_logging_key_does_not(fast_cfg, artifacts):
     store = ArtifactStore(artifacts)
     key = lambda cfg: store.path("sft", sft.spec(cfg, {"base": "tiny"}, store)).name  # noqa: E731
@@ -113,7 +135,11 @@ else:
 
 
 def _killed(stage: str, kill_at: int, up: str, out, overrides: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+    }
     result = subprocess.run(
         [sys.executable, "-c", KILLED, stage, str(kill_at), up, str(out), *overrides],
         cwd=ROOT,

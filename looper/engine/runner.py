@@ -38,11 +38,17 @@ class AttentionSwitch:
         self.model.set_attn_implementation(self.original)
 
 
-@functools.lru_cache(maxsize=None)
+_CACHE_KEYWORD: dict = {}  # model class -> its forward's name for the KV cache (filled outside torch.compile)
+
+
 def cache_keyword(model_class) -> str:
     """The forward's name for the KV cache: `cache` in the transformers releases that renamed it (where the old
-    `past_key_values` warns that it goes in 5.40), `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+    `past_key_values` warns that it goes in 5.40), `past_key_values` before. Looked up once per class, by the runner,
+    so the compiled decode step only reads a dict."""
+    if model_class not in _CACHE_KEYWORD:
+        names = inspect.signature(model_class.forward).parameters
+        _CACHE_KEYWORD[model_class] = "cache" if "cache" in names else "past_key_values"
+    return _CACHE_KEYWORD[model_class]
 
 
 def logits_at(model, cache, ids, positions, keep, **attention_args):
@@ -52,7 +58,7 @@ def logits_at(model, cache, ids, positions, keep, **attention_args):
     return model(
         input_ids=ids,
         position_ids=positions,
-        **{cache_keyword(type(model)): cache},
+        **{_CACHE_KEYWORD.get(type(model)) or cache_keyword(type(model)): cache},
         use_cache=True,
         logits_to_keep=keep,
         **attention_args,
@@ -83,6 +89,7 @@ class ModelRunner:
     def __init__(self, model, cache: PagedCache, sampling_rows: bool, nucleus: bool, compile_decode: bool):
         self.model, self.cache, self.device = model, cache, model.device
         self.sampling, self.nucleus = sampling_rows, nucleus
+        cache_keyword(type(model))
         quantized = models.is_quantized(model)
         if compile_decode and quantized:  # bitsandbytes layers are neither captured nor compiled here
             log.warning("generation.compile: not for a quantized model; decoding uncompiled")
