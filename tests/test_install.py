@@ -60,8 +60,6 @@ def test_tab_completion_offers_groups_and_keys(installed, tmp_path):
     assert "stage=eval" in stage.stdout.split() and "stage=pipeline" in stage.stdout.split()
     key = _run(installed, "-sc", "query=bash", cwd=tmp_path, COMP_LINE="looper sft.weight", COMP_POINT="17")
     assert key.stdout.split() == ["sft.weight_decay="]
-    script = _run(installed, "-sc", "install=bash", cwd=tmp_path)
-    assert "complete" in script.stdout and "looper" in script.stdout
 
 
 @pytest.mark.slow

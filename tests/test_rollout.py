@@ -103,12 +103,13 @@ def test_a_scorer_plugs_in_through_config_alone(artifacts, tiny_sft, tmp_path):
 
 
 def test_a_rollout_killed_half_way_resumes_to_the_same_records(artifacts, tiny_sft, fast_cfg, tmp_path):
-    overrides = [*FAST, "rollout.num_questions=60", "rollout.batch_size=8", "reward.cf_samples=1"]
+    # 32 questions of 8 samples: two generate calls of 16 questions (batch 8, 16 batches a call); killed after the first
+    overrides = [*FAST, "rollout.num_questions=32", "rollout.batch_size=8", "reward.cf_samples=1"]
     reference = _build(fast_cfg(*overrides[len(FAST) :]), tiny_sft[3], tmp_path / "reference")
     killed_cache = cache_sharing_models(artifacts, tmp_path / "cache")
     args = [f"paths.artifacts={killed_cache}", *overrides, "stage=rollout"]
     kill_when_written(
-        [*args, f"hydra.run.dir={tmp_path / 'a'}"], "rollout/*.partial/trajectories.rank0.jsonl", 15 * 8, killed_cache
+        [*args, f"hydra.run.dir={tmp_path / 'a'}"], "rollout/*.partial/trajectories.rank0.jsonl", 8 * 8, killed_cache
     )
     result = looper_cli(*args, f"hydra.run.dir={tmp_path / 'b'}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -117,7 +118,7 @@ def test_a_rollout_killed_half_way_resumes_to_the_same_records(artifacts, tiny_s
         next(p for p in killed_cache.glob("rollout/*") if p.is_dir() and not p.name.endswith(".partial"))
     )
     keys = [(r["question_id"], r["arm"], r["sample"]) for r in resumed]
-    assert len(keys) == len(set(keys)) == 60 * 8
+    assert len(keys) == len(set(keys)) == 32 * 8
     assert resumed == reference
 
 

@@ -29,10 +29,25 @@ def _bench(tmp_path, *args) -> dict:
 
 @pytest.mark.slow
 def test_the_benchmark_reports_real_tokens_and_the_greedy_check(tmp_path):
-    report = _bench(tmp_path, "--sections", "rollout,eval", "--baseline", "--check-greedy", "--eval-shots", "2")
+    report = _bench(
+        tmp_path,
+        "--sections",
+        "prefill,step,rollout,eval",
+        "--rollout-arms",
+        "8",
+        "--baseline",
+        "--check-greedy",
+        "--eval-shots",
+        "2",
+    )
+    assert report["prefill"]["tokens"] > 0 and report["prefill"]["prompts"] == 16
+    step = report["step"]  # one decode step of the rollout batch
+    assert step["slots"] == 256 and step["ms"] > 0 and 150 < step["mean_context"] < 300
     rollout = report["rollout"]["looper"]
     assert rollout["real_tokens"] > 0 and rollout["sequences"] == 256
     assert rollout["rank0_stats"]["decode_steps"] > 0 and report["rollout"]["plain_generate"]["tokens_per_s"] > 0
+    # prompts in the 8 arms' templates share their prefixes
+    assert rollout["arms"] == 8 and rollout["rank0_stats"]["prefix_shared_tokens"] > 0
     assert report["eval"]["greedy_check"]["float32"]["looper_equal_plain"] == "8/8"
     # two solved examples before every eval question: their tokens are computed once per prefill
     evaluation = report["eval"]["looper"]
@@ -61,16 +76,6 @@ def test_the_greedy_check_compares_a_trained_model_with_plain_generate(artifacts
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("looper (sdpa) 24/24") == 2, result.stdout
-
-
-@pytest.mark.slow
-def test_the_benchmark_rolls_out_prompts_in_arm_templates_sharing_their_prefixes(tmp_path):
-    report = _bench(tmp_path, "--sections", "prefill,step,rollout", "--rollout-arms", "8")
-    assert report["prefill"]["tokens"] > 0 and report["prefill"]["prompts"] == 16
-    step = report["step"]  # one decode step of the rollout batch
-    assert step["slots"] == 256 and step["ms"] > 0 and 150 < step["mean_context"] < 300
-    rollout = report["rollout"]["looper"]
-    assert rollout["arms"] == 8 and rollout["rank0_stats"]["prefix_shared_tokens"] > 0
 
 
 @pytest.mark.slow

@@ -1,0 +1,93 @@
+"""`python -m looper`: compose the config, check it, and run the selected stage (producing missing upstreams first)."""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from looper import config, credit, distributed, evaluation, preflight
+from looper.artifacts import ArtifactStore
+from looper.config import Config, register_configs
+from looper.pipeline import Pipeline
+from looper.tracking import keep_wandb_out
+
+log = logging.getLogger("looper")
+register_configs()
+
+# the hyperparameters a sweep report tabulates, whatever was swept
+SWEPT = (
+    "reward.alpha",
+    "reward.beta",
+    "reward.length_penalty",
+    "reward.w_end",
+    "reward.w_path",
+    "reward.w_cf",
+    "dpo.beta",
+    "dpo.learning_rate",
+    "dpo.loss_type",
+    "preferences.strategy",
+    "preferences.margin",
+    "seed",
+)
+
+
+def _param(cfg: Config, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def run(cfg: Config, run_dir: Path) -> Optional[float]:
+    """Run `cfg.stage.name`. When eval runs, writes `summary.json` and returns the objective: the primary-scorer
+    accuracy of the last of `eval.targets` on a dev split (`evaluation.objective_dataset`; what a sweep ranks by and
+    an Optuna search maximises), never a test set unless `eval.select_on` asks for one."""
+    preflight.check(cfg)  # bad data, counts or limits stop the run here, before anything expensive starts
+    store = ArtifactStore(Path(cfg.paths.artifacts), run_dir / "artifacts.jsonl", cfg.paths.verify)
+    graph = Pipeline(cfg, store)
+    results = graph.run(cfg.stage.name, run_dir)
+    if "preferences" in graph.resolved and distributed.is_main_process():  # per-arm credit, beside the run's results
+        credit_png = Path(graph.resolved["preferences"]) / credit.PNG
+        if credit_png.exists():  # (an artifact made before per-arm credit has none)
+            shutil.copy(credit_png, run_dir / credit.PNG)
+    if results is None or not distributed.is_main_process():
+        return None
+    print((run_dir / "eval_table.md").read_text(), flush=True)  # the headline result, whatever the logging setup
+    log.info("accuracy table (greedy, same held-out questions for every target): %s", run_dir / "eval_table.md")
+    primary = f"acc_{cfg.eval.primary_scorer}"
+    selected_on = evaluation.objective_dataset(cfg)
+    objective = next(r for r in results if r["dataset"] == selected_on and r["target"] == cfg.eval.targets[-1])[primary]
+    summary = {
+        "model": cfg.model.name,
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "params": {key: _param(cfg, key) for key in SWEPT},
+        "primary_scorer": cfg.eval.primary_scorer,
+        "objective": {"dataset": selected_on, "target": cfg.eval.targets[-1], "value": objective},
+        "metrics": {
+            f"{r['dataset']}/{r['target']}/{k}": v for r in results for k, v in r.items() if k.startswith("acc_")
+        },
+        "counts": {
+            f"{r['dataset']}/{r['target']}": {k: v for k, v in r.items() if k == "n" or k.startswith("correct_")}
+            for r in results
+        },
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return objective
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(raw: DictConfig) -> Optional[float]:
+    cfg: Config = config.load(raw)  # unknown keys, then every schema's value checks
+    keep_wandb_out(cfg)
+    with distributed.claim_gpu(Path(cfg.paths.artifacts) / ".gpu_locks"):  # before anything starts CUDA
+        distributed.init()
+        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

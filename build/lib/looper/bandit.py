@@ -1,0 +1,207 @@
+"""Regime W as a bandit: each question's samples spent in rounds, each round's going to the arms that earn reward.
+
+With `rollout.allocation=thompson`, every question gets `rollout.budget` samples. Round 0 gives every arm its
+`rollout.floor`; the rest is split evenly over the remaining rounds. In round r > 0 each sample goes to the arm whose
+draw from its reward posterior is highest (Thompson sampling). Why Thompson rather than UCB: pooled statistics are the
+same for every question of a round, so UCB would send all of them to one arm, while Thompson spreads the round's
+samples in proportion to how likely each arm is to be best, and it stays seeded per question and round.
+
+- Posterior of an arm: Gaussian, mean = its mean reward so far, standard deviation = the pooled standard deviation of
+  all rewards over the square root of its count (`rollout.bandit_stats=pooled`: its rewards over all questions, the
+  arm's quality; `question`: the question's own rewards, with the pooled mean as one pseudo-observation).
+- Reward of a trajectory for the bandit: `reward.*` applied to components scored round by round, each round's new
+  trajectories together with the question's earlier ones, with `s_cf` left out (its continuations would be generated
+  once per round). The records themselves are scored once at the end with the full scorer, all of a question's
+  trajectories together, exactly as a uniform rollout's are.
+- Reproducible: a question's draws in round r are seeded by (run seed, question, round); a trajectory's seed by
+  (question, arm, its index among the arm's samples), as in a uniform rollout.
+- Resumable and the same under N processes: round r's records go to `rounds.rank<p>.jsonl`, written a question at a
+  time; every process finishes round r before any starts r + 1 (a barrier), and round r + 1's posteriors are computed
+  from every process's round files, in question order, so they do not depend on the number of processes or on a
+  restart. After a crash the complete (question, round) groups are kept and the rest is redone.
+
+Records carry `round` and `allocation` (`thompson`). Must never change a uniform rollout: `rollout.py` runs that.
+"""
+
+import dataclasses
+import json
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from looper import coherence, distributed
+from looper.artifacts import recover_jsonl
+from looper.config import Config
+from looper.engine.sampling import row_seed
+
+ROUNDS = "rounds.rank*.jsonl"
+
+
+def budget(cfg: Config) -> int:
+    """Samples per question."""
+    return cfg.rollout.budget or sum(arm.samples for arm in cfg.arms.values())
+
+
+def plan(cfg: Config) -> list[int]:
+    """Samples per question in each round: every arm's floor, then the rest as evenly as it divides."""
+    first = cfg.rollout.floor * len(cfg.arms)
+    rest, later = budget(cfg) - first, cfg.rollout.rounds - 1
+    return [first] + [rest // later + (1 if k < rest % later else 0) for k in range(later)]
+
+
+def provisional(cfg: Config) -> Config:
+    """The config a round scores with: `reward.cf_samples=0` (no continuations)."""
+    return dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, cf_samples=0))
+
+
+def posteriors(cfg: Config, records: list[dict], order: dict) -> tuple[dict, float]:
+    """({arm: (sum of rewards, count)}, pooled variance) of `records`, summed in question, arm and sample order (so
+    the floats do not depend on which process wrote what)."""
+    reward = provisional(cfg).reward
+    ranked = sorted(records, key=lambda r: (order[r["question_id"]], r["arm"], r["sample"]))
+    totals = {arm: [0.0, 0] for arm in cfg.arms}
+    rewards = []
+    for record in ranked:
+        value = coherence.reward_of(record, reward)
+        totals[record["arm"]][0] += value
+        totals[record["arm"]][1] += 1
+        rewards.append(value)
+    mean = sum(rewards) / len(rewards) if rewards else 0.0
+    variance = sum((v - mean) ** 2 for v in rewards) / max(len(rewards) - 1, 1)
+    return {arm: (s, n) for arm, (s, n) in totals.items()}, max(variance, 1e-4)
+
+
+def allocate(
+    cfg: Config, question_id: str, round_: int, count: int, pooled: dict, variance: float, own: dict
+) -> list[str]:
+    """The arms of a question's `count` samples in `round_` (> 0), by Thompson sampling."""
+    rng = random.Random(row_seed(cfg.seed, question_id, "allocation", round_))
+    spread = math.sqrt(variance)
+    beliefs = {}
+    for arm, (total, n) in pooled.items():
+        prior = total / n if n else 0.0
+        if cfg.rollout.bandit_stats == "question":
+            own_total, own_n = own.get(arm, (0.0, 0))
+            beliefs[arm] = ((prior + own_total) / (1 + own_n), 1 + own_n)
+        else:
+            beliefs[arm] = (prior, max(n, 1))
+    chosen = []
+    for _ in range(count):
+        draws = {arm: mean + spread / math.sqrt(n) * rng.gauss(0.0, 1.0) for arm, (mean, n) in beliefs.items()}
+        chosen.append(max(draws, key=lambda arm: (draws[arm], arm)))
+    return chosen
+
+
+def read_rounds(out: Path, pattern: str = ROUNDS) -> list[dict]:
+    """Every process's round records in `out`."""
+    return [json.loads(line) for path in sorted(out.glob(pattern)) for line in path.read_text().splitlines() if line]
+
+
+def complete_groups(path: Path, sizes: list[int]) -> list[dict]:
+    """The records of `path` whose (question, round) group is complete; a torn line or a partial group is dropped."""
+
+    def whole(records: list[dict]) -> list[dict]:
+        counts = defaultdict(int)
+        for r in records:
+            counts[r["question_id"], r["round"]] += 1
+        return [r for r in records if counts[r["question_id"], r["round"]] == sizes[r["round"]]]
+
+    return recover_jsonl(path, whole)
+
+
+def run_rounds(
+    cfg: Config, problems: list[dict], everything: list[dict], out: Path, sampler, scorer, sample, per_call: int
+) -> dict:
+    """Spend this process's questions' budgets round by round (`problems`: this process's; `everything`: all of the
+    rollout's, for the question order). `sample(chunk, arms, earlier, round_)` generates a chunk's trajectories
+    ({question id: [trajectory, ...]}; `arms`: each question's arm names this round; `earlier`: its records so far),
+    `per_call` questions at a time; `sampler()` gives the rollout's Sampler. Returns {question id: its trajectories of
+    every round}, without the provisional components."""
+    from looper.rollout import _score_question  # (the scorer protocol's one caller)
+
+    sizes, order = plan(cfg), {p["id"]: i for i, p in enumerate(everything)}
+    path = out / f"rounds.rank{distributed.rank()}.jsonl"
+    mine = defaultdict(list)
+    for record in complete_groups(path, sizes):
+        mine[record["question_id"]].append(record)
+    round_cfg = provisional(cfg)
+    for round_ in range(cfg.rollout.rounds):
+        todo = [p for p in problems if not any(r["round"] == round_ for r in mine[p["id"]])]
+        if todo:
+            pooled, variance = posteriors(cfg, [r for r in read_rounds(out) if r["round"] < round_], order)
+            arms = {}
+            for p in todo:
+                if round_ == 0:
+                    arms[p["id"]] = [name for name in cfg.arms for _ in range(cfg.rollout.floor)]
+                else:
+                    own, _ = posteriors(cfg, mine[p["id"]], order)
+                    arms[p["id"]] = allocate(cfg, p["id"], round_, sizes[round_], pooled, variance, own)
+            with open(path, "a") as handle:
+                for first in range(0, len(todo), per_call):
+                    chunk = todo[first : first + per_call]
+                    new = sample(chunk, arms, mine, round_)
+                    for problem in chunk:
+                        before = mine[problem["id"]]
+                        trajectories = before + new[problem["id"]]
+                        scored = _score_question(
+                            round_cfg, scorer, problem, trajectories, sampler().continuations(problem, trajectories)
+                        )
+                        fresh = scored[len(before) :]
+                        handle.write("".join(json.dumps(r) + "\n" for r in fresh))  # one write per question and round
+                        handle.flush()
+                        before.extend(fresh)
+        distributed.barrier()  # every process has finished this round before any reads it
+    components = set(coherence.COMPONENTS) | {"equations"}
+    return {p["id"]: [{k: v for k, v in r.items() if k not in components} for r in mine[p["id"]]] for p in problems}
+
+
+def sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], everything: list[dict], shard: Path) -> None:
+    """A bandit rollout of this process's `problems` into `shard`: the rounds, then every question's trajectories
+    scored together with the full scorer (resumable: questions already in the shard are kept)."""
+    import functools
+
+    from hydra.utils import instantiate
+
+    from looper import models, rollout
+
+    total = budget(cfg)
+    done = {r["question_id"] for r in rollout.read_complete(shard, total)}
+
+    @functools.cache
+    def sampler():  # (loaded once, and only when something is left to generate or score)
+        model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+        return rollout.Sampler(cfg, model, tokenizer, shard.parent / f"generation.rank{distributed.rank()}.jsonl")
+
+    def sample(chunk: list[dict], arms: dict, earlier: dict, round_: int) -> dict:
+        keys = []
+        for problem in chunk:
+            index = defaultdict(int, {a: sum(1 for r in earlier[problem["id"]] if r["arm"] == a) for a in cfg.arms})
+            for name in arms[problem["id"]]:
+                keys.append((problem, name, index[name], row_seed(cfg.seed, problem["id"], name, index[name])))
+                index[name] += 1
+        jobs = [(sampler().prompt(p["question"], cfg.arms[name]), cfg.arms[name], seed) for p, name, _, seed in keys]
+        outputs = sampler().run(jobs)
+        new = {}
+        for problem in chunk:
+            mine = [
+                ((name, cfg.arms[name], k, seed), out) for (p, name, k, seed), out in zip(keys, outputs) if p is problem
+            ]
+            new[problem["id"]] = [
+                {**t, "round": round_, "allocation": cfg.rollout.allocation}
+                for t in rollout._trajectories(cfg, problem, mine)
+            ]
+        return new
+
+    scorer = instantiate(cfg.reward.scorer, _partial_=True)
+    per_call = max(1, cfg.rollout.batches_per_call * cfg.rollout.batch_size // total)
+    trajectories = run_rounds(cfg, problems, everything, shard.parent, sampler, scorer, sample, per_call)
+    todo = [p for p in problems if p["id"] not in done]
+    with open(shard, "a") as handle:
+        for first in range(0, len(todo), per_call):
+            chunk = todo[first : first + per_call]
+            for records in rollout.score_together(
+                cfg, sampler(), scorer, chunk, [trajectories[p["id"]] for p in chunk]
+            ):
+                handle.write("".join(json.dumps(r) + "\n" for r in records))  # one write per question
+                handle.flush()

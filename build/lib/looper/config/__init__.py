@@ -1,0 +1,63 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Hydra merges the YAML under `looper/conf/` into these dataclasses, so a wrong type fails at start with the key's name;
+`load` also refuses keys the schema does not declare (Hydra's `+key=value`). Value checks (ranges, known names) live in
+each class's `__post_init__`, which runs when `load` turns the composed config into objects. Every field carries a
+one-line `help`.
+
+Modules: `fields` (documented fields, identities, value checks), `model` (model, adapter, arms, reward), `stages` (the
+stage sections and generation), `root` (data, logging, paths, the root `Config`, the generated reference).
+"""
+
+from looper.config.fields import EVAL_DATASETS, STAGES, doc, identity
+from looper.config.model import ArmConfig, LoraSettings, ModelConfig, RewardConfig, TinyModelConfig
+from looper.config.root import (
+    Config,
+    DataConfig,
+    LoggerConfig,
+    PathsConfig,
+    check_known,
+    iter_docs,
+    load,
+    reference_markdown,
+    register_configs,
+)
+from looper.config.stages import (
+    DPOConfig,
+    EvalConfig,
+    ExportConfig,
+    GenerationSettings,
+    PreferencesConfig,
+    RolloutConfig,
+    SFTConfig,
+    StageConfig,
+)
+
+__all__ = [
+    "ArmConfig",
+    "Config",
+    "DPOConfig",
+    "DataConfig",
+    "EVAL_DATASETS",
+    "EvalConfig",
+    "ExportConfig",
+    "GenerationSettings",
+    "LoggerConfig",
+    "LoraSettings",
+    "ModelConfig",
+    "PathsConfig",
+    "PreferencesConfig",
+    "RewardConfig",
+    "RolloutConfig",
+    "SFTConfig",
+    "STAGES",
+    "StageConfig",
+    "TinyModelConfig",
+    "doc",
+    "identity",
+    "check_known",
+    "iter_docs",
+    "load",
+    "reference_markdown",
+    "register_configs",
+]

@@ -1,0 +1,390 @@
+"""The schemas of the stages: what runs, SFT, rollouts, preferences, DPO, evaluation and the shared generation path."""
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from looper.answers import SCORERS
+from looper.config.fields import EVAL_DATASETS, STAGES, _check, _choice, _fraction, _positive, doc
+from looper.config.model import LoraSettings
+
+
+@dataclass
+class StageConfig:
+    name: str = doc(
+        "What runs: sft, rollout, preferences, dpo, eval, pipeline (all, then a table) or export (a standalone model).",
+        "pipeline",
+    )
+
+    def __post_init__(self):
+        _choice(self.name, "stage", STAGES)
+
+
+def _trainer_checks(section: Any, name: str) -> None:
+    """The checks the SFT and DPO sections share (TRL's own dataclass checks the pass-through: looper/training.py)."""
+    _check(section.weight_decay >= 0, f"{name}.weight_decay", f"must be >= 0, got {section.weight_decay}")
+    _positive(section.max_grad_norm, f"{name}.max_grad_norm")
+    _check(section.save_steps >= 0, f"{name}.save_steps", f"must be >= 0, got {section.save_steps}")
+    _positive(section.save_total_limit, f"{name}.save_total_limit")
+
+
+@dataclass
+class SFTConfig:
+    learning_rate: float = doc("Peak learning rate.", 2e-4)
+    epochs: float = doc("Passes over the training problems (ignored when max_steps > 0).", 3.0)
+    max_steps: int = doc("Optimizer steps; -1 means use `epochs`.", -1)
+    batch_size: int = doc("Sequences per device per step.", 8)
+    gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", 1)
+    max_length: int = doc("Tokens per prompt+completion; longer examples are left out (and counted in the log).", 1024)
+    padding_free: bool = doc(
+        "Concatenate each batch's sequences into one row without padding (position ids mark "
+        "the boundaries; sdpa, eager and flash_attention_2 all keep sequences apart; a model "
+        "loaded with sdpa trains through FlashAttention-2 varlen on a GPU). Same loss as padded "
+        "batches, no compute spent on padding.",
+        True,
+    )
+    warmup_ratio: float = doc("Share of steps with linear warmup.", 0.03)
+    gradient_checkpointing: bool = doc("Recompute activations in backward (less memory, ~30% slower).", False)
+    group_by_length: bool = doc(
+        "Batch sequences of similar length together: less padding, but batches of one "
+        "difficulty (faster, but on the tiny demo it cost accuracy).",
+        False,
+    )
+    num_examples: Optional[int] = doc("Use only the first N training problems (null: all).", None)
+    logging_steps: int = doc("Log the loss every N steps.", 10, identity=False)
+    weight_decay: float = doc("AdamW weight decay.", 0.0)
+    lr_scheduler_type: str = doc(
+        "Learning-rate schedule (transformers' SchedulerType: linear, cosine, constant, ...).", "cosine"
+    )
+    optim: str = doc(
+        "Optimizer (transformers' OptimizerNames: adamw_torch_fused, adamw_torch, adamw_8bit, ...).",
+        "adamw_torch_fused",
+    )
+    max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
+    use_liger_kernel: bool = doc("Liger's fused Triton kernels (needs `liger-kernel`; GPU).", False)
+    save_steps: int = doc(
+        "Save a checkpoint every N optimizer steps into the artifact's `.partial/trainer/`; a crashed or killed run "
+        "resumes from the last one. 0: no checkpoints. The finished artifact keeps the model only.",
+        200,
+        identity=False,
+    )
+    save_total_limit: int = doc("Checkpoints kept while training (the oldest are deleted).", 2, identity=False)
+    trainer: Dict[str, Any] = doc(
+        "Any other argument of TRL's `SFTConfig`, passed through as given (`+sft.trainer.<arg>=value`); checked "
+        "against TRL's dataclass at start, so a misspelt argument fails naming it.",
+        factory=dict,
+    )
+
+    def __post_init__(self):
+        for name in (
+            "learning_rate",
+            "epochs",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "max_length",
+            "num_examples",
+            "logging_steps",
+        ):
+            _positive(getattr(self, name), f"sft.{name}")
+        _check(self.learning_rate <= 1, "sft.learning_rate", f"must be at most 1, got {self.learning_rate}")
+        _check(self.max_steps == -1 or self.max_steps > 0, "sft.max_steps", "must be -1 or positive")
+        _fraction(self.warmup_ratio, "sft.warmup_ratio")
+        _trainer_checks(self, "sft")
+
+
+@dataclass
+class RolloutConfig:
+    num_questions: Optional[int] = doc("Training problems to roll out (the first N; null: all).", None)
+    batch_size: int = doc(
+        "Sequences decoding together (slots; their KV pages are handed out as rows grow).", 64, identity=False
+    )
+    batches_per_call: int = doc(
+        "Batches' worth of whole questions per generate call, the unit of resuming: more "
+        "means fewer drains (the slots empty at the end of a call) and more work redone after a "
+        "crash.",
+        16,
+        identity=False,
+    )
+    max_new_tokens: Optional[int] = doc("Generation limit (null: model.max_new_tokens).", None)
+    answer_scorer: str = doc("Scorer that decides `correct` (see looper.answers).", "strict")
+    scorer_timeout_s: float = doc(
+        "Seconds a question's coherence scorer may compute (waiting for continuations not "
+        "counted) before the run fails naming the question.",
+        600.0,
+        identity=False,
+    )
+    allocation: str = doc(
+        "How each question's samples are spread over the arms: `uniform` (every arm its `arms.<arm>.samples`) or "
+        "`thompson` (a bandit: `rollout.budget` samples a question, spent in `rollout.rounds` rounds, each round's "
+        "going where Thompson sampling on the arms' reward posteriors sends them; looper/bandit.py).",
+        "uniform",
+    )
+    budget: Optional[int] = doc("Samples per question under a bandit (null: the arms' samples, summed).", None)
+    rounds: int = doc("Rounds a bandit spends each question's budget in (the first gives every arm its floor).", 4)
+    floor: int = doc("Samples every arm gets per question in a bandit's first round, before it has data.", 1)
+    bandit_stats: str = doc(
+        "What a bandit's arm posteriors pool: `pooled` (each arm's rewards over all questions: the arm's quality) or "
+        "`question` (the question's own rewards, with the pooled mean as prior).",
+        "pooled",
+    )
+
+    def __post_init__(self):
+        _choice(self.allocation, "rollout.allocation", ("uniform", "thompson"))
+        _choice(self.bandit_stats, "rollout.bandit_stats", ("pooled", "question"))
+        _positive(self.budget, "rollout.budget")
+        _check(
+            self.rounds >= 2,
+            "rollout.rounds",
+            f"must be at least 2 (a floor round, then the bandit's), got {self.rounds}",
+        )
+        _check(self.floor >= 1, "rollout.floor", f"must be at least 1, got {self.floor}")
+        _positive(self.num_questions, "rollout.num_questions")
+        _positive(self.scorer_timeout_s, "rollout.scorer_timeout_s")
+        _positive(self.batch_size, "rollout.batch_size")
+        _positive(self.batches_per_call, "rollout.batches_per_call")
+        _positive(self.max_new_tokens, "rollout.max_new_tokens")
+        _choice(self.answer_scorer, "rollout.answer_scorer", SCORERS)
+
+
+@dataclass
+class PreferencesConfig:
+    strategy: str = doc(
+        "`correctness_first` (correct vs incorrect, then coherent vs incoherent among correct) or "
+        "`reward_extremes` (highest vs lowest reward).",
+        "correctness_first",
+    )
+    margin: float = doc(
+        "correctness_first: least s_wm gap of a coherence pair; reward_extremes: least reward gap.", 0.1
+    )
+    max_pairs_per_question: int = doc("At most this many pairs of each type per question.", 1)
+
+    def __post_init__(self):
+        _choice(self.strategy, "preferences.strategy", ("correctness_first", "reward_extremes"))
+        _check(self.margin >= 0, "preferences.margin", "must be >= 0")
+        _positive(self.max_pairs_per_question, "preferences.max_pairs_per_question")
+
+
+@dataclass
+class DPOConfig:
+    beta: float = doc("DPO temperature: how far the policy may move from the reference.", 0.1)
+    loss_type: str = doc("TRL loss name (sigmoid, ipo, hinge, robust, ...).", "sigmoid")
+    learning_rate: float = doc("Peak learning rate.", 5e-6)
+    epochs: float = doc("Passes over the pairs (ignored when max_steps > 0).", 1.0)
+    max_steps: int = doc("Optimizer steps; -1 means use `epochs`.", -1)
+    batch_size: int = doc("Pairs per device per step.", 4)
+    gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", 4)
+    max_length: int = doc("Tokens per prompt+completion; longer ones are truncated.", 1024)
+    precompute_ref_log_probs: bool = doc(
+        "Compute the reference log-probs once before training (no reference forward in each step).", True
+    )
+    gradient_checkpointing: bool = doc("Recompute activations in backward.", False)
+    logging_steps: int = doc("Log every N steps.", 10, identity=False)
+    reference_check: str = doc(
+        "Before training, the policy's and the reference's log-probs of the first batch are "
+        "compared with dropout off (they must agree: the policy starts as the reference); "
+        "`error` stops the stage when the implicit reward margin exceeds "
+        "dpo.reference_tolerance, `warn` logs it and trains on.",
+        "error",
+        identity=False,
+    )
+    reference_tolerance: float = doc(
+        "Largest |first-batch reward margin| the reference check accepts (numerical "
+        "noise of the model dtype; docs/performance.md has the measurement).",
+        1e-3,
+        identity=False,
+    )
+    warmup_ratio: float = doc("Share of steps with linear warmup.", 0.0)
+    weight_decay: float = doc("AdamW weight decay.", 0.0)
+    lr_scheduler_type: str = doc(
+        "Learning-rate schedule (transformers' SchedulerType: linear, cosine, constant, ...).", "linear"
+    )
+    optim: str = doc(
+        "Optimizer (transformers' OptimizerNames: adamw_torch_fused, adamw_torch, adamw_8bit, ...).",
+        "adamw_torch_fused",
+    )
+    max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
+    use_liger_kernel: bool = doc("Liger's fused Triton kernels (needs `liger-kernel`; GPU).", False)
+    save_steps: int = doc(
+        "Save a checkpoint every N optimizer steps into the artifact's `.partial/trainer/`; a crashed or killed run "
+        "resumes from the last one. 0: no checkpoints. The finished artifact keeps the model only.",
+        200,
+        identity=False,
+    )
+    save_total_limit: int = doc("Checkpoints kept while training (the oldest are deleted).", 2, identity=False)
+    trainer: Dict[str, Any] = doc(
+        "Any other argument of TRL's `DPOConfig`, passed through as given (`+dpo.trainer.<arg>=value`); checked "
+        "against TRL's dataclass at start, so a misspelt argument fails naming it.",
+        factory=dict,
+    )
+    eval_fraction: float = doc(
+        "Share of the questions whose pairs are held out as a DPO eval split (its loss and reward curves are logged "
+        "every dpo.eval_steps); 0: train on every pair.",
+        0.0,
+    )
+    eval_steps: Optional[int] = doc(
+        "Evaluate the held-out pairs every N steps (null: dpo.logging_steps).", None, identity=False
+    )
+    fresh_lora: LoraSettings = doc(
+        "The adapter DPO trains when SFT was full fine-tuning (`lora=none`).",
+        factory=lambda: LoraSettings(r=16, alpha=32, dropout=0.0),
+    )
+
+    def __post_init__(self):
+        for name in (
+            "beta",
+            "learning_rate",
+            "epochs",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "max_length",
+            "logging_steps",
+        ):
+            _positive(getattr(self, name), f"dpo.{name}")
+        _check(self.learning_rate <= 1, "dpo.learning_rate", f"must be at most 1, got {self.learning_rate}")
+        _check(self.max_steps == -1 or self.max_steps > 0, "dpo.max_steps", "must be -1 or positive")
+        _choice(self.reference_check, "dpo.reference_check", ("error", "warn"))
+        _check(self.reference_tolerance >= 0, "dpo.reference_tolerance", "must be >= 0")
+        _fraction(self.warmup_ratio, "dpo.warmup_ratio")
+        _check(0 <= self.eval_fraction < 1, "dpo.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        _positive(self.eval_steps, "dpo.eval_steps")
+        _trainer_checks(self, "dpo")
+
+
+@dataclass
+class ExportConfig:
+    source: str = doc("What `stage=export` merges into its base: the `dpo` policy or the `sft` model.", "dpo")
+    dtype: str = doc("Weights of the exported model: bfloat16, float16 or float32.", "bfloat16")
+    quantized: str = doc(
+        "Also write a bitsandbytes-quantized copy under `quantized-<bits>/`: none, 8bit or 4bit (needs CUDA and "
+        "`looper[qlora]`).",
+        "none",
+    )
+
+    def __post_init__(self):
+        _choice(self.source, "export.source", ("dpo", "sft"))
+        _choice(self.dtype, "export.dtype", ("bfloat16", "float16", "float32"))
+        _choice(self.quantized, "export.quantized", ("none", "8bit", "4bit"))
+
+
+@dataclass
+class EvalConfig:
+    targets: List[str] = doc(
+        "What to evaluate: base, sft, dpo, or an adapter/model directory.",
+        factory=lambda: ["base", "sft", "dpo"],
+        identity=False,
+    )
+    datasets: List[str] = doc(
+        f"Held-out sets: {', '.join(EVAL_DATASETS)}.", factory=lambda: ["synthetic_test"], identity=False
+    )
+    scorers: List[str] = doc(
+        "Answer scorers reported side by side (see looper.answers).",
+        factory=lambda: ["strict", "flexible", "platinum"],
+        identity=False,
+    )
+    primary_scorer: str = doc("Scorer of the headline accuracy.", "strict", identity=False)
+    batch_size: int = doc("Prompts decoding together (slots, refilled as rows end; greedy).", 32, identity=False)
+    num_questions: Optional[int] = doc("Evaluate only the first N questions of each dataset (null: all).", None)
+    max_new_tokens: Optional[int] = doc("Generation limit (null: model.max_new_tokens).", None)
+    platinum_path: Optional[str] = doc(
+        "Local GSM8K-Platinum JSONL (null: the hub's madrylab/gsm8k-platinum).", None, identity=False
+    )
+    prompt: str = doc(
+        "`model` (each model's own format) or `platinum` (the benchmark's official prompt inside the "
+        "model's format; for reasoning models its variant without 'Think step-by-step.').",
+        "model",
+    )
+    temperature: float = doc(
+        "0: greedy (the study's protocol); > 0 samples `eval.samples` answers per question with "
+        "per-row seeds (the benchmark harness's sampled protocol; it uses 0.5).",
+        0.0,
+    )
+    top_p: float = doc("Nucleus sampling mass when eval.temperature > 0.", 1.0)
+    samples: int = doc(
+        "Answers per question; accuracy is their mean, with an interval over questions. More than 1 "
+        "needs eval.temperature > 0.",
+        1,
+    )
+    select_on: Optional[str] = doc(
+        "Dataset a sweep's objective is read from (null: the dev split of the data, "
+        "synthetic_dev or gsm8k_dev, evaluated for the last target even when eval.datasets "
+        "does not list it). A test set needs eval.select_on_test=true.",
+        None,
+        identity=False,
+    )
+    select_on_test: bool = doc(
+        "Allow eval.select_on to name a test set (gsm8k_test, gsm8k_platinum, "
+        "synthetic_test); logs a warning: selecting on a test set biases what it reports.",
+        False,
+        identity=False,
+    )
+    shots: int = doc("Solved examples from the training split before each question (never the question itself).", 0)
+    shots_seed: int = doc("Seed that picks the k-shot examples.", 0)
+    check_batch_consistency: int = doc("Decode this many prompts one at a time and batched; report any difference.", 0)
+
+    def __post_init__(self):
+        for target in self.targets:
+            _check(
+                target in ("base", "sft", "dpo") or "/" in target or target.startswith("."),
+                "eval.targets",
+                f"{target!r} is not base, sft, dpo or a path",
+            )
+        for name in self.datasets:
+            _choice(name, "eval.datasets", EVAL_DATASETS)
+        for name in self.scorers:
+            _choice(name, "eval.scorers", SCORERS)
+        _check(
+            self.primary_scorer in self.scorers, "eval.primary_scorer", f"must be one of eval.scorers {self.scorers}"
+        )
+        _positive(self.batch_size, "eval.batch_size")
+        _positive(self.num_questions, "eval.num_questions")
+        _positive(self.max_new_tokens, "eval.max_new_tokens")
+        _choice(self.prompt, "eval.prompt", ("model", "platinum"))
+        _check(self.temperature >= 0, "eval.temperature", f"must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
+        _positive(self.samples, "eval.samples")
+        _check(
+            self.samples == 1 or self.temperature > 0,
+            "eval.samples",
+            "several samples of greedy decoding are all the same answer; set eval.temperature > 0",
+        )
+        if self.select_on is not None:
+            _choice(self.select_on, "eval.select_on", EVAL_DATASETS)
+            _check(
+                self.select_on.endswith("_dev") or self.select_on_test,
+                "eval.select_on",
+                f"{self.select_on} is a test set: selecting on it biases what it reports; choose a dev split, or "
+                "set eval.select_on_test=true to do it anyway",
+            )
+        _check(self.shots >= 0, "eval.shots", "must be >= 0")
+        _check(self.check_batch_consistency >= 0, "eval.check_batch_consistency", "must be >= 0")
+
+
+@dataclass
+class GenerationSettings:
+    backend: str = doc(
+        "`auto` (paged where the model passes its start-up checks, else hf; the log says which and "
+        "why), `paged` (looper's engine) or `hf` (transformers' generate: the reference, any model, "
+        "slower; its samples differ from paged's). See looper/engine/__init__.py.",
+        "auto",
+    )
+    refill_at: float = doc(
+        "Share of the decoding slots (rollout/eval `batch_size`) that must be free before they are "
+        "refilled with new prompts in one prefill: lower refills sooner (fewer idle slots, more "
+        "prefill passes). Speed only; outputs do not depend on it.",
+        0.125,
+        identity=False,
+    )
+    compile: bool = doc(
+        "Run each decode step's model forward, and the prefills' MLPs, through torch.compile "
+        "(inductor fuses their small kernels), for a compilation once per process. With looper's "
+        "Triton norm and rotary kernels in the uncompiled path it gains little on Llama-shaped models "
+        "(docs/performance.md); it helps models those kernels do not serve. In bfloat16 the fused "
+        "arithmetic rounds differently, so samples differ from the uncompiled path's (float32 greedy "
+        "outputs are the same).",
+        False,
+    )
+
+    def __post_init__(self):
+        from looper.engine import BACKENDS
+
+        _choice(self.backend, "generation.backend", ("auto", *BACKENDS))
+        _check(0 < self.refill_at <= 1, "generation.refill_at", f"must be in (0, 1], got {self.refill_at}")

@@ -1,0 +1,303 @@
+"""The model runner: every forward the paged engine makes, and the device-side state of its slots.
+
+Owns a prefill forward (prompts packed into one row, their KV entries written to the slots' pages), a decode step (one
+token for every slot, replayed as a CUDA graph on a GPU, its model forward optionally through torch.compile), the
+slots' device state (KV length, step, seed, temperature, top-p, last token) and the switch of the model to
+`looper.engine.kernels.attention` for the duration of a generate call. Must never decide which rows run (the
+scheduler does) or hand out KV pages (the cache does).
+"""
+
+import functools
+import inspect
+import logging
+import time
+from typing import Optional
+
+import torch
+
+from looper import models
+from looper.engine import sampling
+from looper.engine.cache import PAGE, PagedCache, on
+from looper.engine.kernels import attention, fused
+
+log = logging.getLogger(__name__)
+
+
+class AttentionSwitch:
+    """Within it, `model` attends with `looper.engine.kernels.attention` (registered with transformers' attention
+    interface); its own implementation (sdpa, eager, flash_attention_2) is restored afterwards."""
+
+    def __init__(self, model):
+        self.model, self.original = model, model.config._attn_implementation
+
+    def __enter__(self):
+        attention.register()
+        self.model.set_attn_implementation(attention.GENERATION)
+
+    def __exit__(self, *exc):
+        self.model.set_attn_implementation(self.original)
+
+
+_CACHE_KEYWORD: dict = {}  # model class -> its forward's name for the KV cache (filled outside torch.compile)
+
+
+def cache_keyword(model_class) -> str:
+    """The forward's name for the KV cache: `cache` in the transformers releases that renamed it (where the old
+    `past_key_values` warns that it goes in 5.40), `past_key_values` before. Looked up once per class, by the runner,
+    so the compiled decode step only reads a dict."""
+    if model_class not in _CACHE_KEYWORD:
+        names = inspect.signature(model_class.forward).parameters
+        _CACHE_KEYWORD[model_class] = "cache" if "cache" in names else "past_key_values"
+    return _CACHE_KEYWORD[model_class]
+
+
+def logits_at(model, cache, ids, positions, keep, **attention_args):
+    """The model's logits at `keep` (a count from the end, or the positions) of `ids`, with `cache` as its KV cache
+    and the `looper.engine.kernels.attention` arguments (`looper_packed` for a prefill, `looper_decode` for a decode
+    step)."""
+    return model(
+        input_ids=ids,
+        position_ids=positions,
+        **{_CACHE_KEYWORD.get(type(model)) or cache_keyword(type(model)): cache},
+        use_cache=True,
+        logits_to_keep=keep,
+        **attention_args,
+    ).logits
+
+
+def decode_logits(model, cache, tokens, lengths, step):
+    """The logits [slots, vocab] of one decode step: each slot's token at position `lengths`."""
+    return logits_at(model, cache, tokens[:, None], lengths[:, None], 1, looper_decode=step)[:, -1]
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_decode_logits(backend: str):
+    """`decode_logits` through torch.compile, one per process: inductor fuses the step's hundreds of small elementwise
+    kernels (RMSNorm, rotary embedding, SiLU, residual adds) into a few. Shapes are dynamic (one compilation serves
+    every slot count), and the runner's CUDA graph capture replays the compiled kernels as it does eager ones. The
+    prefill's forward as a whole stays eager (its attention and cache writes vary in shape from one prefill to the
+    next); only its MLPs are compiled (`fused.compiled_patches`), and its rotary embedding where looper's Triton kernel
+    does not serve. What compiling costs and gains is measured in docs/performance.md."""
+    return torch.compile(decode_logits, dynamic=True, backend=backend)
+
+
+class ModelRunner:
+    """The forwards of one generate call over `cache`, and the `slots`' device state: `state` (per slot its KV length,
+    which is its next write position and token position; whether it is live; its step; its sampling settings),
+    `tokens` (each slot's last token, the next step's input) and `next_tokens` (what the step chose)."""
+
+    def __init__(self, model, cache: PagedCache, sampling_rows: bool, nucleus: bool, compile_decode: bool):
+        self.model, self.cache, self.device = model, cache, model.device
+        self.sampling, self.nucleus = sampling_rows, nucleus
+        cache_keyword(type(model))
+        quantized = models.is_quantized(model)
+        if compile_decode and quantized:  # bitsandbytes layers are neither captured nor compiled here
+            log.warning("generation.compile: not for a quantized model; decoding uncompiled")
+            compile_decode = False
+        self.compiled = compile_decode
+        self.decode_logits = compiled_decode_logits(fused.COMPILE_BACKEND) if compile_decode else decode_logits
+        # in eager forwards (GPU): RMSNorm (bf16/fp16) and the rotary embedding (bf16) as one Triton kernel each;
+        # with compile_decode, the prefills' MLPs (and the rotary embedding where the kernel is not used) compiled
+        rotary = fused.fused_rotary(model)
+        mlps, modeling = fused.compilable_parts(model) if compile_decode else ([], [])
+        modeling = [python for python in modeling if python not in rotary]
+        eager = fused.norm_patches(fused.fused_norms(model)) + fused.rotary_patches(rotary)
+        self.prefill_patches = eager + fused.compiled_patches(mlps, modeling)
+        self.step_patches = [] if compile_decode else eager  # (a compiled step fuses them itself)
+        self.fused = {
+            "triton_rotary": bool(rotary),
+            "compiled_prefill": sorted({type(m).__name__ for m in mlps}) + ["apply_rotary_pos_emb"] * bool(modeling),
+        }
+        # CUDA graphs replay a decode step without Python and kernel-launch overhead (which otherwise bounds the step
+        # time of a 7B model); one graph per slot count (and, for the sdpa kernel, width), captured on first use
+        self.graphs: dict = {}
+        self.pool = None
+        self.use_graphs = self.device.type == "cuda" and not quantized
+        self.graph_count, self.capture_seconds, self.graph_failure = 0, 0.0, None
+        text = model.config.get_text_config()
+        shape = (
+            self.device,
+            model.dtype,
+            text.num_attention_heads,
+            getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            attention.head_dim(model),
+        )
+        self.packed_kernel, self.kernel = attention.kernels(*shape)
+        self.prefix_kernel = attention.prefix_kernel(*shape)
+        self.width = 0  # positions every slot's attention covers in a decode step (sdpa and flash kernels)
+        slots, zeros = cache.slots, dict(dtype=torch.long, device=self.device)
+        self.state = {
+            "length": torch.zeros(slots, **zeros),
+            "live": torch.zeros(slots, **zeros),
+            "step": torch.zeros(slots, **zeros),
+            "seed": torch.zeros(slots, **zeros),
+            "temperature": torch.zeros(slots, device=self.device),
+            "top_p": torch.ones(slots, device=self.device),
+        }
+        self.tokens = torch.zeros(slots, **zeros)
+        self.next_tokens = torch.zeros(slots, **zeros)
+
+    # ------------------------------------------------------------------------------------------------ prefill
+
+    def prefill(
+        self,
+        pieces: list[list[int]],
+        offsets: list[int],
+        targets: list[tuple[int, int]],
+        own: dict,
+        answers: list[int],
+        history: Optional[list[int]] = None,
+    ) -> torch.Tensor:
+        """One prefill forward: the token lists `pieces` packed into one row, piece j at positions offsets[j]...
+        Each (slot, j) of `targets` receives piece j's KV entries at those positions of its slot, from position
+        `own[slot]` on (before it, its pages are another slot's). Without `history` each piece attends to itself
+        alone; with it, piece j attends to the first offsets[j] entries of slot history[j] (its prefix) and to
+        itself. Returns the logits at the last token of each of the pieces `answers`."""
+        cache = self.cache
+        lengths = [len(piece) for piece in pieces]
+        ends = torch.tensor(lengths).cumsum(0)
+        starts = (ends - torch.tensor(lengths)).tolist()
+        ids = torch.tensor([token for piece in pieces for token in piece], device=self.device)[None]
+        positions = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lengths)])
+        entries, sources = [], []
+        for slot, j in targets:
+            first, end = max(offsets[j], own[slot]), offsets[j] + lengths[j]
+            if first < end:
+                entries.append(cache.entries(slot, first, end))
+                sources.append(torch.arange(first, end) - offsets[j] + starts[j])
+        sources = torch.cat(sources)
+        cache.prefill_index = torch.cat(entries).to(self.device)
+        if not torch.equal(sources, torch.arange(int(ends[-1]))):  # a piece written to several slots, or part of one
+            cache.prefill_sources = sources.to(self.device)
+        query_starts = torch.cat([torch.zeros(1, dtype=torch.int32), ends.to(torch.int32)]).to(self.device)
+        if history is None:
+            packed = attention.Packed(self.packed_kernel, query_starts, max(lengths))
+        else:
+            seen = [o + n for o, n in zip(offsets, lengths)]
+            where = torch.cat([cache.entries(slot, 0, n) for slot, n in zip(history, seen)])
+            packed = attention.Packed(self.prefix_kernel, query_starts, max(lengths), where.to(self.device), seen)
+            cache.prefill_reads_cache = True
+        try:
+            with fused.Patched(self.prefill_patches):
+                return logits_at(
+                    self.model,
+                    cache,
+                    ids,
+                    positions[None].to(self.device),
+                    (ends - 1)[answers].to(self.device),
+                    looper_packed=packed,
+                )[0]
+        finally:
+            cache.prefill_index = cache.prefill_sources = None
+            cache.prefill_reads_cache = False
+
+    def start(
+        self,
+        slots: list[int],
+        lengths: list[int],
+        seeds: list[int],
+        temperatures: list[float],
+        top_ps: list[float],
+        logits: torch.Tensor,
+    ) -> None:
+        """Rows start in `slots` with their prompts' `lengths` and sampling settings; their first tokens (in `tokens`)
+        are chosen from the prefill's `logits` (one row each)."""
+        to = functools.partial(on, self.device)
+        where = to(slots)
+        self.state["length"][where] = to(lengths)
+        self.state["live"][where] = 1
+        self.state["step"][where] = 0
+        self.state["seed"][where] = to(seeds)
+        self.state["temperature"][where] = to(temperatures, torch.float32)
+        self.state["top_p"][where] = to(top_ps, torch.float32)
+        state = self.state
+        self.tokens[where] = sampling.seeded_choice(
+            logits,
+            state["seed"][where],
+            state["step"][where],
+            state["temperature"][where],
+            state["top_p"][where],
+            self.sampling,
+            self.nucleus,
+        )
+        state["step"][where] += 1
+
+    def resume(self, slots: list[int], produced: list[list[int]]) -> None:
+        """Rows resumed after a preemption go on from their own last token and step, not the ones just chosen."""
+        to = functools.partial(on, self.device)
+        self.tokens[to(slots)] = to([tokens[-1] for tokens in produced])
+        self.state["step"][to(slots)] = to([len(tokens) for tokens in produced])
+
+    def stop(self, slots: list[int]) -> None:
+        """`slots` serve no row: their throwaway steps write at position 0 of their table rows (the scratch page)."""
+        where = on(self.device, slots)
+        self.state["length"][where] = 0
+        self.state["live"][where] = 0
+
+    def keep(self, slots: list[int]) -> None:
+        """Keep only `slots`' state, in that order (the cache's table shrinks with it, `PagedCache.keep`)."""
+        where = torch.tensor(slots, device=self.device)
+        self.state = {k: v[where] for k, v in self.state.items()}
+        self.tokens, self.next_tokens = self.tokens[where], self.next_tokens[where]
+        # the graphs read the old tensors; their pool goes with them (capturing into a pool whose graphs are all gone
+        # trips an allocator assertion)
+        self.graphs.clear()
+        self.pool = None
+
+    # ------------------------------------------------------------------------------------------------ decode
+
+    def decode(self, width: int) -> None:
+        """One decode step for every slot, attending over `width` positions (sdpa and flash kernels): each slot's
+        chosen token becomes its next input, and live slots advance one position."""
+        self.width = width
+        if self.use_graphs:
+            self._replay()
+        else:
+            self._step()
+        self.tokens.copy_(self.next_tokens)
+        self.state["length"] += self.state["live"]
+        self.state["step"] += 1
+
+    def _step(self) -> None:
+        """The decode step proper: reads `tokens` and the slot state, writes the KV entries and `next_tokens` (the
+        body of the CUDA graphs; running it twice with the same state writes the same values)."""
+        state, table = self.state, self.cache.table
+        page = table.gather(1, (state["length"] // PAGE)[:, None])[:, 0].long()
+        self.cache.write_index = page * PAGE + state["length"] % PAGE
+        step = attention.DecodeStep(self.kernel, (state["length"] + 1).to(torch.int32), self.width, table, PAGE)
+        with fused.Patched(self.step_patches):
+            logits = self.decode_logits(self.model, self.cache, self.tokens, state["length"], step)
+        self.next_tokens.copy_(
+            sampling.seeded_choice(
+                logits, state["seed"], state["step"], state["temperature"], state["top_p"], self.sampling, self.nucleus
+            )
+        )
+
+    def _replay(self) -> None:
+        shape = (self.cache.slots, self.width)
+        if shape not in self.graphs:
+            try:
+                start = time.perf_counter()
+                self.graphs[shape] = self._capture()
+                self.graph_count += 1
+                self.capture_seconds += time.perf_counter() - start
+            except Exception as error:  # noqa: BLE001 - a model that cannot be captured still decodes, eagerly
+                log.warning("generation: CUDA graph capture failed (%s); decoding without graphs", error)
+                self.graph_failure = repr(error)[:300]
+                self.use_graphs = False
+                self._step()
+                return
+        self.graphs[shape].replay()
+
+    def _capture(self):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()  # one memory pool for the graphs of these slots
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step()  # warm-up outside the graph (lazy library initialisation); it writes what the replay will
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._step()
+        return graph

@@ -1,0 +1,400 @@
+"""The scheduler of the paged engine: which rows decode in which slots, and when.
+
+Owns the queue (prompts in token order, so those that begin alike are prefilled together), refill (freed slots take
+the next prompts in one prefill once a `refill_at` share of them is free and their pages are), prefix planning
+(identical prompts computed once; the first tokens neighbouring prompts share, or the full pages of the newest row
+still decoding, computed once and shared), preemption (where a step finds too few free pages, the newest row goes back
+to the queue with the tokens it produced and resumes from them, with the same draws), halving (when the queue is empty
+and half the slots are idle, the live rows move into half of them) and collection (a row ends at EOS or its own token
+limit; results are detokenized as rows finish). Must never run the model (the runner does) or touch a KV entry (the
+cache and the runner do).
+"""
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from looper.engine.cache import PAGE, PREFILL_TOKENS, PagedCache, pages, pages_that_fit
+from looper.engine.interface import Generation
+from looper.engine.runner import ModelRunner
+
+MIN_SLOTS = 8  # the drain stops halving the slots here (below it a step costs about the same: the weights' read)
+WIDTH_STEP = 64  # attention width is rounded up to a multiple of this (fewer shapes, so fewer CUDA graphs)
+MIN_SHARED = 8  # a prefix shared by prompts of one prefill is computed once if it has this many tokens
+
+
+def round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+def common_prefix(a: list, b: list) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def shared_prefixes(prompts: list[list[int]], minimum: int) -> list[tuple[int, int, int]]:
+    """Runs of neighbouring prompts (the queue is in token order, so prompts that begin alike are neighbours) that
+    begin with the same `minimum` or more tokens, as (first, end, length): prompts[first:end] share their first
+    `length` tokens, and each keeps at least one token of its own. A run grows while that saves more tokens
+    ((members - 1) * length): an arm's system prompt, few-shot examples, a trajectory cut at several points."""
+    groups, first = [], 0
+    while first < len(prompts):
+        end, length = first + 1, len(prompts[first]) - 1
+        while end < len(prompts):
+            common = min(length, common_prefix(prompts[first], prompts[end]), len(prompts[end]) - 1)
+            if common < minimum or (end - first) * common < (end - first - 1) * length:
+                break
+            end, length = end + 1, common
+        if end - first > 1:
+            groups.append((first, end, length))
+        first = end
+    return groups
+
+
+@dataclass
+class _Plan:
+    """The next queued rows as one prefill (`Scheduler.plan`): identical prompts computed once (`unique`: the first
+    of the `take` rows with each distinct prompt, `source[k]`: row k's among the `distinct` prompts), the first
+    tokens neighbouring distinct prompts share computed once (`groups`: a group's first prompt -> (end, prefix
+    length), `shared[d]`: prompt d's prefix length) or, where that saves more, read from the full pages of a row
+    already decoding (`resident`: its slot; `shared[d]`: the positions of those pages prompt d shares, no groups),
+    and the `pages` the rows need."""
+
+    take: int
+    unique: list
+    source: list
+    distinct: list
+    shared: list
+    groups: dict
+    tokens: int
+    pages: int
+    resident: Optional[int] = None
+
+
+class Scheduler:
+    """The host side of one `generate` call. Per slot: the prompt it serves (-1: free), its tokens so far, its KV length
+    and when it started; the queue of prompts not yet started (and the tokens of preempted ones); the results. The
+    runner holds the same slots' state on the device."""
+
+    def __init__(self, model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots, compile_decode, eos_ids):
+        self.tokenizer, self.encoded, self.limits = tokenizer, encoded, limits
+        self.settings = (temperatures, top_ps, seeds)
+        self.eos_ids = set(eos_ids)
+        # in token order: identical prompts, and prompts that begin alike, side by side, so that one prefill
+        # computes their shared entries once
+        self.queue = sorted(range(len(encoded)), key=lambda i: encoded[i])
+        self.device = model.device
+        text = model.config.get_text_config()
+        # a slot's worst case: its prompt and every token it may generate (a multiple of WIDTH_STEP: the sdpa and
+        # flash steps attend over that many positions at most)
+        self.capacity = round_up(max(map(len, encoded)) + max(limits) + 1, WIDTH_STEP)
+        pool = pages_that_fit(model, slots, self.capacity // PAGE)
+        self.cache = PagedCache(text.num_hidden_layers, slots, pool, self.capacity // PAGE, self.device)
+        self.runner = ModelRunner(
+            model, self.cache, any(t > 0 for t in temperatures), any(p < 1 for p in top_ps), compile_decode
+        )
+        # a prefill starts rows only while this many pages stay free besides theirs: the next step can then give
+        # every row a page, so a row started is not taken back before it has decoded (where the pool holds a page
+        # per slot beyond one slot's worst case; a smaller pool keeps what it can)
+        self.reserve = min(slots, pool - 1 - self.capacity // PAGE)
+        self.owner, self.produced, self.length = [-1] * slots, [[] for _ in range(slots)], [0] * slots
+        self.started, self.starts = [0] * slots, 0  # when each slot's row started (the newest is preempted first)
+        self.resumed: dict[int, list[int]] = {}  # preempted rows waiting in the queue: the tokens they had produced
+        self.pending = None  # (slots, their owners, tokens on the host, done event) of the step launched last
+        self.results: list[Optional[Generation]] = [None] * len(encoded)
+        self.real_tokens = 0
+        self.counts = {
+            "decode_steps": 0,
+            "slot_steps": 0,
+            "row_steps": 0,
+            "prefills": 0,
+            "prefill_tokens": 0,
+            "prefill_shared": 0,
+            "prefix_shared_tokens": 0,
+            "prefill_seconds": 0.0,
+            "drain_steps": 0,
+            "drain_seconds": 0.0,
+            "kv_pages": pool - 1,
+            "peak_pages": 0,
+            "preempted": 0,
+            "kv_positions": 0,
+            "kv_shared_positions": 0,
+            "slots": slots,
+        }
+
+    def run(self, refill_at: float):
+        """Yields (prompt index, Generation) as rows finish. A decode step's tokens are read while the next step
+        runs (`pending`), so the GPU never waits for the host; before the slots change (a prefill, halving, the
+        end) the pending step is collected first. A refill waits for free pages as well as free slots: for
+        `refill_at` of the slots' worth of rows like the next one (or for one row, when none is decoding)."""
+        yield from self.prefill(list(range(self.cache.slots)))
+        drain_start = None  # when the queue ran out: from then on, ever fewer rows a step
+        while True:
+            free = [s for s in range(self.cache.slots) if self.owner[s] < 0]
+            live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
+            half = self.cache.slots // 2
+            wanted = max(1, min(len(self.queue), math.ceil(refill_at * self.cache.slots)))
+            refill = self.queue and len(free) >= wanted and self._room_for(wanted if live else 1)
+            halve = not self.queue and len(live) <= half and half >= MIN_SLOTS
+            if (refill or halve or not live) and self.pending is not None:
+                yield from self.collect_pending()  # decide on the newest tokens
+                continue
+            if refill:
+                yield from self.prefill(free)
+            elif not live:
+                if self.queue:  # (cannot happen: with no row decoding, every page but scratch is free)
+                    raise RuntimeError(f"generation: {len(self.queue)} prompts left and no KV pages for the next")
+                if drain_start is not None:
+                    self.counts["drain_seconds"] = time.perf_counter() - drain_start
+                return
+            else:
+                if halve:  # the live rows fit in half the slots
+                    self.keep(live + free[: half - len(live)])
+                if not self.queue:
+                    drain_start = drain_start or time.perf_counter()
+                    self.counts["drain_steps"] += 1
+                yield from self.decode()
+
+    def _prompt(self, i: int) -> list[int]:
+        """Row i's tokens to prefill: its prompt, and after a preemption the tokens it had produced but the last
+        (the input of its next step, as it was)."""
+        return self.encoded[i] + self.resumed[i][:-1] if i in self.resumed else self.encoded[i]
+
+    def _room_for(self, rows: int) -> bool:
+        """Whether the pages of `rows` rows like the next queued one are free, besides the reserve."""
+        return rows * pages(len(self._prompt(self.queue[0]))) + self.reserve <= len(self.cache.free)
+
+    def plan(self, count: int) -> "_Plan":
+        """The next `count` queued rows as one prefill (fewer where `PREFILL_TOKENS` ends it first)."""
+        unique, source, tokens, take = [], [], 0, 0
+        while take < count:
+            prompt = self._prompt(self.queue[take])
+            if not unique or prompt != self._prompt(self.queue[unique[-1]]):
+                if unique and tokens + len(prompt) > PREFILL_TOKENS:
+                    break
+                unique.append(take)
+                tokens += len(prompt)
+            source.append(len(unique) - 1)
+            take += 1
+        distinct = [self._prompt(self.queue[u]) for u in unique]
+        shared, groups = [0] * len(distinct), {}
+        for first, end, length in shared_prefixes(distinct, MIN_SHARED):
+            shared[first:end], groups[first] = [length] * (end - first), (end, length)
+        resident, on_pages = self._resident(distinct)
+        if sum(on_pages) > sum(length for d, length in enumerate(shared) if d not in groups):  # (tokens saved)
+            shared, groups = on_pages, {}
+        else:
+            resident = None
+        rows = [source.count(d) for d in range(len(distinct))]  # (source is ascending)
+        needed = sum(
+            pages(len(prompt))
+            - (shared[d] // PAGE if d not in groups else 0)
+            + (rows[d] - 1) * (pages(len(prompt)) - len(prompt) // PAGE)
+            for d, prompt in enumerate(distinct)
+        )
+        return _Plan(take, unique, source, distinct, shared, groups, tokens, needed, resident)
+
+    def _resident(self, distinct: list[list[int]]) -> tuple[Optional[int], list[int]]:
+        """The newest row decoding (the queue is in token order, so the likeliest to begin as the next prompts do)
+        and, per prompt of `distinct`, the positions of that row's full prompt pages it begins with (a multiple of
+        `PAGE`; at least its last token left to compute): few-shot examples, an arm's system prompt, written once
+        for all the prefills that need them while a row holds them."""
+        live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
+        if not live:
+            return None, [0] * len(distinct)
+        newest = max(live, key=self.started.__getitem__)
+        written = self.encoded[self.owner[newest]]  # (its prompt's entries are all in its pages)
+        return newest, [min(common_prefix(written, prompt), len(prompt) - 1) // PAGE * PAGE for prompt in distinct]
+
+    def prefill(self, free: list[int]):
+        """Start the next prompts in the `free` slots, as many as their pages allow (`plan`, `reserve`), packed into
+        one row without padding (up to `PREFILL_TOKENS` tokens a forward); their first tokens are chosen from the
+        prefill's logits. Identical prompts are computed once, and so are the first tokens that prompts share
+        (`shared_prefixes`), or, where that saves more, the first full pages they share with the newest row already
+        decoding are its pages (`_resident`): the rest of each prompt attends to them in the cache. The full pages
+        of those shared entries serve every row that shares them. A preempted row goes on from its last token, as it
+        was."""
+        start = time.perf_counter()
+        while free and self.queue:
+            room = len(self.cache.free) - self.reserve
+            plan = self.plan(min(len(free), len(self.queue)))
+            while plan.pages > room and plan.take > 1:  # fewer rows (in proportion) until their pages are free
+                plan = self.plan(max(1, min(plan.take - 1, plan.take * room // plan.pages)))
+            if plan.pages > room:
+                break
+            rows, self.queue = self.queue[: plan.take], self.queue[plan.take :]
+            where, free = free[: plan.take], free[plan.take :]
+            distinct, shared, groups = plan.distinct, plan.shared, plan.groups
+            slots_of = [[] for _ in distinct]  # each distinct prompt's slots
+            for k, d in enumerate(plan.source):
+                slots_of[d].append(where[k])
+            # pages: a prompt's first slot shares its group's prefix pages (full ones) with the group's first slot
+            # and has its own for the rest; its other slots share its full pages. `own[slot]`: where the entries
+            # that slot's targets write begin (the pages before are written for another slot).
+            own, group_slot = {}, plan.resident  # (with a resident row: every prompt's prefix is its pages)
+            for d, prompt in enumerate(distinct):
+                first = slots_of[d][0]
+                if d in groups:
+                    group_slot = first
+                elif shared[d]:
+                    self.cache.share(first, group_slot, shared[d] // PAGE)
+                own[first] = len(self.cache.owned[first]) * PAGE
+                self.cache.grow(first, pages(len(prompt)) - len(self.cache.owned[first]))
+                for slot in slots_of[d][1:]:
+                    self.cache.share(slot, first, len(prompt) // PAGE)
+                    own[slot] = len(prompt) // PAGE * PAGE
+                    self.cache.grow(slot, pages(len(prompt)) - len(prompt) // PAGE)
+            self._count_pages()
+            # one packed row: each distinct prompt (without its shared prefix), preceded by the prefix where it is
+            # its group's first; each piece's entries go to every slot that needs them. With groups, each piece
+            # attends to the entries of its prompt's first slot: the prefix's (written in the same layer, before
+            # attention) and its own.
+            pieces, offsets, targets, answers, history = [], [], [], [], []
+            for d, prompt in enumerate(distinct):
+                if d in groups:
+                    end, length = groups[d]
+                    pieces.append(prompt[:length])
+                    offsets.append(0)
+                    targets += [(slot, len(pieces) - 1) for e in range(d, end) for slot in slots_of[e]]
+                    history.append(slots_of[d][0])
+                pieces.append(prompt[shared[d] :])
+                offsets.append(shared[d])
+                targets += [(slot, len(pieces) - 1) for slot in slots_of[d]]
+                history.append(slots_of[d][0])
+                answers.append(len(pieces) - 1)
+            logits = self.runner.prefill(
+                pieces, offsets, targets, own, answers, history if groups or plan.resident is not None else None
+            )
+            self.counts["prefills"] += 1
+            self.counts["prefill_tokens"] += sum(map(len, pieces))
+            self.counts["prefill_shared"] += plan.take - len(plan.unique)
+            self.counts["prefix_shared_tokens"] += plan.tokens - sum(map(len, pieces))
+            if len(plan.unique) < plan.take:
+                logits = logits[torch.tensor(plan.source, device=self.device)]
+            temperatures, top_ps, seeds = self.settings
+            lengths = [len(self._prompt(i)) for i in rows]
+            self.runner.start(
+                where,
+                lengths,
+                [seeds[i] for i in rows],
+                [temperatures[i] for i in rows],
+                [top_ps[i] for i in rows],
+                logits,
+            )
+            for slot, i, length in zip(where, rows, lengths):
+                self.owner[slot], self.produced[slot], self.length[slot] = i, self.resumed.pop(i, []), length
+                self.started[slot], self.starts = self.starts, self.starts + 1
+            fresh = [slot for slot in where if not self.produced[slot]]
+            if len(fresh) < len(where):  # resumed rows: their own last token and step, not the ones chosen
+                back = [slot for slot in where if self.produced[slot]]
+                self.runner.resume(back, [self.produced[slot] for slot in back])
+            # (it waits for the chosen tokens: the time below is the GPU's)
+            finished = list(self.collect(fresh, self.runner.tokens.tolist()))
+            self.counts["prefill_seconds"] += time.perf_counter() - start
+            yield from finished
+            start = time.perf_counter()
+
+    def make_room(self):
+        """Give each row whose next entry starts a page a new page. Where too few are free, first collect the step
+        in flight (rows it ended give theirs back), then preempt the newest rows."""
+        while True:
+            live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
+            short = [s for s in live if self.length[s] >= len(self.cache.owned[s]) * PAGE]
+            if len(short) <= len(self.cache.free):
+                break
+            if self.pending is not None:
+                yield from self.collect_pending()
+            else:
+                self.preempt(max(live, key=self.started.__getitem__))
+        for slot in short:
+            self.cache.grow(slot, 1)
+        self._count_pages()
+
+    def preempt(self, slot: int) -> None:
+        """Send `slot`'s row back to the front of the queue with the tokens it has produced, and free its pages: it
+        goes on from those tokens (a prefill of its prompt and them) when pages are free again."""
+        i = self.owner[slot]
+        self.resumed[i] = self.produced[slot]
+        self.queue.insert(0, i)
+        self.free_slots([slot])
+        self.counts["preempted"] += 1
+
+    def free_slots(self, slots: list[int]) -> None:
+        """`slots` serve no row: their pages go back, and their throwaway steps write in the scratch page."""
+        for slot in slots:
+            self.cache.release(slot)
+            self.owner[slot], self.produced[slot], self.length[slot] = -1, [], 0
+        self.runner.stop(slots)
+
+    def _count_pages(self) -> None:
+        self.counts["peak_pages"] = max(self.counts["peak_pages"], self.cache.pages - 1 - len(self.cache.free))
+
+    def decode(self):
+        """One step for every slot (a free slot computes a throwaway token at its position 0, in the scratch
+        page)."""
+        yield from self.make_room()
+        live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
+        if not live:  # (the step in flight ended them all)
+            return
+        self.cache.flush()
+        width = self.runner.width
+        if self.runner.kernel != "triton":  # it attends over the longest live history, rounded up (few graph shapes)
+            width = min(self.capacity, round_up(max(self.length[s] for s in live) + 1, WIDTH_STEP))
+        self.counts["decode_steps"] += 1
+        self.counts["slot_steps"] += self.cache.slots
+        self.counts["row_steps"] += len(live)  # row_steps / slot_steps: the slots' occupancy
+        self.counts["kv_positions"] += sum(self.length[s] for s in live)  # the KV entries the step's rows read,
+        self.counts["kv_shared_positions"] += self.cache.shared  # of which on pages another row also reads
+        self.runner.decode(width)
+        for slot in live:
+            self.length[slot] += 1
+        done = None
+        tokens = self.runner.tokens
+        if tokens.is_cuda:
+            host = tokens.to("cpu", non_blocking=True)  # (into pinned memory)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = tokens.clone()
+        launched = (live, [self.owner[s] for s in live], host, done)  # owners as they are now, before collecting
+        if self.pending is not None:
+            yield from self.collect_pending()
+        self.pending = launched
+
+    def collect_pending(self):
+        """Collect the last decode step launched (its rows as they were then: a row that ended one step earlier
+        has computed a token that is not its own)."""
+        live, owners, tokens, done = self.pending
+        self.pending = None
+        if done is not None:
+            done.synchronize()
+        yield from self.collect([s for s, i in zip(live, owners) if self.owner[s] == i], tokens.tolist())
+
+    def collect(self, slots: list[int], tokens: list[int]):
+        """Record `tokens[slot]` for each of `slots`; a row that ends frees its slot."""
+        freed = []
+        for slot in slots:
+            i, produced = self.owner[slot], self.produced[slot]
+            produced.append(tokens[slot])
+            stop = tokens[slot] in self.eos_ids
+            if stop or len(produced) >= self.limits[i]:
+                body = produced[:-1] if stop else produced
+                self.results[i] = Generation(
+                    self.tokenizer.decode(body, skip_special_tokens=True), len(produced), "stop" if stop else "length"
+                )
+                self.real_tokens += len(produced)
+                freed.append(slot)
+                yield i, self.results[i]
+        if freed:
+            self.free_slots(freed)
+
+    def keep(self, slots: list[int]) -> None:
+        """Move the rows of `slots` into the first len(slots) slots (their page-table rows move, not their entries)."""
+        self.cache.keep(slots)
+        self.runner.keep(slots)
+        self.owner = [self.owner[s] for s in slots]
+        self.started = [self.started[s] for s in slots]
+        self.produced = [self.produced[s] for s in slots]
+        self.length = [self.length[s] for s in slots]

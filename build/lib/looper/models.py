@@ -1,0 +1,262 @@
+"""Loading models and tokenizers, and the one prompt builder.
+
+A *target* is something that can generate: the base model (a hub id, a local directory, or the tiny model built
+here), or a stage artifact holding either a full model or a PEFT adapter over a base named in its
+`adapter_config.json`.
+"""
+
+import importlib.util
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from looper import distributed
+from looper.artifacts import ArtifactStore
+from looper.config import ArmConfig, Config, LoraSettings, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------- prompts
+
+
+# GSM8K-Platinum's published prompt (MadryLab/platinum-benchmarks); its harness drops "Think step-by-step. " for
+# reasoning models, which think anyway
+PLATINUM_PROMPT = (
+    "Solve the following math word problem.\n\n{question}\n\nThink step-by-step. Then, provide the "
+    'final answer as a single integer in the format "Answer: XXX" with no extra formatting.'
+)
+PLATINUM_PROMPT_REASONING = PLATINUM_PROMPT.replace("Think step-by-step. ", "")
+_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+def build_prompt(
+    model: ModelConfig,
+    tokenizer,
+    question: str,
+    arm: Optional[ArmConfig] = None,
+    shots: Sequence[dict] = (),
+    official: bool = False,
+) -> str:
+    """The text a model is given for `question`, in its own format (prompt template or chat template).
+
+    `arm` adds its system prompt (as a system turn, or before the question where `model.system_prompt=user`) and
+    appends its style to the question; `shots` (dicts with `question` and `answer`) come first as solved examples;
+    `official` wraps each question in GSM8K-Platinum's published prompt (its reasoning-model variant for
+    `model.reasoning=think`).
+    """
+    official_prompt = PLATINUM_PROMPT_REASONING if model.reasoning == "think" else PLATINUM_PROMPT
+
+    def user(text: str) -> str:
+        text = official_prompt.format(question=text) if official else text
+        return f"{text}\n{arm.style}" if arm is not None and arm.style else text
+
+    system = arm.system_prompt if arm is not None else ""
+    if system and model.system_prompt == "user":
+        inner = user
+        system = ""
+
+        def user(text: str) -> str:  # noqa: F811 - the instruction leads the user turn
+            return f"{arm.system_prompt}\n\n{inner(text)}"
+
+    if model.prompt_format == "chat":
+        messages = [{"role": "system", "content": system}] if system else []
+        for shot in shots:
+            messages += [
+                {"role": "user", "content": user(shot["question"])},
+                {"role": "assistant", "content": build_completion(model, shot["answer"])},
+            ]
+        messages.append({"role": "user", "content": user(question)})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prefix = model.system_template.format(system=system) if system else ""
+    for shot in shots:
+        prefix += (
+            model.prompt_template.format(question=user(shot["question"]))
+            + build_completion(model, shot["answer"])
+            + "\n\n"
+        )
+    return prefix + model.prompt_template.format(question=user(question))
+
+
+def build_completion(model: ModelConfig, solution: str, prompt: Optional[str] = None) -> str:
+    """A GSM8K worked solution written as the model should produce it (SFT target), through
+    `model.completion_template`: `{solution}` is all of it, `{reasoning}` its steps before the `#### N` line without
+    GSM8K's calculator annotations (`48/2 = <<48/2=24>>24` reads `48/2 = 24`) and `{answer}` N. For a reasoning
+    model whose `prompt` does not already open the think block, the completion opens it."""
+    reasoning, _, answer = solution.rpartition("####")
+    if not reasoning:
+        reasoning, answer = solution, ""
+    completion = model.completion_template.format(
+        solution=solution, reasoning=_ANNOTATION.sub("", reasoning).rstrip(), answer=answer.strip()
+    )
+    if model.reasoning == "think" and prompt is not None and not prompt.rstrip().endswith(model.think_open):
+        completion = f"{model.think_open}\n{completion}"
+    return completion
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The token ids of a rendered prompt with exactly one BOS, whether or not a chat template wrote it: a prompt
+    that starts with the BOS token's text is tokenized as it is, any other with the tokenizer's special tokens. SFT,
+    DPO, rollouts and evaluation all feed the model these ids."""
+    bos = tokenizer.bos_token
+    starts_with_bos = bool(bos) and prompt.startswith(bos)
+    return tokenizer(prompt, add_special_tokens=not starts_with_bos)["input_ids"]
+
+
+def encode_completion(tokenizer, completion: str) -> list[int]:
+    """A completion's token ids as trained on: its text (no special tokens added) and EOS."""
+    return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+# ---------------------------------------------------------------------------------------------------------- devices
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 where the GPU supports it, fp16 on other CUDA devices, fp32 on CPU."""
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_attention(name: str) -> str:
+    """`auto`: flash_attention_2 when flash_attn imports (and CUDA is present), else sdpa."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def device() -> torch.device:
+    """This process's GPU (its local rank's under accelerate; otherwise the one `distributed.claim_gpu` left
+    visible), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if distributed.world_size() > 1:
+        from accelerate import PartialState
+
+        return PartialState().device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+if torch.cuda.is_available():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+
+
+def base_model_path(cfg: Config, store: ArtifactStore) -> str:
+    """The base model: `model.name_or_path`, or the tiny model, built and cached under `paths.artifacts/base/`."""
+    if cfg.model.name_or_path is not None:
+        return cfg.model.name_or_path
+    from looper import tiny
+
+    spec = {
+        "tiny": cfg.model.tiny,
+        "data": {
+            k: getattr(cfg.data, k)
+            for k in ("synthetic_seed", "max_steps", "max_number", "synthetic_train", "synthetic_dev", "synthetic_test")
+        },
+        "seed": cfg.seed,
+    }
+    return str(store.ensure("base", spec, lambda out: tiny.build(cfg.model.tiny, cfg.data, cfg.seed, out, log.info)))
+
+
+def _revision(path: str, model: ModelConfig) -> Optional[str]:
+    """`model.revision` for the configured hub model; None for local directories."""
+    return model.revision if path == model.name_or_path and not Path(path).exists() else None
+
+
+def load_tokenizer(path: str, model: ModelConfig):
+    """The tokenizer with a pad token (EOS when it has none) and left padding for batched generation."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, trust_remote_code=model.trust_remote_code, revision=_revision(path, model)
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def quantization_config(lora: LoraSettings, dtype: torch.dtype):
+    """bitsandbytes settings for `lora.quantization` (NF4 with double quantization for 4bit), or None."""
+    if lora.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if lora.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+
+
+def load_causal_lm(path: str, model: ModelConfig, lora: Optional[LoraSettings] = None):
+    """A causal LM with the configured dtype, attention and (for QLoRA) quantized base weights."""
+    dtype = resolve_dtype(model.dtype)
+    quantization = quantization_config(lora, dtype) if lora is not None else None
+    loaded = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        attn_implementation=resolve_attention(model.attn_implementation),
+        trust_remote_code=model.trust_remote_code,
+        quantization_config=quantization,
+        revision=_revision(path, model),
+        device_map={"": device()} if quantization is not None else None,
+    )
+    if quantization is None:
+        loaded.to(device())
+    return loaded
+
+
+def is_quantized(model) -> bool:
+    """Whether `model`'s weights are quantized (bitsandbytes, or a checkpoint saved quantized)."""
+    return bool(
+        getattr(model, "is_quantized", False) or getattr(getattr(model, "config", None), "quantization_config", None)
+    )
+
+
+def is_adapter(path: str) -> bool:
+    """Whether `path` is a PEFT adapter directory (rather than a full model or a hub id)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(path: str) -> str:
+    """The base model an adapter directory was trained on."""
+    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_target(path: str, model: ModelConfig, lora: Optional[LoraSettings] = None, trainable: bool = False):
+    """(model, tokenizer) for a target directory or hub id; an adapter is loaded over its base. For inference
+    (`trainable=False`) over full-precision base weights the adapter is merged into them: a decode step then runs
+    the base model's kernels only (an unmerged LoRA makes every decode step slower: docs/performance.md);
+    over a quantized base it stays separate (merging would round it into the quantization)."""
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = load_causal_lm(adapter_base(path), model, lora)
+        loaded = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+        broken = [n for n, p in loaded.named_parameters() if "lora_" in n and not torch.isfinite(p).all()]
+        if broken:
+            raise ValueError(
+                f"the adapter {path} holds NaN or inf weights ({broken[0]}, {len(broken)} tensors): it "
+                "is damaged or came from a diverged training; rebuild it"
+            )
+        if not trainable and not is_quantized(base):
+            loaded = loaded.merge_and_unload()
+    else:
+        loaded = load_causal_lm(path, model, lora)
+    if not trainable:
+        loaded.eval()
+    return loaded, load_tokenizer(
+        path if (Path(path) / "tokenizer_config.json").exists() else adapter_base(path), model
+    )

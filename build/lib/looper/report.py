@@ -1,0 +1,314 @@
+"""Sweep report: `python -m looper.report SWEEP_DIR` — no W&B needed.
+
+Reads every job's `summary.json` under SWEEP_DIR (outputs/sweeps/<date>/<time>) and writes, next to them:
+- `sweep.csv`: one row per job, every tabulated parameter and every metric;
+- `sweep.md`: the jobs best first by the chosen accuracy, with Wilson 95% intervals, and beside it the same target's
+  accuracy on the other datasets (test sets: reported, never ranked on);
+- figures of whatever was swept (`seed` aside: seeds are aggregated, their mean drawn with their spread), each as PNG
+  and SVG:
+  - one swept parameter: `sweep_<key>`, the accuracy on each dataset against it, with intervals (95% Wilson for one
+    seed, min-max over seeds for several) and the SFT policy as a dashed baseline when the jobs evaluated `sft`;
+  - two or more: `heatmap_<x>_<y>`, one panel per value of the other parameters, every panel on one colour scale,
+    cells in percent.
+By default the accuracy is the jobs' objective (primary scorer, last eval target, a dev split: never a test set
+unless the jobs set eval.select_on to one); `--dataset`, `--target` and `--scorer` choose another.
+"""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Optional
+
+from looper.stats import wilson
+
+
+def load_jobs(sweep_dir: Path) -> list[dict]:
+    """The summaries of the finished jobs of a sweep (jobs without one are skipped), in job order."""
+    jobs = []
+    for path in sorted(
+        sweep_dir.rglob("summary.json"),
+        key=lambda p: [int(x) if x.isdigit() else x for x in p.parent.relative_to(sweep_dir).parts],
+    ):
+        summary = json.loads(path.read_text())
+        summary["job"] = str(path.parent.relative_to(sweep_dir))
+        jobs.append(summary)
+    return jobs
+
+
+def accuracy(job: dict, dataset: Optional[str], target: Optional[str], scorer: Optional[str]) -> tuple:
+    """(accuracy, correct, n) of one job for the chosen dataset/target/scorer (defaults: the job's objective)."""
+    dataset = dataset or job["objective"]["dataset"]
+    target = target or job["objective"]["target"]
+    scorer = scorer or job["primary_scorer"]
+    counts = job["counts"][f"{dataset}/{target}"]
+    return job["metrics"][f"{dataset}/{target}/acc_{scorer}"], counts[f"correct_{scorer}"], counts["n"]
+
+
+def varied(jobs: list[dict]) -> list[str]:
+    """The parameters that differ between jobs."""
+    keys = list(jobs[0]["params"])
+    return [k for k in keys if len({json.dumps(j["params"][k]) for j in jobs}) > 1]
+
+
+def write_csv(jobs: list[dict], path: Path) -> None:
+    params = list(jobs[0]["params"])
+    metrics = sorted({m for j in jobs for m in j["metrics"]})
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["job", *params, *metrics])
+        for j in jobs:
+            writer.writerow([j["job"], *(j["params"][p] for p in params), *(j["metrics"].get(m) for m in metrics)])
+
+
+def beside(jobs: list[dict], choice: tuple) -> list[str]:
+    """The other datasets the ranked target was evaluated on (shown next to the ranking, not ranked on)."""
+    dataset, target, scorer = choice
+    found = []
+    for j in jobs:
+        chosen = dataset or j["objective"]["dataset"]
+        suffix = f"/{target or j['objective']['target']}/acc_{scorer or j['primary_scorer']}"
+        found += [m[: -len(suffix)] for m in j["metrics"] if m.endswith(suffix) and not m.startswith(chosen + "/")]
+    return list(dict.fromkeys(found))
+
+
+def table(jobs: list[dict], keys: list[str], choice: tuple) -> str:
+    """Markdown, best job first: varied parameters, accuracy with its Wilson 95% interval, n, then the same target's
+    accuracy on the other datasets."""
+    rows = sorted(jobs, key=lambda j: -accuracy(j, *choice)[0])
+    others = beside(jobs, choice)
+    lines = [
+        "| rank | job | "
+        + " | ".join(keys)
+        + " | selected on: accuracy [95% CI] | n |"
+        + "".join(f" {d} |" for d in others),
+        "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |" + " --- |" * len(others),
+    ]
+    for rank, j in enumerate(rows, start=1):
+        acc, correct, n = accuracy(j, *choice)
+        low, high = wilson(correct, n)
+        extra = ""
+        for d in others:
+            try:
+                extra += f" {100 * accuracy(j, d, choice[1], choice[2])[0]:.1f}% |"
+            except KeyError:
+                extra += " — |"
+        lines.append(
+            f"| {rank} | {j['job']} | "
+            + " | ".join(str(j["params"][k]) for k in keys)
+            + f" | {100 * acc:.1f}% [{100 * low:.1f}, {100 * high:.1f}] | {n} |"
+            + extra
+        )
+    return "\n".join(lines)
+
+
+def points(jobs: list[dict], keys: list[str], choice: tuple, target: Optional[str] = None) -> dict:
+    """{values of `keys`: (mean accuracy over seeds, low, high, seeds)} for the chosen dataset and scorer and `target`
+    (default: the chosen one). One seed: the Wilson 95% interval; several: the seeds' min and max. Jobs that did not
+    evaluate the target on the dataset are left out."""
+    groups: dict = {}
+    for job in jobs:
+        try:
+            acc, correct, n = accuracy(job, choice[0], target or choice[1], choice[2])
+        except KeyError:
+            continue
+        groups.setdefault(tuple(job["params"][k] for k in keys), []).append((acc, correct, n))
+    out = {}
+    for values, runs in sorted(groups.items(), key=lambda item: [_sortable(v) for v in item[0]]):
+        accs = [acc for acc, _, _ in runs]
+        low, high = wilson(runs[0][1], runs[0][2]) if len(runs) == 1 else (min(accs), max(accs))
+        out[values] = (sum(accs) / len(accs), low, high, len(runs))
+    return out
+
+
+def _sortable(value) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def _save(fig, out_dir: Path, stem: str) -> list[Path]:
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.svg"]
+    fig.savefig(paths[0], dpi=120)
+    fig.savefig(paths[1])
+    return paths
+
+
+def _datasets(jobs: list[dict], choice: tuple) -> list[str]:
+    """The chosen dataset first, then the others the target was evaluated on."""
+    return [choice[0] or jobs[0]["objective"]["dataset"], *beside(jobs, choice)]
+
+
+def line_plot(jobs: list[dict], key: str, choice: tuple, out_dir: Path) -> list[Path]:
+    """Accuracy against the one swept parameter: a line per dataset with intervals, the SFT baseline dashed."""
+    plt = _pyplot()
+    target = choice[1] or jobs[0]["objective"]["target"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    seeds = 1
+    xs_all = sorted({job["params"][key] for job in jobs}, key=_sortable)
+    numeric = all(isinstance(x, (int, float)) for x in xs_all)
+    place = (lambda x: x) if numeric else (lambda x: xs_all.index(x))
+    for colour, dataset in zip(colours, _datasets(jobs, choice)):
+        chosen = (dataset, choice[1], choice[2])
+        found = points(jobs, [key], chosen)
+        if not found:
+            continue
+        xs = [place(v[0]) for v in found]
+        means = [100 * p[0] for p in found.values()]
+        below = [100 * (p[0] - p[1]) for p in found.values()]
+        above = [100 * (p[2] - p[0]) for p in found.values()]
+        seeds = max(seeds, *(p[3] for p in found.values()))
+        ax.errorbar(xs, means, yerr=[below, above], marker="o", capsize=4, color=colour, label=f"{target}, {dataset}")
+        baseline = points(jobs, [key], chosen, target="sft") if target != "sft" else {}
+        if baseline:
+            ax.plot(
+                [place(v[0]) for v in baseline],
+                [100 * p[0] for p in baseline.values()],
+                linestyle="--",
+                color=colour,
+                alpha=0.7,
+                label=f"sft, {dataset}",
+            )
+    if numeric and len(xs_all) > 2 and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(xs_all)), [str(x) for x in xs_all])
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"accuracy, % ({choice[2] or jobs[0]['primary_scorer']})")
+    spread = "min-max over seeds" if seeds > 1 else "Wilson 95% interval"
+    ax.set_title(f"accuracy against {key} ({spread})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written = _save(fig, out_dir, f"sweep_{key}")
+    plt.close(fig)
+    return written
+
+
+def heatmaps(jobs: list[dict], keys: list[str], choice: tuple, out_dir: Path) -> list[Path]:
+    """Accuracy over the first two swept parameters, one panel per value of the others, on one colour scale."""
+    plt = _pyplot()
+    x_key, y_key, rest = keys[0], keys[1], keys[2:]
+    found = points(jobs, [x_key, y_key, *rest], choice)
+    xs = sorted({v[0] for v in found}, key=_sortable)
+    ys = sorted({v[1] for v in found}, key=_sortable)
+    panels = sorted({v[2:] for v in found}, key=lambda p: [_sortable(v) for v in p])
+    means = [100 * p[0] for p in found.values()]
+    low, high = min(means), max(means)
+    if high - low < 1:  # a flat sweep: centre it on a one-point scale, so noise does not look like a result
+        low, high = low - 0.5, high + 0.5
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(1.8 + (1.3 * len(xs) + 0.5) * len(panels), 1.8 + 0.8 * len(ys)),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
+    seeds = max(p[3] for p in found.values())
+    for ax, panel in zip(axes[0], panels):
+        grid = [[float("nan")] * len(xs) for _ in ys]
+        for values, (mean, *_) in found.items():
+            if values[2:] == panel:
+                grid[ys.index(values[1])][xs.index(values[0])] = 100 * mean
+        image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto", vmin=low, vmax=high)
+        for y, row in enumerate(grid):
+            for x, value in enumerate(row):
+                if value == value:  # not NaN
+                    dark = (value - low) / (high - low) < 0.6  # viridis is dark at the bottom of its scale
+                    ax.text(x, y, f"{value:.1f}", ha="center", va="center", color="white" if dark else "black")
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        ax.set_yticks(range(len(ys)), [str(y) for y in ys])
+        ax.set_xlabel(x_key)
+        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(rest, panel)) or "accuracy", fontsize=9)
+    axes[0][0].set_ylabel(y_key)
+    bar = fig.colorbar(image, ax=list(axes[0]))
+    bar.set_label(f"accuracy, % ({'mean of ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'})")
+    written = _save(fig, out_dir, f"heatmap_{x_key}_{y_key}")
+    plt.close(fig)
+    return written
+
+
+def figures(jobs: list[dict], choice: tuple, out_dir: Path) -> list[Path]:
+    """The figures that fit what was swept (seeds aside): a line plot for one parameter, heatmaps for more."""
+    keys = [k for k in varied(jobs) if k != "seed"]
+    if not keys:
+        return []
+    if len(keys) == 1:
+        return line_plot(jobs, keys[0], choice, out_dir)
+    return heatmaps(jobs, keys, choice, out_dir)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def log_to_wandb(sweep_dir: Path, jobs: list[dict], written: list[Path]) -> None:
+    """One W&B run (job_type `report`) in the sweep's group, with the figures, their SVGs, sweep.md and the jobs as a
+    typed table; project, entity and mode as the jobs logged (their `wandb_runs.jsonl`, `.hydra/config.yaml`)."""
+    import wandb
+    from omegaconf import OmegaConf
+
+    from looper.tracking import Tracker
+
+    first = sweep_dir / jobs[0]["job"]
+    runs = (
+        [json.loads(line) for line in (first / "wandb_runs.jsonl").read_text().splitlines()]
+        if (first / "wandb_runs.jsonl").exists()
+        else []
+    )
+    logger = OmegaConf.load(first / ".hydra" / "config.yaml").logger
+    run = wandb.init(
+        project=logger.project,
+        entity=logger.entity,
+        group=runs[0]["group"] if runs else sweep_dir.name,
+        mode=runs[0]["mode"] if runs else "offline",
+        job_type="report",
+        name=f"report:{sweep_dir.name}",
+        dir=str(sweep_dir),
+        settings=wandb.Settings(silent=True),
+    )
+    tracker = Tracker(run)
+    for path in written:
+        if path.suffix == ".png":
+            tracker.image(f"sweep/{path.stem}", path)
+        tracker.file(path)
+    tracker.file(sweep_dir / "sweep.md")
+    tracker.table("sweep/jobs", [{"job": j["job"], **j["params"], **j["metrics"]} for j in jobs])
+    run.finish()
+    print(f"logged the report to W&B run {run.name} (group {run.group}) -> {run.dir}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m looper.report", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory (outputs/sweeps/<date>/<time>)")
+    parser.add_argument("--dataset", help="eval dataset (default: each job's objective dataset)")
+    parser.add_argument("--target", help="eval target (default: each job's objective target)")
+    parser.add_argument("--scorer", help="answer scorer (default: each job's primary scorer)")
+    parser.add_argument("--wandb", action="store_true", help="also log the report to a W&B run in the sweep's group")
+    args = parser.parse_args(argv)
+    jobs = load_jobs(args.sweep_dir)
+    if not jobs:
+        raise SystemExit(f"no summary.json under {args.sweep_dir}: did the jobs run the eval stage?")
+    choice = (args.dataset, args.target, args.scorer)
+    write_csv(jobs, args.sweep_dir / "sweep.csv")
+    keys = varied(jobs) or ["dpo.beta"]
+    selected = args.dataset or jobs[0]["objective"]["dataset"]
+    text = (
+        f"# Sweep report: {args.sweep_dir}\n\n{len(jobs)} jobs, best first by their accuracy on {selected}; "
+        f"the other datasets are shown, not ranked on.\n\n{table(jobs, keys, choice)}\n"
+    )
+    (args.sweep_dir / "sweep.md").write_text(text)
+    written = figures(jobs, choice, args.sweep_dir)
+    print(text)
+    print(f"wrote {args.sweep_dir / 'sweep.csv'}, {args.sweep_dir / 'sweep.md'}", *(str(p) for p in written), sep="\n")
+    if args.wandb:
+        log_to_wandb(args.sweep_dir, jobs, written)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Weights & Biases: one run per stage execution, always finished, never allowed to lose results on disk.
+
+`stage_run` opens a run (`group` = the sweep or experiment, `job_type` = the stage, `name` = the job's overrides,
+`config` = the resolved config) on rank 0 only, and yields a `Tracker` whose calls swallow and report W&B errors;
+`current()` is the open run's Tracker (a no-op one outside a run), so code deep in a stage logs progress without
+being handed it. TRL trainers log their curves into the same run through `report_to="wandb"`.
+
+Every stage artifact is also a W&B artifact named `<stage>-<key>` (files up to `logger.upload_limit_mb` uploaded,
+larger ones referenced by path): the run that made it logs it, a run that builds on it or reuses it uses it, so W&B's
+lineage graph follows the pipeline across jobs and sweeps. Offline runs record both in their run files (`wandb sync`
+uploads them).
+"""
+
+import json
+import logging
+import netrc
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+from looper.artifacts import to_plain
+from looper.config import Config
+from looper.distributed import is_main_process
+
+log = logging.getLogger(__name__)
+
+# the W&B artifact type of each stage's artifact
+ARTIFACT_TYPES = {
+    "base": "model",
+    "sft": "model",
+    "dpo": "model",
+    "rollout": "rollout",
+    "preferences": "pairs",
+    "eval": "predictions",
+    "export": "model",
+}
+_open: list = []  # the Trackers of the runs open in this process, innermost last
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _is_swept(override: str) -> bool:
+    value = override.split("=", 1)[1] if "=" in override else ""
+    return "," in value or value.startswith(("range(", "choice(", "interval(", "glob("))
+
+
+def run_name(job_overrides: list[str], sweep_overrides: Optional[list[str]]) -> str:
+    """A run's name: in a sweep, the job's values of the swept keys (and of keys a sweeper such as Optuna set);
+    otherwise the job's overrides, less `paths.*`."""
+    if sweep_overrides is None:
+        chosen = [o for o in job_overrides if not _key(o).startswith("paths.")]
+    else:
+        fixed = {_key(o) for o in sweep_overrides if not _is_swept(o)}
+        chosen = [o for o in job_overrides if _key(o) not in fixed]
+    return ",".join(chosen) or "defaults"
+
+
+def _hydra_context() -> tuple[Optional[str], Optional[str], Optional[Path]]:
+    """(run name from overrides, sweep directory name in multirun, the job's output dir), where Hydra runs."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        from omegaconf import OmegaConf
+
+        hydra = HydraConfig.get()
+    except ValueError:  # not inside @hydra.main (tests, library use)
+        return None, None, None
+    sweep, sweep_overrides = None, None
+    if hydra.mode == RunMode.MULTIRUN:
+        sweep = Path(hydra.sweep.dir).name
+        saved = Path(hydra.sweep.dir) / "multirun.yaml"
+        if saved.exists():
+            sweep_overrides = list(OmegaConf.load(saved).hydra.overrides.task)
+    return run_name(list(hydra.overrides.task), sweep_overrides), sweep, Path(hydra.runtime.output_dir)
+
+
+def typed_rows(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """(columns, data) for a W&B table with one type per column: booleans stay booleans and numbers numbers (so a
+    column sorts and filters as what it is), None stays missing, anything else (text, lists, dicts) becomes a string."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def kind(value):
+        return "bool" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else "text"
+
+    kinds = {c: {kind(row[c]) for row in rows if row.get(c) is not None} for c in columns}
+
+    def cell(column, value):
+        if value is None:
+            return None
+        if len(kinds[column]) == 1 and kinds[column] != {"text"}:
+            return value
+        return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+    return columns, [[cell(c, row.get(c)) for c in columns] for row in rows]
+
+
+def _artifact(stage: str, path: Path, upload_limit_mb: float):
+    """The W&B artifact of a stage artifact directory (or a model file tree): small files uploaded, larger ones
+    referenced by path without checksumming them (a 7B model is not hashed again). Same directory, same digest: what
+    lets a later run's use of it meet the run that logged it."""
+    import wandb
+
+    path = Path(path)
+    metadata = {"path": str(path)}
+    if (path / "spec.json").exists():
+        metadata["spec"] = json.loads((path / "spec.json").read_text())
+    if (path / "stats.json").exists():
+        stats = json.loads((path / "stats.json").read_text())
+        metadata["stats"] = {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool))}
+    artifact = wandb.Artifact(f"{stage}-{path.name}", type=ARTIFACT_TYPES.get(stage, stage), metadata=metadata)
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = str(item.relative_to(path))
+        if item.stat().st_size <= upload_limit_mb * 2**20:
+            artifact.add_file(str(item), name=name, policy="immutable")  # the store never changes a finished file
+        else:
+            artifact.add_reference(item.resolve().as_uri(), name=name, checksum=False)
+    return artifact
+
+
+class Tracker:
+    """What stages log through; a no-op without a run, and a W&B error is logged, never raised."""
+
+    def __init__(self, run: Any = None, upload_limit_mb: float = 16.0):
+        self.run, self.upload_limit_mb = run, upload_limit_mb
+
+    @property
+    def report_to(self) -> str:
+        """The `report_to` value for TRL/transformers trainers."""
+        return "wandb" if self.run is not None else "none"
+
+    def _call(self, what: str, fn, *args, **kwargs) -> None:
+        if self.run is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - tracking must never take results down with it
+            log.warning("W&B %s failed (results on disk are unaffected): %s", what, error)
+
+    def log(self, metrics: dict) -> None:
+        """Log a dict of metrics (W&B step semantics)."""
+        self._call("log", lambda: self.run.log(metrics))
+
+    def summary(self, metrics: dict) -> None:
+        """Set run summary values (final metrics)."""
+        self._call("summary", lambda: self.run.summary.update(metrics))
+
+    def histograms(self, values: dict[str, list[float]]) -> None:
+        """Log one W&B histogram per key."""
+
+        def _log():
+            import wandb
+
+            self.run.log({key: wandb.Histogram(v) for key, v in values.items() if v})
+
+        self._call("histograms", _log)
+
+    def table(self, key: str, rows: list[dict]) -> None:
+        """Log rows of dicts as a W&B table, one type per column (`typed_rows`)."""
+        if not rows:
+            return
+
+        def _log():
+            import wandb
+
+            columns, data = typed_rows(rows)
+            self.run.log({key: wandb.Table(columns=columns, data=data)})
+
+        self._call("table", _log)
+
+    def image(self, key: str, path: Path) -> None:
+        """Log a PNG file as a W&B image."""
+
+        def _log():
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))})
+
+        self._call("image", _log)
+
+    def file(self, path: Path) -> None:
+        """Keep a file (a report, an SVG) with the run, under its own name (W&B uploads its files directory)."""
+        self._call("file", lambda: shutil.copy(path, Path(self.run.dir) / Path(path).name))
+
+    def lines(self, key: str, xs: list, series: dict[str, list], title: str, xname: str) -> None:
+        """Log a W&B line chart with one line per entry of `series` over `xs`."""
+
+        def _log():
+            import wandb
+
+            ys = [list(v) for v in series.values()]
+            self.run.log({key: wandb.plot.line_series(xs=xs, ys=ys, keys=list(series), title=title, xname=xname)})
+
+        self._call("lines", _log)
+
+    def produced(self, stage: str, path: Path) -> None:
+        """Log the artifact this run made (its output in the lineage graph)."""
+        self._call("artifact", lambda: self.run.log_artifact(_artifact(stage, path, self.upload_limit_mb)))
+
+    def used(self, stage: str, path: Path) -> None:
+        """Mark an existing artifact as this run's input: an upstream it built on, or the cached artifact it reused.
+        Offline, W&B refuses `use_artifact`; the run then records the artifact with `use_after_commit`, which is how
+        `use_artifact` itself records a new artifact, and `wandb sync` turns it into the same edge."""
+
+        def _use():
+            artifact = _artifact(stage, path, self.upload_limit_mb)
+            if self.run.settings._offline:
+                self.run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+            else:
+                self.run.use_artifact(artifact)
+
+        self._call("use_artifact", _use)
+
+
+def current() -> Tracker:
+    """The Tracker of the innermost open run of this process (a no-op Tracker when none is open)."""
+    return _open[-1] if _open else Tracker()
+
+
+def keep_wandb_out(cfg: Config) -> None:
+    """With `logger=none`, make W&B unimportable for this process (`sys.modules["wandb"] = None`): transformers and
+    TRL import it merely to ask whether it is installed, which costs seconds and starts its machinery for nothing."""
+    if cfg.logger.name == "none" and "wandb" not in sys.modules:
+        sys.modules["wandb"] = None
+
+
+@contextmanager
+def stage_run(cfg: Config, stage: str):
+    """A W&B run around one stage execution (or a no-op Tracker when logging is off or not rank 0)."""
+    if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled" or not is_main_process():
+        _open.append(Tracker())
+        try:
+            yield _open[-1]
+        finally:
+            _open.pop()
+        return
+    name, sweep, job_dir = _hydra_context()
+    mode = cfg.logger.mode if cfg.logger.mode != "auto" else ("online" if _has_api_key() else "offline")
+    run = None
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            mode=mode,
+            group=cfg.logger.group or sweep or cfg.experiment,
+            job_type=stage,
+            name=f"{stage}:{name}" if name else stage,
+            config=to_plain(cfg),
+            tags=[cfg.model.name],
+            dir=str(job_dir) if job_dir else None,
+            settings=wandb.Settings(silent=True) if cfg.logger.quiet else None,
+        )
+        where = run.url if mode == "online" else run.dir
+        log.info("%s: W&B run %s (%s, group %s) -> %s", stage, run.name, mode, run.group, where)
+    except Exception as error:  # noqa: BLE001
+        log.warning("W&B init failed; %s continues without tracking: %s", stage, error)
+    if run is not None and job_dir is not None:  # where to find this stage's run, from the job directory
+        with open(job_dir / "wandb_runs.jsonl", "a") as handle:
+            handle.write(
+                json.dumps(
+                    {
+                        "stage": stage,
+                        "id": run.id,
+                        "group": run.group,
+                        "name": run.name,
+                        "job_type": stage,
+                        "mode": mode,
+                        "dir": run.dir,
+                    }
+                )
+                + "\n"
+            )
+    _open.append(Tracker(run, cfg.logger.upload_limit_mb))
+    try:
+        yield _open[-1]
+    finally:
+        _open.pop()
+        if run is not None:
+            try:
+                run.finish()
+            except Exception as error:  # noqa: BLE001
+                log.warning("W&B finish failed (results on disk are unaffected): %s", error)

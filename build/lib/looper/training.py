@@ -1,0 +1,102 @@
+"""What the SFT and DPO trainers share: the LoRA config, mixed-precision flags, the trainer arguments (named keys,
+the TRL pass-through, checkpoints), resuming from a checkpoint and the divergence check.
+
+Owns nothing a stage builds; must never import a stage.
+"""
+
+import dataclasses
+import difflib
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from looper import models
+from looper.config import Config, LoraSettings
+
+log = logging.getLogger(__name__)
+
+# the common trainer arguments the SFT and DPO sections name and document (looper/config/stages.py)
+NAMED = ("weight_decay", "lr_scheduler_type", "optim", "max_grad_norm", "use_liger_kernel")
+# looper's own: the pass-through may not set them (the schema's keys or looper's mechanics decide them)
+# transformers' new names for arguments looper sets, used where the installed release has them (the old ones warn)
+RENAMED = {"gradient_checkpointing": "activation_checkpointing"}
+RESERVED = ("output_dir", "report_to", "save_strategy", "save_steps", "save_total_limit", "resume_from_checkpoint")
+
+
+def check_passthrough(section: Any, name: str, args_class: Any, looper_sets: tuple = ()) -> None:
+    """Fail naming the key when `<name>.trainer` holds an argument TRL's `args_class` does not have (with the closest
+    one), or one that looper sets itself (a named key of the section, or what the stage derives from the schema)."""
+    known = {f.name for f in dataclasses.fields(args_class)}
+    for key in section.trainer:
+        if key in NAMED or key in RESERVED or key in looper_sets:
+            where = f"set {name}.{key}" if key in NAMED else f"looper sets it (the {name}.* keys: docs/config.md)"
+            raise ValueError(f"{name}.trainer.{key}: not a pass-through argument; {where}")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{name}.trainer.{key}: not an argument of TRL's {args_class.__name__}{hint}")
+
+
+def trainer_arguments(section: Any, name: str, args_class: Any, looper_sets: dict) -> Any:
+    """TRL's `args_class` built from what the stage sets (`looper_sets`), the section's named keys, its checkpoint
+    settings and its pass-through (`<name>.trainer`), after `check_passthrough`."""
+    check_passthrough(section, name, args_class, tuple(looper_sets))
+    known = {f.name for f in dataclasses.fields(args_class)}
+    looper_sets = {RENAMED.get(k, k) if RENAMED.get(k) in known else k: v for k, v in looper_sets.items()}
+    saving = (
+        {"save_strategy": "steps", "save_steps": section.save_steps, "save_total_limit": section.save_total_limit}
+        if section.save_steps
+        else {"save_strategy": "no"}
+    )
+    return args_class(**looper_sets, **{key: getattr(section, key) for key in NAMED}, **saving, **section.trainer)
+
+
+def last_checkpoint(trainer_dir: Path, stage: str) -> Optional[str]:
+    """The newest complete checkpoint a crashed or killed build left in `trainer_dir` (None: start from step 0)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    if found:
+        log.info("%s: resuming from %s (step %s)", stage, found, Path(found).name.rsplit("-", 1)[-1])
+    return found
+
+
+def drop_checkpoints(trainer_dir: Path) -> None:
+    """Delete the checkpoints once the model is saved: they insure a build, the artifact is the model."""
+    for checkpoint in trainer_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def peft_config(lora: LoraSettings):
+    """PEFT's LoraConfig for `lora` settings."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def trainer_precision(cfg: Config) -> dict:
+    """bf16/fp16 mixed precision flags matching the model dtype."""
+    dtype = models.resolve_dtype(cfg.model.dtype)
+    return {"bf16": str(dtype) == "torch.bfloat16", "fp16": str(dtype) == "torch.float16"}
+
+
+def ensure_finite(stage: str, trainer, final_loss: float, learning_rate_key: str) -> None:
+    """Fail (so the artifact is never marked DONE) when training diverged: a non-finite logged loss or weight."""
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry] + [final_loss]
+    bad = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad or not all(math.isfinite(loss) for loss in losses):
+        raise RuntimeError(
+            f"{stage}: training diverged (losses {losses[-3:]}, {len(bad)} weight tensors with NaN or "
+            f"inf{', e.g. ' + bad[0] if bad else ''}); nothing was saved. Lower {learning_rate_key} "
+            f"(or check the data)"
+        )
