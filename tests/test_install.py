@@ -16,7 +16,9 @@ def installed(tmp_path_factory):
     """looper installed from a copy of the sources with `pip install --no-deps` (not editable) into a directory of
     its own; the environment's dependencies serve it. Returns (bin dir, environment with it first on the path)."""
     where = tmp_path_factory.mktemp("install")
-    ignore = shutil.ignore_patterns(".venv", ".git", "outputs", "*.egg-info", "__pycache__", ".whl", ".bnb", "wandb")
+    ignore = shutil.ignore_patterns(
+        ".venv", ".git", "outputs", "build", "*.egg-info", "__pycache__", ".whl", ".bnb", "wandb"
+    )
     shutil.copytree(ROOT, where / "src", ignore=ignore)
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
