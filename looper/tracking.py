@@ -250,6 +250,8 @@ def stage_run(cfg: Config, stage: str):
     name, sweep, job_dir = _hydra_context()
     mode = cfg.logger.mode if cfg.logger.mode != "auto" else ("online" if _has_api_key() else "offline")
     run = None
+    if cfg.logger.quiet:  # W&B's console output, its warnings from inside TRL's callbacks included, goes to its debug
+        os.environ["WANDB_SILENT"] = "true"  # log instead (read when W&B first sets up in this process)
     try:
         import wandb
 

@@ -82,8 +82,9 @@ def tiny_sft(fast_cfg):
     return cfg, store, models.base_model_path(cfg, store), pipeline.artifact(cfg, store, "sft")
 
 
-def looper_cli(*args: str, cwd: Path = ROOT, timeout: int = 600):
-    """Run `python -m looper ARGS` in a subprocess, offline; returns the CompletedProcess."""
+def looper_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, wandb_silent: bool = True):
+    """Run `python -m looper ARGS` in a subprocess, offline; returns the CompletedProcess. `wandb_silent=False` leaves
+    W&B's console output to looper (`logger.quiet`)."""
     import subprocess
     import sys
 
@@ -94,6 +95,8 @@ def looper_cli(*args: str, cwd: Path = ROOT, timeout: int = 600):
         "WANDB_SILENT": "true",
         "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
+    if not wandb_silent:
+        del env["WANDB_SILENT"]
     return subprocess.run(
         [sys.executable, "-m", "looper", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -51,7 +51,11 @@ class LoggerConfig:
     entity: Optional[str] = doc("W&B entity (team or user; null: your default).", None)
     mode: str = doc("online, offline or disabled; `auto` is online when an API key is set up, else offline.", "auto")
     group: Optional[str] = doc("W&B group (null: the experiment name, or the sweep directory in multirun).", None)
-    quiet: bool = doc("W&B's own console banners off; looper logs one line per run naming where it logs.", True)
+    quiet: bool = doc(
+        "W&B's own console output off (banners, and its warnings, which go to its debug log in the run's wandb/ "
+        "directory); looper logs one line per run naming where it logs.",
+        True,
+    )
     upload_limit_mb: float = doc(
         "Files of a stage artifact up to this size are uploaded into its W&B artifact; larger ones (model weights, "
         "big record files) are referenced by their path, not copied.",
