@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 # the common trainer arguments the SFT and DPO sections name and document (looper/config/stages.py)
 NAMED = ("weight_decay", "lr_scheduler_type", "optim", "max_grad_norm", "use_liger_kernel")
-# looper's own: the pass-through may not set them (the schema's keys or looper's mechanics decide them)
 # transformers' new names for arguments looper sets, used where the installed release has them (the old ones warn)
 RENAMED = {"gradient_checkpointing": "activation_checkpointing"}
+# looper's own: the pass-through may not set them (the schema's keys or looper's mechanics decide them)
 RESERVED = ("output_dir", "report_to", "save_strategy", "save_steps", "save_total_limit", "resume_from_checkpoint")
 
 
@@ -31,8 +31,9 @@ def check_passthrough(section: Any, name: str, args_class: Any, looper_sets: tup
     """Fail naming the key when `<name>.trainer` holds an argument TRL's `args_class` does not have (with the closest
     one), or one that looper sets itself (a named key of the section, or what the stage derives from the schema)."""
     known = {f.name for f in dataclasses.fields(args_class)}
+    owned = set(looper_sets) | {RENAMED[key] for key in looper_sets if key in RENAMED}
     for key in section.trainer:
-        if key in NAMED or key in RESERVED or key in looper_sets:
+        if key in NAMED or key in RESERVED or key in owned:
             where = f"set {name}.{key}" if key in NAMED else f"looper sets it (the {name}.* keys: docs/config.md)"
             raise ValueError(f"{name}.trainer.{key}: not a pass-through argument; {where}")
         if key not in known:

@@ -86,6 +86,7 @@ def test_a_key_the_schema_does_not_know_fails_naming_it(override, message):
         ("+sft.trainer.weight_decay=0.1", r"sft.trainer.weight_decay: .*set sft.weight_decay"),
         ("+dpo.trainer.learning_rate=0.1", r"dpo.trainer.learning_rate: .*looper sets it"),
         ("+dpo.trainer.output_dir=x", r"dpo.trainer.output_dir: .*looper sets it"),
+        ("+sft.trainer.activation_checkpointing=true", r"sft.trainer.activation_checkpointing: .*looper sets it"),
     ],
 )
 def test_the_passthrough_is_checked_against_trl_at_start(override, message):
