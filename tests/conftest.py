@@ -102,6 +102,30 @@ def looper_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, wandb_silent: b
     )
 
 
+def looper_on_two_processes(*args: str, timeout: int = 600):
+    """Run `python -m looper ARGS` under `accelerate launch --num_processes 2` (CPU: gloo); the CompletedProcess.
+    `--multi_gpu` selects accelerate's torchrun launcher; with no GPU the processes run on the CPU over gloo (`--cpu`
+    would select its single-process launcher)."""
+    import subprocess
+    import sys
+
+    launch = ["--num_processes", "2", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", *launch, "--dynamo_backend", "no", "-m", "looper", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def cache_sharing_models(artifacts: Path, cache: Path) -> Path:
     """A fresh artifact cache that shares the session's trained models (base, sft) but nothing downstream."""
     for stage in ("base", "sft"):

@@ -2,14 +2,18 @@
 records are reproducible, resumable and the same under two processes; per-arm credit in stats, PNG and W&B."""
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 from looper import bandit, rollout
-from tests.conftest import FAST, ROOT, cache_sharing_models, compose, kill_when_written, looper_cli
+from tests.conftest import (
+    FAST,
+    cache_sharing_models,
+    compose,
+    kill_when_written,
+    looper_cli,
+    looper_on_two_processes,
+)
 
 FAST_W = [o for o in FAST if not o.startswith("arms.")]  # FAST tunes the `single` arm-set's arm
 
@@ -81,31 +85,9 @@ def test_a_killed_bandit_rollout_resumes_to_the_same_records_and_two_processes_g
     )
     assert resumed == reference
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     two = cache_sharing_models(artifacts, tmp_path / "two")
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--multi_gpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "looper",
-    ]
-    result = subprocess.run(
-        [*launch, f"paths.artifacts={two}", f"hydra.run.dir={tmp_path / 'c'}", *overrides, "stage=rollout"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = looper_on_two_processes(
+        f"paths.artifacts={two}", f"hydra.run.dir={tmp_path / 'c'}", *overrides, "stage=rollout"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     artifact = next(p for p in two.glob("rollout/*") if p.is_dir() and not p.name.endswith(".partial"))

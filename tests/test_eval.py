@@ -2,9 +2,6 @@
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from looper.artifacts import ArtifactStore
 from looper.engine.kernels import attention
 from looper.engine.paged import PagedGenerator
 from looper.models import PLATINUM_PROMPT
-from tests.conftest import ROOT, looper_cli, shared_file
+from tests.conftest import looper_cli, shared_file
 
 
 def test_the_official_platinum_prompt_wraps_the_question_in_the_model_format(tiny_sft):
@@ -195,7 +192,7 @@ def test_a_killed_platinum_evaluation_finishes_on_rerun_without_recomputing(arti
 
 
 def test_two_processes_give_the_same_predictions_as_one(artifacts, tiny_sft, fast_cfg, tmp_path):
-    from tests.conftest import FAST, cache_sharing_models
+    from tests.conftest import FAST, cache_sharing_models, looper_on_two_processes
 
     overrides = ["eval.targets=[sft]", "eval.num_questions=10", "eval.max_new_tokens=30"]
     cfg = fast_cfg(*overrides)
@@ -203,34 +200,12 @@ def test_two_processes_give_the_same_predictions_as_one(artifacts, tiny_sft, fas
         pipeline.evaluate(cfg, ArtifactStore(cfg.paths.artifacts), "sft", "synthetic_test")
     )
     cache = cache_sharing_models(artifacts, tmp_path / "cache")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            "2",
-            "--multi_gpu",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "looper",
-            f"paths.artifacts={cache}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            *FAST,
-            *overrides,
-            "stage=eval",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = looper_on_two_processes(
+        f"paths.artifacts={cache}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *FAST,
+        *overrides,
+        "stage=eval",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (artifact,) = [

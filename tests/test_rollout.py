@@ -1,14 +1,18 @@
 """Rollouts: record schema, reproducibility, a scorer plugged in by config, resume after SIGKILL, two processes."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from looper import rollout
 from looper.engine import sampling
-from tests.conftest import FAST, ROOT, cache_sharing_models, compose, kill_when_written, looper_cli
+from tests.conftest import (
+    FAST,
+    cache_sharing_models,
+    compose,
+    kill_when_written,
+    looper_cli,
+    looper_on_two_processes,
+)
 
 RECORD_KEYS = {
     "question_id",
@@ -125,35 +129,11 @@ def test_a_rollout_killed_half_way_resumes_to_the_same_records(artifacts, tiny_s
 def test_two_processes_give_the_same_records_as_one(artifacts, tiny_sft, fast_cfg, tmp_path):
     overrides = [*FAST, "rollout.num_questions=10", "reward.cf_samples=1"]
     reference = _build(fast_cfg(*overrides[len(FAST) :]), tiny_sft[3], tmp_path / "reference")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    # `--multi_gpu` selects accelerate's torchrun launcher; with no GPU the processes run on the CPU over gloo
-    # (`--cpu` would select its single-process launcher)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            "2",
-            "--multi_gpu",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "looper",
-            f"paths.artifacts={artifacts}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            *overrides,
-            "stage=rollout",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = looper_on_two_processes(
+        f"paths.artifacts={artifacts}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *overrides,
+        "stage=rollout",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     made = [json.loads(line) for line in (tmp_path / "run" / "artifacts.jsonl").read_text().splitlines()]
