@@ -14,7 +14,7 @@ from trl import DPOConfig, SFTConfig
 
 from looper import dpo, pipeline, preflight, sft, training
 from looper.artifacts import ArtifactStore
-from tests.conftest import ROOT, compose, looper_cli
+from tests.conftest import FAST, ROOT, compose, looper_cli
 from tests.test_training import _pairs_dir
 
 
@@ -165,7 +165,7 @@ def _same(a: dict, b: dict) -> float:
 def test_a_killed_sft_resumes_from_its_last_checkpoint(fast_cfg, tiny_sft, tmp_path, caplog):
     settings = ("sft.max_steps=40", "sft.save_steps=10")
     cfg, store = fast_cfg(*settings), ArtifactStore(tiny_sft[1].root)
-    overrides = [f"paths.artifacts={cfg.paths.artifacts}", *_fast_overrides(), *settings]
+    overrides = [f"paths.artifacts={cfg.paths.artifacts}", *FAST, *settings]
     _killed("sft", 25, "", "", overrides)
     with caplog.at_level(logging.INFO, logger="looper.training"):
         resumed = pipeline.artifact(cfg, store, "sft")
@@ -187,7 +187,7 @@ def test_a_killed_dpo_resumes_from_its_last_checkpoint(fast_cfg, tiny_sft, tmp_p
     killed.mkdir()
     (tmp_path / "up").symlink_to(up)
     (tmp_path / "up-pairs").symlink_to(pairs)
-    overrides = [f"paths.artifacts={cfg.paths.artifacts}", *_fast_overrides(), *settings]
+    overrides = [f"paths.artifacts={cfg.paths.artifacts}", *FAST, *settings]
     _killed("dpo", 5, str(tmp_path / "up"), killed, overrides)
     assert sorted(p.name for p in (killed / "trainer").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     with caplog.at_level(logging.INFO, logger="looper.training"):
@@ -197,12 +197,6 @@ def test_a_killed_dpo_resumes_from_its_last_checkpoint(fast_cfg, tiny_sft, tmp_p
     whole.mkdir()
     dpo.build(cfg, {"sft": up, "preferences": pairs}, whole)
     assert _same(_weights(killed), _weights(whole)) == 0.0
-
-
-def _fast_overrides() -> list[str]:
-    from tests.conftest import FAST
-
-    return list(FAST)
 
 
 def test_a_dpo_eval_split_holds_out_whole_questions(fast_cfg, tiny_sft, tmp_path):

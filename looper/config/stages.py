@@ -19,16 +19,45 @@ class StageConfig:
         _choice(self.name, "stage", STAGES)
 
 
-def _trainer_checks(section: Any, name: str) -> None:
-    """The checks the SFT and DPO sections share (TRL's own dataclass checks the pass-through: looper/training.py)."""
-    _check(section.weight_decay >= 0, f"{name}.weight_decay", f"must be >= 0, got {section.weight_decay}")
-    _positive(section.max_grad_norm, f"{name}.max_grad_norm")
-    _check(section.save_steps >= 0, f"{name}.save_steps", f"must be >= 0, got {section.save_steps}")
-    _positive(section.save_total_limit, f"{name}.save_total_limit")
+@dataclass
+class TrainerSettings:
+    """The TRL arguments SFT and DPO both name (looper/training.py passes them on), their checkpoints and the
+    pass-through of any other argument."""
+
+    weight_decay: float = doc("AdamW weight decay.", 0.0)
+    lr_scheduler_type: str = doc(
+        "Learning-rate schedule (transformers' SchedulerType: linear, cosine, constant, ...).", "cosine"
+    )
+    optim: str = doc(
+        "Optimizer (transformers' OptimizerNames: adamw_torch_fused, adamw_torch, adamw_8bit, ...).",
+        "adamw_torch_fused",
+    )
+    max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
+    use_liger_kernel: bool = doc("Liger's fused Triton kernels (needs `liger-kernel`; GPU).", False)
+    save_steps: int = doc(
+        "Save a checkpoint every N optimizer steps into the artifact's `.partial/trainer/`; a crashed or killed run "
+        "resumes from the last one. 0: no checkpoints. The finished artifact keeps the model only.",
+        200,
+        identity=False,
+    )
+    save_total_limit: int = doc("Checkpoints kept while training (the oldest are deleted).", 2, identity=False)
+    trainer: Dict[str, Any] = doc(
+        "Any other argument of TRL's `SFTConfig` (sft) or `DPOConfig` (dpo), passed through as given "
+        "(`+sft.trainer.<arg>=value`, `+dpo.trainer.<arg>=value`); checked against TRL's dataclass at start, so a "
+        "misspelt argument fails naming it.",
+        factory=dict,
+    )
+
+    def check_trainer(self, name: str) -> None:
+        """The checks of these fields (TRL's own dataclass checks the pass-through: looper/training.py)."""
+        _check(self.weight_decay >= 0, f"{name}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _positive(self.max_grad_norm, f"{name}.max_grad_norm")
+        _check(self.save_steps >= 0, f"{name}.save_steps", f"must be >= 0, got {self.save_steps}")
+        _positive(self.save_total_limit, f"{name}.save_total_limit")
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(TrainerSettings):
     learning_rate: float = doc("Peak learning rate.", 2e-4)
     epochs: float = doc("Passes over the training problems (ignored when max_steps > 0).", 3.0)
     max_steps: int = doc("Optimizer steps; -1 means use `epochs`.", -1)
@@ -51,28 +80,6 @@ class SFTConfig:
     )
     num_examples: Optional[int] = doc("Use only the first N training problems (null: all).", None)
     logging_steps: int = doc("Log the loss every N steps.", 10, identity=False)
-    weight_decay: float = doc("AdamW weight decay.", 0.0)
-    lr_scheduler_type: str = doc(
-        "Learning-rate schedule (transformers' SchedulerType: linear, cosine, constant, ...).", "cosine"
-    )
-    optim: str = doc(
-        "Optimizer (transformers' OptimizerNames: adamw_torch_fused, adamw_torch, adamw_8bit, ...).",
-        "adamw_torch_fused",
-    )
-    max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
-    use_liger_kernel: bool = doc("Liger's fused Triton kernels (needs `liger-kernel`; GPU).", False)
-    save_steps: int = doc(
-        "Save a checkpoint every N optimizer steps into the artifact's `.partial/trainer/`; a crashed or killed run "
-        "resumes from the last one. 0: no checkpoints. The finished artifact keeps the model only.",
-        200,
-        identity=False,
-    )
-    save_total_limit: int = doc("Checkpoints kept while training (the oldest are deleted).", 2, identity=False)
-    trainer: Dict[str, Any] = doc(
-        "Any other argument of TRL's `SFTConfig`, passed through as given (`+sft.trainer.<arg>=value`); checked "
-        "against TRL's dataclass at start, so a misspelt argument fails naming it.",
-        factory=dict,
-    )
 
     def __post_init__(self):
         for name in (
@@ -88,7 +95,7 @@ class SFTConfig:
         _check(self.learning_rate <= 1, "sft.learning_rate", f"must be at most 1, got {self.learning_rate}")
         _check(self.max_steps == -1 or self.max_steps > 0, "sft.max_steps", "must be -1 or positive")
         _fraction(self.warmup_ratio, "sft.warmup_ratio")
-        _trainer_checks(self, "sft")
+        self.check_trainer("sft")
 
 
 @dataclass
@@ -164,7 +171,7 @@ class PreferencesConfig:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(TrainerSettings):
     beta: float = doc("DPO temperature: how far the policy may move from the reference.", 0.1)
     loss_type: str = doc("TRL loss name (sigmoid, ipo, hinge, robust, ...).", "sigmoid")
     learning_rate: float = doc("Peak learning rate.", 5e-6)
@@ -193,27 +200,8 @@ class DPOConfig:
         identity=False,
     )
     warmup_ratio: float = doc("Share of steps with linear warmup.", 0.0)
-    weight_decay: float = doc("AdamW weight decay.", 0.0)
     lr_scheduler_type: str = doc(
         "Learning-rate schedule (transformers' SchedulerType: linear, cosine, constant, ...).", "linear"
-    )
-    optim: str = doc(
-        "Optimizer (transformers' OptimizerNames: adamw_torch_fused, adamw_torch, adamw_8bit, ...).",
-        "adamw_torch_fused",
-    )
-    max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
-    use_liger_kernel: bool = doc("Liger's fused Triton kernels (needs `liger-kernel`; GPU).", False)
-    save_steps: int = doc(
-        "Save a checkpoint every N optimizer steps into the artifact's `.partial/trainer/`; a crashed or killed run "
-        "resumes from the last one. 0: no checkpoints. The finished artifact keeps the model only.",
-        200,
-        identity=False,
-    )
-    save_total_limit: int = doc("Checkpoints kept while training (the oldest are deleted).", 2, identity=False)
-    trainer: Dict[str, Any] = doc(
-        "Any other argument of TRL's `DPOConfig`, passed through as given (`+dpo.trainer.<arg>=value`); checked "
-        "against TRL's dataclass at start, so a misspelt argument fails naming it.",
-        factory=dict,
     )
     eval_fraction: float = doc(
         "Share of the questions whose pairs are held out as a DPO eval split (its loss and reward curves are logged "
@@ -246,7 +234,7 @@ class DPOConfig:
         _fraction(self.warmup_ratio, "dpo.warmup_ratio")
         _check(0 <= self.eval_fraction < 1, "dpo.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         _positive(self.eval_steps, "dpo.eval_steps")
-        _trainer_checks(self, "dpo")
+        self.check_trainer("dpo")
 
 
 @dataclass
