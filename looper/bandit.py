@@ -93,9 +93,14 @@ def allocate(
     return chosen
 
 
-def read_rounds(out: Path, pattern: str = ROUNDS) -> list[dict]:
-    """Every process's round records in `out`."""
-    return [json.loads(line) for path in sorted(out.glob(pattern)) for line in path.read_text().splitlines() if line]
+def read_rounds(out: Path, before: int) -> list[dict]:
+    """Every process's records of the rounds before `before` in `out`. The other processes may be appending their
+    records of round `before` meanwhile, so a line not yet ended by its newline is left out, like those records."""
+    records = []
+    for path in sorted(out.glob(ROUNDS)):
+        text = path.read_text()
+        records += [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line]
+    return [r for r in records if r["round"] < before]
 
 
 def complete_groups(path: Path, sizes: list[int]) -> list[dict]:
@@ -129,7 +134,8 @@ def run_rounds(
     for round_ in range(cfg.rollout.rounds):
         todo = [p for p in problems if not any(r["round"] == round_ for r in mine[p["id"]])]
         if todo:
-            pooled, variance = posteriors(cfg, [r for r in read_rounds(out) if r["round"] < round_], order)
+            # (round 0 reads nothing: another process may still be rewriting its file after a crash, `complete_groups`)
+            pooled, variance = posteriors(cfg, read_rounds(out, round_) if round_ else [], order)
             arms = {}
             for p in todo:
                 if round_ == 0:

@@ -105,11 +105,12 @@ def looper_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, wandb_silent: b
 def looper_on_two_processes(*args: str, timeout: int = 600):
     """Run `python -m looper ARGS` under `accelerate launch --num_processes 2` (CPU: gloo); the CompletedProcess.
     `--multi_gpu` selects accelerate's torchrun launcher; with no GPU the processes run on the CPU over gloo (`--cpu`
-    would select its single-process launcher)."""
+    would select its single-process launcher). `--tee 3` prefixes each process's lines with `[default<rank>]:`, which
+    `each_rank` untangles."""
     import subprocess
     import sys
 
-    launch = ["--num_processes", "2", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no"]
+    launch = ["--num_processes", "2", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--tee", "3"]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
@@ -123,6 +124,20 @@ def looper_on_two_processes(*args: str, timeout: int = 600):
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def each_rank(result, lines: int = 40) -> str:
+    """The last `lines` lines each process of a `looper_on_two_processes` run wrote (stdout and stderr), then the
+    launcher's own: a failure message that shows the rank that failed first, not only the one that waited for it."""
+    streams: dict[str, list[str]] = {}
+    for line in (result.stdout + result.stderr).splitlines():
+        prefix, tagged, rest = line.partition("]:")
+        who = prefix[1:] if tagged and prefix.startswith("[default") else "launcher"
+        streams.setdefault(who, []).append(rest if who != "launcher" else line)
+    return "\n".join(
+        f"--- {who} (exit code {result.returncode}) ---\n" + "\n".join(text[-lines:])
+        for who, text in sorted(streams.items())
     )
 
 

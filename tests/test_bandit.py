@@ -10,6 +10,7 @@ from tests.conftest import (
     FAST,
     cache_sharing_models,
     compose,
+    each_rank,
     kill_when_written,
     looper_cli,
     looper_on_two_processes,
@@ -89,7 +90,7 @@ def test_a_killed_bandit_rollout_resumes_to_the_same_records_and_two_processes_g
     result = looper_on_two_processes(
         f"paths.artifacts={two}", f"hydra.run.dir={tmp_path / 'c'}", *overrides, "stage=rollout"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, each_rank(result)
     artifact = next(p for p in two.glob("rollout/*") if p.is_dir() and not p.name.endswith(".partial"))
     assert sorted(p.name for p in artifact.glob("rounds.rank*.jsonl")) == ["rounds.rank0.jsonl", "rounds.rank1.jsonl"]
     assert rollout.read_trajectories(artifact) == reference
@@ -123,3 +124,18 @@ def test_the_demo_with_a_bandit_writes_per_arm_credit_to_stats_png_and_wandb(art
     tables = [p.name for p in run_dir.rglob("*.table.json")]
     assert any(name.startswith("preferences/arm_credit") or "arm_credit" in name for name in tables), tables
     assert any("allocation" in name for name in tables), tables
+
+
+def test_reading_the_rounds_skips_a_line_another_process_is_still_writing(tmp_path):
+    done = [{"question_id": "q1", "round": 0, "arm": "a", "sample": 0}, {"question_id": "q2", "round": 0}]
+    (tmp_path / "rounds.rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in done))
+    # rank 1 has finished round 0 and is halfway through writing a round-1 record
+    (tmp_path / "rounds.rank1.jsonl").write_text(
+        json.dumps({"question_id": "q3", "round": 0}) + '\n{"question_id": "q4", "ro'
+    )
+    assert [r["question_id"] for r in bandit.read_rounds(tmp_path, 1)] == ["q1", "q2", "q3"]
+    (tmp_path / "rounds.rank1.jsonl").write_text(
+        json.dumps({"question_id": "q3", "round": 0}) + "\n" + json.dumps({"question_id": "q4", "round": 1}) + "\n"
+    )
+    assert [r["question_id"] for r in bandit.read_rounds(tmp_path, 1)] == ["q1", "q2", "q3"]  # not the later round
+    assert len(bandit.read_rounds(tmp_path, 2)) == 4

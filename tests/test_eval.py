@@ -192,7 +192,7 @@ def test_a_killed_platinum_evaluation_finishes_on_rerun_without_recomputing(arti
 
 
 def test_two_processes_give_the_same_predictions_as_one(artifacts, tiny_sft, fast_cfg, tmp_path):
-    from tests.conftest import FAST, cache_sharing_models, looper_on_two_processes
+    from tests.conftest import FAST, cache_sharing_models, each_rank, looper_on_two_processes
 
     overrides = ["eval.targets=[sft]", "eval.num_questions=10", "eval.max_new_tokens=30"]
     cfg = fast_cfg(*overrides)
@@ -207,7 +207,7 @@ def test_two_processes_give_the_same_predictions_as_one(artifacts, tiny_sft, fas
         *overrides,
         "stage=eval",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, each_rank(result)
     (artifact,) = [
         p
         for p in (cache / "eval").iterdir()

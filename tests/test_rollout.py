@@ -9,6 +9,7 @@ from tests.conftest import (
     FAST,
     cache_sharing_models,
     compose,
+    each_rank,
     kill_when_written,
     looper_cli,
     looper_on_two_processes,
@@ -135,7 +136,7 @@ def test_two_processes_give_the_same_records_as_one(artifacts, tiny_sft, fast_cf
         *overrides,
         "stage=rollout",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, each_rank(result)
     made = [json.loads(line) for line in (tmp_path / "run" / "artifacts.jsonl").read_text().splitlines()]
     artifact = Path(next(r["path"] for r in made if r["stage"] == "rollout"))
     assert sorted(p.name for p in artifact.glob("trajectories.rank*.jsonl")) == [
