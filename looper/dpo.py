@@ -256,7 +256,7 @@ def spec(cfg: Config, up: dict, store=None) -> dict:
         "preferences": Path(up["preferences"]).name,
         "dpo": identity(cfg.dpo),
         "lora": identity(cfg.lora),
-        "model": identity(cfg.model),
+        "model": identity(cfg.model, training=True),
         "seed": cfg.seed,
     }
 

@@ -152,7 +152,7 @@ def spec(cfg: Config, up: dict, store: ArtifactStore) -> dict:
     """What identifies the SFT artifact: the base model and the settings that change the trained weights."""
     return {
         "base": store.identity(up["base"], cfg.model.revision),
-        "model": identity(cfg.model),
+        "model": identity(cfg.model, training=True),
         "lora": identity(cfg.lora),
         "sft": identity(cfg.sft),
         "data": identity(cfg.data),

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from looper import models
+from looper import distributed, models
 from looper.config import Config, LoraSettings
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,14 @@ def peft_config(lora: LoraSettings):
 
 
 def trainer_precision(cfg: Config) -> dict:
-    """bf16/fp16 mixed precision flags matching the model dtype."""
+    """bf16/fp16 mixed precision flags matching the model dtype; and `use_cpu` under a multi-process launch without
+    CUDA: transformers' TrainingArguments resets accelerate's state and, unless told the job runs on the CPU, makes
+    a non-distributed one, so every process would train on all the data and write the same checkpoints."""
     dtype = models.resolve_dtype(cfg.model.dtype)
-    return {"bf16": str(dtype) == "torch.bfloat16", "fp16": str(dtype) == "torch.float16"}
+    flags = {"bf16": str(dtype) == "torch.bfloat16", "fp16": str(dtype) == "torch.float16"}
+    if distributed.world_size() > 1 and not torch.cuda.is_available():
+        flags["use_cpu"] = True
+    return flags
 
 
 def ensure_finite(stage: str, trainer, final_loss: float, learning_rate_key: str) -> None:

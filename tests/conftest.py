@@ -102,15 +102,20 @@ def looper_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, wandb_silent: b
     )
 
 
-def looper_on_two_processes(*args: str, timeout: int = 600):
-    """Run `python -m looper ARGS` under `accelerate launch --num_processes 2` (CPU: gloo); the CompletedProcess.
-    `--multi_gpu` selects accelerate's torchrun launcher; with no GPU the processes run on the CPU over gloo (`--cpu`
-    would select its single-process launcher). `--tee 3` prefixes each process's lines with `[default<rank>]:`, which
-    `each_rank` untangles."""
+def on_two_processes(*command: str, timeout: int = 600):
+    """Run `python COMMAND` (a script, or `-m module`, and its arguments) under `accelerate launch --num_processes 2`
+    (CPU: gloo); the CompletedProcess. `--multi_gpu` selects accelerate's torchrun launcher; with no GPU the processes
+    run on the CPU over gloo (`--cpu` would select its single-process launcher). `--tee 3` prefixes each process's
+    lines with `[default<rank>]:`, which `each_rank` untangles."""
+    import socket
     import subprocess
     import sys
 
+    with socket.socket() as probe:  # a free port: a launch never collides with another job on the default one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     launch = ["--num_processes", "2", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--tee", "3"]
+    launch += ["--main_process_port", str(port), "--dynamo_backend", "no"]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
@@ -118,7 +123,7 @@ def looper_on_two_processes(*args: str, timeout: int = 600):
         "OMP_NUM_THREADS": "1",
     }
     return subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", *launch, "--dynamo_backend", "no", "-m", "looper", *args],
+        [sys.executable, "-m", "accelerate.commands.launch", *launch, *command],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -127,8 +132,13 @@ def looper_on_two_processes(*args: str, timeout: int = 600):
     )
 
 
+def looper_on_two_processes(*args: str, timeout: int = 600):
+    """Run `python -m looper ARGS` on two processes (`on_two_processes`)."""
+    return on_two_processes("-m", "looper", *args, timeout=timeout)
+
+
 def each_rank(result, lines: int = 40) -> str:
-    """The last `lines` lines each process of a `looper_on_two_processes` run wrote (stdout and stderr), then the
+    """The last `lines` lines each process of an `on_two_processes` run wrote (stdout and stderr), then the
     launcher's own: a failure message that shows the rank that failed first, not only the one that waited for it."""
     streams: dict[str, list[str]] = {}
     for line in (result.stdout + result.stderr).splitlines():

@@ -14,7 +14,7 @@ from trl import DPOConfig, SFTConfig
 
 from looper import dpo, pipeline, preflight, sft, training
 from looper.artifacts import ArtifactStore
-from tests.conftest import FAST, ROOT, compose, looper_cli
+from tests.conftest import FAST, ROOT, cache_sharing_models, compose, each_rank, looper_cli, on_two_processes
 from tests.test_training import _pairs_dir
 
 
@@ -63,6 +63,17 @@ def test_a_trainer_key_changes_the_sft_artifact_key_and_a_logging_key_does_not(f
     assert key(fast_cfg("sft.weight_decay=0.1")) != key(fast_cfg())
     assert key(fast_cfg("+sft.trainer.neftune_noise_alpha=5")) != key(fast_cfg())
     assert key(fast_cfg("sft.save_steps=7", "sft.logging_steps=3")) == key(fast_cfg())
+
+
+def test_a_generation_limit_changes_the_rollout_key_but_not_the_trained_models(fast_cfg, artifacts):
+    from looper import rollout
+
+    store = ArtifactStore(artifacts)
+    up = {"base": "tiny", "sft": str(artifacts / "sft" / "s"), "preferences": str(artifacts / "preferences" / "p")}
+    key = lambda stage, cfg: store.path("any", stage.spec(cfg, up, store)).name  # noqa: E731
+    shorter = fast_cfg("model.max_new_tokens=24")
+    assert key(rollout, shorter) != key(rollout, fast_cfg())  # what is sampled depends on it
+    assert key(sft, shorter) == key(sft, fast_cfg()) and key(dpo, shorter) == key(dpo, fast_cfg())  # training not
 
 
 @pytest.mark.parametrize(
@@ -197,6 +208,42 @@ def test_a_killed_dpo_resumes_from_its_last_checkpoint(fast_cfg, tiny_sft, tmp_p
     whole.mkdir()
     dpo.build(cfg, {"sft": up, "preferences": pairs}, whole)
     assert _same(_weights(killed), _weights(whole)) == 0.0
+
+
+ARGUMENTS_ON_EACH_RANK = """
+import json, sys
+from pathlib import Path
+from trl import DPOConfig, SFTConfig
+from looper import distributed, dpo, sft, training
+from tests.conftest import FAST, compose
+distributed.init()
+cfg = compose(*FAST)
+for name, args_class, module in (("sft", SFTConfig, sft), ("dpo", DPOConfig, dpo)):
+    section, derived = getattr(cfg, name), module.looper_arguments(cfg, Path(sys.argv[1]))
+    args = training.trainer_arguments(section, name, args_class, derived)
+    print("ARGS", json.dumps([name, args.process_index, args.world_size, args.should_save]), flush=True)
+"""
+
+
+def test_on_two_cpu_processes_the_trainers_are_distributed_and_rank_0_alone_saves(tmp_path):
+    script = tmp_path / "arguments.py"
+    script.write_text(ARGUMENTS_ON_EACH_RANK)
+    result = on_two_processes(str(script), str(tmp_path))
+    assert result.returncode == 0, each_rank(result)
+    seen = sorted(json.loads(line.split("ARGS ", 1)[1]) for line in result.stdout.splitlines() if "ARGS " in line)
+    # (without `use_cpu` transformers made each process a world of one: both trained on everything and both saved)
+    assert seen == [[name, rank, 2, rank == 0] for name in ("dpo", "sft") for rank in (0, 1)]
+
+
+def test_a_two_process_sft_with_checkpoints_finishes(tiny_sft, tmp_path):
+    cache = cache_sharing_models(tiny_sft[1].root, tmp_path / "cache")
+    settings = ["sft.max_steps=6", "sft.save_steps=2", "sft.save_total_limit=1"]  # a new SFT key: trained here
+    result = on_two_processes(
+        "-m", "looper", f"paths.artifacts={cache}", f"hydra.run.dir={tmp_path / 'run'}", *FAST, *settings, "stage=sft"
+    )
+    assert result.returncode == 0, each_rank(result)
+    (made,) = [p for p in (cache / "sft").iterdir() if p.is_dir() and not p.is_symlink()]
+    assert (made / "DONE").is_file() and not list((made / "trainer").glob("checkpoint-*"))
 
 
 def test_a_dpo_eval_split_holds_out_whole_questions(fast_cfg, tiny_sft, tmp_path):

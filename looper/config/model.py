@@ -86,6 +86,7 @@ class ModelConfig:
     max_new_tokens: int = doc(
         "Generation limit for rollouts and evaluation (each overridable: rollout.max_new_tokens, eval.max_new_tokens).",
         512,
+        generation=True,
     )
     dtype: str = doc(
         "`auto` (bf16 if supported, else fp16 on CUDA, fp32 on CPU), bfloat16, float16 or float32.", "auto"
