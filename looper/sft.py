@@ -34,12 +34,14 @@ def _length_grouping(args_class, enabled: bool) -> dict:
     return {"group_by_length": enabled}
 
 
-def training_examples(cfg: Config, tokenizer) -> list[dict]:
+def training_examples(cfg: Config, tokenizer, split: str = "train") -> list[dict]:
     """SFT rows: the model's own prompt for each training question and its GSM8K solution as the completion (in
-    the model's format: models.build_completion)."""
-    train = load_splits(cfg.data)["train"][: cfg.sft.num_examples]
+    the model's format: models.build_completion). `split="dev"`: the first sft.eval_examples dev problems instead,
+    the eval rows."""
+    problems = load_splits(cfg.data)[split]
+    problems = problems[: cfg.sft.num_examples] if split == "train" else problems[: cfg.sft.eval_examples]
     rows = []
-    for row in train:
+    for row in problems:
         prompt = models.build_prompt(cfg.model, tokenizer, row["question"])
         rows.append({"prompt": prompt, "completion": models.build_completion(cfg.model, row["answer"], prompt)})
     return rows
@@ -68,6 +70,7 @@ def looper_arguments(cfg: Config, out: Path, report_to: str = "none") -> dict:
         num_train_epochs=cfg.sft.epochs,
         max_steps=cfg.sft.max_steps,
         per_device_train_batch_size=cfg.sft.batch_size,
+        per_device_eval_batch_size=cfg.sft.batch_size,
         gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps,
         max_length=None,
         padding_free=cfg.sft.padding_free,
@@ -79,6 +82,8 @@ def looper_arguments(cfg: Config, out: Path, report_to: str = "none") -> dict:
         completion_only_loss=True,
         **_length_grouping(SFTConfig, cfg.sft.group_by_length),
         logging_steps=cfg.sft.logging_steps,
+        eval_strategy="steps" if cfg.sft.eval_examples else "no",
+        eval_steps=(cfg.sft.eval_steps or cfg.sft.logging_steps) if cfg.sft.eval_examples else None,
         report_to=report_to,
         seed=cfg.seed,
         dataloader_num_workers=0,
@@ -103,11 +108,15 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
     dataset = Dataset.from_list(
         tokenize_examples(tokenizer, examples if examples is not None else training_examples(cfg, tokenizer))
     )
+    held_out = training_examples(cfg, tokenizer, "dev") if cfg.sft.eval_examples else []
+    if cfg.sft.eval_examples and not held_out:
+        raise ValueError(f"sft.eval_examples={cfg.sft.eval_examples}: data {cfg.data.name!r} has no dev problems")
     args = trainer_arguments(cfg.sft, "sft", SFTConfig, looper_arguments(cfg, out, report_to))
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=Dataset.from_list(tokenize_examples(tokenizer, held_out)) if held_out else None,
         processing_class=tokenizer,
         peft_config=peft_config(cfg.lora) if cfg.lora.enabled else None,
     )
@@ -124,6 +133,8 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
         )
     if len(trainer.train_dataset) == 0:
         raise ValueError(f"sft: every example is longer than sft.max_length={cfg.sft.max_length} tokens")
+    if trainer.eval_dataset is not None:
+        trainer.eval_dataset = trainer.eval_dataset.filter(lambda row: len(row["input_ids"]) <= cfg.sft.max_length)
     return trainer
 
 

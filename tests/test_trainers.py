@@ -265,6 +265,20 @@ def test_a_dpo_eval_split_holds_out_whole_questions(fast_cfg, tiny_sft, tmp_path
     assert "eval_rewards/margins" in evals[0]
 
 
+def test_an_sft_eval_on_dev_problems_logs_its_loss_and_leaves_the_weights_alone(fast_cfg, tiny_sft, tmp_path):
+    settings = ("sft.max_steps=6", "sft.save_steps=0")
+    plain = sft.make_trainer(fast_cfg(*settings), tiny_sft[2], tmp_path / "plain")
+    assert plain.eval_dataset is None and plain.args.eval_strategy == "no"
+    plain.train()  # (before the next trainer's arguments reset accelerate's state)
+    held = sft.make_trainer(fast_cfg(*settings, "sft.eval_examples=8", "sft.eval_steps=3"), tiny_sft[2], tmp_path / "e")
+    assert len(held.eval_dataset) == 8
+    held.train()
+    evals = [e for e in held.state.log_history if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [3, 6] and all(torch.isfinite(torch.tensor(e["eval_loss"])) for e in evals)
+    ours, theirs = plain.model.state_dict(), held.model.state_dict()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) == 0.0  # so it stays out of the key
+
+
 def test_looper_sets_the_trainers_arguments_without_deprecation_warnings(fast_cfg):
     import warnings
 

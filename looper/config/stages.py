@@ -80,6 +80,15 @@ class SFTConfig(TrainerSettings):
     )
     num_examples: Optional[int] = doc("Use only the first N training problems (null: all).", None)
     logging_steps: int = doc("Log the loss every N steps.", 10, identity=False)
+    eval_examples: int = doc(
+        "Dev-split problems whose gold solutions give an eval loss every sft.eval_steps (logged as eval/loss; the "
+        "trained weights do not change); 0: no eval.",
+        0,
+        identity=False,
+    )
+    eval_steps: Optional[int] = doc(
+        "Evaluate the sft.eval_examples every N steps (null: sft.logging_steps).", None, identity=False
+    )
 
     def __post_init__(self):
         for name in (
@@ -90,8 +99,10 @@ class SFTConfig(TrainerSettings):
             "max_length",
             "num_examples",
             "logging_steps",
+            "eval_steps",
         ):
             _positive(getattr(self, name), f"sft.{name}")
+        _check(self.eval_examples >= 0, "sft.eval_examples", f"must be >= 0, got {self.eval_examples}")
         _check(self.learning_rate <= 1, "sft.learning_rate", f"must be at most 1, got {self.learning_rate}")
         _check(self.max_steps == -1 or self.max_steps > 0, "sft.max_steps", "must be -1 or positive")
         _fraction(self.warmup_ratio, "sft.warmup_ratio")
