@@ -98,6 +98,8 @@ def test_a_wrong_type_fails_naming_the_key():
         ("eval.scorers=[strict,bogus]", "eval.scorers"),
         ("lora.dropout=1.5", "lora.dropout"),
         ("arms.plain.family=poetic", "arms.plain.family"),
+        ("sft.eval_examples=-1", "sft.eval_examples"),
+        ("sft.eval_steps=0", "sft.eval_steps"),
     ],
 )
 def test_a_bad_value_fails_naming_the_key_and_what_is_allowed(override, key):
