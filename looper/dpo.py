@@ -30,7 +30,7 @@ from looper.training import (
     last_checkpoint,
     peft_config,
     trainer_arguments,
-    trainer_precision,
+    trainer_device,
 )
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def looper_arguments(cfg: Config, out: Path, report_to: str = "none", evaluate: 
         eval_steps=(cfg.dpo.eval_steps or cfg.dpo.logging_steps) if evaluate else None,
         report_to=report_to,
         seed=cfg.seed,
-        **trainer_precision(cfg),
+        **trainer_device(cfg),
     )
 
 

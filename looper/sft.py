@@ -19,7 +19,7 @@ from looper.training import (
     last_checkpoint,
     peft_config,
     trainer_arguments,
-    trainer_precision,
+    trainer_device,
 )
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,9 @@ def training_examples(cfg: Config, tokenizer, split: str = "train") -> list[dict
     """SFT rows: the model's own prompt for each training question and its GSM8K solution as the completion (in
     the model's format: models.build_completion). `split="dev"`: the first sft.eval_examples dev problems instead,
     the eval rows."""
-    problems = load_splits(cfg.data)[split]
-    problems = problems[: cfg.sft.num_examples] if split == "train" else problems[: cfg.sft.eval_examples]
+    limit = cfg.sft.num_examples if split == "train" else cfg.sft.eval_examples
     rows = []
-    for row in problems:
+    for row in load_splits(cfg.data)[split][:limit]:
         prompt = models.build_prompt(cfg.model, tokenizer, row["question"])
         rows.append({"prompt": prompt, "completion": models.build_completion(cfg.model, row["answer"], prompt)})
     return rows
@@ -87,7 +86,7 @@ def looper_arguments(cfg: Config, out: Path, report_to: str = "none") -> dict:
         report_to=report_to,
         seed=cfg.seed,
         dataloader_num_workers=0,
-        **trainer_precision(cfg),
+        **trainer_device(cfg),
     )
 
 

@@ -1,4 +1,4 @@
-"""What the SFT and DPO trainers share: the LoRA config, mixed-precision flags, the trainer arguments (named keys,
+"""What the SFT and DPO trainers share: the LoRA config, the device flags, the trainer arguments (named keys,
 the TRL pass-through, checkpoints), resuming from a checkpoint and the divergence check.
 
 Owns nothing a stage builds; must never import a stage.
@@ -85,10 +85,11 @@ def peft_config(lora: LoraSettings):
     )
 
 
-def trainer_precision(cfg: Config) -> dict:
-    """bf16/fp16 mixed precision flags matching the model dtype; and `use_cpu` under a multi-process launch without
-    CUDA: transformers' TrainingArguments resets accelerate's state and, unless told the job runs on the CPU, makes
-    a non-distributed one, so every process would train on all the data and write the same checkpoints."""
+def trainer_device(cfg: Config) -> dict:
+    """The trainer's device flags: bf16/fp16 mixed precision matching the model dtype, and `use_cpu` under a
+    multi-process launch without CUDA (transformers' TrainingArguments resets accelerate's state and, unless told
+    the job runs on the CPU, makes a non-distributed one: every process would train on all the data and write the
+    same checkpoints)."""
     dtype = models.resolve_dtype(cfg.model.dtype)
     flags = {"bf16": str(dtype) == "torch.bfloat16", "fp16": str(dtype) == "torch.float16"}
     if distributed.world_size() > 1 and not torch.cuda.is_available():
