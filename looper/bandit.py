@@ -1,18 +1,28 @@
-"""Regime W as a bandit: each question's samples spent in rounds, each round's going to the arms that earn reward.
+"""Regime W as a bandit: each question's samples go to the arms that earn reward, in one of two schedules.
 
-With `rollout.allocation=thompson`, every question gets `rollout.budget` samples. Round 0 gives every arm its
-`rollout.floor`; the rest is split evenly over the remaining rounds. In round r > 0 each sample goes to the arm whose
-draw from its reward posterior is highest (Thompson sampling). Why Thompson rather than UCB: pooled statistics are the
-same for every question of a round, so UCB would send all of them to one arm, while Thompson spreads the round's
-samples in proportion to how likely each arm is to be best, and it stays seeded per question and round.
+`rollout.allocation=thompson` (rounds within each question): every question gets `rollout.budget` samples. Round 0
+gives every arm its `rollout.floor`; the rest is split evenly over the remaining rounds. In round r > 0 each sample
+goes to the arm whose draw from its reward posterior is highest (Thompson sampling).
+
+`rollout.allocation=thompson_sequential` (the study's 8-armed bandit, at any budget, 8 samples over 8 arms included):
+the questions are taken in waves, in rollout order. The warm-up wave (the first `rollout.warmup` share of them)
+spreads each question's budget evenly over the arms (rotating where the budget does not divide); the rest are split
+into `rollout.waves` waves, and each of their questions spends its whole budget on arms drawn from the posteriors
+pooled over every earlier wave's questions. No arm has a per-question floor, so a budget smaller than the arm-set
+runs too. A record's `round` is its wave.
+
+Why Thompson rather than UCB: pooled statistics are the same for every question of a round, so UCB would send all of
+them to one arm, while Thompson spreads the round's samples in proportion to how likely each arm is to be best, and it
+stays seeded per question and round.
 
 - Posterior of an arm: Gaussian, mean = its mean reward so far, standard deviation = the pooled standard deviation of
   all rewards over the square root of its count (`rollout.bandit_stats=pooled`: its rewards over all questions, the
-  arm's quality; `question`: the question's own rewards, with the pooled mean as one pseudo-observation).
+  arm's quality; `question` (thompson only): the question's own rewards, with the pooled mean as one
+  pseudo-observation).
 - Reward of a trajectory for the bandit: `reward.*` applied to components scored round by round, each round's new
   trajectories together with the question's earlier ones, with `s_cf` left out (its continuations would be generated
-  once per round). The records themselves are scored once at the end with the full scorer, all of a question's
-  trajectories together, exactly as a uniform rollout's are.
+  once per round); under `reward.scorer_returns=reward`, the scorer's reward. The records themselves are scored once
+  at the end with the full scorer, all of a question's trajectories together, exactly as a uniform rollout's are.
 - Reproducible: a question's draws in round r are seeded by (run seed, question, round); a trajectory's seed by
   (question, arm, its index among the arm's samples), as in a uniform rollout.
 - Resumable and the same under N processes: round r's records go to `rounds.rank<p>.jsonl`, written a question at a
@@ -20,7 +30,7 @@ samples in proportion to how likely each arm is to be best, and it stays seeded 
   from every process's round files, in question order, so they do not depend on the number of processes or on a
   restart. After a crash the complete (question, round) groups are kept and the rest is redone.
 
-Records carry `round` and `allocation` (`thompson`). Must never change a uniform rollout: `rollout.py` runs that.
+Records carry `round` and `allocation`. Must never change a uniform rollout: `rollout.py` runs that.
 """
 
 import dataclasses
@@ -48,6 +58,33 @@ def plan(cfg: Config) -> list[int]:
     first = cfg.rollout.floor * len(cfg.arms)
     rest, later = budget(cfg) - first, cfg.rollout.rounds - 1
     return [first] + [rest // later + (1 if k < rest % later else 0) for k in range(later)]
+
+
+def sequential(cfg: Config) -> bool:
+    """Whether the rounds are waves of questions (`thompson_sequential`) rather than rounds within each question."""
+    return cfg.rollout.allocation == "thompson_sequential"
+
+
+def sizes(cfg: Config) -> list[int]:
+    """Samples a question gets in each round: `plan` within questions; a question's whole budget in its wave."""
+    return [budget(cfg)] * (cfg.rollout.waves + 1) if sequential(cfg) else plan(cfg)
+
+
+def waves(cfg: Config, everything: list[dict]) -> dict:
+    """{question id: its wave} for `thompson_sequential`: the first `rollout.warmup` share of the questions (at least
+    one) is wave 0, the rest split in order into `rollout.waves` waves of as equal size as they divide."""
+    total = len(everything)
+    warm = min(total, max(1, math.ceil(cfg.rollout.warmup * total)))
+    rest = total - warm
+    return {p["id"]: 0 if i < warm else 1 + (i - warm) * cfg.rollout.waves // rest for i, p in enumerate(everything)}
+
+
+def even(cfg: Config, position: int) -> list[str]:
+    """A warm-up question's arms: its budget spread evenly over the arms, starting where the previous question's
+    stopped (`position`: the question's index in the rollout), so a budget that does not divide still evens out."""
+    names = list(cfg.arms)
+    count = budget(cfg)
+    return [names[(position * count + k) % len(names)] for k in range(count)]
 
 
 def provisional(cfg: Config) -> Config:
@@ -125,24 +162,31 @@ def run_rounds(
     every round}, without the provisional components."""
     from looper.rollout import _score_question  # (the scorer protocol's one caller)
 
-    sizes, order = plan(cfg), {p["id"]: i for i, p in enumerate(everything)}
+    sizes_, order = sizes(cfg), {p["id"]: i for i, p in enumerate(everything)}
+    wave = waves(cfg, everything) if sequential(cfg) else None
     path = out / f"rounds.rank{distributed.rank()}.jsonl"
     mine = defaultdict(list)
-    for record in complete_groups(path, sizes):
+    for record in complete_groups(path, sizes_):
         mine[record["question_id"]].append(record)
     round_cfg = provisional(cfg)
-    for round_ in range(cfg.rollout.rounds):
-        todo = [p for p in problems if not any(r["round"] == round_ for r in mine[p["id"]])]
+    for round_ in range(len(sizes_)):
+        todo = [
+            p
+            for p in problems
+            if (wave is None or wave[p["id"]] == round_) and not any(r["round"] == round_ for r in mine[p["id"]])
+        ]
         if todo:
             # (round 0 reads nothing: another process may still be rewriting its file after a crash, `complete_groups`)
             pooled, variance = posteriors(cfg, read_rounds(out, round_) if round_ else [], order)
             arms = {}
             for p in todo:
-                if round_ == 0:
+                if round_ == 0 and wave is not None:
+                    arms[p["id"]] = even(cfg, order[p["id"]])
+                elif round_ == 0:
                     arms[p["id"]] = [name for name in cfg.arms for _ in range(cfg.rollout.floor)]
                 else:
                     own, _ = posteriors(cfg, mine[p["id"]], order)
-                    arms[p["id"]] = allocate(cfg, p["id"], round_, sizes[round_], pooled, variance, own)
+                    arms[p["id"]] = allocate(cfg, p["id"], round_, sizes_[round_], pooled, variance, own)
             with open(path, "a") as handle:
                 for first in range(0, len(todo), per_call):
                     chunk = todo[first : first + per_call]
@@ -158,7 +202,7 @@ def run_rounds(
                         handle.flush()
                         before.extend(fresh)
         distributed.barrier()  # every process has finished this round before any reads it
-    components = set(coherence.COMPONENTS) | {"equations"}
+    components = set(coherence.COMPONENTS) | {"equations", "reward"}
     return {p["id"]: [{k: v for k, v in r.items() if k not in components} for r in mine[p["id"]]] for p in problems}
 
 
@@ -176,7 +220,7 @@ def sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], everything: l
 
     @functools.cache
     def sampler():  # (loaded once, and only when something is left to generate or score)
-        model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+        model, tokenizer = models.load_for_generation(str(sft_dir), cfg.model, cfg.lora, cfg.generation.dequantize)
         return rollout.Sampler(cfg, model, tokenizer, shard.parent / f"generation.rank{distributed.rank()}.jsonl")
 
     def sample(chunk: list[dict], arms: dict, earlier: dict, round_: int) -> dict:

@@ -26,6 +26,16 @@ where each trajectory dict has at least `text`, `reasoning`, `answer`, `correct`
 continuations of that trajectory's prompt + prefix (seeded, with its arm's temperature); `extract_answer(text)` is the
 rollout's answer parser. It returns one dict per trajectory, in order, with `s_end`, `s_path` and `s_cf` (a float, or
 None for an inactive component) and any extra keys to store (the reference scorer adds `equations`).
+
+The reward protocol (`reward.scorer_returns=reward`), the study plans' `compute_reward(question, arm_outputs,
+gold_answer)`: the function is called once per question as
+
+    scorer(question, trajectories, gold, **other keys of reward.scorer) -> list[float | dict]
+
+and returns one reward per trajectory, in order: a number, or a dict with `reward` (a number), optionally `s_wm` (the
+scorer's own coherence figure, used by correctness-first pairs) and any extra keys to store. The record then carries
+that `reward`, and pairing, per-arm credit and the bandit use it as it is: `reward.alpha`, `beta`, the length penalty
+and the `w_*` weights do not apply, and `s_end`, `s_path`, `s_cf` are None.
 """
 
 import re
@@ -131,8 +141,39 @@ def reference_scorer(
     return scored
 
 
-def weighted(components: dict, reward: RewardConfig) -> float:
-    """s_wm: the weighted mean of the active components (a None component is inactive and its weight drops out)."""
+def scorer_rewards(values: list, trajectories: list[dict], target: str) -> list[dict]:
+    """The records' fields from a reward-protocol scorer's return value (see the module docstring), checked: one
+    finite number per trajectory, or a dict with one. `target` names the scorer in errors."""
+    import math
+
+    if not isinstance(values, (list, tuple)) or len(values) != len(trajectories):
+        got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+        raise ValueError(
+            f"reward.scorer {target} (reward.scorer_returns=reward) returned {got} values for {len(trajectories)} "
+            "trajectories: return one reward per trajectory, in order"
+        )
+    out = []
+    for i, value in enumerate(values):
+        fields = dict(value) if isinstance(value, dict) else {"reward": value}
+        number = fields.get("reward")
+        coherent = fields.get("s_wm")
+        for name, x, required in (("reward", number, True), ("s_wm", coherent, False)):
+            if (x is None and required) or (
+                x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x))
+            ):
+                raise ValueError(
+                    f"reward.scorer {target} (reward.scorer_returns=reward) gave trajectory {i} the {name} {x!r}: "
+                    "expected a finite number"
+                )
+        out.append({**fields, "s_end": None, "s_path": None, "s_cf": None, "reward": float(number), "s_wm": coherent})
+    return out
+
+
+def weighted(components: dict, reward: RewardConfig) -> Optional[float]:
+    """s_wm: the weighted mean of the active components (a None component is inactive and its weight drops out); for a
+    record a reward-protocol scorer scored (it carries its `reward`), the scorer's own s_wm, or None."""
+    if components.get("reward") is not None:
+        return components.get("s_wm")
     terms = [
         (reward.w_end, components["s_end"]),
         (reward.w_path, components["s_path"]),
@@ -144,7 +185,10 @@ def weighted(components: dict, reward: RewardConfig) -> float:
 
 
 def reward_of(record: dict, reward: RewardConfig) -> float:
-    """alpha * correct + beta * s_wm - length_penalty * num_tokens / length_unit, from stored components."""
+    """alpha * correct + beta * s_wm - length_penalty * num_tokens / length_unit, from stored components; the stored
+    `reward` of a record a reward-protocol scorer scored."""
+    if record.get("reward") is not None:
+        return record["reward"]
     return (
         reward.alpha * float(record["correct"])
         + reward.beta * weighted(record, reward)

@@ -25,9 +25,11 @@ from looper import distributed, models, tracking
 from looper.artifacts import PAIRS, read_jsonl
 from looper.config import Config, identity
 from looper.training import (
+    accumulation_steps,
     drop_checkpoints,
     ensure_finite,
     last_checkpoint,
+    log_effective_batch,
     peft_config,
     trainer_arguments,
     trainer_device,
@@ -143,7 +145,7 @@ def looper_arguments(cfg: Config, out: Path, report_to: str = "none", evaluate: 
         max_steps=cfg.dpo.max_steps,
         per_device_train_batch_size=cfg.dpo.batch_size,
         per_device_eval_batch_size=cfg.dpo.batch_size,
-        gradient_accumulation_steps=cfg.dpo.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation_steps(cfg.dpo, "dpo"),
         max_length=cfg.dpo.max_length,
         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
         gradient_checkpointing=cfg.dpo.gradient_checkpointing,
@@ -214,6 +216,7 @@ def _check_reference(cfg: Config, trainer) -> dict:
 def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
     tracker = tracking.current()  # the stage's W&B run (looper/pipeline.py opens it)
     trainer = make_trainer(cfg, sft_dir, pairs_dir, out, tracker.report_to)
+    log_effective_batch(cfg.dpo, "dpo", tracker)
     measured = _check_reference(cfg, trainer)
     check = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FirstStepCheck))
     result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "dpo"))

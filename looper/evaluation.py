@@ -228,7 +228,9 @@ def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) 
     pool = shot_pool(dataset, cfg)
     scorers = active_scorers(cfg)
     rank, world = distributed.rank(), distributed.world_size()
-    load = functools.cache(lambda: models.load_target(target_path, cfg.model, cfg.lora))  # at most once, if needed
+    load = functools.cache(  # at most once, if needed
+        lambda: models.load_for_generation(target_path, cfg.model, cfg.lora, cfg.generation.dequantize)
+    )
     _decode_shard(
         cfg, target, load, dataset, problems[rank::world], out / f"predictions.rank{rank}.jsonl", pool, scorers
     )
@@ -277,6 +279,7 @@ def evaluate(cfg: Config, store: ArtifactStore, target: str, path: str, dataset:
         "dataset": dataset,
         "model": identity(cfg.model),
         "lora_quantization": cfg.lora.quantization,
+        **({"served": served} if (served := models.served_as(cfg.lora, cfg.generation.dequantize)) else {}),
         "scorers": active_scorers(cfg),
         "eval": identity(cfg.eval),
         "generation": identity(cfg.generation),

@@ -235,28 +235,107 @@ def adapter_base(path: str) -> str:
     return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-def load_target(path: str, model: ModelConfig, lora: Optional[LoraSettings] = None, trainable: bool = False):
-    """(model, tokenizer) for a target directory or hub id; an adapter is loaded over its base. For inference
-    (`trainable=False`) over full-precision base weights the adapter is merged into them: a decode step then runs
-    the base model's kernels only (an unmerged LoRA makes every decode step slower: docs/performance.md);
-    over a quantized base it stays separate (merging would round it into the quantization)."""
-    if is_adapter(path):
-        from peft import PeftModel
+def _with_adapter(base, path: str, trainable: bool):
+    """The PEFT adapter at `path` over `base`, refused where its weights are not finite."""
+    from peft import PeftModel
 
+    loaded = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+    broken = [n for n, p in loaded.named_parameters() if "lora_" in n and not torch.isfinite(p).all()]
+    if broken:
+        raise ValueError(
+            f"the adapter {path} holds NaN or inf weights ({broken[0]}, {len(broken)} tensors): it "
+            "is damaged or came from a diverged training; rebuild it"
+        )
+    return loaded
+
+
+def _tokenizer_of(path: str, model: ModelConfig):
+    return load_tokenizer(path if (Path(path) / "tokenizer_config.json").exists() else adapter_base(path), model)
+
+
+def load_target(path: str, model: ModelConfig, lora: Optional[LoraSettings] = None, trainable: bool = False):
+    """(model, tokenizer) for a target directory or hub id, as it trains (DPO) or is exported; an adapter is loaded
+    over its base (quantized as `lora` says). For inference (`trainable=False`) over full-precision base weights the
+    adapter is merged into them; over a quantized base it stays separate. Generation loads through
+    `load_for_generation`."""
+    if is_adapter(path):
         base = load_causal_lm(adapter_base(path), model, lora)
-        loaded = PeftModel.from_pretrained(base, path, is_trainable=trainable)
-        broken = [n for n, p in loaded.named_parameters() if "lora_" in n and not torch.isfinite(p).all()]
-        if broken:
-            raise ValueError(
-                f"the adapter {path} holds NaN or inf weights ({broken[0]}, {len(broken)} tensors): it "
-                "is damaged or came from a diverged training; rebuild it"
-            )
+        loaded = _with_adapter(base, path, trainable)
         if not trainable and not is_quantized(base):
             loaded = loaded.merge_and_unload()
     else:
         loaded = load_causal_lm(path, model, lora)
     if not trainable:
         loaded.eval()
-    return loaded, load_tokenizer(
-        path if (Path(path) / "tokenizer_config.json").exists() else adapter_base(path), model
+    return loaded, _tokenizer_of(path, model)
+
+
+# Over a dequantized base the adapter is merged into the bf16 weights: measured on one H200 (docs/performance.md),
+# merged decodes faster than unmerged and its greedy outputs agree with the as-trained quantized model as often.
+MERGE_OVER_DEQUANTIZED = True
+# the share of free GPU memory the dequantized weights may take; the rest stays for the KV cache and activations
+DEQUANTIZE_SHARE = 0.8
+
+
+def _dequantized_bytes(model, dtype: torch.dtype) -> int:
+    """Bytes the quantized linear layers of `model` take once dequantized into `dtype`."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return sum(
+        m.in_features * m.out_features * element
+        for m in model.modules()
+        if type(m).__name__ in ("Linear4bit", "Linear8bitLt")
     )
+
+
+def dequantize_base(model, dtype: torch.dtype) -> bool:
+    """Replace a bitsandbytes-quantized model's quantized layers by plain ones holding their dequantized weights in
+    `dtype` (transformers' `dequantize`: the values the quantized layers compute with), where they fit in
+    `DEQUANTIZE_SHARE` of the free GPU memory; returns whether it did (the log says why not)."""
+    needed = _dequantized_bytes(model, dtype)
+    free = torch.cuda.mem_get_info(device())[0] if torch.cuda.is_available() else 0
+    if needed > DEQUANTIZE_SHARE * free:
+        log.warning(
+            "generation: the base dequantized into %s needs %.1f GiB, more than %.0f%% of the %.1f GiB free on the "
+            "GPU; generating from the quantized model as trained (slower)",
+            str(dtype).replace("torch.", ""),
+            needed / 2**30,
+            100 * DEQUANTIZE_SHARE,
+            free / 2**30,
+        )
+        return False
+    model.dequantize(dtype=dtype)
+    log.info(
+        "generation: quantized base dequantized once into %s (%.1f GiB)",
+        str(dtype).replace("torch.", ""),
+        needed / 2**30,
+    )
+    return True
+
+
+def load_for_generation(path: str, model: ModelConfig, lora: LoraSettings, dequantize: bool = True):
+    """(model, tokenizer) that rollouts, bandit rounds and evaluation generate with: the model as trained. A target
+    over a full-precision base is `load_target`'s (an adapter merged). Over a 4- or 8-bit base (`lora.quantization`)
+    the base is loaded quantized, as SFT and DPO trained over it, then (`dequantize`, where it fits in GPU memory)
+    dequantized once into the model dtype, so decoding runs bf16 kernels and CUDA graphs on the weights the adapter was
+    trained against; the adapter is then merged (`MERGE_OVER_DEQUANTIZED`) or kept separate."""
+    if lora.quantization == "none":
+        return load_target(path, model)
+    adapter = is_adapter(path)
+    loaded = load_causal_lm(adapter_base(path) if adapter else path, model, lora)
+    plain = dequantize and dequantize_base(loaded, resolve_dtype(model.dtype))
+    if adapter:
+        loaded = _with_adapter(loaded, path, trainable=False)
+        if plain and MERGE_OVER_DEQUANTIZED:
+            loaded = loaded.merge_and_unload()
+    loaded.eval()
+    return loaded, _tokenizer_of(path, model)
+
+
+def served_as(lora: LoraSettings, dequantize: bool) -> Optional[str]:
+    """How generation serves a quantized base (for the identities of what it generates): None over a full-precision
+    base, else `dequantized+merged`, `dequantized` or `quantized`."""
+    if lora.quantization == "none":
+        return None
+    if not dequantize:
+        return "quantized"
+    return "dequantized+merged" if MERGE_OVER_DEQUANTIZED else "dequantized"

@@ -10,6 +10,10 @@ type and never two identical texts in a pair:
 - `reward_extremes`: highest-reward against lowest-reward trajectory (then the next of each) while the reward gap is at
   least `preferences.margin`.
 
+Under `reward.scorer_returns=reward` the reward is the scorer's own, stored in each record (looper/coherence.py), and
+coherence pairs rank by the scorer's s_wm, or by that reward where it gives none. `rewards.jsonl` records, for every
+trajectory, the s_wm and reward it was paired by and the pairs it is in.
+
 reward = alpha * correct + beta * s_wm - length_penalty * num_tokens / length_unit, with s_wm recomputed from the
 stored components with the current `reward.w_*`. The pair's prompt is the model's plain prompt for the question (no
 arm): DPO teaches the policy to answer the plain question the way the better path did.
@@ -17,7 +21,7 @@ arm): DPO teaches the policy to answer the plain question the way the better pat
 
 import json
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from looper import credit, models, tracking
@@ -27,6 +31,7 @@ from looper.config import Config, PreferencesConfig, RewardConfig, identity
 
 log = logging.getLogger(__name__)
 
+REWARDS = "rewards.jsonl"  # per trajectory: the s_wm and reward it was paired by, and its pairs
 COMPONENT_KEYS = ("correct", "s_end", "s_path", "s_cf", "s_wm", "num_tokens", "arm")
 
 
@@ -45,6 +50,12 @@ def _pairs(high: list[dict], low: list[dict], cap: int, gap, margin: float) -> l
         pairs.append((chosen, rejected))
         used.update((id(chosen), id(rejected)))
     return pairs
+
+
+def _coherence(record: dict) -> float:
+    """What coherence pairs rank correct trajectories by: s_wm, or the reward where a reward-protocol scorer gave no
+    s_wm of its own."""
+    return record["s_wm"] if record["s_wm"] is not None else record["reward"]
 
 
 def question_pairs(records: list[dict], reward: RewardConfig, settings: PreferencesConfig) -> tuple[list, str]:
@@ -70,10 +81,12 @@ def question_pairs(records: list[dict], reward: RewardConfig, settings: Preferen
             0.0,
         )
     ]
-    by_coherence = sorted(correct, key=lambda r: -r["s_wm"])
+    by_coherence = sorted(correct, key=lambda r: -_coherence(r))
     found += [
         (c, r, "coherence")
-        for c, r in _pairs(by_coherence, by_coherence[::-1], cap, lambda a, b: a["s_wm"] - b["s_wm"], settings.margin)
+        for c, r in _pairs(
+            by_coherence, by_coherence[::-1], cap, lambda a, b: _coherence(a) - _coherence(b), settings.margin
+        )
     ]
     if found:
         return found, ""
@@ -82,17 +95,25 @@ def question_pairs(records: list[dict], reward: RewardConfig, settings: Preferen
     return found, "all_correct_and_coherence_gap_below_margin" if not wrong else "identical_texts"
 
 
+def _key(record: dict) -> tuple:
+    return record["question_id"], record["arm"], record.get("sample")
+
+
 def build_pairs(trajectories: list[dict], reward: RewardConfig, settings: PreferencesConfig):
-    """(pairs without prompts, {reason: questions without a pair}) for all questions of a rollout."""
-    pairs, unpaired = [], Counter()
+    """(pairs without prompts, {reason: questions without a pair}, {trajectory key: ids of the pairs it is in}) for
+    all questions of a rollout."""
+    pairs, unpaired, membership = [], Counter(), defaultdict(list)
     for question_id, records in group_by_question(trajectories).items():
         found, reason = question_pairs(records, reward, settings)
         if not found:
             unpaired[reason] += 1
         for index, (chosen, rejected, pair_type) in enumerate(found):
+            pair_id = f"{question_id}/{pair_type}/{index}"
+            membership[_key(chosen)].append(pair_id)
+            membership[_key(rejected)].append(pair_id)
             pairs.append(
                 {
-                    "id": f"{question_id}/{pair_type}/{index}",
+                    "id": pair_id,
                     "question_id": question_id,
                     "question": chosen["question"],
                     "chosen": chosen["text"],
@@ -104,7 +125,23 @@ def build_pairs(trajectories: list[dict], reward: RewardConfig, settings: Prefer
                     "rejected_components": {k: rejected.get(k) for k in COMPONENT_KEYS},
                 }
             )
-    return pairs, dict(unpaired)
+    return pairs, dict(unpaired), dict(membership)
+
+
+def trajectory_rewards(trajectories: list[dict], reward: RewardConfig, membership: dict) -> list[dict]:
+    """One row per trajectory: its key, correctness, the s_wm and reward it was paired by, and its pairs' ids."""
+    return [
+        {
+            "question_id": r["question_id"],
+            "arm": r["arm"],
+            "sample": r.get("sample"),
+            "correct": r["correct"],
+            "s_wm": weighted(r, reward),
+            "reward": reward_of(r, reward),
+            "pairs": membership.get(_key(r), []),
+        }
+        for r in trajectories
+    ]
 
 
 def pair_stats(pairs: list[dict], unpaired: dict, questions: int) -> dict:
@@ -137,11 +174,13 @@ def pair_row(pair: dict) -> dict:
 def _build(cfg: Config, rollout_dir: Path, sft_dir: Path, out: Path) -> None:
     tokenizer = models.load_tokenizer(str(sft_dir), cfg.model)
     trajectories = read_jsonl(rollout_dir / TRAJECTORIES)
-    pairs, unpaired = build_pairs(trajectories, cfg.reward, cfg.preferences)
+    pairs, unpaired, membership = build_pairs(trajectories, cfg.reward, cfg.preferences)
     with open(out / PAIRS, "w") as handle:
         for pair in pairs:
             pair["prompt"] = models.build_prompt(cfg.model, tokenizer, pair["question"])
             handle.write(json.dumps(pair) + "\n")
+    rows = trajectory_rewards(trajectories, cfg.reward, membership)
+    (out / REWARDS).write_text("".join(json.dumps(row) + "\n" for row in rows))
     stats = pair_stats(pairs, unpaired, len(group_by_question(trajectories)))
     stats["arm_credit"] = credit.arm_credit(trajectories, pairs, cfg.reward)
     png = credit.plot(stats["arm_credit"], out / credit.PNG)

@@ -2,9 +2,10 @@
 
 Owns the checks that need more than one config group or the data: every data file the run will read (training,
 dev, test, GSM8K-Platinum) parsed in full, counts asked for against the data they draw from (`*.num_questions`,
-`sft.num_examples`, `eval.shots`), token limits against the model's context, and the trainers' pass-through
-arguments against TRL's dataclasses. Value checks of one group live in its schema (looper/config/). Nothing here
-loads model weights: a run that would fail at evaluation, hours in, fails here in seconds.
+`sft.num_examples`, `eval.shots`), token limits against the model's context, the trainers' pass-through arguments
+against TRL's dataclasses and their global batches against the number of processes. Value checks of one group live
+in its schema (looper/config/). Nothing here loads model weights: a run that would fail at evaluation, hours in,
+fails here in seconds.
 """
 
 import json
@@ -99,6 +100,15 @@ def _passthrough(cfg: Config) -> None:
     check_passthrough(cfg.dpo, "dpo", trl.DPOConfig, tuple(dpo.looper_arguments(cfg, Path("."))))
 
 
+def _batches(cfg: Config) -> None:
+    """A global batch the per-device batch and the number of processes do not divide fails now, not after the
+    rollout (DPO's trainer is built last)."""
+    from looper.training import accumulation_steps
+
+    for name in ("sft", "dpo"):
+        accumulation_steps(getattr(cfg, name), name)
+
+
 def check(cfg: Config) -> None:
     """Fail now, naming the key or the file, for anything the run would fail on later: unreadable or empty data
     files (every one the run will read, the Platinum file included), counts beyond the data, token limits beyond the
@@ -120,6 +130,7 @@ def check(cfg: Config) -> None:
             evaluated[dataset] = rows
     _counts(cfg, splits, evaluated)
     _passthrough(cfg)
+    _batches(cfg)
     context = model_context(cfg)
     if context is not None:
         _limits(cfg, context)

@@ -94,6 +94,12 @@ class Continuations:
 
 
 def _score_question(cfg: Config, scorer, problem: dict, trajectories: list[dict], continuations) -> list[dict]:
+    """One question's records: its trajectories with what the scorer returns (looper/coherence.py: the components
+    protocol, then s_wm from reward.w_*; or the reward protocol, then the scorer's reward)."""
+    if cfg.reward.scorer_returns == "reward":
+        values = scorer(problem["question"], trajectories, problem["gold"])
+        fields = coherence.scorer_rewards(values, trajectories, cfg.reward.scorer["_target_"])
+        return [{**t, **f} for t, f in zip(trajectories, fields)]
     components = scorer(
         question=problem["question"],
         gold=problem["gold"],
@@ -104,6 +110,11 @@ def _score_question(cfg: Config, scorer, problem: dict, trajectories: list[dict]
     )
     records = []
     for t, c in zip(trajectories, components):
+        if "reward" in c:
+            raise ValueError(
+                f"reward.scorer {cfg.reward.scorer['_target_']} returned a `reward` under "
+                "reward.scorer_returns=components: set reward.scorer_returns=reward for a scorer that returns rewards"
+            )
         record = {**t, **c}
         record["s_wm"] = coherence.weighted(record, cfg.reward)
         records.append(record)
@@ -231,7 +242,7 @@ def _sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], shard: Path)
         log.info("rollout: resuming, %d of %d questions of this process already done", len(done), len(problems))
     if not todo:
         return
-    model, tokenizer = models.load_target(str(sft_dir), cfg.model)
+    model, tokenizer = models.load_for_generation(str(sft_dir), cfg.model, cfg.lora, cfg.generation.dequantize)
     sampler = Sampler(cfg, model, tokenizer, shard.parent / f"generation.rank{distributed.rank()}.jsonl")
     scorer = instantiate(cfg.reward.scorer, _partial_=True)
     # several batches' worth of rows per generate call, so slots freed by short trajectories are refilled and the
@@ -394,9 +405,10 @@ ENSURE = {"resumable": True, "collective": True}  # kept across crashes; every p
 
 
 def spec(cfg: Config, up: dict, store=None) -> dict:
-    """What determines the trajectories: the policy, arms, sampling, decoding and the scorer; not alpha, beta, the
-    length penalty or the w_* weights (applied later to the stored components), nor a setting marked
-    `identity=False` in the schema (batching, the scorer's time budget: no record depends on them)."""
+    """What determines the trajectories: the policy (and, over a quantized base, how it is served), arms, sampling,
+    decoding and the scorer; not alpha, beta, the length penalty or the w_* weights (applied later to the stored
+    components), nor a setting marked `identity=False` in the schema (batching, the scorer's time budget: no record
+    depends on them)."""
     return {
         "sft": Path(up["sft"]).name,
         "arms": cfg.arms,
@@ -406,6 +418,7 @@ def spec(cfg: Config, up: dict, store=None) -> dict:
         "data": identity(cfg.data),
         "seed": cfg.seed,
         "scoring": identity(cfg.reward, scoring=True),
+        **({"served": served} if (served := models.served_as(cfg.lora, cfg.generation.dequantize)) else {}),
     }
 
 

@@ -14,9 +14,11 @@ from looper.config import Config, identity
 from looper.data import load_splits
 from looper.engine.kernels import attention
 from looper.training import (
+    accumulation_steps,
     drop_checkpoints,
     ensure_finite,
     last_checkpoint,
+    log_effective_batch,
     peft_config,
     trainer_arguments,
     trainer_device,
@@ -70,7 +72,7 @@ def looper_arguments(cfg: Config, out: Path, report_to: str = "none") -> dict:
         max_steps=cfg.sft.max_steps,
         per_device_train_batch_size=cfg.sft.batch_size,
         per_device_eval_batch_size=cfg.sft.batch_size,
-        gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation_steps(cfg.sft, "sft"),
         max_length=None,
         padding_free=cfg.sft.padding_free,
         # a flattened batch is padded to a multiple of 64 tokens: few distinct shapes, so per-shape work is reused
@@ -140,6 +142,7 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
 def _train(cfg: Config, base: str, out: Path) -> None:
     tracker = tracking.current()  # the stage's W&B run (looper/pipeline.py opens it)
     trainer = make_trainer(cfg, base, out, tracker.report_to)
+    log_effective_batch(cfg.sft, "sft", tracker)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "sft"))
     ensure_finite("sft", trainer, result.training_loss, "sft.learning_rate")
     tracker.summary({"sft/train_loss": result.training_loss})

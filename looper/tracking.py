@@ -158,6 +158,10 @@ class Tracker:
         """Set run summary values (final metrics)."""
         self._call("summary", lambda: self.run.summary.update(metrics))
 
+    def config(self, values: dict) -> None:
+        """Add values to the run's config (settings a stage derives, such as the effective batch)."""
+        self._call("config", lambda: self.run.config.update(values, allow_val_change=True))
+
     def histograms(self, values: dict[str, list[float]]) -> None:
         """Log one W&B histogram per key."""
 

@@ -56,6 +56,47 @@ def trainer_arguments(section: Any, name: str, args_class: Any, looper_sets: dic
     return args_class(**looper_sets, **{key: getattr(section, key) for key in NAMED}, **saving, **section.trainer)
 
 
+def accumulation_steps(section: Any, name: str) -> int:
+    """Gradient accumulation steps of a trainer section: `global_batch_size / (batch_size x processes)` when a global
+    batch is set (failing, naming the key, when it does not divide), else `gradient_accumulation_steps`."""
+    if section.global_batch_size is None:
+        return section.gradient_accumulation_steps
+    per_step = section.batch_size * distributed.world_size()
+    if section.global_batch_size % per_step:
+        raise ValueError(
+            f"{name}.global_batch_size={section.global_batch_size} is not a multiple of {name}.batch_size="
+            f"{section.batch_size} x {distributed.world_size()} processes = {per_step}; change either"
+        )
+    return section.global_batch_size // per_step
+
+
+def effective_batch(section: Any, name: str) -> dict:
+    """The batch a trainer section trains with, for the log and the W&B config: per device, accumulation,
+    processes and their product."""
+    accumulation = accumulation_steps(section, name)
+    world = distributed.world_size()
+    return {
+        f"{name}/per_device_batch_size": section.batch_size,
+        f"{name}/gradient_accumulation_steps": accumulation,
+        f"{name}/processes": world,
+        f"{name}/effective_batch_size": section.batch_size * accumulation * world,
+    }
+
+
+def log_effective_batch(section: Any, name: str, tracker) -> None:
+    """Say in the log, and in the stage's W&B config, what batch the optimizer steps on."""
+    batch = effective_batch(section, name)
+    log.info(
+        "%s: effective batch %d = %d per device x %d accumulation x %d processes",
+        name,
+        batch[f"{name}/effective_batch_size"],
+        batch[f"{name}/per_device_batch_size"],
+        batch[f"{name}/gradient_accumulation_steps"],
+        batch[f"{name}/processes"],
+    )
+    tracker.config(batch)
+
+
 def last_checkpoint(trainer_dir: Path, stage: str) -> Optional[str]:
     """The newest complete checkpoint a crashed or killed build left in `trainer_dir` (None: start from step 0)."""
     from transformers.trainer_utils import get_last_checkpoint

@@ -3,7 +3,12 @@ architecture (bench_gpu's ARCHS, default Llama-3-8B's shape) and a tokenizer tra
 DeepSeek-R1-Distill's special tokens and an R1-style chat template (BOS written by the template; the generation
 prompt opens `<think>\n`).
 
-    python scripts/reasoning_probe.py OUT_DIR --data DIR_WITH_GSM8K_TRAIN_JSONL [--arch llama3-8b]
+    python scripts/reasoning_probe.py OUT_DIR --data DIR_WITH_GSM8K_TRAIN_JSONL [--arch llama3-8b] [--dominant-head]
+
+`--dominant-head` makes greedy comparisons meaningful on random weights (near-flat logits otherwise flip their argmax
+under any change of reduction order): the final norm keeps feature 0 only and the LM head reads only that feature,
+so each step's argmax follows one feature of the model's output; `--eos-weight` sets the EOS row's weight on it (0:
+rows run to their limit).
 
 The vocabulary is the tokenizer's (a few thousand tokens), so `</think>` and EOS each come up about once in that many
 sampled tokens: traces close their think block, end, or hit the token limit in proportions a probe can report.
@@ -65,6 +70,19 @@ def r1_tokenizer(texts: list[str], vocab_size: int, bos_in_template: bool = True
     return fast
 
 
+@torch.no_grad()
+def dominant_head(model, eos_id: int, eos_weight: float) -> None:
+    """Zero the final norm's weight except feature 0 (set to 1) and let the LM head read only that feature (column 0
+    drawn with std 0.02, EOS's entry `eos_weight`): each greedy step's argmax follows one feature of the output."""
+    model.model.norm.weight.zero_()
+    model.model.norm.weight[0] = 1.0
+    head = model.lm_head.weight
+    column = torch.randn(head.shape[0], generator=torch.Generator().manual_seed(1)) * 0.02
+    column[eos_id] = eos_weight
+    head.zero_()
+    head[:, 0] = column.to(head)
+
+
 def main() -> None:
     from bench_gpu import ARCHS
 
@@ -73,6 +91,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="a directory with GSM8K's train.jsonl")
     parser.add_argument("--arch", default="llama3-8b", choices=sorted(ARCHS))
     parser.add_argument("--vocab", type=int, default=4000)
+    parser.add_argument("--dominant-head", action="store_true", help="argmax follows feature 0 (greedy comparisons)")
+    parser.add_argument("--eos-weight", type=float, default=0.0, help="with --dominant-head: EOS's weight on it")
     args = parser.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -92,6 +112,8 @@ def main() -> None:
         torch.set_default_dtype(torch.bfloat16)
         model = LlamaForCausalLM(config)
         torch.set_default_dtype(torch.float32)
+    if args.dominant_head:
+        dominant_head(model, fast.eos_token_id, args.eos_weight)
     model.save_pretrained(args.out)
     fast.save_pretrained(args.out)
     print(f"{args.out}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, vocabulary {len(fast)}")

@@ -96,6 +96,39 @@ def test_a_killed_bandit_rollout_resumes_to_the_same_records_and_two_processes_g
     assert rollout.read_trajectories(artifact) == reference
 
 
+def test_the_plans_bandit_spends_8_samples_over_8_arms_learning_across_questions_and_resumes_after_a_kill(
+    artifacts, tiny_sft, tmp_path
+):
+    plan = [o for o in BANDIT if not o.startswith(("rollout.allocation", "rollout.budget", "rollout.rounds"))]
+    sequential = ["rollout.allocation=thompson_sequential", "rollout.budget=8", "rollout.warmup=0.2", "rollout.waves=2"]
+    overrides = [*FAST_W, *plan, *sequential, "rollout.num_questions=10", "rollout.batch_size=16"]
+    cfg = compose(f"paths.artifacts={artifacts}", *overrides)
+    assert len(cfg.arms) == 8 and bandit.sizes(cfg) == [8, 8, 8]
+    waves = bandit.waves(cfg, [{"id": i} for i in range(10)])
+    assert [waves[i] for i in range(10)] == [0, 0, 1, 1, 1, 1, 2, 2, 2, 2]  # warm-up: the first 20%
+    reference = _build(cfg, tiny_sft[3], tmp_path / "reference")
+    assert len(reference) == 10 * 8 and {r["allocation"] for r in reference} == {"thompson_sequential"}
+    warm = Counter(r["arm"] for r in reference if r["round"] == 0)
+    assert warm == {arm: 2 for arm in cfg.arms}  # spread evenly: every arm once a question
+    later = [r["arm"] for r in reference if r["round"] > 0]
+    assert len(later) == 8 * 8 and later.count("equations") >= 0.8 * len(later)  # the pooled posteriors found it
+    keys = [(r["question_id"], r["arm"], r["sample"]) for r in reference]
+    assert len(set(keys)) == len(keys)
+
+    killed_cache = cache_sharing_models(artifacts, tmp_path / "cache")
+    args = [f"paths.artifacts={killed_cache}", *overrides, "stage=rollout"]
+    # killed after the warm-up (2 questions x 8 records), in the first wave or just after it
+    kill_when_written(
+        [*args, f"hydra.run.dir={tmp_path / 'a'}"], "rollout/*.partial/rounds.rank0.jsonl", 2 * 8 + 8, killed_cache
+    )
+    result = looper_cli(*args, f"hydra.run.dir={tmp_path / 'b'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = rollout.read_trajectories(
+        next(p for p in killed_cache.glob("rollout/*") if p.is_dir() and not p.name.endswith(".partial"))
+    )
+    assert resumed == reference
+
+
 def test_the_demo_with_a_bandit_writes_per_arm_credit_to_stats_png_and_wandb(artifacts, tiny_sft, tmp_path):
     run_dir = tmp_path / "run"
     result = looper_cli(

@@ -78,7 +78,33 @@ def test_7b_experiments_compose_with_their_models():
     abel = compose("experiment=abel_platinum")
     assert abel.model.name_or_path == "GAIR/Abel-7B-002" and abel.lora.r == 64 and abel.lora.quantization == "none"
     deepseek = compose("experiment=deepseek_qlora")
-    assert deepseek.model.prompt_format == "chat" and deepseek.lora.quantization == "4bit"
+    assert deepseek.model.prompt_format == "chat" and deepseek.lora.quantization == "8bit"
+
+
+def test_the_abel_preset_holds_the_plans_batches_bandit_and_protocol():
+    abel = compose("experiment=abel_platinum")
+    assert (abel.sft.batch_size, abel.sft.global_batch_size) == (8, 32)  # 8 a device x 2 accumulation x 2 GPUs
+    assert (abel.dpo.batch_size, abel.dpo.global_batch_size) == (16, 32)  # 16 x 1 x 2
+    assert (abel.rollout.allocation, abel.rollout.budget, len(abel.arms)) == ("thompson_sequential", 8, 8)
+    assert abel.rollout.num_questions == 500 and abel.preferences.strategy == "correctness_first"
+    assert (abel.eval.temperature, abel.eval.prompt, abel.eval.datasets[0]) == (0.0, "platinum", "gsm8k_platinum")
+
+
+def test_the_deepseek_preset_is_the_plan_and_its_looper_variant_departs_as_documented():
+    plan = compose("experiment=deepseek_qlora")
+    assert (plan.lora.quantization, plan.lora.r, plan.lora.alpha, plan.lora.dropout) == ("8bit", 64, 16, 0.05)
+    assert set(plan.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert (plan.preferences.strategy, plan.preferences.max_pairs_per_question) == ("reward_extremes", 1)
+    assert plan.data.dev_fraction == 0.2 and (plan.reward.alpha, plan.reward.beta) == (1.0, 0.5)
+    assert plan.eval.targets == ["base", "sft", "dpo"] and plan.eval.temperature == 0.0
+    ours = compose("experiment=deepseek_qlora_looper")
+    assert (ours.lora.quantization, ours.preferences.strategy, ours.eval.max_new_tokens) == (
+        "4bit",
+        "correctness_first",
+        8192,
+    )
+    departures = (ROOT / "docs" / "presets.md").read_text()
+    assert "deepseek_qlora_looper" in departures and "abel_platinum" in departures
 
 
 def test_an_unknown_key_fails_naming_it():

@@ -2,8 +2,9 @@
 
 import pytest
 
+from looper.coherence import scorer_rewards
 from looper.config import PreferencesConfig, RewardConfig
-from looper.preferences import build_pairs, pair_stats, question_pairs
+from looper.preferences import build_pairs, pair_stats, question_pairs, trajectory_rewards
 
 REWARD = RewardConfig(alpha=1.0, beta=0.5, length_penalty=0.0, w_end=1.0, w_path=0.0, w_cf=0.0)
 
@@ -100,10 +101,56 @@ def test_rewards_are_recomputed_with_the_current_weights():
 
 def test_pairs_carry_rewards_components_and_stats_count_them():
     trajectories = [r("a", True, 0.9), r("b", False, 0.1), r("c", False, 0.2, question="q2")]
-    pairs, unpaired = build_pairs(trajectories, REWARD, settings())
+    pairs, unpaired, _ = build_pairs(trajectories, REWARD, settings())
     assert len(pairs) == 1 and unpaired == {"all_wrong": 1}
     pair = pairs[0]
     assert pair["chosen_reward"] == pytest.approx(1.45) and pair["rejected_reward"] == pytest.approx(0.05)
     assert pair["chosen_components"]["correct"] is True and pair["pair_type"] == "correctness"
     stats = pair_stats(pairs, unpaired, 2)
     assert stats["pairs_by_type"] == {"correctness": 1} and stats["reward_gap"]["mean"] == pytest.approx(1.4)
+
+
+def scored(text, correct, reward, s_wm=None, sample=0):
+    """A record a reward-protocol scorer scored (reward.scorer_returns=reward): its own reward, no components."""
+    return {**r(text, correct, None), "s_end": None, "s_path": None, "reward": reward, "s_wm": s_wm, "sample": sample}
+
+
+def test_a_scorers_own_reward_decides_the_pairs_whatever_alpha_and_beta_say():
+    records = [scored("long and wrong", False, 0.9, sample=0), scored("right", True, 0.2, sample=1)]
+    records.append(scored("worst", True, -1.0, sample=2))
+    for reward in (REWARD, RewardConfig(alpha=10.0, beta=0.0, length_penalty=5.0)):
+        found, _ = question_pairs(records, reward, settings(strategy="reward_extremes", margin=0.0))
+        assert texts(found) == [("long and wrong", "worst", "reward")]
+    pairs, _, membership = build_pairs(records, REWARD, settings(strategy="reward_extremes", margin=0.0))
+    assert (pairs[0]["chosen_reward"], pairs[0]["rejected_reward"]) == (0.9, -1.0)
+    rows = trajectory_rewards(records, REWARD, membership)
+    assert [(row["reward"], row["pairs"]) for row in rows] == [
+        (0.9, ["q1/reward/0"]),
+        (0.2, []),
+        (-1.0, ["q1/reward/0"]),
+    ]
+
+
+def test_correctness_first_ranks_a_scorers_correct_trajectories_by_its_s_wm_else_by_its_reward():
+    with_s_wm = [scored("a", True, 0.1, s_wm=0.9, sample=0), scored("b", True, 0.8, s_wm=0.1, sample=1)]
+    found, _ = question_pairs(with_s_wm, REWARD, settings())
+    assert texts(found) == [("a", "b", "coherence")]  # its s_wm, not its reward
+    without = [scored("a", True, 0.1, sample=0), scored("b", True, 0.8, sample=1)]
+    found, _ = question_pairs(without, REWARD, settings())
+    assert texts(found) == [("b", "a", "coherence")]
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ([1.0], "returned 1 values for 2 trajectories"),
+        ([1.0, float("nan")], "trajectory 1 the reward nan"),
+        ([{"s_wm": 0.5}, 1.0], "trajectory 0 the reward None"),
+        ("high", "returned str values"),
+    ],
+)
+def test_a_reward_scorer_that_returns_the_wrong_thing_fails_naming_it(values, message):
+    trajectories = [r("a", True, 0.0), r("b", False, 0.0)]
+    with pytest.raises(ValueError, match="my.scorer") as error:
+        scorer_rewards(values, trajectories, "my.scorer")
+    assert message in str(error.value)

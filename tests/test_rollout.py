@@ -107,6 +107,35 @@ def test_a_scorer_plugs_in_through_config_alone(artifacts, tiny_sft, tmp_path):
     assert all(r["s_cf"] is None for r in records)
 
 
+def test_a_scorer_in_the_plans_shape_sets_the_reward_the_records_and_pairs_carry(artifacts, tiny_sft, tmp_path):
+    from looper import preferences
+
+    plans = (
+        "reward.scorer_returns=reward",
+        "reward.scorer._target_=tests.scorers.longest_wins",
+        "rollout.num_questions=3",
+    )
+    cfg = _regime_w(artifacts, *plans, "+reward.scorer.per_char=0.5")
+    records = _build(cfg, tiny_sft[3], tmp_path / "rollout")
+    assert all(r["reward"] == 0.5 * len(r["text"]) and r["s_end"] is None and r["s_wm"] is None for r in records)
+    extremes = ("preferences.strategy=reward_extremes", "preferences.margin=0", "preferences.max_pairs_per_question=1")
+    built = {}
+    for alpha in (0.0, 5.0):  # the scorer's reward is the reward: alpha and beta do not apply
+        out = tmp_path / f"pairs-{alpha}"
+        out.mkdir()
+        settings = _regime_w(artifacts, *plans, "+reward.scorer.per_char=0.5", *extremes, f"reward.alpha={alpha}")
+        preferences.build(settings, {"rollout": tmp_path / "rollout", "sft": tiny_sft[3]}, out)
+        built[alpha] = (out / "pairs.jsonl").read_text()
+        for pair in map(json.loads, built[alpha].splitlines()):
+            texts = [len(r["text"]) for r in records if r["question_id"] == pair["question_id"]]
+            assert (len(pair["chosen"]), len(pair["rejected"])) == (max(texts), min(texts))  # longest vs shortest
+            assert pair["chosen_reward"] == 0.5 * max(texts)
+        rows = [json.loads(line) for line in (out / preferences.REWARDS).read_text().splitlines()]
+        assert [row["reward"] for row in rows] == [rec["reward"] for rec in records]
+        assert sum(len(row["pairs"]) for row in rows) == 2 * len(built[alpha].splitlines())
+    assert built[0.0] == built[5.0] and built[0.0]
+
+
 def test_a_rollout_killed_half_way_resumes_to_the_same_records(artifacts, tiny_sft, fast_cfg, tmp_path):
     # 32 questions of 8 samples: two generate calls of 16 questions (batch 8, 16 batches a call); killed after the first
     overrides = [*FAST, "rollout.num_questions=32", "rollout.batch_size=8", "reward.cf_samples=1"]

@@ -235,6 +235,56 @@ def test_on_two_cpu_processes_the_trainers_are_distributed_and_rank_0_alone_save
     assert seen == [[name, rank, 2, rank == 0] for name in ("dpo", "sft") for rank in (0, 1)]
 
 
+GLOBAL_BATCH_ON_EACH_RANK = """
+import json, sys
+from pathlib import Path
+from trl import DPOConfig, SFTConfig
+from looper import distributed, dpo, sft, training
+from tests.conftest import FAST, compose
+distributed.init()
+cfg = compose(*FAST, "sft.batch_size=2", "sft.global_batch_size=8", "dpo.batch_size=1", "dpo.global_batch_size=4")
+for name, args_class, module in (("sft", SFTConfig, sft), ("dpo", DPOConfig, dpo)):
+    args = training.trainer_arguments(
+        getattr(cfg, name), name, args_class, module.looper_arguments(cfg, Path(sys.argv[1]))
+    )
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    print("BATCH", json.dumps([name, args.world_size, args.gradient_accumulation_steps, effective]), flush=True)
+    print("LOGGED", json.dumps(training.effective_batch(getattr(cfg, name), name)), flush=True)
+"""
+
+
+def test_a_global_batch_is_the_effective_batch_on_one_process_and_on_two(tmp_path):
+    script = tmp_path / "batch.py"
+    script.write_text(GLOBAL_BATCH_ON_EACH_RANK)
+    seen = []
+    for result in (
+        subprocess.run(
+            [sys.executable, str(script), str(tmp_path)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ),
+        on_two_processes(str(script), str(tmp_path)),
+    ):
+        assert result.returncode == 0, each_rank(result)
+        seen += [json.loads(line.split("BATCH ", 1)[1]) for line in result.stdout.splitlines() if "BATCH " in line]
+    # sft: 8 sequences a step = 2 a device x 4 accumulation x 1, or x 2 accumulation x 2; dpo: 4 pairs
+    assert sorted(map(tuple, seen)) == sorted(
+        [("sft", 1, 4, 8), ("dpo", 1, 4, 4)] + [("sft", 2, 2, 8), ("dpo", 2, 2, 4)] * 2
+    )
+    logged = [json.loads(line.split("LOGGED ", 1)[1]) for line in result.stdout.splitlines() if "LOGGED " in line]
+    assert {(row.get("sft/effective_batch_size"), row.get("sft/processes")) for row in logged} >= {(8, 2)}
+
+
+def test_a_global_batch_the_devices_do_not_divide_fails_at_start_naming_it(fast_cfg):
+    cfg = fast_cfg("dpo.batch_size=4", "dpo.global_batch_size=6")
+    with pytest.raises(ValueError, match=r"dpo.global_batch_size=6 is not a multiple of dpo.batch_size=4"):
+        preflight.check(cfg)
+    assert training.accumulation_steps(fast_cfg("sft.gradient_accumulation_steps=3").sft, "sft") == 3  # no global
+
+
 def test_a_two_process_sft_with_checkpoints_finishes(tiny_sft, tmp_path):
     cache = cache_sharing_models(tiny_sft[1].root, tmp_path / "cache")
     settings = ["sft.max_steps=6", "sft.save_steps=2", "sft.save_total_limit=1"]  # a new SFT key: trained here

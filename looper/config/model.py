@@ -192,11 +192,20 @@ class RewardConfig:
         factory=lambda: {"_target_": "looper.coherence.reference_scorer"},
         scoring=True,
     )
+    scorer_returns: str = doc(
+        "What reward.scorer returns per trajectory: `components` (s_end, s_path, s_cf; looper computes s_wm and the "
+        "reward from reward.*) or `reward` (the plans' shape: `fn(question, trajectories, gold)` returns one reward "
+        "per trajectory, a number or a dict with `reward` and optionally `s_wm`; pairing, credit and the bandit use "
+        "it as it is, and alpha, beta, the length penalty and w_* do not apply).",
+        "components",
+        scoring=True,
+    )
 
     def __post_init__(self):
         _positive(self.length_unit, "reward.length_unit")
         _check(0 < self.cf_cut < 1, "reward.cf_cut", f"must be in (0, 1), got {self.cf_cut}")
         _check(self.cf_samples >= 0, "reward.cf_samples", "must be >= 0")
         _check("_target_" in self.scorer, "reward.scorer._target_", "name the scoring function")
+        _choice(self.scorer_returns, "reward.scorer_returns", ("components", "reward"))
         for name in ("alpha", "beta", "w_end", "w_path", "w_cf", "length_penalty"):
             _check(getattr(self, name) >= 0, f"reward.{name}", f"must be >= 0, got {getattr(self, name)}")

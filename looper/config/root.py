@@ -109,7 +109,7 @@ class Config:
         _check(len(self.arms) > 0, "arms", "the arm-set is empty; choose arms=regime_w or arms=single")
         for name, arm in self.arms.items():
             arm.check(name)
-        if self.rollout.allocation != "uniform":
+        if self.rollout.allocation == "thompson":
             budget = self.rollout.budget or sum(arm.samples for arm in self.arms.values())
             _check(
                 budget >= self.rollout.floor * len(self.arms) + self.rollout.rounds - 1,

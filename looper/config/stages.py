@@ -34,6 +34,12 @@ class TrainerSettings:
     )
     max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
     use_liger_kernel: bool = doc("Liger's fused Triton kernels (needs `liger-kernel`; GPU).", False)
+    global_batch_size: Optional[int] = doc(
+        "Examples (sft: sequences, dpo: pairs) per optimizer step over all processes: gradient accumulation follows "
+        "as global_batch_size / (batch_size x processes), so a run means the same on one GPU or several (the log and "
+        "the W&B config give the effective batch). null: batch_size x gradient_accumulation_steps x processes.",
+        None,
+    )
     save_steps: int = doc(
         "Save a checkpoint every N optimizer steps into the artifact's `.partial/trainer/`; a crashed or killed run "
         "resumes from the last one. 0: no checkpoints. The finished artifact keeps the model only.",
@@ -52,6 +58,7 @@ class TrainerSettings:
         """The checks of these fields (TRL's own dataclass checks the pass-through: looper/training.py)."""
         _check(self.weight_decay >= 0, f"{name}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _positive(self.max_grad_norm, f"{name}.max_grad_norm")
+        _positive(self.global_batch_size, f"{name}.global_batch_size")
         _check(self.save_steps >= 0, f"{name}.save_steps", f"must be >= 0, got {self.save_steps}")
         _positive(self.save_total_limit, f"{name}.save_total_limit")
 
@@ -62,7 +69,9 @@ class SFTConfig(TrainerSettings):
     epochs: float = doc("Passes over the training problems (ignored when max_steps > 0).", 3.0)
     max_steps: int = doc("Optimizer steps; -1 means use `epochs`.", -1)
     batch_size: int = doc("Sequences per device per step.", 8)
-    gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", 1)
+    gradient_accumulation_steps: int = doc(
+        "Micro-batches per optimizer step (ignored when sft.global_batch_size is set: it follows from that).", 1
+    )
     max_length: int = doc("Tokens per prompt+completion; longer examples are left out (and counted in the log).", 1024)
     padding_free: bool = doc(
         "Concatenate each batch's sequences into one row without padding (position ids mark "
@@ -131,14 +140,26 @@ class RolloutConfig:
         identity=False,
     )
     allocation: str = doc(
-        "How each question's samples are spread over the arms: `uniform` (every arm its `arms.<arm>.samples`) or "
+        "How each question's samples are spread over the arms: `uniform` (every arm its `arms.<arm>.samples`), "
         "`thompson` (a bandit: `rollout.budget` samples a question, spent in `rollout.rounds` rounds, each round's "
-        "going where Thompson sampling on the arms' reward posteriors sends them; looper/bandit.py).",
+        "going where Thompson sampling on the arms' reward posteriors sends them) or `thompson_sequential` (the "
+        "questions in waves: a warm-up spreads evenly, then each question's whole budget goes to arms drawn from the "
+        "posteriors pooled over the earlier waves; any budget, 8 samples over 8 arms included). looper/bandit.py.",
         "uniform",
     )
     budget: Optional[int] = doc("Samples per question under a bandit (null: the arms' samples, summed).", None)
     rounds: int = doc("Rounds a bandit spends each question's budget in (the first gives every arm its floor).", 4)
     floor: int = doc("Samples every arm gets per question in a bandit's first round, before it has data.", 1)
+    warmup: float = doc(
+        "thompson_sequential: share of the questions (the first ones, at least one) whose budget spreads evenly over "
+        "the arms before the bandit has data.",
+        0.1,
+    )
+    waves: int = doc(
+        "thompson_sequential: waves the questions after the warm-up are split into; the posteriors are updated "
+        "between waves (every process finishes a wave before the next).",
+        8,
+    )
     bandit_stats: str = doc(
         "What a bandit's arm posteriors pool: `pooled` (each arm's rewards over all questions: the arm's quality) or "
         "`question` (the question's own rewards, with the pooled mean as prior).",
@@ -146,7 +167,15 @@ class RolloutConfig:
     )
 
     def __post_init__(self):
-        _choice(self.allocation, "rollout.allocation", ("uniform", "thompson"))
+        _choice(self.allocation, "rollout.allocation", ("uniform", "thompson", "thompson_sequential"))
+        _check(0 < self.warmup < 1, "rollout.warmup", f"must be in (0, 1), got {self.warmup}")
+        _positive(self.waves, "rollout.waves")
+        _check(
+            self.bandit_stats == "pooled" or self.allocation != "thompson_sequential",
+            "rollout.bandit_stats",
+            "thompson_sequential gives each question its budget at once, so only pooled statistics exist; use "
+            "rollout.allocation=thompson for per-question statistics",
+        )
         _choice(self.bandit_stats, "rollout.bandit_stats", ("pooled", "question"))
         _positive(self.budget, "rollout.budget")
         _check(
@@ -189,7 +218,9 @@ class DPOConfig(TrainerSettings):
     epochs: float = doc("Passes over the pairs (ignored when max_steps > 0).", 1.0)
     max_steps: int = doc("Optimizer steps; -1 means use `epochs`.", -1)
     batch_size: int = doc("Pairs per device per step.", 4)
-    gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", 4)
+    gradient_accumulation_steps: int = doc(
+        "Micro-batches per optimizer step (ignored when dpo.global_batch_size is set: it follows from that).", 4
+    )
     max_length: int = doc("Tokens per prompt+completion; longer ones are truncated.", 1024)
     precompute_ref_log_probs: bool = doc(
         "Compute the reference log-probs once before training (no reference forward in each step).", True
@@ -371,6 +402,14 @@ class GenerationSettings:
         "prefill passes). Speed only; outputs do not depend on it.",
         0.125,
         identity=False,
+    )
+    dequantize: bool = doc(
+        "Generate from an adapter over a 4- or 8-bit base (lora.quantization) with that base dequantized once into "
+        "the model dtype: the weights the adapter was trained against, decoded by bf16 kernels (much faster than "
+        "quantized layers). Falls back to the quantized model, saying so, where the copy does not fit in GPU memory. "
+        "false: always the quantized model. No effect over a full-precision base.",
+        True,
+        identity=False,  # (it enters the identities of what is generated over a quantized base: models.served_as)
     )
     compile: bool = doc(
         "Run each decode step's model forward, and the prefills' MLPs, through torch.compile "

@@ -1,0 +1,53 @@
+"""Generation over a quantized base: rollouts and evaluation serve the model as trained (the 4- or 8-bit base,
+dequantized once, with the adapter), and how it is served enters the identities of what is generated."""
+
+import pytest
+import torch
+
+from looper import models, rollout
+from tests.conftest import compose
+
+
+def test_how_a_quantized_base_is_served_enters_the_rollout_identity_and_nothing_else_does():
+    up = {"sft": "cache/sft/0123"}
+    plain = [rollout.spec(compose("lora=r64", f"generation.dequantize={d}"), up) for d in ("true", "false")]
+    assert plain[0] == plain[1] and "served" not in plain[0]  # over a full-precision base it changes nothing
+    served = {d: rollout.spec(compose("lora=qlora_4bit", f"generation.dequantize={d}"), up) for d in ("true", "false")}
+    assert served["true"]["served"] == "dequantized+merged" and served["false"]["served"] == "quantized"
+    assert served["true"] != served["false"]
+    assert models.served_as(compose("lora=qlora_8bit").lora, True) == "dequantized+merged"
+
+
+def _adapter_over(base: str, out) -> str:
+    """A LoRA adapter with random (non-zero) weights over `base`, saved to `out`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(base).save_pretrained(str(out))
+    return str(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_generation_serves_the_dequantized_base_with_the_adapter_and_matches_the_model_as_trained(
+    fast_cfg, tiny_sft, tmp_path, bits
+):
+    pytest.importorskip("bitsandbytes")
+    from looper.data import synthetic_splits
+    from looper.engine.paged import generate
+
+    cfg = fast_cfg(f"lora=qlora_{bits}", "model.dtype=float32")
+    adapter = _adapter_over(tiny_sft[2], tmp_path / "adapter")
+    trained, tokenizer = models.load_target(adapter, cfg.model, cfg.lora)  # as SFT and DPO compute
+    served, _ = models.load_for_generation(adapter, cfg.model, cfg.lora)
+    assert models.is_quantized(trained) and not models.is_quantized(served)
+    assert not [m for m in served.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    questions = [p["question"] for p in synthetic_splits(cfg.data)["test"][:8]]
+    prompts = [models.build_prompt(cfg.model, tokenizer, q) for q in questions]
+    ours = [g.text for g in generate(served, tokenizer, prompts, max_new_tokens=24, batch_size=8, desc=None)]
+    theirs = [g.text for g in generate(trained, tokenizer, prompts, max_new_tokens=24, batch_size=8, desc=None)]
+    assert sum(a == b for a, b in zip(ours, theirs)) >= 7
