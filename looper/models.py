@@ -270,21 +270,23 @@ def load_target(path: str, model: ModelConfig, lora: Optional[LoraSettings] = No
     return loaded, _tokenizer_of(path, model)
 
 
-# Over a dequantized base the adapter is merged into the bf16 weights: measured on one H200 (docs/performance.md),
-# merged decodes faster than unmerged and its greedy outputs agree with the as-trained quantized model as often.
-MERGE_OVER_DEQUANTIZED = True
 # the share of free GPU memory the dequantized weights may take; the rest stays for the KV cache and activations
 DEQUANTIZE_SHARE = 0.8
+
+
+def quantized_layers(model) -> list:
+    """The bitsandbytes-quantized linear layers of `model` (inside PEFT's adapter layers too)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # nothing can be quantized without it
+        return []
+    return [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
 
 
 def _dequantized_bytes(model, dtype: torch.dtype) -> int:
     """Bytes the quantized linear layers of `model` take once dequantized into `dtype`."""
     element = torch.empty((), dtype=dtype).element_size()
-    return sum(
-        m.in_features * m.out_features * element
-        for m in model.modules()
-        if type(m).__name__ in ("Linear4bit", "Linear8bitLt")
-    )
+    return sum(m.in_features * m.out_features * element for m in quantized_layers(model))
 
 
 def dequantize_base(model, dtype: torch.dtype) -> bool:
@@ -312,30 +314,43 @@ def dequantize_base(model, dtype: torch.dtype) -> bool:
     return True
 
 
-def load_for_generation(path: str, model: ModelConfig, lora: LoraSettings, dequantize: bool = True):
+def load_for_generation(path: str, model: ModelConfig, lora: LoraSettings, dequantize: str = "auto"):
     """(model, tokenizer) that rollouts, bandit rounds and evaluation generate with: the model as trained. A target
     over a full-precision base is `load_target`'s (an adapter merged). Over a 4- or 8-bit base (`lora.quantization`)
-    the base is loaded quantized, as SFT and DPO trained over it, then (`dequantize`, where it fits in GPU memory)
-    dequantized once into the model dtype, so decoding runs bf16 kernels and CUDA graphs on the weights the adapter was
-    trained against; the adapter is then merged (`MERGE_OVER_DEQUANTIZED`) or kept separate."""
+    it is loaded exactly as SFT and DPO train it (the quantized base, the adapter in PEFT's layers for quantized
+    bases); then, where `dequantizes(lora, dequantize)` says so and the copy fits in GPU memory, every quantized layer
+    is replaced by a plain one holding its dequantized weights: decoding runs bf16 kernels and CUDA graphs, and the
+    adapter, unmerged, computes as in training. (Merging it into the dequantized weights decodes faster but rounds
+    differently, and changed most greedy outputs: docs/performance.md.)"""
     if lora.quantization == "none":
         return load_target(path, model)
-    adapter = is_adapter(path)
-    loaded = load_causal_lm(adapter_base(path) if adapter else path, model, lora)
-    plain = dequantize and dequantize_base(loaded, resolve_dtype(model.dtype))
-    if adapter:
+    loaded = load_causal_lm(adapter_base(path) if is_adapter(path) else path, model, lora)
+    if is_adapter(path):
         loaded = _with_adapter(loaded, path, trainable=False)
-        if plain and MERGE_OVER_DEQUANTIZED:
-            loaded = loaded.merge_and_unload()
+    if dequantizes(lora, dequantize):
+        dequantize_base(getattr(loaded, "get_base_model", lambda: loaded)(), resolve_dtype(model.dtype))
+    else:
+        log.info(
+            "generation: the %s base is served quantized, as trained (generation.dequantize=%s)",
+            lora.quantization,
+            dequantize,
+        )
     loaded.eval()
     return loaded, _tokenizer_of(path, model)
 
 
-def served_as(lora: LoraSettings, dequantize: bool) -> Optional[str]:
+def dequantizes(lora: LoraSettings, setting: str) -> bool:
+    """Whether generation dequantizes the base (`generation.dequantize`): `always`, never for `never`, and for
+    `auto` where the dequantized layers compute what the quantized ones do: 4-bit (bitsandbytes dequantizes its
+    weights and runs a matmul in the compute dtype), not 8-bit (LLM.int8 quantizes the activations as well)."""
+    if lora.quantization == "none" or setting == "never":
+        return False
+    return setting == "always" or lora.quantization == "4bit"
+
+
+def served_as(lora: LoraSettings, setting: str) -> Optional[str]:
     """How generation serves a quantized base (for the identities of what it generates): None over a full-precision
-    base, else `dequantized+merged`, `dequantized` or `quantized`."""
+    base, else `dequantized` or `quantized` (`generation.dequantize`: `dequantizes`)."""
     if lora.quantization == "none":
         return None
-    if not dequantize:
-        return "quantized"
-    return "dequantized+merged" if MERGE_OVER_DEQUANTIZED else "dequantized"
+    return "dequantized" if dequantizes(lora, setting) else "quantized"

@@ -33,7 +33,7 @@ def main(overrides: list[str], n: int = 64) -> None:
     ):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=["logger=none", *overrides]))
     target = pipeline.artifact(cfg, ArtifactStore(Path(cfg.paths.artifacts)), "sft")
-    model, tokenizer = models.load_target(str(target), cfg.model)
+    model, tokenizer = models.load_for_generation(str(target), cfg.model, cfg.lora, cfg.generation.dequantize)
     problems = load_splits(cfg.data)["test"][:n]
     prompts = [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
     limit = cfg.eval.max_new_tokens or cfg.model.max_new_tokens

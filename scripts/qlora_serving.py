@@ -1,5 +1,7 @@
-"""How generation serves an adapter over a quantized base: the as-trained quantized model against the base
-dequantized once into the model dtype (adapter merged, and kept separate), greedy, on the same prompts. Prints, for
+"""How generation serves an adapter over a quantized base: the as-trained quantized model against the model
+rollouts and evaluation generate with when the base is dequantized (`models.load_for_generation`, as
+`generation.dequantize=always`: the base dequantized once into the model dtype, the adapter unmerged), greedy, on
+the same prompts. Prints, for
 each way, decoding tokens/s and how many greedy outputs equal the as-trained model's; writes JSON.
 
 The SFT adapter is that of the configuration given as Hydra overrides (built first if the cache has none), so
@@ -69,13 +71,10 @@ def main() -> None:
     trained, _ = models.load_target(sft, cfg.model, cfg.lora)  # as SFT and DPO compute: quantized base + adapter
     reference, ways["quantized (as trained)"] = decode(cfg, trained, tokenizer, prompts, args.max_new, args.batch)
     release(trained)
-    for merge in (True, False):
-        models.MERGE_OVER_DEQUANTIZED = merge
-        model, _ = models.load_for_generation(sft, cfg.model, cfg.lora)
-        name = "dequantized, adapter merged" if merge else "dequantized, adapter unmerged"
-        texts, speed = decode(cfg, model, tokenizer, prompts, args.max_new, args.batch)
-        ways[name] = {"tokens_per_s": speed, "equal": sum(a == b for a, b in zip(texts, reference))}
-        release(model)
+    model, _ = models.load_for_generation(sft, cfg.model, cfg.lora, "always")  # generation.dequantize=always
+    texts, speed = decode(cfg, model, tokenizer, prompts, args.max_new, args.batch)
+    ways["dequantized (generation)"] = {"tokens_per_s": speed, "equal": sum(a == b for a, b in zip(texts, reference))}
+    release(model)
     ways["quantized (as trained)"] = {"tokens_per_s": ways["quantized (as trained)"], "equal": len(reference)}
     result = {
         "gpu": torch.cuda.get_device_name(),

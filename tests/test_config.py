@@ -222,12 +222,12 @@ def test_the_deepseek_preset_is_a_reasoning_model_with_advised_sampling_and_long
     cfg = compose("experiment=deepseek_qlora")
     assert (cfg.model.reasoning, cfg.model.think_close, cfg.model.system_prompt) == ("think", "</think>", "user")
     assert all(0.5 <= arm.temperature <= 0.7 and arm.top_p == 0.95 for arm in cfg.arms.values())
-    assert cfg.eval.max_new_tokens >= 4096 and cfg.model.max_new_tokens >= 4096
+    assert (cfg.eval.max_new_tokens or cfg.model.max_new_tokens) >= 4096 and cfg.model.max_new_tokens >= 4096
     assert cfg.dpo.max_length >= cfg.model.max_new_tokens and cfg.eval.prompt == "platinum"
 
 
 def test_both_7b_presets_report_platinum_with_the_benchmarks_prompt_and_greedy_decoding():
-    for experiment in ("abel_platinum", "deepseek_qlora"):
+    for experiment in ("abel_platinum", "deepseek_qlora", "deepseek_qlora_looper"):
         cfg = compose(f"experiment={experiment}")
         assert (cfg.eval.prompt, cfg.eval.temperature, cfg.eval.samples) == ("platinum", 0.0, 1), experiment
 

@@ -10,12 +10,15 @@ from tests.conftest import compose
 
 def test_how_a_quantized_base_is_served_enters_the_rollout_identity_and_nothing_else_does():
     up = {"sft": "cache/sft/0123"}
-    plain = [rollout.spec(compose("lora=r64", f"generation.dequantize={d}"), up) for d in ("true", "false")]
-    assert plain[0] == plain[1] and "served" not in plain[0]  # over a full-precision base it changes nothing
-    served = {d: rollout.spec(compose("lora=qlora_4bit", f"generation.dequantize={d}"), up) for d in ("true", "false")}
-    assert served["true"]["served"] == "dequantized+merged" and served["false"]["served"] == "quantized"
-    assert served["true"] != served["false"]
-    assert models.served_as(compose("lora=qlora_8bit").lora, True) == "dequantized+merged"
+    settings = ("auto", "always", "never")
+    plain = [rollout.spec(compose("lora=r64", f"generation.dequantize={d}"), up) for d in settings]
+    assert plain[0] == plain[1] == plain[2] and "served" not in plain[0]  # over a full-precision base: nothing
+    for bits, auto in (("4bit", "dequantized"), ("8bit", "quantized")):  # auto: exact arithmetic only
+        served = {d: rollout.spec(compose(f"lora=qlora_{bits}", f"generation.dequantize={d}"), up) for d in settings}
+        assert [served[d]["served"] for d in settings] == [auto, "dequantized", "quantized"]
+        assert served["always"] != served["never"]
+    with pytest.raises(Exception, match="generation.dequantize"):
+        compose("generation.dequantize=sometimes")
 
 
 def _adapter_over(base: str, out) -> str:
@@ -43,11 +46,11 @@ def test_generation_serves_the_dequantized_base_with_the_adapter_and_matches_the
     cfg = fast_cfg(f"lora=qlora_{bits}", "model.dtype=float32")
     adapter = _adapter_over(tiny_sft[2], tmp_path / "adapter")
     trained, tokenizer = models.load_target(adapter, cfg.model, cfg.lora)  # as SFT and DPO compute
-    served, _ = models.load_for_generation(adapter, cfg.model, cfg.lora)
+    served, _ = models.load_for_generation(adapter, cfg.model, cfg.lora, "always")
     assert models.is_quantized(trained) and not models.is_quantized(served)
-    assert not [m for m in served.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    assert models.quantized_layers(trained) and not models.quantized_layers(served)
     questions = [p["question"] for p in synthetic_splits(cfg.data)["test"][:8]]
     prompts = [models.build_prompt(cfg.model, tokenizer, q) for q in questions]
     ours = [g.text for g in generate(served, tokenizer, prompts, max_new_tokens=24, batch_size=8, desc=None)]
     theirs = [g.text for g in generate(trained, tokenizer, prompts, max_new_tokens=24, batch_size=8, desc=None)]
-    assert sum(a == b for a, b in zip(ours, theirs)) >= 7
+    assert sum(a == b for a, b in zip(ours, theirs)) >= (8 if bits == "4bit" else 7)  # LLM.int8 rounds activations

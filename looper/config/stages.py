@@ -403,12 +403,14 @@ class GenerationSettings:
         0.125,
         identity=False,
     )
-    dequantize: bool = doc(
-        "Generate from an adapter over a 4- or 8-bit base (lora.quantization) with that base dequantized once into "
-        "the model dtype: the weights the adapter was trained against, decoded by bf16 kernels (much faster than "
-        "quantized layers). Falls back to the quantized model, saying so, where the copy does not fit in GPU memory. "
-        "false: always the quantized model. No effect over a full-precision base.",
-        True,
+    dequantize: str = doc(
+        "How rollouts and evaluation serve an adapter over a 4- or 8-bit base (lora.quantization): `auto` dequantizes "
+        "the base once into the model dtype where that computes exactly what its quantized layers do (4bit: they "
+        "dequantize and run a bf16 matmul), many times faster, and keeps the quantized layers where it does not "
+        "(8bit: LLM.int8 also rounds the activations to 8 bits); `always` dequantizes 8bit too (fast, an "
+        "approximation of the trained model's arithmetic: docs/performance.md); `never` keeps the quantized layers. "
+        "A dequantized copy that does not fit in GPU memory falls back to the quantized layers, saying so.",
+        "auto",
         identity=False,  # (it enters the identities of what is generated over a quantized base: models.served_as)
     )
     compile: bool = doc(
@@ -425,4 +427,5 @@ class GenerationSettings:
         from looper.engine import BACKENDS
 
         _choice(self.backend, "generation.backend", ("auto", *BACKENDS))
+        _choice(self.dequantize, "generation.dequantize", ("auto", "always", "never"))
         _check(0 < self.refill_at <= 1, "generation.refill_at", f"must be in (0, 1], got {self.refill_at}")
