@@ -406,9 +406,9 @@ ENSURE = {"resumable": True, "collective": True}  # kept across crashes; every p
 
 def spec(cfg: Config, up: dict, store=None) -> dict:
     """What determines the trajectories: the policy (and, over a quantized base, how it is served), arms, sampling,
-    decoding and the scorer; not alpha, beta, the length penalty or the w_* weights (applied later to the stored
-    components), nor a setting marked `identity=False` in the schema (batching, the scorer's time budget: no record
-    depends on them)."""
+    decoding and the scorer; under uniform allocation not alpha, beta, the length penalty or the w_* weights (applied
+    later to the stored components; a bandit allocates by them, so there they count), nor a setting marked
+    `identity=False` in the schema (batching, the scorer's time budget: no record depends on them)."""
     return {
         "sft": Path(up["sft"]).name,
         "arms": cfg.arms,
@@ -417,7 +417,9 @@ def spec(cfg: Config, up: dict, store=None) -> dict:
         "model": identity(cfg.model),
         "data": identity(cfg.data),
         "seed": cfg.seed,
-        "scoring": identity(cfg.reward, scoring=True),
+        # a bandit allocates by the full reward, so its trajectories depend on all of it; a uniform rollout's only on
+        # the keys computed while scoring (the rest is applied later to the stored components)
+        "scoring": identity(cfg.reward, scoring=cfg.rollout.allocation == "uniform"),
         **({"served": served} if (served := models.served_as(cfg.lora, cfg.generation.dequantize)) else {}),
     }
 

@@ -98,13 +98,22 @@ def log_effective_batch(section: Any, name: str, tracker) -> None:
 
 
 def last_checkpoint(trainer_dir: Path, stage: str) -> Optional[str]:
-    """The newest complete checkpoint a crashed or killed build left in `trainer_dir` (None: start from step 0)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    found = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
-    if found:
-        log.info("%s: resuming from %s (step %s)", stage, found, Path(found).name.rsplit("-", 1)[-1])
-    return found
+    """The newest complete checkpoint a crashed or killed build left in `trainer_dir` (None: start from step 0). A
+    checkpoint without `trainer_state.json` (the Trainer writes it last) was torn by the kill: it is deleted, with a
+    warning, and the one before it is used."""
+    checkpoints = sorted(
+        (p for p in trainer_dir.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit()),
+        key=lambda p: int(p.name.rsplit("-", 1)[-1]),
+        reverse=True,
+    )
+    for checkpoint in checkpoints:
+        if (checkpoint / "trainer_state.json").is_file():
+            log.info("%s: resuming from %s (step %s)", stage, checkpoint, checkpoint.name.rsplit("-", 1)[-1])
+            return str(checkpoint)
+        log.warning("%s: %s was not completely written (killed while saving); deleting it", stage, checkpoint)
+        if distributed.is_main_process():
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
 
 
 def drop_checkpoints(trainer_dir: Path) -> None:

@@ -159,6 +159,15 @@ def test_the_demo_with_a_bandit_writes_per_arm_credit_to_stats_png_and_wandb(art
     assert any("allocation" in name for name in tables), tables
 
 
+def test_a_reward_sweep_under_a_bandit_builds_a_rollout_per_reward_and_under_uniform_shares_one(artifacts):
+    def key(*overrides):
+        return rollout.spec(compose(f"paths.artifacts={artifacts}", *FAST_W, *overrides), {"sft": "cache/sft/0123"})
+
+    bandit_ = ["arms=regime_w", "rollout.allocation=thompson", "rollout.budget=32"]
+    assert key(*bandit_, "reward.beta=0.1") != key(*bandit_, "reward.beta=0.9")  # the bandit allocates by the reward
+    assert key(*bandit_[:1], "reward.beta=0.1") == key(*bandit_[:1], "reward.beta=0.9")  # applied after the rollout
+
+
 def test_reading_the_rounds_skips_a_line_another_process_is_still_writing(tmp_path):
     done = [{"question_id": "q1", "round": 0, "arm": "a", "sample": 0}, {"question_id": "q2", "round": 0}]
     (tmp_path / "rounds.rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in done))

@@ -338,3 +338,16 @@ def test_looper_sets_the_trainers_arguments_without_deprecation_warnings(fast_cf
         _sft_args(cfg)
         training.trainer_arguments(cfg.dpo, "dpo", DPOConfig, dpo.looper_arguments(cfg, ROOT))
     assert [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))] == []
+
+
+def test_a_checkpoint_torn_by_a_kill_is_deleted_and_the_one_before_it_resumes(tmp_path, caplog):
+    trainer = tmp_path / "trainer"
+    for step in (2, 4, 6):
+        (trainer / f"checkpoint-{step}").mkdir(parents=True)
+        (trainer / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"")
+    (trainer / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (trainer / "checkpoint-4" / "trainer_state.json").write_text("{}")  # checkpoint-6: killed while saving
+    with caplog.at_level(logging.INFO, logger="looper.training"):
+        assert training.last_checkpoint(trainer, "dpo") == str(trainer / "checkpoint-4")
+    assert "checkpoint-6 was not completely written" in caplog.text and not (trainer / "checkpoint-6").exists()
+    assert training.last_checkpoint(tmp_path / "nothing", "sft") is None
