@@ -19,6 +19,7 @@ input and never raises) and compared exactly (as fractions), never evaluated. Di
 from __future__ import annotations
 
 import re
+import threading
 from fractions import Fraction
 from typing import Optional
 
@@ -118,6 +119,13 @@ def _final_segment(text: str) -> str:
     return text.rsplit("####", 1)[1] if "####" in text else text
 
 
+def _math_verify_timeout() -> Optional[int]:
+    """Math-Verify's time limit per call: its own 5 s on the main thread; none in a rollout's scorer threads, where its
+    signal-based limit raises ('doesn't support threaded environment') and `rollout.scorer_timeout_s` bounds a
+    scorer instead."""
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
 def math_verify_available() -> bool:
     """Whether the optional Math-Verify scorer can run here."""
     try:
@@ -159,7 +167,7 @@ def extract(text: str, scorer: str, think_close: Optional[str] = None, truncated
     if scorer == "platinum":
         return _platinum(text)
     if scorer == "math_verify":
-        parsed = _math_verify_module().parse(_final_segment(text))
+        parsed = _math_verify_module().parse(_final_segment(text), parsing_timeout=_math_verify_timeout())
         return str(parsed[-1]) if parsed else None
     raise ValueError(f"unknown scorer {scorer!r}; allowed: {', '.join(SCORERS)}")
 
@@ -190,8 +198,12 @@ def is_correct(
         return False
     text = region
     if scorer == "math_verify":
-        math_verify = _math_verify_module()
+        math_verify, seconds = _math_verify_module(), _math_verify_timeout()
         return bool(
-            math_verify.verify(math_verify.parse(f"\\boxed{{{gold}}}"), math_verify.parse(_final_segment(text)))
+            math_verify.verify(
+                math_verify.parse(f"\\boxed{{{gold}}}", parsing_timeout=seconds),
+                math_verify.parse(_final_segment(text), parsing_timeout=seconds),
+                timeout_seconds=seconds,
+            )
         )
     return same_answer(extract(text, scorer), gold)

@@ -118,3 +118,18 @@ def test_answers_compare_as_exact_numbers():
     assert same_answer("18.50", "18.5") and same_answer("-0.5", "-.5") and not same_answer("18", None)
     assert not is_correct("#### " + "9" * 400, "9" * 399 + "8", "strict")  # no float overflow to inf == inf
     assert is_correct("#### 18.50", "18.5", "strict")
+
+
+def test_math_verify_scores_in_a_scorer_thread_as_on_the_main_thread():
+    pytest.importorskip("math_verify")
+    import threading
+
+    text = "So the total is \\boxed{42}."
+    on_main = (extract(text, "math_verify"), is_correct(text, "42", "math_verify"))
+    in_thread = []
+    worker = threading.Thread(
+        target=lambda: in_thread.append((extract(text, "math_verify"), is_correct(text, "42", "math_verify")))
+    )
+    worker.start()
+    worker.join()
+    assert in_thread == [on_main] and on_main[1] is True
