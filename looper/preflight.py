@@ -100,6 +100,31 @@ def _passthrough(cfg: Config) -> None:
     check_passthrough(cfg.dpo, "dpo", trl.DPOConfig, tuple(dpo.looper_arguments(cfg, Path("."))))
 
 
+def _trainer_values(cfg: Config) -> None:
+    """The trainers' named choices against what transformers and TRL accept (their own checks run only when the
+    trainer is built: DPO's after the rollout)."""
+    import dataclasses
+    import re
+
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+    from trl import DPOConfig
+
+    for name in ("sft", "dpo"):
+        section = getattr(cfg, name)
+        for key, allowed in (
+            ("optim", [o.value for o in OptimizerNames]),
+            ("lr_scheduler_type", [s.value for s in SchedulerType]),
+        ):
+            value = getattr(section, key)
+            if value not in allowed:
+                raise ValueError(f"{name}.{key}: got {value!r}; allowed: {', '.join(allowed)}")
+    field = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type")
+    losses = re.findall(r"`'(\w+)'`", field.metadata.get("help", ""))
+    if losses and cfg.dpo.loss_type not in losses:  # (TRL's help lists them; a release without the list is not checked)
+        raise ValueError(f"dpo.loss_type: got {cfg.dpo.loss_type!r}; allowed: {', '.join(losses)}")
+
+
 def _batches(cfg: Config) -> None:
     """A global batch the per-device batch and the number of processes do not divide fails now, not after the
     rollout (DPO's trainer is built last)."""
@@ -122,6 +147,8 @@ def check(cfg: Config) -> None:
             objective_dataset(cfg),
         )
     evaluated = {}
+    if cfg.stage.name in ("pipeline", "eval") and not cfg.eval.targets:
+        raise ValueError("eval.targets: empty; name at least one of base, sft, dpo or a model directory")
     if cfg.stage.name in ("pipeline", "eval"):
         for dataset in dict.fromkeys([*cfg.eval.datasets, objective_dataset(cfg)]):
             rows = eval_problems(dataset, cfg, limit=False)
@@ -130,6 +157,7 @@ def check(cfg: Config) -> None:
             evaluated[dataset] = rows
     _counts(cfg, splits, evaluated)
     _passthrough(cfg)
+    _trainer_values(cfg)
     _batches(cfg)
     context = model_context(cfg)
     if context is not None:

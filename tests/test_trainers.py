@@ -105,6 +105,27 @@ def test_the_passthrough_is_checked_against_trl_at_start(override, message):
         preflight.check(compose("logger=none", "stage=sft", override))
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dpo.loss_type=not_a_loss", r"dpo.loss_type: got 'not_a_loss'; allowed: sigmoid, hinge, ipo"),
+        ("dpo.optim=x", r"dpo.optim: got 'x'; allowed: .*adamw_torch"),
+        ("sft.optim=x", r"sft.optim: got 'x'"),
+        ("sft.lr_scheduler_type=x", r"sft.lr_scheduler_type: got 'x'; allowed: .*cosine"),
+        ("eval.targets=[]", r"eval.targets: empty"),
+    ],
+)
+def test_a_trainer_or_eval_value_that_would_fail_hours_in_fails_at_start(override, message):
+    with pytest.raises(ValueError, match=message):
+        preflight.check(compose("logger=none", override))
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**70)])
+def test_a_seed_outside_the_generators_range_fails_naming_it(seed):
+    with pytest.raises(Exception, match=r"seed: must be in \[0, 2\*\*32\)"):
+        compose(f"seed={seed}")
+
+
 def test_the_open_places_accept_new_keys():
     cfg = compose("+reward.scorer.window=3", "+dpo.trainer.label_smoothing=0.1")
     assert cfg.reward.scorer["window"] == 3 and cfg.dpo.trainer == {"label_smoothing": 0.1}

@@ -118,6 +118,7 @@ class Config:
                 f"and one sample to each of the {self.rollout.rounds - 1} bandit rounds; raise it or lower "
                 "rollout.floor / rollout.rounds",
             )
+        _check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (the generators' range), got {self.seed}")
         for key, value in _numbers(self):
             _check(math.isfinite(value), key, f"must be a finite number, got {value}")
         _check(
