@@ -126,6 +126,34 @@ def test_the_reported_inputs_finish_quickly_without_an_error(text):
         _timed(extract, text, scorer)
 
 
+def test_cut_finishes_quickly_on_a_million_annotation_openers():
+    assert _timed(cut, "<<" * 500_000 + " x", 0.5) == ""  # rescanned from each `<<`: 49 s before
+
+
+def _cut_by_rescanning(reasoning: str, fraction: float) -> str:
+    """`cut`'s definition, as first written: back off to the last whitespace, and before any annotation it is in."""
+    position = int(len(reasoning) * fraction)
+    while position > 0:
+        boundary = max(reasoning.rfind(" ", 0, position + 1), reasoning.rfind("\n", 0, position + 1))
+        if boundary <= 0:
+            return ""
+        opened = reasoning.rfind("<<", 0, boundary)
+        if opened >= 0 and reasoning.rfind(">>", 0, boundary) < opened:
+            position = opened
+            continue
+        return reasoning[:boundary].rstrip()
+    return ""
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text(alphabet="<> \na1=", max_size=40),
+    st.floats(0.01, 0.99),
+)
+def test_the_one_pass_cut_is_the_rescanning_definition(text, fraction):
+    assert cut(text, fraction) == _cut_by_rescanning(text, fraction)
+
+
 def test_values_out_of_bounds_do_not_hold():
     (equation,) = find_equations("<<1+1=1e4300>>")
     assert not equation.holds
