@@ -7,15 +7,16 @@ the same artifact twice. Under `accelerate launch` every rank calls the builder 
 rollout are collective), with barriers instead of the lock, and rank 0 finalises. Every use is appended to the Hydra
 run directory's `artifacts.jsonl`.
 
-At `DONE` each artifact records `manifest.json`: every file's size, its SHA-256 (files up to `HASHED_AT_DONE`), and
-for JSONL files the line count. Reuse verifies it (`paths.verify`): `quick` checks every size and line count and
-the hashes of files up to `QUICK_HASH_LIMIT`; `full` every hash. A mismatch stops the run naming the artifact and
-the file; `python -m looper.artifacts discard DIR` moves a damaged artifact aside so that the next run rebuilds it.
+At `DONE` each artifact records `manifest.json`: every file's size and SHA-256, and for JSONL files the line count.
+Reuse verifies it (`paths.verify`): `quick` checks every size and line count and the hashes of files up to
+`QUICK_HASH_LIMIT`; `full` every hash, whatever the file's size. It also checks that the directory is the one its key
+names (its `spec.json` hashes to the key: a renamed or swapped directory is refused) and that it has a manifest. A
+mismatch stops the run naming the artifact and the file; `python -m looper.artifacts discard DIR` moves a damaged
+artifact aside so that the next run rebuilds it.
 """
 
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ MANIFEST = "manifest.json"
 TRAJECTORIES = "trajectories.jsonl"  # rollout
 PAIRS = "pairs.jsonl"  # preferences
 PREDICTIONS = "predictions.jsonl"  # eval
-HASHED_AT_DONE = 1 << 30  # larger files (a full 7B model's shards are ~5 GB) are recorded by size only
+FINGERPRINTS = "fingerprints.json"  # in the cache's root: the hashes of local models' files, by path, size and time
 QUICK_HASH_LIMIT = 256 << 20  # adapters, records and tokenizers: hashed on every reuse
 
 
@@ -113,12 +114,10 @@ def _files(directory: Path) -> list[Path]:
 
 
 def write_manifest(directory: Path) -> dict:
-    """Record every file of a finished artifact: size, SHA-256 (up to HASHED_AT_DONE), JSONL line count."""
+    """Record every file of a finished artifact: size, SHA-256, JSONL line count."""
     files = {}
     for path in _files(directory):
-        entry = {"size": path.stat().st_size}
-        if entry["size"] <= HASHED_AT_DONE:
-            entry["sha256"] = _sha256(path)
+        entry = {"size": path.stat().st_size, "sha256": _sha256(path)}
         if path.suffix == ".jsonl":
             entry["lines"] = _lines(path)
         files[str(path.relative_to(directory))] = entry
@@ -128,13 +127,22 @@ def write_manifest(directory: Path) -> dict:
 
 
 def verify(directory: Path, stage: str = "artifact", full: bool = False) -> None:
-    """Check a finished artifact against its manifest (sizes, line counts, hashes where cheap or `full`); raise
-    ArtifactError naming the file and what to do. An artifact made before manifests existed gets one now."""
+    """Check a finished artifact: its `spec.json` hashes to its directory's key, and its files match its manifest
+    (sizes, line counts, hashes where cheap or `full`); raise ArtifactError naming the file and what to do."""
     manifest_path = directory / MANIFEST
-    if not manifest_path.exists():
-        log.info("%s: %s has no manifest (made by an older looper); recording one now", stage, directory)
-        write_manifest(directory)
-        return
+    if not manifest_path.is_file():
+        _damaged(stage, directory, MANIFEST, "is missing (nothing can vouch for its files)")
+    try:
+        spec = json.loads((directory / "spec.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        _damaged(stage, directory, "spec.json", "is missing or unreadable")
+    if artifact_key(spec) != directory.name:
+        _damaged(
+            stage,
+            directory,
+            "spec.json",
+            f"hashes to {artifact_key(spec)}, not to the directory's key (a renamed or swapped artifact)",
+        )
     try:
         files = json.loads(manifest_path.read_text())["files"]
     except (json.JSONDecodeError, KeyError, TypeError):
@@ -160,31 +168,37 @@ def _damaged(stage: str, directory: Path, name: str, problem: str):
     )
 
 
-FINGERPRINT_EDGE = 1 << 20  # bytes hashed at each end of a weight file too large to hash whole
-
-
-@functools.lru_cache(maxsize=None)
-def _fingerprint(path: Path, stamp: tuple) -> str:
-    digest = hashlib.sha256()
+def fingerprint(path: Path, cache_file: Optional[Path] = None) -> str:
+    """A hash of a local model directory's content: every file's name, size and SHA-256, so a directory rebuilt with
+    other weights (or edited anywhere) gets another fingerprint. Each file is hashed once: its hash is kept in
+    `cache_file` (and in this process) under its path, size and modification time."""
+    known = _load_hashes(cache_file)
+    digest, changed = hashlib.sha256(), False
     for file in _files(path) if path.is_dir() else [path]:
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{size}\n".encode())
-        if size <= QUICK_HASH_LIMIT:
-            digest.update(_sha256(file).encode())
-            continue
-        with open(file, "rb") as handle:  # the header (names, shapes, offsets) and the first and last weights
-            digest.update(handle.read(FINGERPRINT_EDGE))
-            handle.seek(size - FINGERPRINT_EDGE)
-            digest.update(handle.read(FINGERPRINT_EDGE))
+        stat = file.stat()
+        stamp = f"{os.path.abspath(file)}:{stat.st_size}:{stat.st_mtime_ns}"
+        if stamp not in known:
+            known[stamp], changed = _sha256(file), True
+        name = file.relative_to(path) if path.is_dir() else file.name
+        digest.update(f"{name}:{stat.st_size}:{known[stamp]}\n".encode())
+    if changed and cache_file is not None and distributed.is_main_process():
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_name(f"{cache_file.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(known))
+        temporary.replace(cache_file)
     return digest.hexdigest()[:16]
 
 
-def fingerprint(path: Path) -> str:
-    """A hash of a local model directory's content: every file's name and size, small files (configs, tokenizer,
-    adapters) whole, large weight files by their first and last MiB (the header and weights at both ends), so a
-    directory rebuilt with other weights gets another fingerprint. Computed once per process and modification."""
-    files = _files(path) if path.is_dir() else [path]
-    return _fingerprint(path, tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+_HASHES: dict = {}  # this process's file hashes, by path, size and modification time
+
+
+def _load_hashes(cache_file: Optional[Path]) -> dict:
+    if cache_file is not None and cache_file.is_file():
+        try:
+            _HASHES.update(json.loads(cache_file.read_text()))
+        except json.JSONDecodeError:  # a torn cache of hashes only costs hashing again
+            pass
+    return _HASHES
 
 
 def resolve_revision(repo: str, revision: Optional[str]) -> str:
@@ -241,15 +255,15 @@ class ArtifactStore:
 
     def identity(self, model: str, revision: Optional[str] = None) -> Any:
         """How a spec names a model, by content: relative to the cache when it is an artifact (its key already
-        stands for its content, and a moved or copied cache keeps its keys); a local directory by its path and a
-        fingerprint of its files (`fingerprint`); a hub id with its revision, resolved to a commit where the local
-        hub cache knows it."""
+        stands for its content, and a moved or copied cache keeps its keys); a local directory by a fingerprint of
+        its files (`fingerprint`), so moving it changes no key; a hub id with its revision, resolved to a commit
+        where the local hub cache knows it."""
         if not Path(model).exists():
             return {"hub": model, "revision": resolve_revision(model, revision)}
         path = Path(os.path.abspath(model))
         if path.is_relative_to(self.root):
             return str(path.relative_to(self.root))
-        return {"path": str(path), "fingerprint": fingerprint(path)}
+        return {"local": fingerprint(path, self.root / FINGERPRINTS)}
 
     def path(self, stage: str, spec: dict) -> Path:
         """Where the artifact of `stage` with this spec lives (complete or not)."""
@@ -273,6 +287,10 @@ class ArtifactStore:
         label = f"{stage} {what}" if what else stage
         if final in self._resolved:
             return final
+        if final.exists() and not final.is_dir():
+            raise ArtifactError(
+                f"{stage}: {final} should be an artifact directory but is a file; move it away and rerun"
+            )
         if is_complete(final):
             verify(final, stage, self.full_verify)
             log.info("%s: reusing %s", label, final)

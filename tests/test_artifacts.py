@@ -110,6 +110,8 @@ def _made(tmp_path, files: dict) -> tuple:
         ),
         (lambda d: (d / "trajectories.jsonl").unlink(), "trajectories.jsonl is missing"),
         (lambda d: (d / "adapter" / "weights.bin").write_bytes(b"garbage!"), "adapter/weights.bin has 8 bytes"),
+        (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),  # it is never re-certified
+        (lambda d: (d / "spec.json").write_text('{"x": 2}'), "spec.json hashes to .*not to the directory's key"),
     ],
 )
 def test_a_damaged_artifact_stops_the_run_naming_the_file_and_the_fix(tmp_path, damage, problem):
@@ -155,4 +157,23 @@ def test_a_local_model_rebuilt_with_other_weights_gets_a_new_identity(tmp_path):
         ).save_pretrained(tmp_path / "model")
         identities.append(store.identity(str(tmp_path / "model")))
     assert identities[0] != identities[1] and identities[1] == identities[2]
-    assert identities[0]["path"] == str(tmp_path / "model")
+    (tmp_path / "model").rename(tmp_path / "moved")
+    assert store.identity(str(tmp_path / "moved")) == identities[2]  # by content: moving it changes no key
+    weights = tmp_path / "moved" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit in the middle of the weights
+    weights.write_bytes(bytes(data))
+    assert store.identity(str(tmp_path / "moved")) != identities[2]
+
+
+def test_a_swapped_artifact_directory_is_refused_and_a_file_in_its_place_is_named(tmp_path):
+    store = ArtifactStore(tmp_path)
+    one = store.ensure("sft", {"lr": 1}, _builder([]))
+    two = store.ensure("sft", {"lr": 2}, _builder([]))
+    one.rename(tmp_path / "sft" / "aside")
+    two.rename(one)  # lr=2's artifact where lr=1's belongs
+    with pytest.raises(ArtifactError, match="renamed or swapped"):
+        ArtifactStore(tmp_path).ensure("sft", {"lr": 1}, _builder([]))
+    (tmp_path / "sft" / artifact_key({"lr": 3})).write_text("not a directory")
+    with pytest.raises(ArtifactError, match="should be an artifact directory but is a file"):
+        ArtifactStore(tmp_path).ensure("sft", {"lr": 3}, _builder([]))
