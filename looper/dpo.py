@@ -235,6 +235,7 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
         record = {**measured, "first_step_train_mode": check.first}
         (out / "reference_check.json").write_text(json.dumps(record, indent=2))
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out), selected_adapters=["default"])
+        models.portable_adapter(out, Path(cfg.paths.artifacts))
         tokenizer = trainer.processing_class
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(str(out))

@@ -8,6 +8,7 @@ here), or a stage artifact holding either a full model or a PEFT adapter over a 
 import importlib.util
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -231,8 +232,25 @@ def is_adapter(path: str) -> bool:
 
 
 def adapter_base(path: str) -> str:
-    """The base model an adapter directory was trained on."""
-    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    """The base model an adapter directory was trained on (a base inside the artifact cache is written relative to
+    the adapter: `portable_adapter`)."""
+    base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return os.path.normpath(os.path.join(path, base)) if base.startswith("../") else base
+
+
+def portable_adapter(adapter_dir: Path, cache_root: Path) -> None:
+    """Write the base of the adapter in `adapter_dir` relative to it where the base is an artifact of the cache at
+    `cache_root` (an SFT model, the tiny base), so that a copied or moved cache finds its own base, never the old
+    place's."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    base = config.get("base_model_name_or_path") or ""
+    root = os.path.abspath(cache_root)
+    if os.path.isabs(base) and os.path.commonpath([os.path.abspath(base), root]) == root:
+        config["base_model_name_or_path"] = os.path.relpath(os.path.abspath(base), os.path.abspath(adapter_dir))
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def _with_adapter(base, path: str, trainable: bool):

@@ -150,6 +150,7 @@ def _train(cfg: Config, base: str, out: Path) -> None:
         trainer.model.set_attn_implementation("sdpa")
     trainer.save_model(str(out))  # on the main process only
     if distributed.is_main_process():
+        models.portable_adapter(out, Path(cfg.paths.artifacts))
         drop_checkpoints(out / "trainer")
         tokenizer = trainer.processing_class
         tokenizer.padding_side = "left"

@@ -177,3 +177,27 @@ def test_a_swapped_artifact_directory_is_refused_and_a_file_in_its_place_is_name
     (tmp_path / "sft" / artifact_key({"lr": 3})).write_text("not a directory")
     with pytest.raises(ArtifactError, match="should be an artifact directory but is a file"):
         ArtifactStore(tmp_path).ensure("sft", {"lr": 3}, _builder([]))
+
+
+def test_an_adapter_over_a_cached_model_follows_its_cache_when_copied_and_the_original_removed(tmp_path):
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from looper import models
+    from looper.config import ModelConfig
+
+    cache = tmp_path / "cache"
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(cache / "sft" / "full")
+    base = AutoModelForCausalLM.from_pretrained(str(cache / "sft" / "full"))  # a full fine-tuned SFT, in the cache
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(cache / "dpo" / "policy"))
+    models.portable_adapter(cache / "dpo" / "policy", cache)
+    shutil.copytree(cache, tmp_path / "copy")
+    shutil.rmtree(cache)
+    policy = str(tmp_path / "copy" / "dpo" / "policy")
+    assert models.adapter_base(policy) == str(tmp_path / "copy" / "sft" / "full")
+    loaded = models.load_causal_lm(models.adapter_base(policy), ModelConfig(dtype="float32"))
+    assert loaded.config.hidden_size == 16
