@@ -259,7 +259,7 @@ def spec(cfg: Config, up: dict, store=None) -> dict:
         "sft": Path(up["sft"]).name,
         "preferences": Path(up["preferences"]).name,
         "dpo": identity(cfg.dpo),
-        "lora": identity(cfg.lora),
+        "lora": identity(cfg.lora) if cfg.lora.enabled else {"enabled": False},  # (no adapter: no lora.*)
         "model": identity(cfg.model, training=True),
         "seed": cfg.seed,
     }

@@ -270,26 +270,34 @@ def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) 
 # ---------------------------------------------------------------------------------------------------------- stage
 
 
-def evaluate(cfg: Config, store: ArtifactStore, target: str, path: str, dataset: str) -> Path:
-    """Evaluate one target (`path`: its model directory or hub id) on one dataset (cached, resumable); returns the
-    artifact directory. Its identity: the model evaluated, the dataset, and the settings that change predictions
-    (those the schema marks `identity=False` do not)."""
-    spec = {
+def spec(cfg: Config, store: ArtifactStore, path: str, dataset: str) -> dict:
+    """What identifies an evaluation: the model evaluated (`path`), the dataset, and the settings that change
+    predictions (not those the schema marks `identity=False`, nor sampling keys under greedy decoding)."""
+    settings = identity(cfg.eval)
+    if cfg.eval.temperature == 0:
+        settings.pop("top_p")  # greedy decoding reads no nucleus mass
+    return {
         "target": store.identity(path, cfg.model.revision),
         "dataset": dataset,
         "model": identity(cfg.model),
         "lora_quantization": cfg.lora.quantization,
         **({"served": served} if (served := models.served_as(cfg.lora, cfg.generation.dequantize)) else {}),
         "scorers": active_scorers(cfg),
-        "eval": identity(cfg.eval),
+        "eval": settings,
         "generation": identity(cfg.generation),
         "seed": cfg.seed if cfg.eval.temperature > 0 else None,
         "data": identity(cfg.data) if not dataset == "gsm8k_platinum" else None,
         "platinum_path": cfg.eval.platinum_path if dataset == "gsm8k_platinum" else None,
     }
+
+
+def evaluate(cfg: Config, store: ArtifactStore, target: str, path: str, dataset: str) -> Path:
+    """Evaluate one target (`path`: its model directory or hub id) on one dataset (cached, resumable); returns the
+    artifact directory (identified by `spec`)."""
+    spec_ = spec(cfg, store, path, dataset)
     return store.ensure(
         "eval",
-        spec,
+        spec_,
         lambda partial: _build(cfg, target, path, dataset, partial),
         resumable=True,
         collective=True,

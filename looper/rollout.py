@@ -400,6 +400,12 @@ def _build(cfg: Config, sft_dir: Path, out: Path) -> None:
     )
 
 
+# rollout keys an allocation never reads: kept out of its identity, so setting them rebuilds nothing
+UNUSED = {
+    "uniform": ("budget", "rounds", "floor", "warmup", "waves", "bandit_stats"),
+    "thompson": ("warmup", "waves"),
+    "thompson_sequential": ("rounds", "floor", "bandit_stats"),
+}
 NEEDS = ("sft",)  # the artifacts this stage builds on (looper/pipeline.py resolves them)
 ENSURE = {"resumable": True, "collective": True}  # kept across crashes; every process samples its shard
 
@@ -412,7 +418,7 @@ def spec(cfg: Config, up: dict, store=None) -> dict:
     return {
         "sft": Path(up["sft"]).name,
         "arms": cfg.arms,
-        "rollout": identity(cfg.rollout),
+        "rollout": {k: v for k, v in identity(cfg.rollout).items() if k not in UNUSED[cfg.rollout.allocation]},
         "generation": identity(cfg.generation),
         "model": identity(cfg.model),
         "data": identity(cfg.data),

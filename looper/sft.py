@@ -167,7 +167,7 @@ def spec(cfg: Config, up: dict, store: ArtifactStore) -> dict:
     return {
         "base": store.identity(up["base"], cfg.model.revision),
         "model": identity(cfg.model, training=True),
-        "lora": identity(cfg.lora),
+        "lora": identity(cfg.lora) if cfg.lora.enabled else {"enabled": False},  # (no adapter: no lora.*)
         "sft": identity(cfg.sft),
         "data": identity(cfg.data),
         "seed": cfg.seed,

@@ -76,6 +76,25 @@ def test_a_generation_limit_changes_the_rollout_key_but_not_the_trained_models(f
     assert key(sft, shorter) == key(sft, fast_cfg()) and key(dpo, shorter) == key(dpo, fast_cfg())  # training not
 
 
+def test_keys_the_chosen_options_never_read_leave_the_keys_alone(fast_cfg, artifacts):
+    from looper import evaluation, rollout
+
+    store = ArtifactStore(artifacts)
+    up = {"base": "tiny", "sft": str(artifacts / "sft" / "s"), "preferences": str(artifacts / "preferences" / "p")}
+    key = lambda stage, cfg: store.path("any", stage.spec(cfg, up, store)).name  # noqa: E731
+    assert key(rollout, fast_cfg("rollout.budget=16", "rollout.waves=3")) == key(rollout, fast_cfg())  # uniform
+    assert key(rollout, fast_cfg("rollout.allocation=thompson_sequential", "rollout.budget=16")) != key(
+        rollout, fast_cfg("rollout.allocation=thompson_sequential", "rollout.budget=8")
+    )
+    assert key(sft, fast_cfg("lora.r=8", "lora.alpha=4")) == key(sft, fast_cfg())  # lora=none: full fine-tuning
+    assert key(dpo, fast_cfg("lora.r=8")) == key(dpo, fast_cfg())
+    assert key(sft, fast_cfg("lora=r64", "lora.r=8")) != key(sft, fast_cfg("lora=r64"))
+    cell = lambda cfg: evaluation.spec(cfg, store, str(artifacts / "sft" / "s"), "synthetic_test")  # noqa: E731
+    assert cell(fast_cfg("eval.top_p=0.5")) == cell(fast_cfg())  # greedy decoding reads no top_p
+    sampled = ("eval.temperature=0.5", "eval.samples=2")
+    assert cell(fast_cfg(*sampled, "eval.top_p=0.5")) != cell(fast_cfg(*sampled))
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
