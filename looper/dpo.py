@@ -19,7 +19,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 from looper import distributed, models, tracking
 from looper.artifacts import PAIRS, read_jsonl
@@ -38,15 +37,15 @@ from looper.training import (
 log = logging.getLogger(__name__)
 
 
-class FirstStepCheck(TrainerCallback):
-    """Keeps the metrics TRL logs at the first step (`logging_first_step`)."""
-
-    def __init__(self):
-        self.first: dict = {}
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self.first and logs and "rewards/margins" in logs:
-            self.first = {"step": state.global_step, **{k: logs[k] for k in logs if k.startswith(("rewards/", "loss"))}}
+def first_step(log_history: list[dict]) -> dict:
+    """The metrics TRL logged at the first step (`logging_first_step`), from the trainer's log history, which a
+    resumed run restores from its checkpoint: step 1's figures stay step 1's across a resume."""
+    first = next((entry for entry in log_history if "rewards/margins" in entry), {})
+    return (
+        {"step": first["step"], **{k: v for k, v in first.items() if k.startswith(("rewards/", "loss"))}}
+        if first
+        else {}
+    )
 
 
 def _policy(cfg: Config, sft_dir: Path):
@@ -193,7 +192,6 @@ def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path, report_
         eval_dataset=held_out,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[FirstStepCheck()],
     )
 
 
@@ -218,10 +216,10 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
     trainer = make_trainer(cfg, sft_dir, pairs_dir, out, tracker.report_to)
     log_effective_batch(cfg.dpo, "dpo", tracker)
     measured = _check_reference(cfg, trainer)
-    check = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FirstStepCheck))
     result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "dpo"))
     ensure_finite("dpo", trainer, result.training_loss, "dpo.learning_rate")
-    margin = check.first.get("rewards/margins")
+    first = first_step(trainer.state.log_history)
+    margin = first.get("rewards/margins")
     tracker.summary(
         {
             "dpo/train_loss": result.training_loss,
@@ -232,7 +230,7 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
     )
     if distributed.is_main_process():
         drop_checkpoints(out / "trainer")
-        record = {**measured, "first_step_train_mode": check.first}
+        record = {**measured, "first_step_train_mode": first}
         (out / "reference_check.json").write_text(json.dumps(record, indent=2))
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out), selected_adapters=["default"])
         models.portable_adapter(out, Path(cfg.paths.artifacts))

@@ -248,6 +248,8 @@ def test_a_killed_dpo_resumes_from_its_last_checkpoint(fast_cfg, tiny_sft, tmp_p
     whole.mkdir()
     dpo.build(cfg, {"sft": up, "preferences": pairs}, whole)
     assert _same(_weights(killed), _weights(whole)) == 0.0
+    first = [json.loads((d / "reference_check.json").read_text())["first_step_train_mode"] for d in (killed, whole)]
+    assert first[0]["step"] == 1 and first[0] == first[1]  # step 1's figures, though the resumed run began at 5
 
 
 ARGUMENTS_ON_EACH_RANK = """
