@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from looper.answers import normalize_number
@@ -95,9 +96,22 @@ def gold_from_solution(solution: str) -> str | None:
     return normalize_number(solution.rsplit("####", 1)[1])
 
 
+_SURROGATE = re.compile(
+    r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|(?<![0-9a-fA-F]{4})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
+def _unpaired_surrogate_column(line: str) -> int:
+    """1-based column of the first `\\uD800`-`\\uDFFF` escape of `line` that is not half of a pair (1 if none is
+    found: the line then carries the raw character)."""
+    found = _SURROGATE.search(line)
+    return found.start() + 1 if found else 1
+
+
 def read_gsm8k_jsonl(path: Path, id_prefix: str) -> list[dict]:
     """Read GSM8K-format JSONL (`question`, `answer` with a `#### N` line); a missing or empty file, or a bad line
-    (not UTF-8, not JSON, a missing field, no final answer), raises DataError naming the file, line and column."""
+    (not UTF-8, not JSON, a missing field, a lone surrogate that no tokenizer can encode, no final answer), raises
+    DataError naming the file, line and column."""
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file")
     rows = []
@@ -119,6 +133,13 @@ def read_gsm8k_jsonl(path: Path, id_prefix: str) -> list[dict]:
             for field in ("question", "answer"):
                 if not isinstance(record.get(field), str) or not record[field].strip():
                     raise DataError(f"{where}: missing or empty field '{field}'")
+                try:
+                    record[field].encode("utf-8")
+                except UnicodeEncodeError:
+                    raise DataError(
+                        f"{where}:{_unpaired_surrogate_column(line)}: field '{field}' holds a lone UTF-16 surrogate "
+                        "(an escape like \\ud800 without its pair), which is not text"
+                    ) from None
             gold = gold_from_solution(record["answer"])
             if gold is None:
                 raise DataError(f"{where}: the answer has no '#### N' final line with a number")
@@ -154,6 +175,23 @@ def _gsm8k_hub() -> dict[str, list[dict]]:
     return splits
 
 
+def _normalised(question: str) -> str:
+    return " ".join(question.split())
+
+
+def check_overlap(train: list[dict], test: list[dict], test_name: str, allow: bool) -> None:
+    """Refuse (DataError, naming how many and the first ones) test questions that also appear in the training file,
+    unless `allow` (`data.allow_overlap`): a model trained on a test question reports a score that is not one."""
+    seen = {_normalised(row["question"]) for row in train}
+    shared = [row for row in test if _normalised(row["question"]) in seen]
+    if shared and not allow:
+        first = "; ".join(repr(row["question"][:80]) for row in shared[:3])
+        raise DataError(
+            f"{len(shared)} questions of {test_name} also appear in the training data (first: {first}): training on "
+            "a test question makes its score meaningless; remove them, or set data.allow_overlap=true"
+        )
+
+
 def gsm8k_splits(cfg: DataConfig) -> dict[str, list[dict]]:
     """GSM8K train/dev/test: `data.path` (train.jsonl, test.jsonl) or the hub; dev is a seeded share of train."""
     if cfg.path:
@@ -161,6 +199,7 @@ def gsm8k_splits(cfg: DataConfig) -> dict[str, list[dict]]:
         loaded = {split: read_gsm8k_jsonl(root / f"{split}.jsonl", f"gsm8k-{split}") for split in ("train", "test")}
     else:
         loaded = _gsm8k_hub()
+    check_overlap(loaded["train"], loaded["test"], "the GSM8K test split", cfg.allow_overlap)
     order = list(range(len(loaded["train"])))
     random.Random(cfg.split_seed).shuffle(order)
     num_dev = round(len(order) * cfg.dev_fraction)

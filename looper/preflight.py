@@ -155,6 +155,12 @@ def check(cfg: Config) -> None:
             if not rows:
                 raise ValueError(f"eval.datasets: {dataset} holds no problems")
             evaluated[dataset] = rows
+    if "gsm8k_platinum" in evaluated and cfg.data.name == "gsm8k":
+        from looper.data import check_overlap
+
+        check_overlap(
+            splits["train"] + splits["dev"], evaluated["gsm8k_platinum"], "GSM8K-Platinum", cfg.data.allow_overlap
+        )
     _counts(cfg, splits, evaluated)
     _passthrough(cfg)
     _trainer_values(cfg)

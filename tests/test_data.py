@@ -74,12 +74,32 @@ def test_gold_answers_with_separators_and_signs_parse(tmp_path):
 def test_gsm8k_from_a_directory_gets_a_seeded_dev_split(tmp_path):
     rows = [json.dumps({"question": f"Q{i}", "answer": f"#### {i}"}) for i in range(50)]
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
-    (tmp_path / "test.jsonl").write_text("\n".join(rows[:5]) + "\n")
+    tests = [json.dumps({"question": f"T{i}", "answer": f"#### {i}"}) for i in range(5)]
+    (tmp_path / "test.jsonl").write_text("\n".join(tests) + "\n")
     splits = gsm8k_splits(DataConfig(name="gsm8k", path=str(tmp_path), dev_fraction=0.2, split_seed=3))
     assert (len(splits["train"]), len(splits["dev"]), len(splits["test"])) == (40, 10, 5)
     assert not {r["question"] for r in splits["train"]} & {r["question"] for r in splits["dev"]}
     again = gsm8k_splits(DataConfig(name="gsm8k", path=str(tmp_path), dev_fraction=0.2, split_seed=3))
     assert again["dev"] == splits["dev"]
+
+
+def test_test_questions_that_are_also_training_questions_are_refused_unless_allowed(tmp_path):
+    rows = [json.dumps({"question": f"How many is {i}?", "answer": f"#### {i}"}) for i in range(20)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    leaked = json.dumps({"question": "How many  is 3?\n", "answer": "#### 3"})  # the same question, spaced otherwise
+    (tmp_path / "test.jsonl").write_text(leaked + "\n" + json.dumps({"question": "New?", "answer": "#### 1"}) + "\n")
+    with pytest.raises(DataError, match=r"1 questions of the GSM8K test split also appear in the training data"):
+        gsm8k_splits(DataConfig(name="gsm8k", path=str(tmp_path)))
+    assert len(gsm8k_splits(DataConfig(name="gsm8k", path=str(tmp_path), allow_overlap=True))["test"]) == 2
+
+
+def test_a_lone_surrogate_is_refused_naming_file_line_and_column(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(GOOD + "\n" + '{"question": "Q\\ud800?", "answer": "#### 1"}' + "\n")
+    with pytest.raises(DataError, match=f"{path}:2:16: field 'question' holds a lone UTF-16 surrogate"):
+        read_gsm8k_jsonl(path, "x")
+    path.write_text('{"question": "Q \\ud83d\\ude00?", "answer": "#### 1"}\n')  # a pair is an emoji: fine
+    assert read_gsm8k_jsonl(path, "x")[0]["question"] == "Q \U0001f600?"
 
 
 @pytest.mark.data
@@ -101,3 +121,18 @@ def test_a_byte_that_is_not_utf8_names_file_line_and_column(tmp_path):
     path.write_bytes((GOOD + "\n").encode() + b'{"question": "Q\xff?", "answer": "#### 1"}\n')
     with pytest.raises(DataError, match=f"{path}:2:16: not UTF-8 \\(byte 0xff\\)"):
         read_gsm8k_jsonl(path, "x")
+
+
+def test_platinum_questions_in_the_training_file_are_refused_at_start(tmp_path):
+    from looper import preflight
+    from tests.conftest import compose
+
+    rows = [json.dumps({"question": f"How many is {i}?", "answer": f"#### {i}"}) for i in range(20)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"question": "New?", "answer": "#### 1"}) + "\n")
+    (tmp_path / "platinum.jsonl").write_text(rows[7] + "\n")
+    settings = ["data=gsm8k", f"data.path={tmp_path}", f"eval.platinum_path={tmp_path / 'platinum.jsonl'}"]
+    settings += ["eval.datasets=[gsm8k_platinum]", "logger=none", "rollout.num_questions=4"]
+    with pytest.raises(DataError, match=r"1 questions of GSM8K-Platinum also appear in the training data"):
+        preflight.check(compose(*settings))
+    preflight.check(compose(*settings, "data.allow_overlap=true"))

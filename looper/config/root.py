@@ -35,6 +35,12 @@ class DataConfig:
     )
     dev_fraction: float = doc("GSM8K: share of train held out as the dev split.", 0.2)
     split_seed: int = doc("GSM8K: seed of the train/dev split.", 0)
+    allow_overlap: bool = doc(
+        "GSM8K: accept questions that appear both in the training file and in a test set (test.jsonl, "
+        "GSM8K-Platinum); by default the run refuses them, naming how many and the first ones.",
+        False,
+        identity=False,
+    )
 
     def __post_init__(self):
         _choice(self.name, "data.name", ("synthetic", "gsm8k"))
