@@ -175,9 +175,25 @@ class Kill(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def attach(trainer):
+    if not kill_at.startswith("saving:"):
+        trainer.add_callback(Kill())
+        return trainer
+    # killed while writing a checkpoint: after its weights, before its optimizer and trainer_state.json
+    original = trainer._save_optimizer_and_scheduler
+
+    def torn(output_dir):
+        if trainer.state.global_step == int(kill_at.split(":")[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(output_dir)
+
+    trainer._save_optimizer_and_scheduler = torn
+    return trainer
+
+
 module = {"sft": sft, "dpo": dpo}[stage]
 make_trainer = module.make_trainer
-module.make_trainer = lambda *a, **k: [t := make_trainer(*a, **k), t.add_callback(Kill())][0]
+module.make_trainer = lambda *a, **k: attach(make_trainer(*a, **k))
 cfg = compose(*overrides)
 if stage == "sft":
     pipeline.artifact(cfg, ArtifactStore(Path(cfg.paths.artifacts)), "sft")
@@ -186,7 +202,7 @@ else:
 """
 
 
-def _killed(stage: str, kill_at: int, up: str, out, overrides: list[str]) -> None:
+def _killed(stage: str, kill_at, up: str, out, overrides: list[str]) -> None:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -228,7 +244,16 @@ def test_a_killed_sft_resumes_from_its_last_checkpoint(fast_cfg, tiny_sft, tmp_p
     assert _same(_weights(resumed), _weights(whole)) == 0.0  # step for step the uninterrupted run
 
 
-def test_a_killed_dpo_resumes_from_its_last_checkpoint(fast_cfg, tiny_sft, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "kill_at, left, resumed_from",
+    [
+        ("5", ["checkpoint-2", "checkpoint-4"], "checkpoint-4 (step 4)"),
+        ("saving:4", ["checkpoint-2", "checkpoint-4"], "checkpoint-2 (step 2)"),
+    ],
+)
+def test_a_killed_dpo_resumes_from_its_last_checkpoint(
+    fast_cfg, tiny_sft, tmp_path, caplog, kill_at, left, resumed_from
+):
     settings = ("dpo.max_steps=6", "dpo.save_steps=2", "dpo.logging_steps=1")
     cfg = fast_cfg(*settings)
     up = str(tiny_sft[3])
@@ -239,11 +264,13 @@ def test_a_killed_dpo_resumes_from_its_last_checkpoint(fast_cfg, tiny_sft, tmp_p
     (tmp_path / "up").symlink_to(up)
     (tmp_path / "up-pairs").symlink_to(pairs)
     overrides = [f"paths.artifacts={cfg.paths.artifacts}", *FAST, *settings]
-    _killed("dpo", 5, str(tmp_path / "up"), killed, overrides)
-    assert sorted(p.name for p in (killed / "trainer").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    _killed("dpo", kill_at, str(tmp_path / "up"), killed, overrides)
+    assert sorted(p.name for p in (killed / "trainer").glob("checkpoint-*")) == left
     with caplog.at_level(logging.INFO, logger="looper.training"):
         dpo.build(cfg, {"sft": up, "preferences": pairs}, killed)
-    assert "dpo: resuming from" in caplog.text and "checkpoint-4 (step 4)" in caplog.text
+    assert "dpo: resuming from" in caplog.text and resumed_from in caplog.text
+    if kill_at.startswith("saving:"):  # torn: weights written, no trainer_state.json
+        assert "checkpoint-4 was not completely written" in caplog.text
     whole = tmp_path / "whole"
     whole.mkdir()
     dpo.build(cfg, {"sft": up, "preferences": pairs}, whole)
