@@ -201,6 +201,7 @@ def _decode_shard(
 
         written: list[int] = []
         prompts = {p["id"]: prompt_for(cfg, tokenizer, p, pool) for p in problems}
+        models.check_context(model, tokenizer, list(prompts.values()), _max_new_tokens(cfg), f"eval {dataset}")
         sampled = cfg.eval.temperature > 0
         requests = [
             engine.Request(

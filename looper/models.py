@@ -114,6 +114,33 @@ def encode_completion(tokenizer, completion: str) -> list[int]:
     return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def check_context(model, tokenizer, prompts: list[str], max_new_tokens: int, what: str) -> None:
+    """Refuse prompts that leave no room in the model's context (`max_position_embeddings`) for a single new token,
+    naming how many and the longest; warn, with the count, where the generation limit would run past it (those rows
+    stop at the context's end)."""
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not context or not prompts:
+        return
+    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
+    over = sum(n >= context for n in lengths)
+    if over:
+        raise ValueError(
+            f"{what}: {over} of {len(prompts)} prompts are as long as the model's context of {context} tokens or "
+            f"longer (the longest: {max(lengths)} tokens), so nothing could be generated for them; shorten them "
+            "(fewer eval.shots, shorter arm prompts) or use a model with a longer context"
+        )
+    tight = sum(n + max_new_tokens > context for n in lengths)
+    if tight:
+        log.warning(
+            "%s: %d of %d prompts leave fewer than %d new tokens in the model's context of %d; they stop at its end",
+            what,
+            tight,
+            len(prompts),
+            max_new_tokens,
+            context,
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------- devices
 
 

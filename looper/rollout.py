@@ -48,6 +48,13 @@ class Sampler:
 
     def run(self, jobs: list[tuple[str, ArmConfig, int]]):
         """Complete (prompt, arm, seed) jobs in batches; returns Generation objects in order."""
+        models.check_context(
+            self.generator.model,
+            self.tokenizer,
+            list(dict.fromkeys(p for p, _, _ in jobs)),
+            self.max_new_tokens,
+            "rollout",
+        )
         outputs, figures = self.generator.generate(
             [
                 engine.Request(prompt, self.max_new_tokens, arm.temperature, arm.top_p, seed)

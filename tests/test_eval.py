@@ -264,3 +264,16 @@ def test_the_demo_objective_comes_from_the_dev_split_not_the_test_set(fast_cfg):
         evaluation.objective_dataset(fast_cfg("eval.select_on=synthetic_test", "eval.select_on_test=true"))
         == "synthetic_test"
     )
+
+
+def test_a_prompt_the_models_context_cannot_hold_is_refused_with_the_count(tiny_sft, caplog):
+    model, tokenizer = models.load_target(str(tiny_sft[3]), tiny_sft[0].model)
+    context = model.config.max_position_embeddings
+    fits, too_long = "Tom has 3 apples.", " ".join(["apples"] * (2 * context))
+    with pytest.raises(ValueError, match=rf"eval x: 1 of 2 prompts are as long as the model's context of {context}"):
+        models.check_context(model, tokenizer, [fits, too_long], 16, "eval x")
+    models.check_context(model, tokenizer, [fits], 16, "eval x")  # fits: nothing said
+    assert "leave fewer than" not in caplog.text
+    near = " ".join(["apples"] * (context - 20))
+    models.check_context(model, tokenizer, [near], 64, "eval x")
+    assert "1 of 1 prompts leave fewer than 64 new tokens" in caplog.text

@@ -139,6 +139,18 @@ def test_a_trainer_or_eval_value_that_would_fail_hours_in_fails_at_start(overrid
         preflight.check(compose("logger=none", override))
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dpo.beta=1e308", r"dpo.beta: must be at most 100, got 1e\+308"),
+        ("dpo.max_length=1", r"dpo.max_length: .*got 1"),
+    ],
+)
+def test_absurd_dpo_values_fail_at_start_naming_the_key(override, message):
+    with pytest.raises(Exception, match=message):
+        compose(override)
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**70)])
 def test_a_seed_outside_the_generators_range_fails_naming_it(seed):
     with pytest.raises(Exception, match=r"seed: must be in \[0, 2\*\*32\)"):

@@ -270,6 +270,13 @@ class DPOConfig(TrainerSettings):
         ):
             _positive(getattr(self, name), f"dpo.{name}")
         _check(self.learning_rate <= 1, "dpo.learning_rate", f"must be at most 1, got {self.learning_rate}")
+        # beta scales log-probability ratios (typical 0.01-0.5): beyond 100 the loss saturates or overflows
+        _check(self.beta <= 100, "dpo.beta", f"must be at most 100, got {self.beta:g}")
+        _check(
+            self.max_length >= 16,
+            "dpo.max_length",
+            f"must be at least 16 tokens (a prompt and the start of both completions), got {self.max_length}",
+        )
         _check(self.max_steps == -1 or self.max_steps > 0, "dpo.max_steps", "must be -1 or positive")
         _choice(self.reference_check, "dpo.reference_check", ("error", "warn"))
         _check(self.reference_tolerance >= 0, "dpo.reference_tolerance", "must be >= 0")
