@@ -125,6 +125,27 @@ def _trainer_values(cfg: Config) -> None:
         raise ValueError(f"dpo.loss_type: got {cfg.dpo.loss_type!r}; allowed: {', '.join(losses)}")
 
 
+def _trainer_configs(cfg: Config) -> None:
+    """Build TRL's SFTConfig and DPOConfig as the stages will, so whatever their own checks refuse (a combination
+    of arguments, a pass-through value) fails now, naming the section."""
+    import tempfile
+
+    import trl
+
+    from looper import dpo, sft
+    from looper.training import trainer_arguments
+
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, args_class, derived in (
+            ("sft", trl.SFTConfig, sft.looper_arguments(cfg, Path(scratch))),
+            ("dpo", trl.DPOConfig, dpo.looper_arguments(cfg, Path(scratch), evaluate=cfg.dpo.eval_fraction > 0)),
+        ):
+            try:
+                trainer_arguments(getattr(cfg, name), name, args_class, derived)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{name}: TRL's {args_class.__name__} refuses these settings: {error}") from None
+
+
 def _batches(cfg: Config) -> None:
     """A global batch the per-device batch and the number of processes do not divide fails now, not after the
     rollout (DPO's trainer is built last)."""
@@ -165,6 +186,7 @@ def check(cfg: Config) -> None:
     _passthrough(cfg)
     _trainer_values(cfg)
     _batches(cfg)
+    _trainer_configs(cfg)
     context = model_context(cfg)
     if context is not None:
         _limits(cfg, context)

@@ -68,3 +68,28 @@ def test_export_writes_a_bitsandbytes_copy_that_plain_transformers_loads(artifac
     tokenizer = AutoTokenizer.from_pretrained(str(out / "quantized-8bit"))
     prompt = models.build_prompt(cfg.model, tokenizer, synthetic_splits(cfg.data)["test"][0]["question"])
     assert generate(quantized, tokenizer, [prompt], max_new_tokens=8, batch_size=1, desc=None)[0].num_tokens > 0
+
+
+def test_a_copied_cache_with_the_original_removed_serves_eval_and_export_without_a_rebuild(
+    artifacts, fast_cfg, tiny_sft, tmp_path
+):
+    import shutil
+
+    from tests.conftest import cache_sharing_models
+
+    first = cache_sharing_models(artifacts, tmp_path / "first")  # the session's base and SFT, linked in
+    cfg = fast_cfg(f"paths.artifacts={first}", "eval.num_questions=4", "eval.datasets=[synthetic_test]")
+    made = pipeline.Pipeline(cfg, ArtifactStore(first)).artifact("dpo")  # rollout, pairs and a LoRA over the SFT
+    shutil.copytree(first, tmp_path / "copy")  # links resolved: a self-contained cache
+    shutil.rmtree(first)
+    moved = fast_cfg(f"paths.artifacts={tmp_path / 'copy'}", "eval.num_questions=4", "eval.datasets=[synthetic_test]")
+    store = ArtifactStore(tmp_path / "copy")
+    graph = pipeline.Pipeline(moved, store)
+    assert graph.artifact("dpo") == tmp_path / "copy" / "dpo" / made.name and store.made == []  # reused, not rebuilt
+    evaluated = json.loads((pipeline.evaluate(moved, store, "dpo", "synthetic_test") / "summary.json").read_text())
+    assert evaluated["n"] == 4
+    exported = graph.artifact("export")
+    assert AutoModelForCausalLM.from_pretrained(str(exported)).dtype.is_floating_point
+    for artifact in [p for p in (tmp_path / "copy").glob("*/*") if p.is_dir()]:
+        for text in [f.read_text(errors="ignore") for f in artifact.rglob("*.json")]:
+            assert str(first) not in text, artifact  # nothing points at the removed cache

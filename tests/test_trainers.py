@@ -132,6 +132,7 @@ def test_the_passthrough_is_checked_against_trl_at_start(override, message):
         ("sft.optim=x", r"sft.optim: got 'x'"),
         ("sft.lr_scheduler_type=x", r"sft.lr_scheduler_type: got 'x'; allowed: .*cosine"),
         ("eval.targets=[]", r"eval.targets: empty"),
+        ("+dpo.trainer.loss_weights=[1.0,2.0]", r"dpo: TRL's DPOConfig refuses these settings: .*loss_weights"),
     ],
 )
 def test_a_trainer_or_eval_value_that_would_fail_hours_in_fails_at_start(override, message):
