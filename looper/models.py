@@ -258,26 +258,32 @@ def is_adapter(path: str) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+BASE_IN_CACHE = "looper_base.json"  # beside an adapter whose base is an artifact of its cache: where, relative to it
+
+
 def adapter_base(path: str) -> str:
-    """The base model an adapter directory was trained on (a base inside the artifact cache is written relative to
-    the adapter: `portable_adapter`)."""
-    base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    return os.path.normpath(os.path.join(path, base)) if base.startswith("../") else base
+    """The base model an adapter directory was trained on: the cache-relative base `portable_adapter` recorded, where
+    it exists (a copied or moved cache finds its own), else the `base_model_name_or_path` PEFT wrote."""
+    recorded = Path(path) / BASE_IN_CACHE
+    if recorded.is_file():
+        relative = os.path.normpath(os.path.join(path, json.loads(recorded.read_text())["relative"]))
+        if Path(relative).exists():
+            return relative
+    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 def portable_adapter(adapter_dir: Path, cache_root: Path) -> None:
-    """Write the base of the adapter in `adapter_dir` relative to it where the base is an artifact of the cache at
-    `cache_root` (an SFT model, the tiny base), so that a copied or moved cache finds its own base, never the old
-    place's."""
+    """Record, beside the adapter in `adapter_dir`, its base relative to it (`BASE_IN_CACHE`) where the base is an
+    artifact of the cache at `cache_root` (an SFT model, the tiny base): a copied or moved cache then uses its own base,
+    never the old place's, while `adapter_config.json` keeps the absolute path plain PEFT loads from."""
     config_path = Path(adapter_dir) / "adapter_config.json"
     if not config_path.is_file():
         return
-    config = json.loads(config_path.read_text())
-    base = config.get("base_model_name_or_path") or ""
+    base = json.loads(config_path.read_text()).get("base_model_name_or_path") or ""
     root = os.path.abspath(cache_root)
     if os.path.isabs(base) and os.path.commonpath([os.path.abspath(base), root]) == root:
-        config["base_model_name_or_path"] = os.path.relpath(os.path.abspath(base), os.path.abspath(adapter_dir))
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+        relative = os.path.relpath(os.path.abspath(base), os.path.abspath(adapter_dir))
+        (Path(adapter_dir) / BASE_IN_CACHE).write_text(json.dumps({"relative": relative}) + "\n")
 
 
 def _with_adapter(base, path: str, trainable: bool):
