@@ -213,7 +213,7 @@ def resolve_revision(repo: str, revision: Optional[str]) -> str:
             return cached.split("/snapshots/", 1)[1].split("/", 1)[0]
         if not HF_HUB_OFFLINE:
             return HfApi().model_info(repo, revision=revision).sha
-    except Exception:  # noqa: BLE001 - unreachable hub, unusual id or cache layout: keep the revision as given
+    except Exception:  # unreachable hub, unusual id or cache layout: keep the revision as given
         pass
     return revision or "main"
 

@@ -11,7 +11,7 @@ handed to `evaluation.run`. No stage imports another; only this module knows the
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from looper import dpo, evaluation, export, models, preferences, rollout, sft, throughput, tracking
 from looper.artifacts import ArtifactStore
@@ -29,8 +29,9 @@ class Pipeline:
         self.cfg, self.store = cfg, store
         self.resolved: dict[str, str] = {}
 
-    def artifact(self, name: str) -> Path:
-        """The artifact of stage `name` (or the base model, `base`), building it and its upstreams where needed."""
+    def artifact(self, name: str) -> Union[Path, str]:
+        """The artifact of stage `name`, building it and its upstreams where needed; for `base`, the base model's
+        directory or hub id (a string: a hub id is not a path)."""
         if name not in self.resolved:
             if name == "base":
                 self.resolved[name] = models.base_model_path(self.cfg, self.store)

@@ -36,7 +36,7 @@ def model_context(cfg: Config) -> Optional[int]:
             config = AutoConfig.from_pretrained(
                 cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
             ).to_dict()
-    except Exception as error:  # noqa: BLE001 - unreadable here; the stage that loads the model reports it
+    except Exception as error:  # unreadable here; the stage that loads the model reports it
         log.info("preflight: the context of %s is not known yet (%s)", cfg.model.name_or_path, error)
         return None
     config = config.get("text_config", config)

@@ -161,7 +161,7 @@ def score_together(
     def work(index: int):
         try:
             outcome = _score_question(cfg, scorer, problems[index], trajectories[index], batched(index))
-        except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread
+        except BaseException as error:  # re-raised in the calling thread
             outcome = error
         with lock:
             finished[index] = outcome

@@ -147,7 +147,7 @@ class Tracker:
             return
         try:
             fn(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - tracking must never take results down with it
+        except Exception as error:  # tracking must never take results down with it
             log.warning("W&B %s failed (results on disk are unaffected): %s", what, error)
 
     def log(self, metrics: dict) -> None:
@@ -273,7 +273,7 @@ def stage_run(cfg: Config, stage: str):
         )
         where = run.url if mode == "online" else run.dir
         log.info("%s: W&B run %s (%s, group %s) -> %s", stage, run.name, mode, run.group, where)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         log.warning("W&B init failed; %s continues without tracking: %s", stage, error)
     if run is not None and job_dir is not None:  # where to find this stage's run, from the job directory
         with open(job_dir / "wandb_runs.jsonl", "a") as handle:
@@ -299,5 +299,5 @@ def stage_run(cfg: Config, stage: str):
         if run is not None:
             try:
                 run.finish()
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 log.warning("W&B finish failed (results on disk are unaffected): %s", error)

@@ -882,7 +882,7 @@ def main():
         if section in sections:
             try:
                 report[section] = fn(model, tokenizer, args, bandwidth, rng)
-            except Exception as error:  # noqa: BLE001 - a failed section must not lose the others' figures
+            except Exception as error:  # a failed section must not lose the others' figures
                 report[section] = {"error": repr(error)[:500]}
                 print(f"{section}: failed on rank {distributed.rank()}: {error!r}"[:500], file=sys.stderr, flush=True)
                 traceback.print_exc()
@@ -895,7 +895,7 @@ def main():
         if stage in sections:
             try:
                 report[stage] = bench_training(model_dir, args, rng, stage)
-            except Exception as error:  # noqa: BLE001 - a failed section must not lose the others' figures
+            except Exception as error:  # a failed section must not lose the others' figures
                 report[stage] = {"error": repr(error)}
                 print(f"{stage}: failed on rank {distributed.rank()}: {error!r}", file=sys.stderr, flush=True)
                 traceback.print_exc()

@@ -131,7 +131,7 @@ def kv_bytes_per_position(model) -> int:
 
 
 def working_bytes(model, slots: int) -> int:
-    """Memory a generate call needs besides its KV cache, from above: a prefill forward of `_PREFILL_TOKENS`
+    """Memory a generate call needs besides its KV cache, from above: a prefill forward of `PREFILL_TOKENS`
     tokens (hidden states, q/k/v, the MLP's intermediates, and one layer's keys and values that prompts after a
     shared prefix attend to, gathered), one float32 logits row per slot a few times over (prefill answers, sampling,
     the CUDA graphs' outputs), and 1 GiB for the allocator's slack."""

@@ -281,7 +281,7 @@ class ModelRunner:
                 self.graphs[shape] = self._capture()
                 self.graph_count += 1
                 self.capture_seconds += time.perf_counter() - start
-            except Exception as error:  # noqa: BLE001 - a model that cannot be captured still decodes, eagerly
+            except Exception as error:  # a model that cannot be captured still decodes, eagerly
                 log.warning("generation: CUDA graph capture failed (%s); decoding without graphs", error)
                 self.graph_failure = repr(error)[:300]
                 self.use_graphs = False

@@ -91,7 +91,7 @@ def _triton_sampler(device: torch.device) -> bool:
         from looper.engine.kernels import triton_sampling
 
         got = triton_sampling.seeded_choice(logits, keys, temperatures, top_ps, nucleus=True)
-    except Exception as error:  # noqa: BLE001 - no Triton, an old GPU: sample with PyTorch
+    except Exception as error:  # no Triton, an old GPU: sample with PyTorch
         log.warning("generation: Triton sampling unavailable here (%s); sampling with PyTorch", error)
         return False
     same = got == _torch_choice(logits, keys, temperatures, top_ps, nucleus=True)

@@ -248,7 +248,7 @@ def kernels(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
         for kernel in candidates:
             try:
                 error = (run(kernel).float() - expected).abs().max().item()
-            except Exception as exception:  # noqa: BLE001 - an older torch, no Triton: the next kernel
+            except Exception as exception:  # an older torch, no Triton: the next kernel
                 log.warning("attention: %s %s unavailable here (%s)", kernel, what, exception)
                 continue
             if error < 2e-2:
@@ -299,7 +299,7 @@ def prefix_kernel(device: torch.device, dtype: torch.dtype, heads: int, kv_heads
     )[0]
     try:
         error = (run("flash").float() - run("sdpa").float()).abs().max().item()
-    except Exception as exception:  # noqa: BLE001 - an older torch: sdpa
+    except Exception as exception:  # an older torch: sdpa
         log.warning("attention: flash unavailable for prompts after a shared prefix (%s)", exception)
         return "sdpa"
     if error < 2e-2:

@@ -138,7 +138,7 @@ def _rotary_matches(function, dtype: torch.dtype, device: torch.device) -> bool:
     try:
         with torch.no_grad():
             got, expected = _triton_rotary(function, q, k, cos, sin), function(q, k, cos, sin)
-    except Exception as error:  # noqa: BLE001 - no Triton, an old GPU, another signature: the model's own
+    except Exception as error:  # no Triton, an old GPU, another signature: the model's own
         log.warning("generation: Triton rotary embedding unavailable for %s here (%s)", function.__module__, error)
         return False
     if all(torch.equal(a, b) for a, b in zip(got, expected)):
@@ -183,7 +183,7 @@ def _norm_matches(cls, width: int, dtype: torch.dtype, device: torch.device) -> 
             module.weight.copy_(torch.rand(width, device=device, generator=generator) + 0.5)
             x = (4 * torch.randn(3, 5, width, device=device, generator=generator)).to(dtype)
             got, expected = _triton_rms_norm(x, module.weight, module.variance_epsilon), module(x)
-        except Exception as error:  # noqa: BLE001 - no Triton, an old GPU, another constructor: the module's own
+        except Exception as error:  # no Triton, an old GPU, another constructor: the module's own
             log.warning("generation: Triton RMSNorm unavailable for %s here (%s)", cls.__name__, error)
             return False
     if got.dtype == expected.dtype and torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2):
