@@ -40,6 +40,24 @@ def records(path: Path) -> list:
     return out
 
 
+def finished(path: Path, wait_s: float) -> list:
+    """The records of a run file once W&B has written its `exit` record (the run finished and flushed; its writer is
+    another process, which can lag behind `finish()` on a loaded machine), waiting up to `wait_s` seconds; then what
+    is there."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            found = records(path)
+        except Exception:  # a record still being written: read again
+            found = []
+        if any(r.WhichOneof("record_type") == "exit" for r in found):
+            return found
+        time.sleep(0.2)
+    return records(path)
+
+
 def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
@@ -57,9 +75,9 @@ def _value(item):
 class Run:
     """What one offline run logged: config, summary, history rows, artifacts logged and used, files kept."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, wait_s: float = 60.0):
         self.directory = Path(directory)
-        self.records = records(next(self.directory.glob("run-*.wandb")))
+        self.records = finished(next(self.directory.glob("run-*.wandb")), wait_s)
         kinds = [r.WhichOneof("record_type") for r in self.records]
         self.run = next(r.run for r, k in zip(self.records, kinds) if k == "run")
         self.summary = {}
