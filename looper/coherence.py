@@ -38,6 +38,7 @@ that `reward`, and pairing, per-arm credit and the bandit use it as it is: `rewa
 and the `w_*` weights do not apply, and `s_end`, `s_path`, `s_cf` are None.
 """
 
+import math
 import re
 from collections import defaultdict
 from typing import Callable, Optional
@@ -144,8 +145,6 @@ def reference_scorer(
 def scorer_rewards(values: list, trajectories: list[dict], target: str) -> list[dict]:
     """The records' fields from a reward-protocol scorer's return value (see the module docstring), checked: one
     finite number per trajectory, or a dict with one. `target` names the scorer in errors."""
-    import math
-
     if not isinstance(values, (list, tuple)) or len(values) != len(trajectories):
         got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
         raise ValueError(

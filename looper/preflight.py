@@ -127,7 +127,8 @@ def _trainer_values(cfg: Config) -> None:
 
 def _trainer_configs(cfg: Config) -> None:
     """Build TRL's SFTConfig and DPOConfig as the stages will, so whatever their own checks refuse (a combination
-    of arguments, a pass-through value) fails now, naming the section."""
+    of arguments, a pass-through value) fails now, naming the section; deriving them also checks the global batches
+    against the number of processes (`training.accumulation_steps`)."""
     import tempfile
 
     import trl
@@ -144,15 +145,6 @@ def _trainer_configs(cfg: Config) -> None:
                 trainer_arguments(getattr(cfg, name), name, args_class, derived)
             except (ValueError, TypeError) as error:
                 raise ValueError(f"{name}: TRL's {args_class.__name__} refuses these settings: {error}") from None
-
-
-def _batches(cfg: Config) -> None:
-    """A global batch the per-device batch and the number of processes do not divide fails now, not after the
-    rollout (DPO's trainer is built last)."""
-    from looper.training import accumulation_steps
-
-    for name in ("sft", "dpo"):
-        accumulation_steps(getattr(cfg, name), name)
 
 
 def check(cfg: Config) -> None:
@@ -185,7 +177,6 @@ def check(cfg: Config) -> None:
     _counts(cfg, splits, evaluated)
     _passthrough(cfg)
     _trainer_values(cfg)
-    _batches(cfg)
     _trainer_configs(cfg)
     context = model_context(cfg)
     if context is not None:

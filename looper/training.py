@@ -142,6 +142,7 @@ def trainer_device(cfg: Config) -> dict:
     same checkpoints)."""
     dtype = models.resolve_dtype(cfg.model.dtype)
     flags = {"bf16": str(dtype) == "torch.bfloat16", "fp16": str(dtype) == "torch.float16"}
+    flags["dataloader_pin_memory"] = torch.cuda.is_available()  # pinned host memory only serves a GPU
     if distributed.world_size() > 1 and not torch.cuda.is_available():
         flags["use_cpu"] = True
     return flags

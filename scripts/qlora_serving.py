@@ -44,12 +44,6 @@ def decode(cfg, model, tokenizer, prompts: list[str], max_new: int, batch: int) 
     return [o.text for o in outputs], sum(o.num_tokens for o in outputs) / seconds
 
 
-def release(*objects) -> None:
-    del objects
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=192)
@@ -70,11 +64,13 @@ def main() -> None:
     ways = {}
     trained, _ = models.load_target(sft, cfg.model, cfg.lora)  # as SFT and DPO compute: quantized base + adapter
     reference, ways["quantized (as trained)"] = decode(cfg, trained, tokenizer, prompts, args.max_new, args.batch)
-    release(trained)
+    del trained  # (one 8B model on the GPU at a time)
+    gc.collect()
+    torch.cuda.empty_cache()
     model, _ = models.load_for_generation(sft, cfg.model, cfg.lora, "always")  # generation.dequantize=always
     texts, speed = decode(cfg, model, tokenizer, prompts, args.max_new, args.batch)
     ways["dequantized (generation)"] = {"tokens_per_s": speed, "equal": sum(a == b for a, b in zip(texts, reference))}
-    release(model)
+    del model
     ways["quantized (as trained)"] = {"tokens_per_s": ways["quantized (as trained)"], "equal": len(reference)}
     result = {
         "gpu": torch.cuda.get_device_name(),

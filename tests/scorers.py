@@ -27,10 +27,3 @@ def longest_wins(question, trajectories, gold, per_char=0.01):
     """A scorer in the study plans' shape (`compute_reward(question, arm_outputs, gold_answer)`): one reward per
     trajectory, here its length in characters times `per_char` (reward.scorer.per_char)."""
     return [per_char * len(t["text"]) for t in trajectories]
-
-
-def graded(question, trajectories, gold):
-    """The reward protocol's dict form: a reward and the scorer's own s_wm (1 for the `equations` arm, else 0)."""
-    return [
-        {"reward": float(t["correct"]), "s_wm": float(t["arm"] == "equations"), "graded": True} for t in trajectories
-    ]

@@ -38,6 +38,18 @@ def _build(cfg, sft_dir, out: Path) -> list[dict]:
     return rollout.read_trajectories(out)
 
 
+def _killed_and_resumed(artifacts, overrides: list[str], lines: int, tmp_path: Path) -> list[dict]:
+    """The records of a bandit rollout SIGKILLed once its rounds file holds `lines` records, then run again."""
+    cache = cache_sharing_models(artifacts, tmp_path / "cache")
+    args = [f"paths.artifacts={cache}", *overrides, "stage=rollout"]
+    kill_when_written([*args, f"hydra.run.dir={tmp_path / 'a'}"], "rollout/*.partial/rounds.rank0.jsonl", lines, cache)
+    result = looper_cli(*args, f"hydra.run.dir={tmp_path / 'b'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return rollout.read_trajectories(
+        next(p for p in cache.glob("rollout/*") if p.is_dir() and not p.name.endswith(".partial"))
+    )
+
+
 def _cfg(artifacts, *overrides):
     return compose(f"paths.artifacts={artifacts}", *FAST_W, *BANDIT, *overrides)
 
@@ -73,18 +85,8 @@ def test_a_killed_bandit_rollout_resumes_to_the_same_records_and_two_processes_g
     smaller = [o.replace("budget=32", "budget=16").replace("rounds=4", "rounds=3") for o in BANDIT]  # 8, 4, 4
     overrides = [*FAST_W, *smaller, "rollout.num_questions=6", "rollout.batch_size=16"]
     reference = _build(compose(f"paths.artifacts={artifacts}", *overrides), tiny_sft[3], tmp_path / "reference")
-    killed_cache = cache_sharing_models(artifacts, tmp_path / "cache")
-    args = [f"paths.artifacts={killed_cache}", *overrides, "stage=rollout"]
     # killed after round 0 (6 questions x 8 records), in round 1 or just after it
-    kill_when_written(
-        [*args, f"hydra.run.dir={tmp_path / 'a'}"], "rollout/*.partial/rounds.rank0.jsonl", 6 * 8 + 8, killed_cache
-    )
-    result = looper_cli(*args, f"hydra.run.dir={tmp_path / 'b'}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    resumed = rollout.read_trajectories(
-        next(p for p in killed_cache.glob("rollout/*") if p.is_dir() and not p.name.endswith(".partial"))
-    )
-    assert resumed == reference
+    assert _killed_and_resumed(artifacts, overrides, 6 * 8 + 8, tmp_path) == reference
 
     two = cache_sharing_models(artifacts, tmp_path / "two")
     result = looper_on_two_processes(
@@ -115,18 +117,8 @@ def test_the_plans_bandit_spends_8_samples_over_8_arms_learning_across_questions
     keys = [(r["question_id"], r["arm"], r["sample"]) for r in reference]
     assert len(set(keys)) == len(keys)
 
-    killed_cache = cache_sharing_models(artifacts, tmp_path / "cache")
-    args = [f"paths.artifacts={killed_cache}", *overrides, "stage=rollout"]
     # killed after the warm-up (2 questions x 8 records), in the first wave or just after it
-    kill_when_written(
-        [*args, f"hydra.run.dir={tmp_path / 'a'}"], "rollout/*.partial/rounds.rank0.jsonl", 2 * 8 + 8, killed_cache
-    )
-    result = looper_cli(*args, f"hydra.run.dir={tmp_path / 'b'}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    resumed = rollout.read_trajectories(
-        next(p for p in killed_cache.glob("rollout/*") if p.is_dir() and not p.name.endswith(".partial"))
-    )
-    assert resumed == reference
+    assert _killed_and_resumed(artifacts, overrides, 2 * 8 + 8, tmp_path) == reference
 
 
 def test_the_demo_with_a_bandit_writes_per_arm_credit_to_stats_png_and_wandb(artifacts, tiny_sft, tmp_path):
