@@ -10,10 +10,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from looper import config, credit, distributed, evaluation, preflight
+from looper import config, credit, distributed, preflight
 from looper.artifacts import ArtifactStore
 from looper.config import Config, register_configs
 from looper.pipeline import Pipeline
+from looper.stages import evaluation
 from looper.tracking import keep_wandb_out
 
 log = logging.getLogger("looper")

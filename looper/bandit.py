@@ -34,16 +34,19 @@ Records carry `round` and `allocation`. Must never change a uniform rollout: `ro
 """
 
 import dataclasses
+import functools
 import json
 import math
 import random
 from collections import defaultdict
 from pathlib import Path
 
-from looper import coherence, distributed
+from hydra.utils import instantiate
+
+from looper import coherence, distributed, models, scoring
 from looper.artifacts import recover_jsonl
 from looper.config import Config
-from looper.engine.sampling import row_seed
+from looper.seeds import row_seed
 
 ROUNDS = "rounds.rank*.jsonl"
 
@@ -160,8 +163,6 @@ def run_rounds(
     ({question id: [trajectory, ...]}; `arms`: each question's arm names this round; `earlier`: its records so far),
     `per_call` questions at a time; `sampler()` gives the rollout's Sampler. Returns {question id: its trajectories of
     every round}, without the provisional components."""
-    from looper.rollout import _score_question  # (the scorer protocol's one caller)
-
     sizes_, order = sizes(cfg), {p["id"]: i for i, p in enumerate(everything)}
     wave = waves(cfg, everything) if sequential(cfg) else None
     path = out / f"rounds.rank{distributed.rank()}.jsonl"
@@ -194,7 +195,7 @@ def run_rounds(
                     for problem in chunk:
                         before = mine[problem["id"]]
                         trajectories = before + new[problem["id"]]
-                        scored = _score_question(
+                        scored = scoring.score_question(
                             round_cfg, scorer, problem, trajectories, sampler().continuations(problem, trajectories)
                         )
                         fresh = scored[len(before) :]
@@ -209,19 +210,13 @@ def run_rounds(
 def sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], everything: list[dict], shard: Path) -> None:
     """A bandit rollout of this process's `problems` into `shard`: the rounds, then every question's trajectories
     scored together with the full scorer (resumable: questions already in the shard are kept)."""
-    import functools
-
-    from hydra.utils import instantiate
-
-    from looper import models, rollout
-
     total = budget(cfg)
-    done = {r["question_id"] for r in rollout.read_complete(shard, total)}
+    done = {r["question_id"] for r in scoring.read_complete(shard, total)}
 
     @functools.cache
     def sampler():  # (loaded once, and only when something is left to generate or score)
-        model, tokenizer = models.load_for_generation(str(sft_dir), cfg.model, cfg.lora, cfg.generation.dequantize)
-        return rollout.Sampler(cfg, model, tokenizer, shard.parent / f"generation.rank{distributed.rank()}.jsonl")
+        model, tokenizer = models.load_for_generation(str(sft_dir), cfg.model, cfg.lora, cfg.generation)
+        return scoring.Sampler(cfg, model, tokenizer, shard.parent / f"generation.rank{distributed.rank()}.jsonl")
 
     def sample(chunk: list[dict], arms: dict, earlier: dict, round_: int) -> dict:
         keys = []
@@ -239,7 +234,7 @@ def sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], everything: l
             ]
             new[problem["id"]] = [
                 {**t, "round": round_, "allocation": cfg.rollout.allocation}
-                for t in rollout._trajectories(cfg, problem, mine)
+                for t in scoring.trajectory_records(cfg, problem, mine)
             ]
         return new
 
@@ -250,7 +245,7 @@ def sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], everything: l
     with open(shard, "a") as handle:
         for first in range(0, len(todo), per_call):
             chunk = todo[first : first + per_call]
-            for records in rollout.score_together(
+            for records in scoring.score_together(
                 cfg, sampler(), scorer, chunk, [trajectories[p["id"]] for p in chunk]
             ):
                 handle.write("".join(json.dumps(r) + "\n" for r in records))  # one write per question

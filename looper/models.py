@@ -1,4 +1,4 @@
-"""Loading models and tokenizers, and the one prompt builder.
+"""Loading models and tokenizers: bases, adapters, quantized weights and how generation is served.
 
 A *target* is something that can generate: the base model (a hub id, a local directory, or the tiny model built
 here), or a stage artifact holding either a full model or a PEFT adapter over a base named in its
@@ -9,136 +9,35 @@ import importlib.util
 import json
 import logging
 import os
-import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Union
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from looper import distributed
-from looper.artifacts import ArtifactStore
-from looper.config import ArmConfig, Config, LoraSettings, ModelConfig
+from looper.config import Config, GenerationSettings, LoraSettings, ModelConfig
+from looper.engine import is_quantized
 
 log = logging.getLogger(__name__)
 
-
-# ---------------------------------------------------------------------------------------------------------- prompts
-
-
-# GSM8K-Platinum's published prompt (MadryLab/platinum-benchmarks); its harness drops "Think step-by-step. " for
-# reasoning models, which think anyway
-PLATINUM_PROMPT = (
-    "Solve the following math word problem.\n\n{question}\n\nThink step-by-step. Then, provide the "
-    'final answer as a single integer in the format "Answer: XXX" with no extra formatting.'
-)
-PLATINUM_PROMPT_REASONING = PLATINUM_PROMPT.replace("Think step-by-step. ", "")
-_ANNOTATION = re.compile(r"<<[^<>]*>>")
+# The config keys loading reads, as stages declare them (looper/pipeline.py derives identities from them). A trained
+# model depends on the prompt format and how its base is loaded, not on the generation limit; what generates also on
+# that limit, and on how it is served.
+TRAINED_MODEL = ("model", "-model.max_new_tokens")
+SERVED_MODEL = ("model",)
 
 
-def build_prompt(
-    model: ModelConfig,
-    tokenizer,
-    question: str,
-    arm: Optional[ArmConfig] = None,
-    shots: Sequence[dict] = (),
-    official: bool = False,
-) -> str:
-    """The text a model is given for `question`, in its own format (prompt template or chat template).
-
-    `arm` adds its system prompt (as a system turn, or before the question where `model.system_prompt=user`) and
-    appends its style to the question; `shots` (dicts with `question` and `answer`) come first as solved examples;
-    `official` wraps each question in GSM8K-Platinum's published prompt (its reasoning-model variant for
-    `model.reasoning=think`).
-    """
-    official_prompt = PLATINUM_PROMPT_REASONING if model.reasoning == "think" else PLATINUM_PROMPT
-
-    def user(text: str) -> str:
-        text = official_prompt.format(question=text) if official else text
-        return f"{text}\n{arm.style}" if arm is not None and arm.style else text
-
-    system = arm.system_prompt if arm is not None else ""
-    if system and model.system_prompt == "user":
-        inner = user
-        system = ""
-
-        def user(text: str) -> str:  # noqa: F811 - the instruction leads the user turn
-            return f"{arm.system_prompt}\n\n{inner(text)}"
-
-    if model.prompt_format == "chat":
-        messages = [{"role": "system", "content": system}] if system else []
-        for shot in shots:
-            messages += [
-                {"role": "user", "content": user(shot["question"])},
-                {"role": "assistant", "content": build_completion(model, shot["answer"])},
-            ]
-        messages.append({"role": "user", "content": user(question)})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    prefix = model.system_template.format(system=system) if system else ""
-    for shot in shots:
-        prefix += (
-            model.prompt_template.format(question=user(shot["question"]))
-            + build_completion(model, shot["answer"])
-            + "\n\n"
-        )
-    return prefix + model.prompt_template.format(question=user(question))
+def adapter_reads(cfg: Config) -> tuple:
+    """The adapter keys a trainer reads: all of `lora`, or only that there is none (full fine-tuning)."""
+    return ("lora",) if cfg.lora.enabled else ("lora.enabled",)
 
 
-def build_completion(model: ModelConfig, solution: str, prompt: Optional[str] = None) -> str:
-    """A GSM8K worked solution written as the model should produce it (SFT target), through
-    `model.completion_template`: `{solution}` is all of it, `{reasoning}` its steps before the `#### N` line without
-    GSM8K's calculator annotations (`48/2 = <<48/2=24>>24` reads `48/2 = 24`) and `{answer}` N. For a reasoning
-    model whose `prompt` does not already open the think block, the completion opens it."""
-    reasoning, _, answer = solution.rpartition("####")
-    if not reasoning:
-        reasoning, answer = solution, ""
-    completion = model.completion_template.format(
-        solution=solution, reasoning=_ANNOTATION.sub("", reasoning).rstrip(), answer=answer.strip()
-    )
-    if model.reasoning == "think" and prompt is not None and not prompt.rstrip().endswith(model.think_open):
-        completion = f"{model.think_open}\n{completion}"
-    return completion
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """The token ids of a rendered prompt with exactly one BOS, whether or not a chat template wrote it: a prompt
-    that starts with the BOS token's text is tokenized as it is, any other with the tokenizer's special tokens. SFT,
-    DPO, rollouts and evaluation all feed the model these ids."""
-    bos = tokenizer.bos_token
-    starts_with_bos = bool(bos) and prompt.startswith(bos)
-    return tokenizer(prompt, add_special_tokens=not starts_with_bos)["input_ids"]
-
-
-def encode_completion(tokenizer, completion: str) -> list[int]:
-    """A completion's token ids as trained on: its text (no special tokens added) and EOS."""
-    return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-
-def check_context(model, tokenizer, prompts: list[str], max_new_tokens: int, what: str) -> None:
-    """Refuse prompts that leave no room in the model's context (`max_position_embeddings`) for a single new token,
-    naming how many and the longest; warn, with the count, where the generation limit would run past it (those rows
-    stop at the context's end)."""
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if not context or not prompts:
-        return
-    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
-    over = sum(n >= context for n in lengths)
-    if over:
-        raise ValueError(
-            f"{what}: {over} of {len(prompts)} prompts are as long as the model's context of {context} tokens or "
-            f"longer (the longest: {max(lengths)} tokens), so nothing could be generated for them; shorten them "
-            "(fewer eval.shots, shorter arm prompts) or use a model with a longer context"
-        )
-    tight = sum(n + max_new_tokens > context for n in lengths)
-    if tight:
-        log.warning(
-            "%s: %d of %d prompts leave fewer than %d new tokens in the model's context of %d; they stop at its end",
-            what,
-            tight,
-            len(prompts),
-            max_new_tokens,
-            context,
-        )
+def served_reads(cfg: Config) -> tuple:
+    """The keys `load_for_generation` and the engine read: the generation settings, the base's quantization and,
+    over a quantized base only, how it is served (`generation.dequantize`)."""
+    quantized = cfg.lora.quantization != "none"
+    return ("generation", *(() if quantized else ("-generation.dequantize",)), "lora.quantization")
 
 
 # ---------------------------------------------------------------------------------------------------------- devices
@@ -180,23 +79,6 @@ if torch.cuda.is_available():
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
-
-
-def base_model_path(cfg: Config, store: ArtifactStore) -> str:
-    """The base model: `model.name_or_path`, or the tiny model, built and cached under `paths.artifacts/base/`."""
-    if cfg.model.name_or_path is not None:
-        return cfg.model.name_or_path
-    from looper import tiny
-
-    spec = {
-        "tiny": cfg.model.tiny,
-        "data": {
-            k: getattr(cfg.data, k)
-            for k in ("synthetic_seed", "max_steps", "max_number", "synthetic_train", "synthetic_dev", "synthetic_test")
-        },
-        "seed": cfg.seed,
-    }
-    return str(store.ensure("base", spec, lambda out: tiny.build(cfg.model.tiny, cfg.data, cfg.seed, out, log.info)))
 
 
 def _revision(path: str, model: ModelConfig) -> Optional[str]:
@@ -244,13 +126,6 @@ def load_causal_lm(path: str, model: ModelConfig, lora: Optional[LoraSettings] =
     if quantization is None:
         loaded.to(device())
     return loaded
-
-
-def is_quantized(model) -> bool:
-    """Whether `model`'s weights are quantized (bitsandbytes, or a checkpoint saved quantized)."""
-    return bool(
-        getattr(model, "is_quantized", False) or getattr(getattr(model, "config", None), "quantization_config", None)
-    )
 
 
 def is_adapter(path: str) -> bool:
@@ -365,16 +240,18 @@ def dequantize_base(model, dtype: torch.dtype) -> bool:
     return True
 
 
-def load_for_generation(path: str, model: ModelConfig, lora: LoraSettings, dequantize: str = "auto"):
+def load_for_generation(path: str, model: ModelConfig, lora: LoraSettings, generation: Union[GenerationSettings, str]):
     """(model, tokenizer) that rollouts, bandit rounds and evaluation generate with: the model as trained. A target
     over a full-precision base is `load_target`'s (an adapter merged). Over a 4- or 8-bit base (`lora.quantization`)
     it is loaded exactly as SFT and DPO train it (the quantized base, the adapter in PEFT's layers for quantized
-    bases); then, where `dequantizes(lora, dequantize)` says so and the copy fits in GPU memory, every quantized layer
+    bases); then, where `dequantizes(lora, generation.dequantize)` says so (`generation`: the settings, or that key's
+    value) and the copy fits in GPU memory, every quantized layer
     is replaced by a plain one holding its dequantized weights: decoding runs bf16 kernels and CUDA graphs, and the
     adapter, unmerged, computes as in training. (Merging it into the dequantized weights decodes faster but rounds
     differently, and changed most greedy outputs: docs/performance.md.)"""
     if lora.quantization == "none":
         return load_target(path, model)
+    dequantize = generation if isinstance(generation, str) else generation.dequantize  # (read only when quantized)
     loaded = load_causal_lm(adapter_base(path) if is_adapter(path) else path, model, lora)
     if is_adapter(path):
         loaded = _with_adapter(loaded, path, trainable=False)
@@ -397,11 +274,3 @@ def dequantizes(lora: LoraSettings, setting: str) -> bool:
     if lora.quantization == "none" or setting == "never":
         return False
     return setting == "always" or lora.quantization == "4bit"
-
-
-def served_as(lora: LoraSettings, setting: str) -> Optional[str]:
-    """How generation serves a quantized base (for the identities of what it generates): None over a full-precision
-    base, else `dequantized` or `quantized` (`generation.dequantize`: `dequantizes`)."""
-    if lora.quantization == "none":
-        return None
-    return "dequantized" if dequantizes(lora, setting) else "quantized"

@@ -75,7 +75,7 @@ def _counts(cfg: Config, splits: dict, evaluated: dict) -> None:
             f"({', '.join(evaluated)}) has {largest} problems"
         )
     if cfg.eval.shots and evaluated:
-        from looper.evaluation import shot_pool_source
+        from looper.stages.evaluation import shot_pool_source
 
         for dataset in evaluated:
             pool = len(shot_pool_source(dataset, cfg))
@@ -93,7 +93,7 @@ def _passthrough(cfg: Config) -> None:
         return
     import trl
 
-    from looper import dpo, sft
+    from looper.stages import dpo, sft
     from looper.training import check_passthrough
 
     check_passthrough(cfg.sft, "sft", trl.SFTConfig, tuple(sft.looper_arguments(cfg, Path("."))))
@@ -133,7 +133,7 @@ def _trainer_configs(cfg: Config) -> None:
 
     import trl
 
-    from looper import dpo, sft
+    from looper.stages import dpo, sft
     from looper.training import trainer_arguments
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -151,8 +151,12 @@ def check(cfg: Config) -> None:
     """Fail now, naming the key or the file, for anything the run would fail on later: unreadable or empty data
     files (every one the run will read, the Platinum file included), counts beyond the data, token limits beyond the
     model's context."""
-    from looper.evaluation import eval_problems, objective_dataset
+    from looper.engine import BACKENDS
+    from looper.stages.evaluation import eval_problems, objective_dataset
 
+    if cfg.generation.backend not in ("auto", *BACKENDS):  # (registered backends included: looper/engine/__init__.py)
+        allowed = ", ".join(("auto", *BACKENDS))
+        raise ValueError(f"generation.backend: got {cfg.generation.backend!r}; allowed: {allowed}")
     splits = load_splits(cfg.data)
     if not objective_dataset(cfg).endswith("_dev"):
         log.warning(

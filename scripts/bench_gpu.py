@@ -638,8 +638,8 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from looper import dpo, sft
     from looper.config import register_configs
+    from looper.stages import dpo, sft
 
     register_configs()
     conf = Path(__file__).resolve().parents[1] / "looper" / "conf"

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from looper import models, pipeline  # noqa: E402
+from looper import models, pipeline, prompts  # noqa: E402
 from looper.artifacts import ArtifactStore  # noqa: E402
 from looper.config import register_configs  # noqa: E402
 from looper.data import load_splits  # noqa: E402
@@ -33,9 +33,9 @@ def main(overrides: list[str], n: int = 64) -> None:
     ):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=["logger=none", *overrides]))
     target = pipeline.artifact(cfg, ArtifactStore(Path(cfg.paths.artifacts)), "sft")
-    model, tokenizer = models.load_for_generation(str(target), cfg.model, cfg.lora, cfg.generation.dequantize)
+    model, tokenizer = models.load_for_generation(str(target), cfg.model, cfg.lora, cfg.generation)
     problems = load_splits(cfg.data)["test"][:n]
-    prompts = [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
+    texts = [prompts.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
     limit = cfg.eval.max_new_tokens or cfg.model.max_new_tokens
     special = cfg.model.prompt_format != "chat"  # (models.load_tokenizer pads on the left, for batched generate)
     for dtype in (model.dtype, torch.float32):
@@ -43,7 +43,7 @@ def main(overrides: list[str], n: int = 64) -> None:
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         plain = []
-        for prompt in prompts:
+        for prompt in texts:
             encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=special).to(model.device)
             output = model.generate(
                 **encoded, max_new_tokens=limit, do_sample=False, pad_token_id=tokenizer.pad_token_id
@@ -51,9 +51,9 @@ def main(overrides: list[str], n: int = 64) -> None:
             plain.append(tokenizer.decode(output, skip_special_tokens=True))
         # the noise floor: plain generate on left-padded batches against itself one prompt at a time
         batched = []
-        for first in range(0, len(prompts), cfg.eval.batch_size):
+        for first in range(0, len(texts), cfg.eval.batch_size):
             encoded = tokenizer(
-                prompts[first : first + cfg.eval.batch_size],
+                texts[first : first + cfg.eval.batch_size],
                 return_tensors="pt",
                 padding=True,
                 add_special_tokens=special,
@@ -72,7 +72,7 @@ def main(overrides: list[str], n: int = 64) -> None:
                 ours = paged.generate(
                     model,
                     tokenizer,
-                    prompts,
+                    texts,
                     max_new_tokens=limit,
                     batch_size=cfg.eval.batch_size,
                     add_special_tokens=special,
@@ -86,7 +86,7 @@ def main(overrides: list[str], n: int = 64) -> None:
         print(
             f"{model.device} {str(dtype).replace('torch.', '')}, up to {limit} new tokens, {target.name}: equal "
             f"to plain generate one prompt at a time: "
-            + ", ".join(f"{name} {count}/{len(prompts)}" for name, count in counts.items()),
+            + ", ".join(f"{name} {count}/{len(texts)}" for name, count in counts.items()),
             flush=True,
         )
 

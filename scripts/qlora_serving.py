@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from looper import engine, evaluation, models, pipeline  # noqa: E402
+from looper import engine, models, pipeline
 from looper.artifacts import ArtifactStore  # noqa: E402
 from looper.config import register_configs  # noqa: E402
+from looper.stages import evaluation  # noqa: E402
 
 
 def decode(cfg, model, tokenizer, prompts: list[str], max_new: int, batch: int) -> tuple[list[str], float]:

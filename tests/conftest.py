@@ -74,12 +74,12 @@ def shared_file(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sft(fast_cfg):
     """(cfg, store, base path, full-FT SFT artifact) of the fast tiny setup, built once per session."""
-    from looper import models, pipeline
+    from looper import pipeline
     from looper.artifacts import ArtifactStore
 
     cfg = fast_cfg()
     store = ArtifactStore(Path(cfg.paths.artifacts))
-    return cfg, store, models.base_model_path(cfg, store), pipeline.artifact(cfg, store, "sft")
+    return cfg, store, pipeline.artifact(cfg, store, "base"), pipeline.artifact(cfg, store, "sft")
 
 
 def looper_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, wandb_silent: bool = True):

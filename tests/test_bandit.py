@@ -5,7 +5,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from looper import bandit, rollout
+from looper import bandit, pipeline
+from looper.artifacts import ArtifactStore
+from looper.stages import rollout
 from tests.conftest import (
     FAST,
     cache_sharing_models,
@@ -153,7 +155,8 @@ def test_the_demo_with_a_bandit_writes_per_arm_credit_to_stats_png_and_wandb(art
 
 def test_a_reward_sweep_under_a_bandit_builds_a_rollout_per_reward_and_under_uniform_shares_one(artifacts):
     def key(*overrides):
-        return rollout.spec(compose(f"paths.artifacts={artifacts}", *FAST_W, *overrides), {"sft": "cache/sft/0123"})
+        cfg = compose(f"paths.artifacts={artifacts}", *FAST_W, *overrides)
+        return pipeline.stage_spec(cfg, ArtifactStore(artifacts), "rollout", {"sft": artifacts / "sft" / "0123"})
 
     bandit_ = ["arms=regime_w", "rollout.allocation=thompson", "rollout.budget=32"]
     assert key(*bandit_, "reward.beta=0.1") != key(*bandit_, "reward.beta=0.9")  # the bandit allocates by the reward

@@ -6,18 +6,19 @@ import json
 import pytest
 import torch
 
-from looper import evaluation, models, pipeline
+from looper import models, pipeline, prompts
 from looper.artifacts import ArtifactStore
 from looper.engine.kernels import attention
 from looper.engine.paged import PagedGenerator
-from looper.models import PLATINUM_PROMPT
+from looper.prompts import PLATINUM_PROMPT
+from looper.stages import evaluation
 from tests.conftest import looper_cli, shared_file
 
 
 def test_the_official_platinum_prompt_wraps_the_question_in_the_model_format(tiny_sft):
     cfg, _, base, _ = tiny_sft
     tokenizer = models.load_tokenizer(base, cfg.model)
-    prompt = models.build_prompt(cfg.model, tokenizer, "How many?", official=True)
+    prompt = prompts.build_prompt(cfg.model, tokenizer, "How many?", official=True)
     assert prompt == cfg.model.prompt_template.format(question=PLATINUM_PROMPT.format(question="How many?"))
     assert 'in the format "Answer: XXX" with no extra formatting.' in prompt
 
@@ -107,8 +108,8 @@ def test_the_batch_check_passes_on_the_real_path_and_catches_a_broken_mask(tiny_
     cfg, _, _, sft_dir = tiny_sft
     model, tokenizer = models.load_target(str(sft_dir), cfg.model)
     problems = evaluation.eval_problems("synthetic_test", cfg)[:8]
-    prompts = [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
-    assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] == 0
+    texts = [prompts.build_prompt(cfg.model, tokenizer, p["question"]) for p in problems]
+    assert evaluation.batch_consistency(cfg, model, tokenizer, texts)["differ"] == 0
     # the classic bug: prompts of one prefill attend to each other (packed, or after a shared prefix: every prompt
     # reads the entries of the prefill's first prompts instead of its own)
     packed, after_prefix = attention.packed_attention, attention.prefix_attention
@@ -122,7 +123,7 @@ def test_the_batch_check_passes_on_the_real_path_and_catches_a_broken_mask(tiny_
 
     monkeypatch.setattr(attention, "packed_attention", as_one)
     monkeypatch.setattr(attention, "prefix_attention", one_slot)
-    assert evaluation.batch_consistency(cfg, model, tokenizer, prompts)["differ"] > 0
+    assert evaluation.batch_consistency(cfg, model, tokenizer, texts)["differ"] > 0
 
 
 @pytest.mark.data
@@ -271,9 +272,9 @@ def test_a_prompt_the_models_context_cannot_hold_is_refused_with_the_count(tiny_
     context = model.config.max_position_embeddings
     fits, too_long = "Tom has 3 apples.", " ".join(["apples"] * (2 * context))
     with pytest.raises(ValueError, match=rf"eval x: 1 of 2 prompts are as long as the model's context of {context}"):
-        models.check_context(model, tokenizer, [fits, too_long], 16, "eval x")
-    models.check_context(model, tokenizer, [fits], 16, "eval x")  # fits: nothing said
+        prompts.check_context(model, tokenizer, [fits, too_long], 16, "eval x")
+    prompts.check_context(model, tokenizer, [fits], 16, "eval x")  # fits: nothing said
     assert "leave fewer than" not in caplog.text
     near = " ".join(["apples"] * (context - 20))
-    models.check_context(model, tokenizer, [near], 64, "eval x")
+    prompts.check_context(model, tokenizer, [near], 64, "eval x")
     assert "1 of 1 prompts leave fewer than 64 new tokens" in caplog.text

@@ -6,7 +6,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from looper import models, pipeline
+from looper import models, pipeline, prompts
 from looper.artifacts import ArtifactStore
 from looper.data import synthetic_splits
 from looper.engine.paged import generate
@@ -30,9 +30,9 @@ def test_export_writes_a_model_plain_transformers_loads_with_the_dpo_policys_out
     )
     assert exported.dtype == policy.dtype
     questions = [p["question"] for p in synthetic_splits(cfg.data)["test"][:8]]
-    prompts = [models.build_prompt(cfg.model, policy_tokenizer, q) for q in questions]
-    ours = [g.text for g in generate(exported, tokenizer, prompts, max_new_tokens=48, batch_size=8, desc=None)]
-    theirs = [g.text for g in generate(policy, policy_tokenizer, prompts, max_new_tokens=48, batch_size=8, desc=None)]
+    texts = [prompts.build_prompt(cfg.model, policy_tokenizer, q) for q in questions]
+    ours = [g.text for g in generate(exported, tokenizer, texts, max_new_tokens=48, batch_size=8, desc=None)]
+    theirs = [g.text for g in generate(policy, policy_tokenizer, texts, max_new_tokens=48, batch_size=8, desc=None)]
     assert ours == theirs
 
     evaluated = json.loads((pipeline.evaluate(cfg, store, str(out), "synthetic_test") / "summary.json").read_text())
@@ -66,7 +66,7 @@ def test_export_writes_a_bitsandbytes_copy_that_plain_transformers_loads(artifac
     quantized = AutoModelForCausalLM.from_pretrained(str(out / "quantized-8bit"), device_map={"": 0})
     assert models.is_quantized(quantized) and quantized.config.quantization_config.load_in_8bit
     tokenizer = AutoTokenizer.from_pretrained(str(out / "quantized-8bit"))
-    prompt = models.build_prompt(cfg.model, tokenizer, synthetic_splits(cfg.data)["test"][0]["question"])
+    prompt = prompts.build_prompt(cfg.model, tokenizer, synthetic_splits(cfg.data)["test"][0]["question"])
     assert generate(quantized, tokenizer, [prompt], max_new_tokens=8, batch_size=1, desc=None)[0].num_tokens > 0
 
 

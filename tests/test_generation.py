@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from looper import models
+from looper import models, prompts
 from looper.engine import cache, runner, scheduler
 from looper.engine.kernels import fused
 from looper.engine.paged import generate
@@ -18,7 +18,7 @@ from looper.engine.sampling import seeded_choice
 def _prompts(cfg, tokenizer, n=6):
     from looper.data import synthetic_splits
 
-    return [models.build_prompt(cfg.model, tokenizer, p["question"]) for p in synthetic_splits(cfg.data)["test"][:n]]
+    return [prompts.build_prompt(cfg.model, tokenizer, p["question"]) for p in synthetic_splits(cfg.data)["test"][:n]]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -133,7 +133,7 @@ def test_generate_attends_with_its_own_function_and_gives_the_models_back(tiny_s
 def test_generation_compile_runs_the_decode_step_through_torch_compile_with_the_same_outputs(tiny_sft, monkeypatch):
     from torch._dynamo.utils import counters
 
-    from looper import rollout
+    from looper.stages import rollout
 
     monkeypatch.setattr(fused, "COMPILE_BACKEND", "eager")  # dynamo traces the step; no C++ build on a CPU
     cfg, _, _, sft_dir = tiny_sft
@@ -485,7 +485,8 @@ def test_a_third_backend_plugs_in_by_registering_one_generator(fast_cfg, tiny_sf
 
 
 def test_an_unknown_backend_fails_at_start_naming_the_allowed_ones():
+    from looper import preflight
     from tests.conftest import compose
 
-    with pytest.raises(Exception, match=r"generation.backend: got 'vllm'; allowed: auto, paged, hf"):
-        compose("generation.backend=vllm")
+    with pytest.raises(ValueError, match=r"generation.backend: got 'vllm'; allowed: auto, paged, hf"):
+        preflight.check(compose("generation.backend=vllm"))

@@ -4,7 +4,7 @@ import pytest
 
 from looper.coherence import scorer_rewards
 from looper.config import PreferencesConfig, RewardConfig
-from looper.preferences import build_pairs, pair_stats, question_pairs, trajectory_rewards
+from looper.stages.preferences import build_pairs, pair_stats, question_pairs, trajectory_rewards
 
 REWARD = RewardConfig(alpha=1.0, beta=0.5, length_penalty=0.0, w_end=1.0, w_path=0.0, w_cf=0.0)
 

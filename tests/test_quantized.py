@@ -4,19 +4,24 @@ dequantized once, with the adapter), and how it is served enters the identities 
 import pytest
 import torch
 
-from looper import models, rollout
+from looper import models, pipeline, prompts
+from looper.artifacts import ArtifactStore
 from tests.conftest import compose
 
 
-def test_how_a_quantized_base_is_served_enters_the_rollout_identity_and_nothing_else_does():
-    up = {"sft": "cache/sft/0123"}
+def test_how_a_quantized_base_is_served_enters_the_rollout_identity_and_nothing_else_does(tmp_path):
+    store, up = ArtifactStore(tmp_path), {"sft": tmp_path / "sft" / "0123"}
     settings = ("auto", "always", "never")
-    plain = [rollout.spec(compose("lora=r64", f"generation.dequantize={d}"), up) for d in settings]
-    assert plain[0] == plain[1] == plain[2] and "served" not in plain[0]  # over a full-precision base: nothing
-    for bits, auto in (("4bit", "dequantized"), ("8bit", "quantized")):  # auto: exact arithmetic only
-        served = {d: rollout.spec(compose(f"lora=qlora_{bits}", f"generation.dequantize={d}"), up) for d in settings}
-        assert [served[d]["served"] for d in settings] == [auto, "dequantized", "quantized"]
-        assert served["always"] != served["never"]
+
+    def rollout_spec(*overrides):
+        return pipeline.stage_spec(compose(*overrides), store, "rollout", up)
+
+    plain = [rollout_spec("lora=r64", f"generation.dequantize={d}") for d in settings]
+    assert plain[0] == plain[1] == plain[2] and "generation.dequantize" not in plain[0]["reads"]  # full precision
+    for bits in ("4bit", "8bit"):
+        served = [rollout_spec(f"lora=qlora_{bits}", f"generation.dequantize={d}") for d in settings]
+        assert [s["reads"]["generation.dequantize"] for s in served] == list(settings)
+        assert {s["reads"]["lora.quantization"] for s in served} == {bits}
     with pytest.raises(Exception, match="generation.dequantize"):
         compose("generation.dequantize=sometimes")
 
@@ -50,7 +55,7 @@ def test_generation_serves_the_dequantized_base_with_the_adapter_and_matches_the
     assert models.is_quantized(trained) and not models.is_quantized(served)
     assert models.quantized_layers(trained) and not models.quantized_layers(served)
     questions = [p["question"] for p in synthetic_splits(cfg.data)["test"][:8]]
-    prompts = [models.build_prompt(cfg.model, tokenizer, q) for q in questions]
-    ours = [g.text for g in generate(served, tokenizer, prompts, max_new_tokens=24, batch_size=8, desc=None)]
-    theirs = [g.text for g in generate(trained, tokenizer, prompts, max_new_tokens=24, batch_size=8, desc=None)]
+    texts = [prompts.build_prompt(cfg.model, tokenizer, q) for q in questions]
+    ours = [g.text for g in generate(served, tokenizer, texts, max_new_tokens=24, batch_size=8, desc=None)]
+    theirs = [g.text for g in generate(trained, tokenizer, texts, max_new_tokens=24, batch_size=8, desc=None)]
     assert sum(a == b for a, b in zip(ours, theirs)) >= (8 if bits == "4bit" else 7)  # LLM.int8 rounds activations

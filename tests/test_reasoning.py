@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from looper import dpo, evaluation, models, sft
+from looper import models, prompts
 from looper.config import ArmConfig
 from looper.data import synthetic_splits
 from looper.engine.paged import generate
+from looper.stages import dpo, evaluation, sft
 from tests.conftest import ROOT
 
 # the R1-style tokenizer of scripts/reasoning_probe.py (which builds the GPU probe's model)
@@ -69,7 +70,7 @@ def test_sft_trains_on_generations_prompt_ids_then_the_completion_with_one_bos(r
     cfg, path, tokenizer = r1
     trainer = sft.make_trainer(cfg, path, tmp_path)
     example = sft.training_examples(cfg, tokenizer)[0]
-    prompt_ids = models.encode_prompt(tokenizer, example["prompt"])  # what generate() feeds the model
+    prompt_ids = prompts.encode_prompt(tokenizer, example["prompt"])  # what generate() feeds the model
     completion_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     row = trainer.train_dataset[0]
     assert row["input_ids"] == prompt_ids + completion_ids and _one_bos(row["input_ids"], tokenizer)
@@ -78,8 +79,8 @@ def test_sft_trains_on_generations_prompt_ids_then_the_completion_with_one_bos(r
 
 def test_generation_tokenizes_prompts_with_one_bos(r1):
     cfg, path, tokenizer = r1
-    prompt = models.build_prompt(cfg.model, tokenizer, "How many?")
-    assert _one_bos(models.encode_prompt(tokenizer, prompt), tokenizer)
+    prompt = prompts.build_prompt(cfg.model, tokenizer, "How many?")
+    assert _one_bos(prompts.encode_prompt(tokenizer, prompt), tokenizer)
     model = models.load_causal_lm(path, cfg.model)
     seen = []
     original = model.forward
@@ -91,17 +92,17 @@ def test_generation_tokenizes_prompts_with_one_bos(r1):
     model.forward = spy
     generate(model, tokenizer, [prompt], max_new_tokens=1, batch_size=1, desc=None)
     first = seen[0].flatten().tolist()
-    assert first[: len(models.encode_prompt(tokenizer, prompt))] == models.encode_prompt(tokenizer, prompt)
+    assert first[: len(prompts.encode_prompt(tokenizer, prompt))] == prompts.encode_prompt(tokenizer, prompt)
 
 
 def test_dpo_trains_on_generations_prompt_ids_then_each_completion_with_one_bos(r1, tmp_path):
     cfg, path, tokenizer = r1
-    prompt = models.build_prompt(cfg.model, tokenizer, "How many?")
+    prompt = prompts.build_prompt(cfg.model, tokenizer, "How many?")
     chosen, rejected = "2+3=5\n</think>\n\n\\boxed{5}", "2+3=6\n</think>\n\n\\boxed{6}"
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
     trainer = dpo.make_trainer(cfg, path, tmp_path, tmp_path)
     row = trainer.train_dataset[0]
-    assert row["prompt_ids"] == models.encode_prompt(tokenizer, prompt) and _one_bos(row["prompt_ids"], tokenizer)
+    assert row["prompt_ids"] == prompts.encode_prompt(tokenizer, prompt) and _one_bos(row["prompt_ids"], tokenizer)
     assert row["chosen_ids"] == tokenizer(chosen, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert tokenizer.bos_token_id not in row["chosen_ids"] + row["rejected_ids"]
 
@@ -117,20 +118,20 @@ def test_an_sft_completion_thinks_closes_the_block_and_ends_in_a_box(r1):
 
 def test_a_completion_opens_the_think_block_when_the_prompt_did_not(r1):
     cfg, _, _ = r1
-    completion = models.build_completion(cfg.model, "2+3=5\n#### 5", prompt="<｜User｜>q<｜Assistant｜>")
+    completion = prompts.build_completion(cfg.model, "2+3=5\n#### 5", prompt="<｜User｜>q<｜Assistant｜>")
     assert completion.startswith("<think>\n2+3=5\n</think>")
 
 
 def test_arms_go_in_the_user_turn_for_models_that_advise_against_a_system_prompt(r1):
     cfg, _, tokenizer = r1
     arm = ArmConfig(system_prompt="You are a patient teacher.", style="Explain each step.")
-    prompt = models.build_prompt(cfg.model, tokenizer, "How many?", arm)
+    prompt = prompts.build_prompt(cfg.model, tokenizer, "How many?", arm)
     assert f"{USER}You are a patient teacher.\n\nHow many?\nExplain each step.{ASSISTANT}" in prompt
 
 
 def test_reasoning_models_get_the_benchmarks_prompt_without_think_step_by_step(r1):
     cfg, _, tokenizer = r1
-    official = models.build_prompt(cfg.model, tokenizer, "How many?", official=True)
+    official = prompts.build_prompt(cfg.model, tokenizer, "How many?", official=True)
     assert "Answer: XXX" in official and "Think step-by-step" not in official
 
 
@@ -148,7 +149,7 @@ def test_a_truncated_or_unclosed_trace_is_recorded_and_unanswered(r1):
 
 def test_the_reference_check_stops_dpo_when_the_policy_does_not_start_at_the_reference(r1, tmp_path):
     cfg, path, tokenizer = r1
-    prompt = models.build_prompt(cfg.model, tokenizer, "How many?")
+    prompt = prompts.build_prompt(cfg.model, tokenizer, "How many?")
     (tmp_path / "pairs.jsonl").write_text(
         json.dumps({"prompt": prompt, "chosen": "5 </think> 5", "rejected": "6 </think> 6"}) + "\n"
     )

@@ -3,8 +3,10 @@
 import json
 from pathlib import Path
 
-from looper import rollout
-from looper.engine import sampling
+from looper import pipeline
+from looper.artifacts import ArtifactStore
+from looper.seeds import row_seed
+from looper.stages import rollout
 from tests.conftest import (
     FAST,
     cache_sharing_models,
@@ -80,7 +82,7 @@ def test_batches_per_call_sets_the_rows_of_each_generate_call_and_no_record(arti
         )
         calls.clear()
         records.append(_build(cfg, tiny_sft[3], tmp_path / str(batches)))
-        specs.append(rollout.spec(cfg, {"sft": tiny_sft[3]}))
+        specs.append(pipeline.stage_spec(cfg, ArtifactStore(artifacts), "rollout", {"sft": tiny_sft[3]}))
         assert calls == {1: [9, 9, 9, 9], 3: [27, 9]}[batches]  # (no continuations with this scorer)
         # each call's generation figures are kept with the artifact (looper/throughput.py)
         figures = json.loads((tmp_path / str(batches) / "stats.json").read_text())["generation"]
@@ -108,7 +110,7 @@ def test_a_scorer_plugs_in_through_config_alone(artifacts, tiny_sft, tmp_path):
 
 
 def test_a_scorer_in_the_plans_shape_sets_the_reward_the_records_and_pairs_carry(artifacts, tiny_sft, tmp_path):
-    from looper import preferences
+    from looper.stages import preferences
 
     plans = (
         "reward.scorer_returns=reward",
@@ -189,7 +191,7 @@ def test_a_chunks_continuations_are_decoded_together_and_give_the_same_records(a
     trajectories = []
     for problem in problems:
         keys = [
-            (name, arm, k, sampling.row_seed(cfg.seed, problem["id"], name, k))
+            (name, arm, k, row_seed(cfg.seed, problem["id"], name, k))
             for name, arm in cfg.arms.items()
             for k in range(arm.samples)
         ]

@@ -81,7 +81,7 @@ def test_the_greedy_check_compares_a_trained_model_with_plain_generate(artifacts
 @pytest.mark.slow
 @pytest.mark.data
 def test_the_reasoning_probe_builds_an_r1_style_model_the_deepseek_preset_accepts(tmp_path):
-    from looper import models
+    from looper import models, prompts
     from tests.conftest import compose, shared_file
 
     data = shared_file("gsm8k", "train.jsonl").parent
@@ -106,8 +106,8 @@ def test_the_reasoning_probe_builds_an_r1_style_model_the_deepseek_preset_accept
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = compose("experiment=deepseek_qlora", "lora=r64", f"model.name_or_path={tmp_path / 'r1'}")
     tokenizer = models.load_tokenizer(str(tmp_path / "r1"), cfg.model)
-    prompt = models.build_prompt(cfg.model, tokenizer, "How many?")
-    ids = models.encode_prompt(tokenizer, prompt)
+    prompt = prompts.build_prompt(cfg.model, tokenizer, "How many?")
+    ids = prompts.encode_prompt(tokenizer, prompt)
     assert prompt.endswith("<｜Assistant｜><think>\n")
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
 

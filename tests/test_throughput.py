@@ -2,8 +2,9 @@
 
 import json
 
-from looper import rollout, throughput
+from looper import throughput
 from looper.engine import GenerationStats
+from looper.stages import rollout
 
 
 def _call(**overrides) -> GenerationStats:

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 from trl import DPOConfig, SFTConfig
 
-from looper import dpo, pipeline, preflight, sft, training
+from looper import pipeline, preflight, training
 from looper.artifacts import ArtifactStore
+from looper.stages import dpo, sft
 from tests.conftest import FAST, ROOT, cache_sharing_models, compose, each_rank, looper_cli, on_two_processes
 from tests.test_training import _pairs_dir
 
@@ -57,31 +58,37 @@ def test_every_named_trainer_key_reaches_trl(fast_cfg, section, args_class):
     assert found == values
 
 
+def spec_of(stage, cfg, store, up: dict) -> dict:
+    """The identity of `stage`'s artifact over the upstreams it needs among `up`."""
+    name = stage.__name__.rsplit(".", 1)[-1]
+    return pipeline.stage_spec(cfg, store, name, {need: up[need] for need in pipeline.declared(stage.NEEDS, cfg)})
+
+
 def test_a_trainer_key_changes_the_sft_artifact_key_and_a_logging_key_does_not(fast_cfg, artifacts):
     store = ArtifactStore(artifacts)
-    key = lambda cfg: store.path("sft", sft.spec(cfg, {"base": "tiny"}, store)).name  # noqa: E731
+    key = lambda cfg: store.path("sft", pipeline.stage_spec(cfg, store, "sft", {"base": "tiny"})).name  # noqa: E731
     assert key(fast_cfg("sft.weight_decay=0.1")) != key(fast_cfg())
     assert key(fast_cfg("+sft.trainer.neftune_noise_alpha=5")) != key(fast_cfg())
     assert key(fast_cfg("sft.save_steps=7", "sft.logging_steps=3")) == key(fast_cfg())
 
 
 def test_a_generation_limit_changes_the_rollout_key_but_not_the_trained_models(fast_cfg, artifacts):
-    from looper import rollout
+    from looper.stages import rollout
 
     store = ArtifactStore(artifacts)
     up = {"base": "tiny", "sft": str(artifacts / "sft" / "s"), "preferences": str(artifacts / "preferences" / "p")}
-    key = lambda stage, cfg: store.path("any", stage.spec(cfg, up, store)).name  # noqa: E731
+    key = lambda stage, cfg: store.path("any", spec_of(stage, cfg, store, up)).name  # noqa: E731
     shorter = fast_cfg("model.max_new_tokens=24")
     assert key(rollout, shorter) != key(rollout, fast_cfg())  # what is sampled depends on it
     assert key(sft, shorter) == key(sft, fast_cfg()) and key(dpo, shorter) == key(dpo, fast_cfg())  # training not
 
 
 def test_keys_the_chosen_options_never_read_leave_the_keys_alone(fast_cfg, artifacts):
-    from looper import evaluation, rollout
+    from looper.stages import rollout
 
     store = ArtifactStore(artifacts)
     up = {"base": "tiny", "sft": str(artifacts / "sft" / "s"), "preferences": str(artifacts / "preferences" / "p")}
-    key = lambda stage, cfg: store.path("any", stage.spec(cfg, up, store)).name  # noqa: E731
+    key = lambda stage, cfg: store.path("any", spec_of(stage, cfg, store, up)).name  # noqa: E731
     assert key(rollout, fast_cfg("rollout.budget=16", "rollout.waves=3")) == key(rollout, fast_cfg())  # uniform
     assert key(rollout, fast_cfg("rollout.allocation=thompson_sequential", "rollout.budget=16")) != key(
         rollout, fast_cfg("rollout.allocation=thompson_sequential", "rollout.budget=8")
@@ -89,7 +96,7 @@ def test_keys_the_chosen_options_never_read_leave_the_keys_alone(fast_cfg, artif
     assert key(sft, fast_cfg("lora.r=8", "lora.alpha=4")) == key(sft, fast_cfg())  # lora=none: full fine-tuning
     assert key(dpo, fast_cfg("lora.r=8")) == key(dpo, fast_cfg())
     assert key(sft, fast_cfg("lora=r64", "lora.r=8")) != key(sft, fast_cfg("lora=r64"))
-    cell = lambda cfg: evaluation.spec(cfg, store, str(artifacts / "sft" / "s"), "synthetic_test")  # noqa: E731
+    cell = lambda cfg: pipeline.eval_spec(cfg, store, str(artifacts / "sft" / "s"), "synthetic_test")  # noqa: E731
     assert cell(fast_cfg("eval.top_p=0.5")) == cell(fast_cfg())  # greedy decoding reads no top_p
     sampled = ("eval.temperature=0.5", "eval.samples=2")
     assert cell(fast_cfg(*sampled, "eval.top_p=0.5")) != cell(fast_cfg(*sampled))
@@ -176,7 +183,8 @@ import os, signal, sys
 from pathlib import Path
 from transformers import TrainerCallback
 from tests.conftest import compose
-from looper import dpo, pipeline, sft
+from looper import pipeline
+from looper.stages import dpo, sft
 from looper.artifacts import ArtifactStore
 
 stage, kill_at, up, out, *overrides = sys.argv[1:]
@@ -296,7 +304,8 @@ ARGUMENTS_ON_EACH_RANK = """
 import json, sys
 from pathlib import Path
 from trl import DPOConfig, SFTConfig
-from looper import distributed, dpo, sft, training
+from looper import distributed, training
+from looper.stages import dpo, sft
 from tests.conftest import FAST, compose
 distributed.init()
 cfg = compose(*FAST)
@@ -321,7 +330,8 @@ GLOBAL_BATCH_ON_EACH_RANK = """
 import json, sys
 from pathlib import Path
 from trl import DPOConfig, SFTConfig
-from looper import distributed, dpo, sft, training
+from looper import distributed, training
+from looper.stages import dpo, sft
 from tests.conftest import FAST, compose
 distributed.init()
 cfg = compose(*FAST, "sft.batch_size=2", "sft.global_batch_size=8", "dpo.batch_size=1", "dpo.global_batch_size=4")

@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from looper import dpo, pipeline, sft, training
+from looper import pipeline, training
 from looper.data import synthetic_splits
-from looper.models import build_prompt, load_tokenizer
+from looper.models import load_tokenizer
+from looper.prompts import build_prompt
+from looper.stages import dpo, sft
 
 
 def _snapshot(model) -> dict:

@@ -44,7 +44,7 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = doc("Short name, used as a W&B tag and in each run's summary.json.", "tiny")
+    name: str = doc("Short name, used as a W&B tag and in each run's summary.json.", "tiny", identity=False)
     name_or_path: Optional[str] = doc("Hub id or local directory; null builds the tiny model from `model.tiny`.", None)
     revision: Optional[str] = doc(
         "Hub revision (branch, tag or commit) of a hub model (null: main); resolved to a "
@@ -86,7 +86,6 @@ class ModelConfig:
     max_new_tokens: int = doc(
         "Generation limit for rollouts and evaluation (each overridable: rollout.max_new_tokens, eval.max_new_tokens).",
         512,
-        generation=True,
     )
     dtype: str = doc(
         "`auto` (bf16 if supported, else fp16 on CUDA, fp32 on CPU), bfloat16, float16 or float32.", "auto"
@@ -181,16 +180,11 @@ class RewardConfig:
     w_end: float = doc("Weight of s_end (final-answer agreement) in s_wm.", 1.0)
     w_path: float = doc("Weight of s_path (arithmetic validity x shared intermediate results) in s_wm.", 1.0)
     w_cf: float = doc("Weight of s_cf (counterfactual robustness) in s_wm.", 1.0)
-    cf_cut: float = doc(
-        "s_cf cuts each trajectory at this fraction of its reasoning and resamples from there.", 0.5, scoring=True
-    )
-    cf_samples: int = doc(
-        "Continuations resampled per trajectory for s_cf; 0 turns s_cf off (w_cf drops out).", 2, scoring=True
-    )
+    cf_cut: float = doc("s_cf cuts each trajectory at this fraction of its reasoning and resamples from there.", 0.5)
+    cf_samples: int = doc("Continuations resampled per trajectory for s_cf; 0 turns s_cf off (w_cf drops out).", 2)
     scorer: Dict[str, Any] = doc(
         "The coherence scorer: `_target_` names the function (see looper/coherence.py), other keys are passed to it.",
         factory=lambda: {"_target_": "looper.coherence.reference_scorer"},
-        scoring=True,
     )
     scorer_returns: str = doc(
         "What reward.scorer returns per trajectory: `components` (s_end, s_path, s_cf; looper computes s_wm and the "
@@ -198,7 +192,6 @@ class RewardConfig:
         "per trajectory, a number or a dict with `reward` and optionally `s_wm`; pairing, credit and the bandit use "
         "it as it is, and alpha, beta, the length penalty and w_* do not apply).",
         "components",
-        scoring=True,
     )
 
     def __post_init__(self):

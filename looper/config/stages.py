@@ -3,8 +3,7 @@
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from looper.answers import SCORERS
-from looper.config.fields import EVAL_DATASETS, STAGES, _check, _choice, _fraction, _positive, doc
+from looper.config.fields import EVAL_DATASETS, SCORERS, STAGES, _check, _choice, _fraction, _positive, doc
 from looper.config.model import LoraSettings
 
 
@@ -418,7 +417,6 @@ class GenerationSettings:
         "approximation of the trained model's arithmetic: docs/performance.md); `never` keeps the quantized layers. "
         "A dequantized copy that does not fit in GPU memory falls back to the quantized layers, saying so.",
         "auto",
-        identity=False,  # (it enters the identities of what is generated over a quantized base: models.served_as)
     )
     compile: bool = doc(
         "Run each decode step's model forward, and the prefills' MLPs, through torch.compile "
@@ -431,8 +429,6 @@ class GenerationSettings:
     )
 
     def __post_init__(self):
-        from looper.engine import BACKENDS
-
-        _choice(self.backend, "generation.backend", ("auto", *BACKENDS))
+        # (generation.backend is checked against the engine's registered backends at start: looper/preflight.py)
         _choice(self.dequantize, "generation.dequantize", ("auto", "always", "never"))
         _check(0 < self.refill_at <= 1, "generation.refill_at", f"must be in (0, 1], got {self.refill_at}")

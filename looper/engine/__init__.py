@@ -16,11 +16,22 @@ the backends, `scheduler` / `runner` / `cache` / `sampling`, `kernels/`; none im
 import logging
 from typing import Callable, Optional
 
-from looper.engine.interface import Generation, GenerationStats, Generator, Request
+from looper.engine.interface import Generation, GenerationStats, Generator, Request, is_quantized
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Generation", "GenerationStats", "Generator", "Request", "build", "register", "BACKENDS"]
+__all__ = [
+    "Generation",
+    "GenerationStats",
+    "Generator",
+    "Request",
+    "is_quantized",
+    "build",
+    "attend_padding_free",
+    "restore_attention",
+    "register",
+    "BACKENDS",
+]
 
 
 def _paged(*args, **kwargs) -> Generator:
@@ -74,3 +85,20 @@ def build(settings, model, tokenizer, batch_size: int) -> Generator:
     if name not in BACKENDS:
         raise ValueError(f"generation.backend: got {name!r}; allowed: auto, {', '.join(BACKENDS)}")
     return BACKENDS[name](model, tokenizer, batch_size, refill_at=settings.refill_at, compile_decode=settings.compile)
+
+
+def attend_padding_free(model) -> None:
+    """Route `model`'s attention through looper's function for padding-free training: FlashAttention-2 varlen over
+    TRL's cu_seq_lens on a GPU (no block-diagonal mask, no per-shape plan), transformers' sdpa with its packed mask
+    elsewhere (`kernels/attention.py`)."""
+    from looper.engine.kernels import attention
+
+    attention.register()
+    model.set_attn_implementation(attention.TRAINING)
+
+
+def restore_attention(model) -> None:
+    """Give a model that attends through one of looper's functions transformers' sdpa back, so what is saved names
+    an implementation every install has."""
+    if model.config._attn_implementation.startswith("looper"):
+        model.set_attn_implementation("sdpa")

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from looper import models
+from looper import prompts
 from looper.engine.interface import Generation, GenerationStats, Generator, Request, eos_ids
 
 
@@ -34,7 +34,7 @@ class HFGenerator(Generator):
     ) -> tuple[list[Generation], GenerationStats]:
         self.check(requests)
         tokenizer, stops = self.tokenizer, eos_ids(self.model, self.tokenizer)
-        encoded = [models.encode_prompt(tokenizer, r.prompt) for r in requests]
+        encoded = [prompts.encode_prompt(tokenizer, r.prompt) for r in requests]
         greedy = sorted((i for i, r in enumerate(requests) if r.temperature <= 0), key=lambda i: len(encoded[i]))
         batches = [greedy[k : k + self.batch_size] for k in range(0, len(greedy), self.batch_size)]
         batches += [[i] for i, r in enumerate(requests) if r.temperature > 0]

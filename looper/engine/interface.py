@@ -11,7 +11,7 @@ never name one. It must:
 - count real tokens: generated tokens up to and including EOS, never padding;
 - stop a row at an EOS id of `eos_ids(model, tokenizer)` or at its own `max_new_tokens` (`finish_reason` "stop" or
   "length"), and decode its text without special tokens;
-- tokenize a prompt with exactly one BOS (`looper.models.encode_prompt`, as SFT and DPO see it);
+- tokenize a prompt with exactly one BOS (`looper.prompts.encode_prompt`, as SFT and DPO see it);
 - decode greedily where a request's temperature is 0; where it samples, draw from that request's own seed, so that its
   output does not depend on the other requests of the call (the `paged` backend's draws depend on the seed and step
   only; a backend that cannot promise it says so in its docstring);
@@ -121,3 +121,10 @@ def eos_ids(model, tokenizer) -> list[int]:
     configured = model.generation_config.eos_token_id
     ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
     return sorted(set(ids) | {tokenizer.eos_token_id})
+
+
+def is_quantized(model) -> bool:
+    """Whether `model`'s weights are quantized (bitsandbytes, or a checkpoint saved quantized)."""
+    return bool(
+        getattr(model, "is_quantized", False) or getattr(getattr(model, "config", None), "quantization_config", None)
+    )

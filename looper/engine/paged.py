@@ -27,11 +27,11 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from looper import models
 from looper.engine.interface import Generation, GenerationStats, Generator, Request, eos_ids
 from looper.engine.runner import AttentionSwitch
 from looper.engine.sampling import MASK32
 from looper.engine.scheduler import Scheduler
+from looper.prompts import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def generate(
     slots are refilled once a `refill_at` share of them is free (one prefill serves them all). `on_result(i,
     generation)` is called as prompt i finishes; `stats`, a dict, receives the `GenerationStats` fields. `desc=None`
     shows no progress bar. `compile_decode` runs the decode step's model forward through torch.compile. Prompts are
-    tokenized with exactly one BOS (`models.encode_prompt`) unless `add_special_tokens` says otherwise."""
+    tokenized with exactly one BOS (`prompts.encode_prompt`) unless `add_special_tokens` says otherwise."""
     n = len(prompts)
     temperatures, top_ps = _per_row(temperature, n), _per_row(top_p, n)
     limits = _per_row(max_new_tokens, n)
@@ -106,7 +106,7 @@ def generate(
     if n == 0:
         return []
     encoded = (
-        [models.encode_prompt(tokenizer, p) for p in prompts]
+        [encode_prompt(tokenizer, p) for p in prompts]
         if add_special_tokens is None
         else tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
     )

@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from looper import models
 from looper.engine import sampling
 from looper.engine.cache import PAGE, PagedCache, on
+from looper.engine.interface import is_quantized
 from looper.engine.kernels import attention, fused
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class ModelRunner:
         self.model, self.cache, self.device = model, cache, model.device
         self.sampling, self.nucleus = sampling_rows, nucleus
         cache_keyword(type(model))
-        quantized = models.is_quantized(model)
+        quantized = is_quantized(model)
         if compile_decode and quantized:  # bitsandbytes layers are neither captured nor compiled here
             log.warning("generation.compile: not for a quantized model; decoding uncompiled")
             compile_decode = False

@@ -8,7 +8,6 @@ Must never touch the KV cache, the scheduler's queues or the model.
 """
 
 import functools
-import hashlib
 import logging
 
 import torch
@@ -16,13 +15,6 @@ import torch
 log = logging.getLogger(__name__)
 
 MASK32 = 0xFFFFFFFF
-
-
-def row_seed(run_seed: int, question_id: str, arm: str, sample: int, *extra) -> int:
-    """A 31-bit seed for one row: a (question, arm, sample) of a rollout (`arm` "eval" for a sampled evaluation) and,
-    with `extra`, its resampled continuations."""
-    key = "/".join(map(str, (run_seed, question_id, arm, sample, *extra)))
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") >> 1
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,13 @@ import random
 from pathlib import Path
 from typing import Callable, Optional
 
-from looper import distributed, engine, eval_dashboard, eval_report, models, throughput, tracking
+from looper import distributed, engine, eval_dashboard, eval_report, models, prompts, throughput, tracking
 from looper.answers import completion_flags, extract, is_correct, math_verify_available
 from looper.artifacts import PREDICTIONS, ArtifactStore, read_jsonl, recover_jsonl
-from looper.config import Config, DataConfig, ModelConfig, identity
+from looper.config import Config, DataConfig, ModelConfig
 from looper.data import gold_from_solution, gsm8k_splits, load_splits, read_gsm8k_jsonl
-from looper.engine.sampling import row_seed
+from looper.models import SERVED_MODEL, served_reads
+from looper.seeds import row_seed
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def shot_pool_source(name: str, cfg: Config) -> list[dict]:
 def prompt_for(cfg: Config, tokenizer, problem: dict, pool: list[dict]) -> str:
     """The eval prompt of one problem: the model's format, optional k-shot examples, optional official prompt."""
     shots = [s for s in pool if s["question"] != problem["question"]][: cfg.eval.shots]
-    return models.build_prompt(
+    return prompts.build_prompt(
         cfg.model, tokenizer, problem["question"], shots=shots, official=cfg.eval.prompt == "platinum"
     )
 
@@ -201,7 +202,7 @@ def _decode_shard(
 
         written: list[int] = []
         prompts = {p["id"]: prompt_for(cfg, tokenizer, p, pool) for p in problems}
-        models.check_context(model, tokenizer, list(prompts.values()), _max_new_tokens(cfg), f"eval {dataset}")
+        prompts.check_context(model, tokenizer, list(prompts.values()), _max_new_tokens(cfg), f"eval {dataset}")
         sampled = cfg.eval.temperature > 0
         requests = [
             engine.Request(
@@ -222,7 +223,7 @@ def _decode_shard(
     throughput.record(shard.parent / f"generation.rank{distributed.rank()}.jsonl", figures)
 
 
-def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) -> None:
+def build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) -> None:
     """Each process decodes questions rank, rank + world, ... into `predictions.rank<r>.jsonl`; rank 0 then merges
     them in question order into `predictions.jsonl` and writes the summary (and runs the batch check)."""
     problems = eval_problems(dataset, cfg)
@@ -230,7 +231,7 @@ def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) 
     scorers = active_scorers(cfg)
     rank, world = distributed.rank(), distributed.world_size()
     load = functools.cache(  # at most once, if needed
-        lambda: models.load_for_generation(target_path, cfg.model, cfg.lora, cfg.generation.dequantize)
+        lambda: models.load_for_generation(target_path, cfg.model, cfg.lora, cfg.generation)
     )
     _decode_shard(
         cfg, target, load, dataset, problems[rank::world], out / f"predictions.rank{rank}.jsonl", pool, scorers
@@ -271,38 +272,21 @@ def _build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) 
 # ---------------------------------------------------------------------------------------------------------- stage
 
 
-def spec(cfg: Config, store: ArtifactStore, path: str, dataset: str) -> dict:
-    """What identifies an evaluation: the model evaluated (`path`), the dataset, and the settings that change
-    predictions (not those the schema marks `identity=False`, nor sampling keys under greedy decoding)."""
-    settings = identity(cfg.eval)
-    if cfg.eval.temperature == 0:
-        settings.pop("top_p")  # greedy decoding reads no nucleus mass
-    return {
-        "target": store.identity(path, cfg.model.revision),
-        "dataset": dataset,
-        "model": identity(cfg.model),
-        "lora_quantization": cfg.lora.quantization,
-        **({"served": served} if (served := models.served_as(cfg.lora, cfg.generation.dequantize)) else {}),
-        "scorers": active_scorers(cfg),
-        "eval": settings,
-        "generation": identity(cfg.generation),
-        "seed": cfg.seed if cfg.eval.temperature > 0 else None,
-        "data": identity(cfg.data) if not dataset == "gsm8k_platinum" else None,
-        "platinum_path": cfg.eval.platinum_path if dataset == "gsm8k_platinum" else None,
-    }
+ENSURE = {"resumable": True, "collective": True}  # kept across crashes; every process decodes its share
 
 
-def evaluate(cfg: Config, store: ArtifactStore, target: str, path: str, dataset: str) -> Path:
-    """Evaluate one target (`path`: its model directory or hub id) on one dataset (cached, resumable); returns the
-    artifact directory (identified by `spec`)."""
-    spec_ = spec(cfg, store, path, dataset)
-    return store.ensure(
+def READS(cfg: Config, dataset: str) -> tuple:  # noqa: N802 - the stage interface's name (a tuple in some stages)
+    """What changes the predictions of a model on `dataset`: the eval section (not its sampling keys under greedy
+    decoding, nor `eval.scorers`: the cell's identity names the scorers that ran, `active_scorers`), the prompt format
+    and limit, how the model is served, and where the problems come from."""
+    greedy, platinum = cfg.eval.temperature == 0, dataset == "gsm8k_platinum"
+    return (
         "eval",
-        spec_,
-        lambda partial: _build(cfg, target, path, dataset, partial),
-        resumable=True,
-        collective=True,
-        what=f"{target} ({cfg.model.name}) on {dataset}",
+        "-eval.scorers",
+        *(("-eval.top_p",) if greedy else ("seed",)),
+        *(() if platinum else ("-eval.platinum_path", "data")),
+        *SERVED_MODEL,
+        *served_reads(cfg),
     )
 
 
@@ -318,11 +302,16 @@ def objective_dataset(cfg: Config) -> str:
 
 
 def run(
-    cfg: Config, store: ArtifactStore, target_path: Callable[[str], str], run_dir: Optional[Path] = None
+    cfg: Config,
+    store: ArtifactStore,
+    target_path: Callable[[str], str],
+    evaluate: Callable[[str, str, str], Path],
+    run_dir: Optional[Path] = None,
 ) -> list[dict]:
     """Evaluate every target on every dataset, and the last target on the objective's dataset when it is not among
-    them (`target_path(target)`: its model directory, built first where it is a stage's artifact:
-    `pipeline.Pipeline.target_path`); writes the report to `run_dir`; returns the per-artifact summaries."""
+    them (`target_path(target)`: its model directory, built first where it is a stage's artifact;
+    `evaluate(target, dataset, path)`: the cell's artifact; both `pipeline.Pipeline`'s); writes the report to
+    `run_dir`; returns the per-artifact summaries."""
     cells = [(dataset, target) for dataset in cfg.eval.datasets for target in cfg.eval.targets]
     selected_on = objective_dataset(cfg)
     if selected_on not in cfg.eval.datasets:
@@ -334,7 +323,7 @@ def run(
                 tracker.used(target if target in ("base", "sft", "dpo") else "model", Path(path))
         results = []
         for dataset, target in cells:
-            artifact = evaluate(cfg, store, target, paths[target], dataset)
+            artifact = evaluate(target, dataset, paths[target])
             (tracker.produced if artifact in store.made else tracker.used)("eval", artifact)
             summary = json.loads((artifact / "summary.json").read_text())
             results.append({**summary, "target": target, "artifact": str(artifact)})

@@ -8,7 +8,7 @@ Before training the policy equals the reference, so their log-probs must agree. 
 on the first batch with dropout off (TRL's own first-step margin is computed in training mode, where LoRA dropout
 alone moves it), saves it in `reference_check.json`, and stops the stage when the implicit reward margin exceeds
 `dpo.reference_tolerance` (`dpo.reference_check=warn`: log and train on). Pairs are tokenized by looper
-(models.encode_prompt / encode_completion), so DPO sees the prompt ids generation saw, with one BOS. The exported
+(prompts.encode_prompt / encode_completion), so DPO sees the prompt ids generation saw, with one BOS. The exported
 adapter holds the policy only (no `ref/` copy).
 """
 
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from looper import distributed, models, tracking
+from looper import distributed, models, prompts, tracking
 from looper.artifacts import PAIRS, read_jsonl
-from looper.config import Config, identity
+from looper.config import Config
+from looper.models import TRAINED_MODEL, adapter_reads
 from looper.training import (
     accumulation_steps,
     drop_checkpoints,
@@ -75,9 +76,9 @@ def _on_disk(rows: list[dict], where: Path):
 def encode_pair(example: dict, tokenizer) -> dict:
     """A pair's token ids: the prompt as generation sees it, each completion followed by EOS."""
     return {
-        "prompt_ids": models.encode_prompt(tokenizer, example["prompt"]),
-        "chosen_ids": models.encode_completion(tokenizer, example["chosen"]),
-        "rejected_ids": models.encode_completion(tokenizer, example["rejected"]),
+        "prompt_ids": prompts.encode_prompt(tokenizer, example["prompt"]),
+        "chosen_ids": prompts.encode_completion(tokenizer, example["chosen"]),
+        "rejected_ids": prompts.encode_completion(tokenizer, example["rejected"]),
     }
 
 
@@ -251,16 +252,9 @@ NEEDS = ("preferences", "sft")  # the artifacts this stage builds on (looper/pip
 ENSURE = {"collective": True, "resumable": True}  # every process trains; a crash resumes from the last checkpoint
 
 
-def spec(cfg: Config, up: dict, store=None) -> dict:
-    """What identifies the DPO policy: the SFT policy, the pairs and the settings that change the trained weights."""
-    return {
-        "sft": Path(up["sft"]).name,
-        "preferences": Path(up["preferences"]).name,
-        "dpo": identity(cfg.dpo),
-        "lora": identity(cfg.lora) if cfg.lora.enabled else {"enabled": False},  # (no adapter: no lora.*)
-        "model": identity(cfg.model, training=True),
-        "seed": cfg.seed,
-    }
+def READS(cfg: Config) -> tuple:  # noqa: N802 - the stage interface's name (a tuple in some stages)
+    """The config DPO reads: its section, the prompt format and the adapter (pairs and policy come as artifacts)."""
+    return ("seed", "dpo", *TRAINED_MODEL, *adapter_reads(cfg))
 
 
 def build(cfg: Config, up: dict, out: Path) -> None:

@@ -8,11 +8,10 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from looper import distributed, models, tracking
-from looper.artifacts import ArtifactStore
-from looper.config import Config, identity
+from looper import distributed, engine, models, prompts, tracking
+from looper.config import Config
 from looper.data import load_splits
-from looper.engine.kernels import attention
+from looper.models import TRAINED_MODEL, adapter_reads
 from looper.training import (
     accumulation_steps,
     drop_checkpoints,
@@ -38,24 +37,24 @@ def _length_grouping(args_class, enabled: bool) -> dict:
 
 def training_examples(cfg: Config, tokenizer, split: str = "train") -> list[dict]:
     """SFT rows: the model's own prompt for each training question and its GSM8K solution as the completion (in
-    the model's format: models.build_completion). `split="dev"`: the first sft.eval_examples dev problems instead,
+    the model's format: prompts.build_completion). `split="dev"`: the first sft.eval_examples dev problems instead,
     the eval rows."""
     limit = cfg.sft.num_examples if split == "train" else cfg.sft.eval_examples
     rows = []
     for row in load_splits(cfg.data)[split][:limit]:
-        prompt = models.build_prompt(cfg.model, tokenizer, row["question"])
-        rows.append({"prompt": prompt, "completion": models.build_completion(cfg.model, row["answer"], prompt)})
+        prompt = prompts.build_prompt(cfg.model, tokenizer, row["question"])
+        rows.append({"prompt": prompt, "completion": prompts.build_completion(cfg.model, row["answer"], prompt)})
     return rows
 
 
 def tokenize_examples(tokenizer, examples: list[dict]) -> list[dict]:
     """Prompt/completion rows as the token ids SFT trains on: the prompt's ids exactly as generation sees them (one
-    BOS: models.encode_prompt), then the completion's and EOS, with the loss on the completion only
+    BOS: prompts.encode_prompt), then the completion's and EOS, with the loss on the completion only
     (`completion_mask`). TRL takes such rows as they are."""
     rows = []
     for example in examples:
-        prompt = models.encode_prompt(tokenizer, example["prompt"])
-        completion = models.encode_completion(tokenizer, example["completion"])
+        prompt = prompts.encode_prompt(tokenizer, example["prompt"])
+        completion = prompts.encode_completion(tokenizer, example["completion"])
         rows.append({"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)})
     return rows
 
@@ -100,10 +99,7 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
 
     model = models.load_causal_lm(base, cfg.model, cfg.lora)
     if cfg.sft.padding_free and model.config._attn_implementation == "sdpa":
-        # flattened batches attend through looper's function: FlashAttention-2 varlen over TRL's cu_seq_lens on a
-        # GPU (no block-diagonal mask, no per-shape plan), transformers' sdpa with its packed mask elsewhere
-        attention.register()
-        model.set_attn_implementation(attention.TRAINING)
+        engine.attend_padding_free(model)  # flattened batches: FlashAttention-2 varlen on a GPU
     tokenizer = models.load_tokenizer(base, cfg.model)
     tokenizer.padding_side = "right"  # training pads on the right; generation loads it left-padded again
     dataset = Dataset.from_list(
@@ -146,8 +142,7 @@ def _train(cfg: Config, base: str, out: Path) -> None:
     result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "sft"))
     ensure_finite("sft", trainer, result.training_loss, "sft.learning_rate")
     tracker.summary({"sft/train_loss": result.training_loss})
-    if trainer.model.config._attn_implementation == attention.TRAINING:  # a saved full model names its own
-        trainer.model.set_attn_implementation("sdpa")
+    engine.restore_attention(trainer.model)  # (a saved full model names its attention)
     trainer.save_model(str(out))  # on the main process only
     if distributed.is_main_process():
         models.portable_adapter(out, Path(cfg.paths.artifacts))
@@ -162,16 +157,9 @@ NEEDS = ("base",)  # the artifacts this stage builds on (looper/pipeline.py reso
 ENSURE = {"collective": True, "resumable": True}  # every process trains; a crash resumes from the last checkpoint
 
 
-def spec(cfg: Config, up: dict, store: ArtifactStore) -> dict:
-    """What identifies the SFT artifact: the base model and the settings that change the trained weights."""
-    return {
-        "base": store.identity(up["base"], cfg.model.revision),
-        "model": identity(cfg.model, training=True),
-        "lora": identity(cfg.lora) if cfg.lora.enabled else {"enabled": False},  # (no adapter: no lora.*)
-        "sft": identity(cfg.sft),
-        "data": identity(cfg.data),
-        "seed": cfg.seed,
-    }
+def READS(cfg: Config) -> tuple:  # noqa: N802 - the stage interface's name (a tuple in some stages)
+    """The config SFT reads: its section, the problems, the prompt format and the adapter."""
+    return ("seed", "data", "sft", *TRAINED_MODEL, *adapter_reads(cfg))
 
 
 def build(cfg: Config, up: dict, out: Path) -> None:

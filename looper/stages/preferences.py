@@ -24,10 +24,10 @@ import logging
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from looper import credit, models, tracking
+from looper import credit, models, prompts, tracking
 from looper.artifacts import PAIRS, TRAJECTORIES, read_jsonl
 from looper.coherence import group_by_question, reward_of, weighted
-from looper.config import Config, PreferencesConfig, RewardConfig, identity
+from looper.config import Config, PreferencesConfig, RewardConfig
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def _build(cfg: Config, rollout_dir: Path, sft_dir: Path, out: Path) -> None:
     pairs, unpaired, membership = build_pairs(trajectories, cfg.reward, cfg.preferences)
     with open(out / PAIRS, "w") as handle:
         for pair in pairs:
-            pair["prompt"] = models.build_prompt(cfg.model, tokenizer, pair["question"])
+            pair["prompt"] = prompts.build_prompt(cfg.model, tokenizer, pair["question"])
             handle.write(json.dumps(pair) + "\n")
     rows = trajectory_rewards(trajectories, cfg.reward, membership)
     (out / REWARDS).write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -209,15 +209,7 @@ def _build(cfg: Config, rollout_dir: Path, sft_dir: Path, out: Path) -> None:
 NEEDS = ("rollout", "sft")  # the artifacts this stage builds on (looper/pipeline.py resolves them)
 ENSURE: dict = {}
 
-
-def spec(cfg: Config, up: dict, store=None) -> dict:
-    """What identifies the pairs: the rollout, the reward and the pairing settings."""
-    return {
-        "rollout": Path(up["rollout"]).name,
-        "reward": identity(cfg.reward),
-        "preferences": identity(cfg.preferences),
-        "model": identity(cfg.model),
-    }
+READS = ("reward", "preferences", "model")  # the config it reads: the reward, the pairing, the prompt format
 
 
 def build(cfg: Config, up: dict, out: Path) -> None:

@@ -17,9 +17,10 @@ import logging
 from pathlib import Path
 
 import torch
+import yaml
 
-from looper import models
-from looper.config import Config, identity
+from looper import engine, models
+from looper.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -31,49 +32,57 @@ def NEEDS(cfg: Config) -> tuple:  # noqa: N802 - the stage interface's name (a t
 
 ENSURE: dict = {}
 
-
-def spec(cfg: Config, up: dict, store=None) -> dict:
-    """What identifies the export: the source artifact and the export settings."""
-    return {
-        cfg.export.source: Path(up[cfg.export.source]).name,
-        "export": identity(cfg.export),
-        "model": identity(cfg.model),
-    }
+READS = ("export", "model", "eval.scorers")  # the config it reads (the model card lists the eval.scorers)
 
 
 def build(cfg: Config, up: dict, out: Path) -> None:
-    """Merge, save and describe the source model in `out` (`up["evaluations"]`: the source's eval summaries)."""
+    """Merge, save and describe the source model in `out` (`up["evaluations"]`: the source's eval artifacts)."""
     source = str(up[cfg.export.source])
-    full_precision = dataclasses.replace(cfg.lora, quantization="none")  # (a quantized base: its original weights)
-    model, tokenizer = models.load_target(source, cfg.model, full_precision)
+    model, tokenizer = models.load_target(source, cfg.model)  # (a quantized base: its original weights)
     model = model.to(getattr(torch, cfg.export.dtype))
-    if model.config._attn_implementation.startswith("looper"):
-        model.set_attn_implementation("sdpa")
+    engine.restore_attention(model)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    (out / "looper_config.yaml").write_text(_config_yaml(cfg))
+    evaluations = [Path(e) for e in up.get("evaluations", [])]
+    settings = lineage(Path(source)) | ({"eval": _reads(evaluations[0])} if evaluations else {})
+    (out / "looper_config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     base = models.adapter_base(source) if models.is_adapter(source) else source
-    (out / "README.md").write_text(model_card(cfg, source, base, up.get("evaluations", [])))
+    summaries = [json.loads((e / "summary.json").read_text()) for e in evaluations]
+    (out / "README.md").write_text(model_card(cfg, source, base, summaries))
     if cfg.export.quantized != "none":
         _quantized_copy(cfg, out)
     log.info("export: %s merged into %s, written to %s (%s)", source, base, out, cfg.export.dtype)
 
 
-def _config_yaml(cfg: Config) -> str:
-    from omegaconf import OmegaConf
+def _reads(artifact: Path) -> dict:
+    return json.loads((artifact / "spec.json").read_text()).get("reads", {})
 
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+def lineage(artifact: Path) -> dict:
+    """{stage: the config keys it read} for a cached artifact and every artifact upstream of it, upstream first, from
+    their `spec.json` files (looper/pipeline.py writes what each read): the settings that made the model."""
+    root, out = artifact.parent.parent, {}
+
+    def walk(directory: Path) -> None:
+        for need in json.loads((directory / "spec.json").read_text()).get("needs", {}).values():
+            if isinstance(need, str) and (root / need / "spec.json").is_file():
+                walk(root / need)
+        out[directory.parent.name] = _reads(directory)
+
+    if (artifact / "spec.json").is_file():
+        walk(artifact)
+    return out
 
 
 def model_card(cfg: Config, source: str, base: str, evaluations: list[dict]) -> str:
     """The exported model's README: what it is, what it was built from, and how it scored."""
+    scorers = [s for s in cfg.eval.scorers if evaluations and f"acc_{s}" in evaluations[0]]
     rows = [
         f"| {e['dataset']} | {e['n']} | "
-        + " | ".join(f"{100 * e[f'acc_{s}']:.1f}%" for s in cfg.eval.scorers if f"acc_{s}" in e)
+        + " | ".join(f"{100 * e[f'acc_{s}']:.1f}%" for s in scorers)
         + f" | {100 * (e.get('truncated') or 0):.1f}% |"
         for e in evaluations
     ]
-    scorers = [s for s in cfg.eval.scorers if evaluations and f"acc_{s}" in evaluations[0]]
     table = (
         "\n".join(
             [
@@ -91,7 +100,7 @@ base_model: {base if not Path(base).exists() else "(a local model)"}
 tags: [looper, math-reasoning, {cfg.export.source}]
 ---
 
-# {cfg.model.name} + looper {cfg.export.source} ({cfg.experiment})
+# {Path(base).name} + looper {cfg.export.source}
 
 A standalone model: the looper `{cfg.export.source}` artifact merged into its base and saved in {cfg.export.dtype}.
 Load it with `AutoModelForCausalLM.from_pretrained` and prompt it as it was trained (`model.prompt_format`:
@@ -99,17 +108,12 @@ Load it with `AutoModelForCausalLM.from_pretrained` and prompt it as it was trai
 
 - base model: `{base}`
 - merged artifact: `{source}`
-- reasoning format: `{cfg.model.reasoning}`; adapter trained over a `{cfg.lora.quantization}` base
-- the whole looper config: `looper_config.yaml` (experiment `{cfg.experiment}`, seed {cfg.seed})
+- reasoning format: `{cfg.model.reasoning}`
+- the settings that made it, stage by stage (what each read), and those of its evaluation: `looper_config.yaml`
 
 ## Evaluation of the merged artifact
 
-Greedy decoding unless `eval.temperature` says otherwise; prompt `{cfg.eval.prompt}`, limit
-{cfg.eval.max_new_tokens or cfg.model.max_new_tokens} new tokens.
-
 {table}
-
-Settings: `{json.dumps({"reward": dataclasses.asdict(cfg.reward), "dpo_beta": cfg.dpo.beta}, default=str)}`
 """
 
 
