@@ -45,7 +45,7 @@ from hydra.utils import instantiate
 
 from looper import coherence, distributed, models, scoring
 from looper.artifacts import recover_jsonl
-from looper.config import Config
+from looper.config import Config, RewardConfig
 from looper.seeds import row_seed
 
 ROUNDS = "rounds.rank*.jsonl"
@@ -90,15 +90,15 @@ def even(cfg: Config, position: int) -> list[str]:
     return [names[(position * count + k) % len(names)] for k in range(count)]
 
 
-def provisional(cfg: Config) -> Config:
-    """The config a round scores with: `reward.cf_samples=0` (no continuations)."""
-    return dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, cf_samples=0))
+def provisional(cfg: Config) -> RewardConfig:
+    """The reward settings a round scores with: `reward.cf_samples=0` (no continuations)."""
+    return dataclasses.replace(cfg.reward, cf_samples=0)
 
 
 def posteriors(cfg: Config, records: list[dict], order: dict) -> tuple[dict, float]:
     """({arm: (sum of rewards, count)}, pooled variance) of `records`, summed in question, arm and sample order (so
     the floats do not depend on which process wrote what)."""
-    reward = provisional(cfg).reward
+    reward = provisional(cfg)
     ranked = sorted(records, key=lambda r: (order[r["question_id"]], r["arm"], r["sample"]))
     totals = {arm: [0.0, 0] for arm in cfg.arms}
     rewards = []
@@ -169,7 +169,7 @@ def run_rounds(
     mine = defaultdict(list)
     for record in complete_groups(path, sizes_):
         mine[record["question_id"]].append(record)
-    round_cfg = provisional(cfg)
+    round_reward = provisional(cfg)
     for round_ in range(len(sizes_)):
         todo = [
             p
@@ -195,9 +195,8 @@ def run_rounds(
                     for problem in chunk:
                         before = mine[problem["id"]]
                         trajectories = before + new[problem["id"]]
-                        scored = scoring.score_question(
-                            round_cfg, scorer, problem, trajectories, sampler().continuations(problem, trajectories)
-                        )
+                        continuations = sampler().continuations(problem, trajectories)
+                        scored = scoring.score_question(cfg, scorer, problem, trajectories, continuations, round_reward)
                         fresh = scored[len(before) :]
                         handle.write("".join(json.dumps(r) + "\n" for r in fresh))  # one write per question and round
                         handle.flush()

@@ -18,7 +18,7 @@ from typing import Optional
 from looper import coherence, engine, prompts, throughput
 from looper.answers import completion_flags, extract, is_correct
 from looper.artifacts import recover_jsonl
-from looper.config import ArmConfig, Config
+from looper.config import ArmConfig, Config, RewardConfig
 from looper.seeds import row_seed
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,16 @@ class Continuations:
         return self.split([o.text for o in self.sampler.run(self.jobs(requests, n))], len(requests), n)
 
 
-def score_question(cfg: Config, scorer, problem: dict, trajectories: list[dict], continuations) -> list[dict]:
+def score_question(
+    cfg: Config, scorer, problem: dict, trajectories: list[dict], continuations, reward: Optional[RewardConfig] = None
+) -> list[dict]:
     """One question's records: its trajectories with what the scorer returns (looper/coherence.py: the components
-    protocol, then s_wm from reward.w_*; or the reward protocol, then the scorer's reward)."""
-    if cfg.reward.scorer_returns == "reward":
+    protocol, then s_wm from reward.w_*; or the reward protocol, then the scorer's reward). `reward`: the reward
+    settings to score with, where they are not `cfg.reward` (a bandit's provisional rounds)."""
+    reward = reward or cfg.reward
+    if reward.scorer_returns == "reward":
         values = scorer(problem["question"], trajectories, problem["gold"])
-        fields = coherence.scorer_rewards(values, trajectories, cfg.reward.scorer["_target_"])
+        fields = coherence.scorer_rewards(values, trajectories, reward.scorer["_target_"])
         return [{**t, **f} for t, f in zip(trajectories, fields)]
     components = scorer(
         question=problem["question"],
@@ -104,17 +108,17 @@ def score_question(cfg: Config, scorer, problem: dict, trajectories: list[dict],
         trajectories=trajectories,
         generate=continuations,
         extract_answer=lambda text: extract(text, cfg.rollout.answer_scorer, cfg.model.answer_after()),
-        reward=cfg.reward,
+        reward=reward,
     )
     records = []
     for t, c in zip(trajectories, components):
         if "reward" in c:
             raise ValueError(
-                f"reward.scorer {cfg.reward.scorer['_target_']} returned a `reward` under "
+                f"reward.scorer {reward.scorer['_target_']} returned a `reward` under "
                 "reward.scorer_returns=components: set reward.scorer_returns=reward for a scorer that returns rewards"
             )
         record = {**t, **c}
-        record["s_wm"] = coherence.weighted(record, cfg.reward)
+        record["s_wm"] = coherence.weighted(record, reward)
         records.append(record)
     return records
 

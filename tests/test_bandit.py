@@ -5,6 +5,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from looper import bandit, pipeline
 from looper.artifacts import ArtifactStore
 from looper.stages import rollout
@@ -176,3 +178,27 @@ def test_reading_the_rounds_skips_a_line_another_process_is_still_writing(tmp_pa
     )
     assert [r["question_id"] for r in bandit.read_rounds(tmp_path, 1)] == ["q1", "q2", "q3"]  # not the later round
     assert len(bandit.read_rounds(tmp_path, 2)) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("allocation, rollouts", [("thompson", 2), ("uniform", 1)])
+def test_a_beta_sweep_builds_one_sft_and_a_rollout_per_beta_only_under_a_bandit(
+    artifacts, tiny_sft, tmp_path, allocation, rollouts
+):
+    cache = cache_sharing_models(artifacts, tmp_path / "cache")
+    built = lambda stage: {p.name for p in (cache / stage).glob("*") if p.is_dir() and "." not in p.name}  # noqa: E731
+    models = built("sft")
+    result = looper_cli(
+        "-m",
+        f"paths.artifacts={cache}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "debug=fast",
+        "reward.beta=0.1,0.9",
+        f"rollout.allocation={allocation}",
+        "rollout.budget=32",
+        "rollout.num_questions=4",
+        "stage=rollout",
+        "logger=none",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert built("sft") == models and len(built("rollout")) == rollouts  # the session's SFT, reused by both jobs

@@ -76,11 +76,14 @@ class LoggerConfig:
 
 @dataclass
 class PathsConfig:
-    artifacts: str = doc("Where stage artifacts are cached, shared by runs and sweeps.", "outputs/artifacts")
+    artifacts: str = doc(
+        "Where stage artifacts are cached, shared by runs and sweeps.", "outputs/artifacts", identity=False
+    )
     verify: str = doc(
         "What reusing a cached artifact checks against its manifest: `quick` (every file's size and "
         "JSONL line count, the hashes of files up to 256 MiB) or `full` (every hash).",
         "quick",
+        identity=False,
     )
 
     def __post_init__(self):

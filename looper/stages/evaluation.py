@@ -201,15 +201,15 @@ def _decode_shard(
             handle.flush()
 
         written: list[int] = []
-        prompts = {p["id"]: prompt_for(cfg, tokenizer, p, pool) for p in problems}
-        prompts.check_context(model, tokenizer, list(prompts.values()), _max_new_tokens(cfg), f"eval {dataset}")
+        texts = {p["id"]: prompt_for(cfg, tokenizer, p, pool) for p in problems}
+        prompts.check_context(model, tokenizer, list(texts.values()), _max_new_tokens(cfg), f"eval {dataset}")
         sampled = cfg.eval.temperature > 0
         requests = [
             engine.Request(
-                prompts[p["id"]],
+                texts[p["id"]],
                 _max_new_tokens(cfg),
                 cfg.eval.temperature,
-                cfg.eval.top_p,
+                cfg.eval.top_p if sampled else 1.0,  # (greedy decoding reads no nucleus mass)
                 row_seed(cfg.seed, p["id"], "eval", k) if sampled else 0,
             )
             for p, k in todo

@@ -199,7 +199,7 @@ def _build(cfg: Config, sft_dir: Path, out: Path) -> None:
 UNUSED = {
     "uniform": ("budget", "rounds", "floor", "warmup", "waves", "bandit_stats"),
     "thompson": ("warmup", "waves"),
-    "thompson_sequential": ("rounds", "floor", "bandit_stats"),
+    "thompson_sequential": ("rounds", "floor"),  # (bandit_stats: always pooled here, the schema checks)
 }
 # reward keys a uniform rollout never reads: applied later to the stored components (a bandit allocates by them)
 APPLIED_LATER = ("alpha", "beta", "length_penalty", "length_unit")
