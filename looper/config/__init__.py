@@ -5,10 +5,12 @@ Hydra merges the YAML under `looper/conf/` into these dataclasses, so a wrong ty
 each class's `__post_init__`, which runs when `load` turns the composed config into objects. Every field carries a
 one-line `help`.
 
-Modules: `fields` (documented fields, identities, value checks), `model` (model, adapter, arms, reward), `stages` (the
-stage sections and generation), `root` (data, logging, paths, the root `Config`, the generated reference).
+Modules: `fields` (documented fields, identities, value checks), `model` (model, adapter, arms, reward), `stages` (what
+runs, SFT, rollouts, preferences, DPO), `evaluation` (evaluation, export, generation), `root` (data, logging, paths, the
+root `Config`, the generated reference). Config imports no other part of looper: it sits below everything.
 """
 
+from looper.config.evaluation import EvalConfig, ExportConfig, GenerationSettings
 from looper.config.fields import EVAL_DATASETS, STAGES, doc, identity
 from looper.config.model import ArmConfig, LoraSettings, ModelConfig, RewardConfig, TinyModelConfig
 from looper.config.root import (
@@ -24,9 +26,6 @@ from looper.config.root import (
 )
 from looper.config.stages import (
     DPOConfig,
-    EvalConfig,
-    ExportConfig,
-    GenerationSettings,
     PreferencesConfig,
     RolloutConfig,
     SFTConfig,

@@ -7,13 +7,11 @@ from typing import Any, Dict, Optional, Union, get_args, get_origin
 
 from hydra.core.config_store import ConfigStore
 
+from looper.config.evaluation import EvalConfig, ExportConfig, GenerationSettings
 from looper.config.fields import _check, _choice, _positive, doc
 from looper.config.model import ArmConfig, LoraSettings, ModelConfig, RewardConfig
 from looper.config.stages import (
     DPOConfig,
-    EvalConfig,
-    ExportConfig,
-    GenerationSettings,
     PreferencesConfig,
     RolloutConfig,
     SFTConfig,
