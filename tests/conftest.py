@@ -188,3 +188,54 @@ def kill_when_written(overrides: list[str], watch: str, min_lines: int, root: Pa
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+
+
+@pytest.fixture(scope="session")
+def fixed_model():
+    """(cfg, model, tokenizer): a tiny random Llama (float32, CPU) whose outputs are fixed by construction, for the
+    engine's tests. Its logits follow two features of the last hidden state: feature 1 is a constant (every token
+    embeds 1.0 there and no layer writes it) that holds EOS's logit far below the rest, so every row runs to its
+    limit on any machine; feature 0 (random per token, mixed by attention) scales one random column over the
+    vocabulary, so what is sampled depends on the whole context (a wrong KV entry shows) but never on rounding noise
+    at a near-tie of trained, flat logits."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from looper.data import synthetic_splits
+    from looper.tiny import train_tokenizer
+
+    cfg = compose("debug=fast")
+    texts = [f"{p['question']}\n{p['answer']}" for p in synthetic_splits(cfg.data)["train"][:400]]
+    tokenizer = train_tokenizer(texts, 400)
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 1.0)
+        model.model.embed_tokens.weight[:, 1] = 1.0
+        for layer in model.model.layers:  # attention that picks positions, and writes feature 0 (never feature 1)
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                projection.weight.normal_(0.0, 0.3)
+            layer.self_attn.o_proj.weight[0].normal_(0.0, 0.3)
+            layer.self_attn.o_proj.weight[1].zero_()
+            layer.mlp.down_proj.weight[1].zero_()
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[:2] = 1.0
+        head = model.lm_head.weight
+        head.zero_()
+        head[:, 0] = torch.randn(head.shape[0], generator=torch.Generator().manual_seed(1)) * 2.0
+        head[tokenizer.eos_token_id, 1] = -1000.0
+    return cfg, model, tokenizer
