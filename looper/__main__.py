@@ -81,7 +81,7 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
     return objective
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(config.conf_dir()), config_name="config")
 def main(raw: DictConfig) -> Optional[float]:
     cfg: Config = config.load(raw)  # unknown keys, then every schema's value checks
     keep_wandb_out(cfg)

@@ -1,6 +1,6 @@
 """Sweep report: `python -m looper.report SWEEP_DIR` — no W&B needed.
 
-Reads every job's `summary.json` under SWEEP_DIR (outputs/sweeps/<date>/<time>) and writes, next to them:
+Reads every job's `summary.json` under SWEEP_DIR (multirun/<date>/<time>) and writes, next to them:
 - `sweep.csv`: one row per job, every tabulated parameter and every metric;
 - `sweep.md`: the jobs best first by the chosen accuracy, with Wilson 95% intervals, and beside it the same target's
   accuracy on the other datasets (test sets: reported, never ranked on);
@@ -285,7 +285,7 @@ def log_to_wandb(sweep_dir: Path, jobs: list[dict], written: list[Path]) -> None
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m looper.report", description=__doc__.split("\n")[0])
-    parser.add_argument("sweep_dir", type=Path, help="a sweep directory (outputs/sweeps/<date>/<time>)")
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory (multirun/<date>/<time>)")
     parser.add_argument("--dataset", help="eval dataset (default: each job's objective dataset)")
     parser.add_argument("--target", help="eval target (default: each job's objective target)")
     parser.add_argument("--scorer", help="answer scorer (default: each job's primary scorer)")

@@ -642,7 +642,9 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     from looper.stages import dpo, sft
 
     register_configs()
-    conf = Path(__file__).resolve().parents[1] / "looper" / "conf"
+    from looper.config import conf_dir
+
+    conf = conf_dir()
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         raw = compose(
             config_name="config",

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from looper import models, pipeline, prompts  # noqa: E402
 from looper.artifacts import ArtifactStore  # noqa: E402
-from looper.config import register_configs  # noqa: E402
+from looper.config import conf_dir, register_configs  # noqa: E402
 from looper.data import load_splits  # noqa: E402
 from looper.engine import paged  # noqa: E402
 from looper.engine.kernels import attention  # noqa: E402
@@ -28,9 +28,7 @@ from looper.engine.kernels import attention  # noqa: E402
 
 def main(overrides: list[str], n: int = 64) -> None:
     register_configs()
-    with initialize_config_dir(
-        config_dir=str(Path(__file__).resolve().parents[1] / "looper" / "conf"), version_base="1.3"
-    ):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=["logger=none", *overrides]))
     target = pipeline.artifact(cfg, ArtifactStore(Path(cfg.paths.artifacts)), "sft")
     model, tokenizer = models.load_for_generation(str(target), cfg.model, cfg.lora, cfg.generation)

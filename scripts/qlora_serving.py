@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from looper import engine, models, pipeline
+from looper import engine, models, pipeline  # noqa: E402
 from looper.artifacts import ArtifactStore  # noqa: E402
-from looper.config import register_configs  # noqa: E402
+from looper.config import conf_dir, register_configs  # noqa: E402
 from looper.stages import evaluation  # noqa: E402
 
 
@@ -53,9 +53,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("qlora_serving.json"))
     args, overrides = parser.parse_known_args()
     register_configs()
-    with initialize_config_dir(
-        config_dir=str(Path(__file__).resolve().parents[1] / "looper" / "conf"), version_base="1.3"
-    ):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=["logger=none", *overrides]))
     sft = str(pipeline.artifact(cfg, ArtifactStore(Path(cfg.paths.artifacts)), "sft"))
     tokenizer = models.load_tokenizer(sft, cfg.model)

@@ -14,10 +14,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 from looper.config import Config, load, register_configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "looper" / "conf"
+CONF = ROOT / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-# A tiny pipeline that runs in seconds (looper/conf/debug/fast.yaml): it exercises every mechanism, not the demo's
+# A tiny pipeline that runs in seconds (conf/debug/fast.yaml): it exercises every mechanism, not the demo's
 # accuracy. The arm temperature is the `single` arm-set's (tests that pick another arm-set leave it out).
 FAST = ["debug=fast", "arms.plain.temperature=0.7"]
 

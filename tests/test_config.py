@@ -58,53 +58,44 @@ def test_the_documented_command_composes():
     assert cfg.stage.name == "dpo" and cfg.reward.beta == 0.5
 
 
-def test_regime_w_has_four_compute_and_four_reflective_arms():
-    arms = compose("arms=regime_w").arms
-    assert len(arms) == 8
-    assert sorted(a.family for a in arms.values()) == ["compute"] * 4 + ["reflective"] * 4
-    assert len({a.temperature for a in arms.values()}) > 1
-
-
-def test_lora_options_match_their_names():
+def test_each_lora_option_quantizes_as_its_name_says_and_otherwise_equals_r64():
     r64 = compose("lora=r64").lora
-    assert (r64.r, r64.alpha, r64.dropout, r64.quantization) == (64, 16, 0.05, "none")
-    assert set(r64.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
-    assert compose("lora=qlora_4bit").lora.quantization == "4bit"
-    assert compose("lora=qlora_8bit").lora == dataclasses.replace(r64, quantization="8bit")  # the second plan's loading
+    for option, quantization in (("qlora_4bit", "4bit"), ("qlora_8bit", "8bit")):
+        assert compose(f"lora={option}").lora == dataclasses.replace(r64, quantization=quantization), option
     assert compose("lora=none").lora.enabled is False
 
 
-def test_7b_experiments_compose_with_their_models():
-    abel = compose("experiment=abel_platinum")
-    assert abel.model.name_or_path == "GAIR/Abel-7B-002" and abel.lora.r == 64 and abel.lora.quantization == "none"
-    deepseek = compose("experiment=deepseek_qlora")
-    assert deepseek.model.prompt_format == "chat" and deepseek.lora.quantization == "8bit"
+def test_the_presets_global_batches_train_alike_on_one_gpu_and_on_the_plans_two(monkeypatch):
+    from looper import distributed, training
+
+    for experiment in ("abel_platinum", "deepseek_qlora", "deepseek_qlora_looper"):
+        cfg = compose(f"experiment={experiment}")
+        for name in ("sft", "dpo"):
+            section = getattr(cfg, name)
+            if section.global_batch_size is None:
+                continue
+            batches = set()
+            for world in (1, 2):
+                monkeypatch.setattr(distributed, "world_size", lambda world=world: world)
+                batches.add(training.effective_batch(section, name)[f"{name}/effective_batch_size"])
+            assert batches == {section.global_batch_size}, (experiment, name)
 
 
-def test_the_abel_preset_holds_the_plans_batches_bandit_and_protocol():
-    abel = compose("experiment=abel_platinum")
-    assert (abel.sft.batch_size, abel.sft.global_batch_size) == (8, 32)  # 8 a device x 2 accumulation x 2 GPUs
-    assert (abel.dpo.batch_size, abel.dpo.global_batch_size) == (16, 32)  # 16 x 1 x 2
-    assert (abel.rollout.allocation, abel.rollout.budget, len(abel.arms)) == ("thompson_sequential", 8, 8)
-    assert abel.rollout.num_questions == 500 and abel.preferences.strategy == "correctness_first"
-    assert (abel.eval.temperature, abel.eval.prompt, abel.eval.datasets[0]) == (0.0, "platinum", "gsm8k_platinum")
+def test_every_key_the_looper_variant_changes_from_the_deepseek_plan_is_documented():
+    from looper.artifacts import to_plain
 
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
 
-def test_the_deepseek_preset_is_the_plan_and_its_looper_variant_departs_as_documented():
-    plan = compose("experiment=deepseek_qlora")
-    assert (plan.lora.quantization, plan.lora.r, plan.lora.alpha, plan.lora.dropout) == ("8bit", 64, 16, 0.05)
-    assert set(plan.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
-    assert (plan.preferences.strategy, plan.preferences.max_pairs_per_question) == ("reward_extremes", 1)
-    assert plan.data.dev_fraction == 0.2 and (plan.reward.alpha, plan.reward.beta) == (1.0, 0.5)
-    assert plan.eval.targets == ["base", "sft", "dpo"] and plan.eval.temperature == 0.0
-    ours = compose("experiment=deepseek_qlora_looper")
-    assert (ours.lora.quantization, ours.preferences.strategy, ours.eval.max_new_tokens) == (
-        "4bit",
-        "correctness_first",
-        8192,
+    plan, ours = (
+        flat(to_plain(compose("experiment=deepseek_qlora"))),
+        flat(to_plain(compose("experiment=deepseek_qlora_looper"))),
     )
+    changed = sorted(k for k in plan.keys() | ours.keys() if plan.get(k) != ours.get(k) and k != "experiment")
     departures = (ROOT / "docs" / "presets.md").read_text()
-    assert "deepseek_qlora_looper" in departures and "abel_platinum" in departures
+    assert changed and not [k for k in changed if f"`{k}" not in departures and f"{k}=" not in departures], changed
 
 
 def test_an_unknown_key_fails_naming_it():
@@ -202,6 +193,14 @@ def test_cli_rejects_a_typo_naming_the_key():
     assert "alpah" in result.stderr + result.stdout
 
 
+def test_the_wheel_ships_every_config_group_directory():
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
+    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    groups = {"looper." + ".".join(p.relative_to(ROOT).parts) for p in CONF.rglob("*") if p.is_dir()}
+    groups = {g for g in groups if "__pycache__" not in g}
+    assert groups | {"looper.conf"} <= packages, sorted(groups - packages)
+
+
 def test_the_config_reference_is_current():
     from looper.config import reference_markdown
 
@@ -218,12 +217,11 @@ def test_the_accelerate_configs_load(name):
     assert config.num_processes == 2 and config.mixed_precision == "bf16"
 
 
-def test_the_deepseek_preset_is_a_reasoning_model_with_advised_sampling_and_long_limits():
-    cfg = compose("experiment=deepseek_qlora")
-    assert (cfg.model.reasoning, cfg.model.think_close, cfg.model.system_prompt) == ("think", "</think>", "user")
-    assert all(0.5 <= arm.temperature <= 0.7 and arm.top_p == 0.95 for arm in cfg.arms.values())
-    assert (cfg.eval.max_new_tokens or cfg.model.max_new_tokens) >= 4096 and cfg.model.max_new_tokens >= 4096
-    assert cfg.dpo.max_length >= cfg.model.max_new_tokens and cfg.eval.prompt == "platinum"
+def test_the_reasoning_presets_train_on_what_they_generate():
+    for experiment in ("deepseek_qlora", "deepseek_qlora_looper"):
+        cfg = compose(f"experiment={experiment}")
+        assert cfg.model.reasoning == "think"
+        assert cfg.dpo.max_length >= cfg.model.max_new_tokens, experiment  # a whole trajectory fits a DPO example
 
 
 def test_both_7b_presets_report_platinum_with_the_benchmarks_prompt_and_greedy_decoding():

@@ -1,6 +1,6 @@
 """Typed schemas for every config group, registered in Hydra's ConfigStore.
 
-Hydra merges the YAML under `looper/conf/` into these dataclasses, so a wrong type fails at start with the key's name;
+Hydra merges the YAML under `conf/` into these dataclasses, so a wrong type fails at start with the key's name;
 `load` also refuses keys the schema does not declare (Hydra's `+key=value`). Value checks (ranges, known names) live in
 each class's `__post_init__`, which runs when `load` turns the composed config into objects. Every field carries a
 one-line `help`.
@@ -19,6 +19,7 @@ from looper.config.root import (
     LoggerConfig,
     PathsConfig,
     check_known,
+    conf_dir,
     iter_docs,
     load,
     reference_markdown,
@@ -55,6 +56,7 @@ __all__ = [
     "doc",
     "identity",
     "check_known",
+    "conf_dir",
     "iter_docs",
     "load",
     "reference_markdown",

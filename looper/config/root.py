@@ -3,6 +3,7 @@
 import difflib
 import math
 from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Dict, Optional, Union, get_args, get_origin
 
 from hydra.core.config_store import ConfigStore
@@ -92,13 +93,11 @@ class PathsConfig:
 class Config:
     experiment: str = doc("Name of this setup (W&B group for single runs).", "default")
     seed: int = doc("Seed of everything random: training order, sampling, LoRA init.", 0)
-    model: ModelConfig = doc("The model and its prompt format (looper/conf/model/).", factory=ModelConfig)
-    lora: LoraSettings = doc("Adapter and quantization settings (looper/conf/lora/).", factory=LoraSettings)
-    arms: Dict[str, ArmConfig] = doc(
-        "The arm-set: reasoning paths rollouts sample from (looper/conf/arms/).", factory=dict
-    )
-    reward: RewardConfig = doc("Reward and coherence weights (looper/conf/reward/).", factory=RewardConfig)
-    stage: StageConfig = doc("What runs (looper/conf/stage/).", factory=StageConfig)
+    model: ModelConfig = doc("The model and its prompt format (conf/model/).", factory=ModelConfig)
+    lora: LoraSettings = doc("Adapter and quantization settings (conf/lora/).", factory=LoraSettings)
+    arms: Dict[str, ArmConfig] = doc("The arm-set: reasoning paths rollouts sample from (conf/arms/).", factory=dict)
+    reward: RewardConfig = doc("Reward and coherence weights (conf/reward/).", factory=RewardConfig)
+    stage: StageConfig = doc("What runs (conf/stage/).", factory=StageConfig)
     sft: SFTConfig = doc("Supervised fine-tuning.", factory=SFTConfig)
     rollout: RolloutConfig = doc("Trajectory sampling.", factory=RolloutConfig)
     preferences: PreferencesConfig = doc("Pair construction.", factory=PreferencesConfig)
@@ -108,8 +107,8 @@ class Config:
     generation: GenerationSettings = doc(
         "The shared decoding path of rollouts and evaluation.", factory=GenerationSettings
     )
-    data: DataConfig = doc("Training and evaluation problems (looper/conf/data/).", factory=DataConfig)
-    logger: LoggerConfig = doc("Experiment tracking (looper/conf/logger/).", factory=LoggerConfig)
+    data: DataConfig = doc("Training and evaluation problems (conf/data/).", factory=DataConfig)
+    logger: LoggerConfig = doc("Experiment tracking (conf/logger/).", factory=LoggerConfig)
     paths: PathsConfig = doc("Where things go.", factory=PathsConfig)
 
     def __post_init__(self):
@@ -204,8 +203,15 @@ def load(raw: Any) -> "Config":
     return OmegaConf.to_object(raw)
 
 
+def conf_dir() -> Path:
+    """The directory of the Hydra config groups: `conf/` at the repository's top level in a checkout, `looper/conf/`
+    in an installed wheel (pyproject.toml maps it there)."""
+    package = Path(__file__).resolve().parents[1]
+    return package / "conf" if (package / "conf").is_dir() else package.parent / "conf"
+
+
 def register_configs() -> None:
-    """Register the schema so that `looper/conf/config.yaml` can extend it (`defaults: [schema, ...]`)."""
+    """Register the schema so that `conf/config.yaml` can extend it (`defaults: [schema, ...]`)."""
     ConfigStore.instance().store(name="schema", node=Config)
 
 
@@ -229,6 +235,6 @@ def reference_markdown() -> str:
     rows += [f"| `{key}` | {help} |" for key, help in iter_docs()]
     return (
         "# Config reference\n\nGenerated from the schemas in `looper/config/` by "
-        "`python -m looper.config > docs/config.md`; the group files under `looper/conf/` set the values of each "
+        "`python -m looper.config > docs/config.md`; the group files under `conf/` set the values of each "
         "option where they differ from these defaults.\n\n" + "\n".join(rows) + "\n"
     )
