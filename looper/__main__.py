@@ -1,8 +1,14 @@
-"""`python -m looper`: compose the config, check it, and run the selected stage (producing missing upstreams first)."""
+"""`python -m looper`: compose the config, check it, and run the selected stage (producing missing upstreams first).
+
+A mistake a person makes (a misspelt key, a bad value, a missing file) is answered by one line naming the key and
+what to do, exit status 2, no traceback. Importing this module stays light (the schema and Hydra only: `--help` and
+tab completion answer at once); the stages, torch and the trainers are imported when a run starts.
+"""
 
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -10,12 +16,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from looper import config, credit, distributed, preflight
-from looper.artifacts import ArtifactStore
+from looper import config
 from looper.config import Config, register_configs
-from looper.pipeline import Pipeline
-from looper.stages import evaluation
-from looper.tracking import keep_wandb_out
 
 log = logging.getLogger("looper")
 register_configs()
@@ -48,7 +50,15 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
     """Run `cfg.stage.name`. When eval runs, writes `summary.json` and returns the objective: the primary-scorer
     accuracy of the last of `eval.targets` on a dev split (`evaluation.objective_dataset`; what a sweep ranks by and
     an Optuna search maximises), never a test set unless `eval.select_on` asks for one."""
-    preflight.check(cfg)  # bad data, counts or limits stop the run here, before anything expensive starts
+    from looper import credit, distributed, preflight
+    from looper.artifacts import ArtifactStore
+    from looper.pipeline import Pipeline
+    from looper.stages import evaluation
+
+    try:
+        preflight.check(cfg)  # bad data, counts or limits stop the run here, before anything expensive starts
+    except (ValueError, FileNotFoundError) as error:
+        refuse(error)
     store = ArtifactStore(Path(cfg.paths.artifacts), run_dir / "artifacts.jsonl", cfg.paths.verify)
     graph = Pipeline(cfg, store)
     results = graph.run(cfg.stage.name, run_dir)
@@ -81,14 +91,36 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
     return objective
 
 
+def refuse(error: Exception) -> None:
+    """End the run on a person's mistake: the message alone, on stderr, exit status 2."""
+    print(f"looper: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 @hydra.main(version_base="1.3", config_path=str(config.conf_dir()), config_name="config")
 def main(raw: DictConfig) -> Optional[float]:
-    cfg: Config = config.load(raw)  # unknown keys, then every schema's value checks
+    try:
+        cfg: Config = config.load(raw)  # unknown keys, then every schema's value checks
+    except ValueError as error:
+        refuse(error)
+    from looper import distributed
+    from looper.tracking import keep_wandb_out
+
     keep_wandb_out(cfg)
     with distributed.claim_gpu(Path(cfg.paths.artifacts) / ".gpu_locks"):  # before anything starts CUDA
         distributed.init()
         return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `looper` command: a key the schema does not declare is refused before Hydra composes (Hydra would answer
+    a plain `key=value` typo with its own error and no suggestion), then the run."""
+    message = config.unknown_overrides(sys.argv[1:])
+    if message:
+        print(f"looper: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

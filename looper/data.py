@@ -157,10 +157,22 @@ def read_gsm8k_jsonl(path: Path, id_prefix: str) -> list[dict]:
     return rows
 
 
-def _gsm8k_hub() -> dict[str, list[dict]]:
+def load_hub_dataset(name: str, key: str, local: str, **kwargs):
+    """`datasets.load_dataset(name, "main")`; where the hub cannot be reached (offline, no cached copy), a DataError
+    naming the key that points to local files instead."""
     import datasets  # imported here: the synthetic path never needs it
 
-    loaded = datasets.load_dataset("openai/gsm8k", "main")
+    try:
+        return datasets.load_dataset(name, "main", **kwargs)
+    except Exception as error:  # (offline mode, network, a missing cache: all answered the same way)
+        raise DataError(
+            f"{key}: loading {name} from the hub failed ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
+            f"set {key} to {local}"
+        ) from error
+
+
+def _gsm8k_hub() -> dict[str, list[dict]]:
+    loaded = load_hub_dataset("openai/gsm8k", "data.path", "a directory with GSM8K's train.jsonl and test.jsonl")
     splits = {}
     for split in ("train", "test"):
         rows = []

@@ -1,6 +1,7 @@
 """The config tree: every option composes, the schema rejects typos and bad values by name, every key is documented."""
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -125,7 +126,7 @@ def test_a_bad_value_fails_naming_the_key_and_what_is_allowed(override, key):
 
 
 def test_every_schema_field_has_a_one_line_doc():
-    undocumented = [key for key, help in iter_docs() if not help or "\n" in help]
+    undocumented = [key for key, help, _ in iter_docs() if not help or "\n" in help]
     assert undocumented == []
 
 
@@ -185,12 +186,30 @@ def test_a_stray_key_in_a_group_file_fails_at_start_naming_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_rejects_a_typo_naming_the_key():
+@pytest.mark.parametrize("override", ["reward.alpah=1", "+reward.alpah=1", "rollout.batch_size=0"])
+def test_cli_refuses_a_mistake_in_one_line_naming_the_key_without_a_traceback(override, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "looper", "reward.alpah=1"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "looper", override, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    assert result.returncode != 0
-    assert "alpah" in result.stderr + result.stdout
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    key = "rollout.batch_size" if "batch_size" in override else "did you mean reward.alpha?"
+    assert lines[0].startswith("looper: ") and key in lines[0]
+
+
+def test_a_key_typo_on_the_command_line_is_named_before_hydra_composes():
+    from looper.config import unknown_overrides
+
+    assert "did you mean sft.weight_decay" in unknown_overrides(["-m", "sft.weight_decayy=0.1,0.2"])
+    assert "arms.plain.temprature" in unknown_overrides(["++arms.plain.temprature=1"])
+    known = ["model=abel_7b", "hydra/launcher=slurm", "hydra.run.dir=x", "+sft.trainer.neftune_noise_alpha=5", "seed=1"]
+    assert unknown_overrides([*known, "reward.scorer.unit=30", "arms.plain.temperature=1"]) is None
 
 
 def test_the_wheel_ships_every_config_group_directory():

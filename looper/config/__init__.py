@@ -24,6 +24,7 @@ from looper.config.root import (
     load,
     reference_markdown,
     register_configs,
+    unknown_overrides,
 )
 from looper.config.stages import (
     DPOConfig,
@@ -61,4 +62,5 @@ __all__ = [
     "load",
     "reference_markdown",
     "register_configs",
+    "unknown_overrides",
 ]

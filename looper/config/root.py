@@ -1,8 +1,9 @@
 """The root schema (`Config`), the data, logging and path sections, and the generated reference (docs/config.md)."""
 
 import difflib
+import json
 import math
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union, get_args, get_origin
 
@@ -158,6 +159,10 @@ def _inner(kind: Any) -> Any:
     return kind
 
 
+# the config groups a command line chooses from (`model=abel_7b`): Hydra checks those choices
+GROUPS = ("model", "lora", "arms", "reward", "stage", "data", "logger", "experiment", "debug", "hparams_search")
+
+
 def unknown_keys(node: Any, schema: Any = Config, prefix: str = "") -> list[tuple[str, list[str]]]:
     """(dotted key, the schema's keys at that level) for every key of a composed config that the schema does not
     declare. Hydra's `+key=value` adds a key that no schema field reads; it would be stored, enter nothing and do
@@ -178,21 +183,44 @@ def unknown_keys(node: Any, schema: Any = Config, prefix: str = "") -> list[tupl
     return found
 
 
-def check_known(raw: Any) -> None:
-    """Fail naming every key the schema does not know (with the closest known key), before anything runs."""
-    found = unknown_keys(raw)
-    if not found:
-        return
+def _unknown_message(found: list[tuple[str, list[str]]]) -> str:
     lines = []
     for key, known in found:
         parent, _, name = key.rpartition(".")
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
         lines.append(f"{key}: not a config key{hint}")
-    raise ValueError(
-        "; ".join(lines) + ". `+key=value` adds only what the schema declares (docs/config.md); the open places are "
+    return (
+        "; ".join(lines)
+        + ". `+key=value` adds only what the schema declares (`python -m looper.config` lists it); the "
+        "open places are "
         "sft.trainer and dpo.trainer (TRL's arguments) and reward.scorer (the scorer's own keys)"
     )
+
+
+def check_known(raw: Any) -> None:
+    """Fail naming every key the schema does not know (with the closest known key), before anything runs."""
+    found = unknown_keys(raw)
+    if found:
+        raise ValueError(_unknown_message(found))
+
+
+def unknown_overrides(args: list[str]) -> Optional[str]:
+    """The message for command-line overrides (`key=value`, `+key=value`, `++key=value`) whose key the schema does not
+    declare, naming the closest known key; None when all are known. Group choices (`model=...`, `hydra/...`) and
+    Hydra's own keys are Hydra's to check. Lets `looper` refuse a typo before Hydra composes."""
+    tree: dict = {}
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if "/" in key or key.startswith("hydra.") or key == "hydra" or ("." not in key and key in GROUPS):
+            continue
+        node = tree
+        for part in key.split("."):
+            node = node.setdefault(part, {})
+    found = unknown_keys(tree)
+    return _unknown_message(found) if found else None
 
 
 def load(raw: Any) -> "Config":
@@ -216,25 +244,41 @@ def register_configs() -> None:
 
 
 def iter_docs(node: Any = Config, prefix: str = ""):
-    """(dotted key, help) for every field of the schema, recursing into nested schemas (arms as `arms.<arm>.`)."""
+    """(dotted key, help, default) for every field of the schema, recursing into nested schemas (arms as
+    `arms.<arm>.`); a section's default is None."""
     for item in fields(node):
         key = f"{prefix}{item.name}"
-        yield key, item.metadata.get("help")
         inner = item.type
         if get_origin(inner) is Union:  # Optional[X]
             inner = next(arg for arg in get_args(inner) if arg is not type(None))
-        if get_origin(inner) is dict:
+        nested = get_origin(inner) is dict and is_dataclass(get_args(inner)[1])
+        section = is_dataclass(inner) or nested
+        default = item.default if item.default is not MISSING else item.default_factory()
+        yield key, item.metadata.get("help"), None if section else _shown(default)
+        if nested:
             inner, key = get_args(inner)[1], f"{key}.<name>"
         if is_dataclass(inner):
             yield from iter_docs(inner, key + ".")
 
 
+def _shown(value: Any) -> str:
+    """A default as the command line would write it (JSON-like; long text cut)."""
+    text = "null" if value is None else json.dumps(value) if not isinstance(value, str) else value
+    text = text.replace("\n", "\\n").replace("|", "\\|")
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def reference_markdown() -> str:
     """The config reference (docs/config.md): every key with its one-line doc and schema default."""
-    rows = ["| key | what it does |", "| --- | --- |"]
-    rows += [f"| `{key}` | {help} |" for key, help in iter_docs()]
+    rows = ["| key | default | what it does |", "| --- | --- | --- |"]
+    rows += [
+        f"| `{key}` | {f'`{default}`' if default not in (None, '') else ''} | {help} |"
+        for key, help, default in iter_docs()
+    ]
     return (
         "# Config reference\n\nGenerated from the schemas in `looper/config/` by "
-        "`python -m looper.config > docs/config.md`; the group files under `conf/` set the values of each "
-        "option where they differ from these defaults.\n\n" + "\n".join(rows) + "\n"
+        "`python -m looper.config > docs/config.md`; the defaults are the schema's, and the group files under `conf/` "
+        "set the values of each option where they differ (`looper <overrides> --cfg job` prints what a run gets).\n\n"
+        + "\n".join(rows)
+        + "\n"
     )

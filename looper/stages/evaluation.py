@@ -26,7 +26,7 @@ from looper import distributed, engine, eval_dashboard, eval_report, models, pro
 from looper.answers import completion_flags, extract, is_correct, math_verify_available
 from looper.artifacts import PREDICTIONS, ArtifactStore, read_jsonl, recover_jsonl
 from looper.config import Config, DataConfig, ModelConfig
-from looper.data import gold_from_solution, gsm8k_splits, load_splits, read_gsm8k_jsonl
+from looper.data import gold_from_solution, gsm8k_splits, load_hub_dataset, load_splits, read_gsm8k_jsonl
 from looper.models import SERVED_MODEL, served_reads
 from looper.seeds import row_seed
 
@@ -54,9 +54,9 @@ def eval_problems(name: str, cfg: Config, limit: bool = True) -> list[dict]:
 
 
 def _platinum_hub() -> list[dict]:
-    import datasets
-
-    loaded = datasets.load_dataset("madrylab/gsm8k-platinum", "main", split="test")
+    loaded = load_hub_dataset(
+        "madrylab/gsm8k-platinum", "eval.platinum_path", "GSM8K-Platinum's test JSONL", split="test"
+    )
     return [
         {
             "id": f"platinum-{i}",
