@@ -47,9 +47,10 @@ def _param(cfg: Config, dotted: str):
 
 
 def run(cfg: Config, run_dir: Path) -> Optional[float]:
-    """Run `cfg.stage.name`. When eval runs, writes `summary.json` and returns the objective: the primary-scorer
-    accuracy of the last of `eval.targets` on a dev split (`evaluation.objective_dataset`; what a sweep ranks by and
-    an Optuna search maximises), never a test set unless `eval.select_on` asks for one."""
+    """Run `cfg.stage.name` and write the run's `summary.json`: what it ran, every artifact it built or reused (with
+    its path) and, when eval ran, what it measured and the objective it returns: the primary-scorer accuracy of the
+    last of `eval.targets` on a dev split (`evaluation.objective_dataset`; what a sweep ranks by and an Optuna search
+    maximises), never a test set unless `eval.select_on` asks for one."""
     from looper import credit, distributed, preflight
     from looper.artifacts import ArtifactStore
     from looper.pipeline import Pipeline
@@ -66,28 +67,38 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
         credit_png = Path(graph.resolved["preferences"]) / credit.PNG
         if credit_png.exists():  # (an artifact made before per-arm credit has none)
             shutil.copy(credit_png, run_dir / credit.PNG)
-    if results is None or not distributed.is_main_process():
+    if not distributed.is_main_process():
         return None
-    print((run_dir / "eval_table.md").read_text(), flush=True)  # the headline result, whatever the logging setup
-    log.info("accuracy table (greedy, same held-out questions for every target): %s", run_dir / "eval_table.md")
-    primary = f"acc_{cfg.eval.primary_scorer}"
-    selected_on = evaluation.objective_dataset(cfg)
-    objective = next(r for r in results if r["dataset"] == selected_on and r["target"] == cfg.eval.targets[-1])[primary]
     summary = {
+        "stage": cfg.stage.name,
+        "experiment": cfg.experiment,
         "model": cfg.model.name,
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
         "params": {key: _param(cfg, key) for key in SWEPT},
-        "primary_scorer": cfg.eval.primary_scorer,
-        "objective": {"dataset": selected_on, "target": cfg.eval.targets[-1], "value": objective},
-        "metrics": {
-            f"{r['dataset']}/{r['target']}/{k}": v for r in results for k, v in r.items() if k.startswith("acc_")
-        },
-        "counts": {
-            f"{r['dataset']}/{r['target']}": {k: v for k, v in r.items() if k == "n" or k.startswith("correct_")}
-            for r in results
-        },
+        "artifacts": [{"stage": stage, "path": str(path), "status": "reused"} for stage, path in store.reused]
+        + [{"stage": path.parent.name, "path": str(path), "status": "built"} for path in store.made],
     }
+    objective = None
+    if results is not None:
+        print((run_dir / "eval_table.md").read_text(), flush=True)  # the headline result, whatever the logging setup
+        log.info("accuracy table (greedy, same held-out questions for every target): %s", run_dir / "eval_table.md")
+        primary = f"acc_{cfg.eval.primary_scorer}"
+        selected_on = evaluation.objective_dataset(cfg)
+        last = cfg.eval.targets[-1]
+        objective = next(r for r in results if r["dataset"] == selected_on and r["target"] == last)[primary]
+        summary |= {
+            "primary_scorer": cfg.eval.primary_scorer,
+            "objective": {"dataset": selected_on, "target": last, "value": objective},
+            "metrics": {
+                f"{r['dataset']}/{r['target']}/{k}": v for r in results for k, v in r.items() if k.startswith("acc_")
+            },
+            "counts": {
+                f"{r['dataset']}/{r['target']}": {k: v for k, v in r.items() if k == "n" or k.startswith("correct_")}
+                for r in results
+            },
+        }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("run summary (what was built, reused and measured): %s", run_dir / "summary.json")
     return objective
 
 

@@ -24,13 +24,15 @@ from looper.stats import wilson
 
 
 def load_jobs(sweep_dir: Path) -> list[dict]:
-    """The summaries of the finished jobs of a sweep (jobs without one are skipped), in job order."""
+    """The summaries of the finished jobs of a sweep that evaluated (others are skipped), in job order."""
     jobs = []
     for path in sorted(
         sweep_dir.rglob("summary.json"),
         key=lambda p: [int(x) if x.isdigit() else x for x in p.parent.relative_to(sweep_dir).parts],
     ):
         summary = json.loads(path.read_text())
+        if "objective" not in summary:  # (a job that did not evaluate: nothing to compare)
+            continue
         summary["job"] = str(path.parent.relative_to(sweep_dir))
         jobs.append(summary)
     return jobs

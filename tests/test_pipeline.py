@@ -47,6 +47,10 @@ def test_stage_dpo_produces_its_upstream_then_reuses_everything(artifacts, tiny_
     assert first.returncode == 0, first.stderr[-3000:]
     made = {r["stage"] for r in _records(tmp_path / "a") if r["status"] == "made"}
     assert made == {"sft", "rollout", "preferences", "dpo"}
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())  # every run has one, eval or not
+    built = {a["stage"]: a["path"] for a in summary["artifacts"] if a["status"] == "built"}
+    assert summary["stage"] == "dpo" and set(built) == made and "objective" not in summary
+    assert all((Path(path) / "DONE").exists() for path in built.values())
     again = looper_cli(
         f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path / 'b'}", *fresh, "stage=dpo", "reward.beta=0.5"
     )
