@@ -34,8 +34,31 @@ def load_jobs(sweep_dir: Path) -> list[dict]:
         if "objective" not in summary:  # (a job that did not evaluate: nothing to compare)
             continue
         summary["job"] = str(path.parent.relative_to(sweep_dir))
+        summary["params"] = {**summary.get("params", {}), **overridden(summary.get("overrides", []))}
         jobs.append(summary)
     return jobs
+
+
+# overrides that say where things go, not what was tried
+PLACES = ("paths.", "hydra.", "logger.")
+
+
+def overridden(overrides: list[str]) -> dict:
+    """{key: value} of a job's command-line overrides (`key=value`, `+key=value`, `group=option`), values read as
+    YAML (numbers as numbers), leaving out where things go (`paths.*`, `hydra.*`, `logger.*`): the sweep's own
+    parameters, whatever was swept."""
+    import yaml
+
+    out = {}
+    for item in overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key.startswith(PLACES) or "/" in key:
+            continue
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key] = value
+    return out
 
 
 def accuracy(job: dict, dataset: Optional[str], target: Optional[str], scorer: Optional[str]) -> tuple:
@@ -48,19 +71,19 @@ def accuracy(job: dict, dataset: Optional[str], target: Optional[str], scorer: O
 
 
 def varied(jobs: list[dict]) -> list[str]:
-    """The parameters that differ between jobs."""
-    keys = list(jobs[0]["params"])
-    return [k for k in keys if len({json.dumps(j["params"][k]) for j in jobs}) > 1]
+    """The parameters that differ between jobs (any key the sweep's overrides set, and the usual hyperparameters)."""
+    keys = list(dict.fromkeys(k for j in jobs for k in j["params"]))
+    return [k for k in keys if len({json.dumps(j["params"].get(k), default=str) for j in jobs}) > 1]
 
 
 def write_csv(jobs: list[dict], path: Path) -> None:
-    params = list(jobs[0]["params"])
+    params = list(dict.fromkeys(k for j in jobs for k in j["params"]))
     metrics = sorted({m for j in jobs for m in j["metrics"]})
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["job", *params, *metrics])
         for j in jobs:
-            writer.writerow([j["job"], *(j["params"][p] for p in params), *(j["metrics"].get(m) for m in metrics)])
+            writer.writerow([j["job"], *(j["params"].get(p) for p in params), *(j["metrics"].get(m) for m in metrics)])
 
 
 def beside(jobs: list[dict], choice: tuple) -> list[str]:
@@ -97,7 +120,7 @@ def table(jobs: list[dict], keys: list[str], choice: tuple) -> str:
                 extra += " — |"
         lines.append(
             f"| {rank} | {j['job']} | "
-            + " | ".join(str(j["params"][k]) for k in keys)
+            + " | ".join(str(j["params"].get(k)) for k in keys)
             + f" | {100 * acc:.1f}% [{100 * low:.1f}, {100 * high:.1f}] | {n} |"
             + extra
         )
@@ -114,7 +137,7 @@ def points(jobs: list[dict], keys: list[str], choice: tuple, target: Optional[st
             acc, correct, n = accuracy(job, choice[0], target or choice[1], choice[2])
         except KeyError:
             continue
-        groups.setdefault(tuple(job["params"][k] for k in keys), []).append((acc, correct, n))
+        groups.setdefault(tuple(job["params"].get(k) for k in keys), []).append((acc, correct, n))
     out = {}
     for values, runs in sorted(groups.items(), key=lambda item: [_sortable(v) for v in item[0]]):
         accs = [acc for acc, _, _ in runs]
@@ -146,7 +169,7 @@ def line_plot(jobs: list[dict], key: str, choice: tuple, out_dir: Path) -> list[
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     seeds = 1
-    xs_all = sorted({job["params"][key] for job in jobs}, key=_sortable)
+    xs_all = sorted({job["params"].get(key) for job in jobs}, key=_sortable)
     numeric = all(isinstance(x, (int, float)) for x in xs_all)
     place = (lambda x: x) if numeric else (lambda x: xs_all.index(x))
     for colour, dataset in zip(colours, _datasets(jobs, choice)):
@@ -298,7 +321,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(f"no summary.json under {args.sweep_dir}: did the jobs run the eval stage?")
     choice = (args.dataset, args.target, args.scorer)
     write_csv(jobs, args.sweep_dir / "sweep.csv")
-    keys = varied(jobs) or ["dpo.beta"]
+    keys = varied(jobs)
     selected = args.dataset or jobs[0]["objective"]["dataset"]
     text = (
         f"# Sweep report: {args.sweep_dir}\n\n{len(jobs)} jobs, best first by their accuracy on {selected}; "

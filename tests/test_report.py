@@ -12,10 +12,11 @@ from looper import report
 PARAMS = {"reward.alpha": 1.0, "reward.beta": 0.5, "dpo.beta": 0.1, "seed": 0}
 
 
-def _job(sweep: Path, n: int, params: dict, correct: dict, total: int = 100) -> None:
+def _job(sweep: Path, n: int, params: dict, correct: dict, total: int = 100, overrides: tuple = ()) -> None:
     """A finished job's summary.json: `correct` maps (dataset, target) to how many of `total` were right."""
     summary = {
         "params": {**PARAMS, **params},
+        "overrides": list(overrides),
         "primary_scorer": "strict",
         "objective": {"dataset": "synthetic_dev", "target": "dpo", "value": correct["synthetic_dev", "dpo"] / total},
         "metrics": {f"{d}/{t}/acc_strict": c / total for (d, t), c in correct.items()},
@@ -122,3 +123,18 @@ def test_the_report_logs_its_figures_to_the_sweeps_wandb_group(beta_sweep, monke
     assert any(f.startswith("media/images/sweep/sweep_dpo.beta") for f in run.files)
     jobs = run.table("sweep/jobs")
     assert len(jobs["data"]) == 6 and isinstance(jobs["data"][0][jobs["columns"].index("dpo.beta")], float)
+
+
+def test_a_sweep_over_any_key_is_read_from_its_overrides_and_drawn(tmp_path, monkeypatch):
+    for n, steps in enumerate([2, 3]):  # a key no fixed list names: `-m dpo.max_steps=2,3`
+        overrides = (f"dpo.max_steps={steps}", f"paths.artifacts={tmp_path}/cache", "logger=none")
+        correct = {("synthetic_dev", "dpo"): 50 + steps, ("synthetic_dev", "sft"): 50}
+        _job(tmp_path / "sweep", n, {}, correct, overrides=overrides)
+    drawn = []
+    original = report.line_plot
+    monkeypatch.setattr(report, "line_plot", lambda jobs, key, *a: drawn.append(key) or original(jobs, key, *a))
+    report.main([str(tmp_path / "sweep")])
+    assert drawn == ["dpo.max_steps"]  # (where things go, paths and logger, is not a parameter)
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "dpo.max_steps" in table.splitlines()[4] and "dpo.beta" not in table  # no constant column
+    assert "53.0%" in table and "52.0%" in table
