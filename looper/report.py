@@ -17,6 +17,7 @@ unless the jobs set eval.select_on to one); `--dataset`, `--target` and `--score
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -146,8 +147,40 @@ def points(jobs: list[dict], keys: list[str], choice: tuple, target: Optional[st
     return out
 
 
+def _has(job: dict, choice: tuple) -> bool:
+    try:
+        accuracy(job, *choice)
+    except KeyError:
+        return False
+    return True
+
+
 def _sortable(value) -> tuple:
     return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def log_axis(xs: list) -> bool:
+    """Whether swept values span a decade or more (all positive numbers): they go on a log axis."""
+    numeric = [x for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    return len(numeric) == len(xs) >= 2 and min(numeric) > 0 and max(numeric) / min(numeric) >= 10
+
+
+def dodge(x: float, index: int, count: int, log: bool, width: float) -> float:
+    """x of series `index` of `count` drawn at the same swept value, spread over a small share of the axis so their
+    error bars do not hide each other (multiplicative on a log axis)."""
+    shift = (index - (count - 1) / 2) * 0.04 * width
+    return x * 10**shift if log else x + shift
+
+
+def honest_ylim(lows: list[float], highs: list[float], span: float = 10.0) -> tuple[float, float]:
+    """y-limits (percent) around the data and its intervals, at least `span` points tall and within 0-100, so a
+    half-point difference does not fill the figure."""
+    low, high = min(lows), max(highs)
+    pad = max(0.0, span - (high - low)) / 2 + 1.0
+    low, high = max(0.0, low - pad), min(100.0, high + pad)
+    if high - low < span:  # (pushed against 0 or 100)
+        low, high = (0.0, span) if low == 0.0 else (100.0 - span, 100.0)
+    return low, high
 
 
 def _save(fig, out_dir: Path, stem: str) -> list[Path]:
@@ -171,36 +204,46 @@ def line_plot(jobs: list[dict], key: str, choice: tuple, out_dir: Path) -> list[
     seeds = 1
     xs_all = sorted({job["params"].get(key) for job in jobs}, key=_sortable)
     numeric = all(isinstance(x, (int, float)) for x in xs_all)
+    log = log_axis(xs_all)
     place = (lambda x: x) if numeric else (lambda x: xs_all.index(x))
-    for colour, dataset in zip(colours, _datasets(jobs, choice)):
+    width = (math.log10(max(xs_all) / min(xs_all)) if log else max(xs_all) - min(xs_all)) if numeric else 1.0
+    datasets = [d for d in _datasets(jobs, choice) if points(jobs, [key], (d, choice[1], choice[2]))]
+    lows, highs, n = [], [], set()
+    for index, (colour, dataset) in enumerate(zip(colours, datasets)):
         chosen = (dataset, choice[1], choice[2])
         found = points(jobs, [key], chosen)
-        if not found:
-            continue
-        xs = [place(v[0]) for v in found]
+        xs = [dodge(place(v[0]), index, len(datasets), log, width or 1.0) for v in found]
         means = [100 * p[0] for p in found.values()]
         below = [100 * (p[0] - p[1]) for p in found.values()]
         above = [100 * (p[2] - p[0]) for p in found.values()]
+        lows += [100 * p[1] for p in found.values()]
+        highs += [100 * p[2] for p in found.values()]
         seeds = max(seeds, *(p[3] for p in found.values()))
+        n |= {accuracy(j, dataset, choice[1], choice[2])[2] for j in jobs if _has(j, chosen)}
         ax.errorbar(xs, means, yerr=[below, above], marker="o", capsize=4, color=colour, label=f"{target}, {dataset}")
         baseline = points(jobs, [key], chosen, target="sft") if target != "sft" else {}
         if baseline:
+            level = [100 * p[0] for p in baseline.values()]
+            lows, highs = lows + level, highs + level
             ax.plot(
                 [place(v[0]) for v in baseline],
-                [100 * p[0] for p in baseline.values()],
+                level,
                 linestyle="--",
                 color=colour,
                 alpha=0.7,
                 label=f"sft, {dataset}",
             )
-    if numeric and len(xs_all) > 2 and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
+    if log:
         ax.set_xscale("log")
     if not numeric:
         ax.set_xticks(range(len(xs_all)), [str(x) for x in xs_all])
+    if lows:
+        ax.set_ylim(*honest_ylim(lows, highs))
     ax.set_xlabel(key)
     ax.set_ylabel(f"accuracy, % ({choice[2] or jobs[0]['primary_scorer']})")
     spread = "min-max over seeds" if seeds > 1 else "Wilson 95% interval"
-    ax.set_title(f"accuracy against {key} ({spread})", fontsize=10)
+    questions = f"n={'/'.join(str(v) for v in sorted(n))}" if n else ""
+    ax.set_title(f"{target} accuracy against {key} ({spread}, {questions})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -219,7 +262,8 @@ def heatmaps(jobs: list[dict], keys: list[str], choice: tuple, out_dir: Path) ->
     panels = sorted({v[2:] for v in found}, key=lambda p: [_sortable(v) for v in p])
     means = [100 * p[0] for p in found.values()]
     low, high = min(means), max(means)
-    if high - low < 1:  # a flat sweep: centre it on a one-point scale, so noise does not look like a result
+    flat = high - low < 1  # a flat sweep: one colour, the values written in the cells, no scale to read a range from
+    if flat:
         low, high = low - 0.5, high + 0.5
     fig, axes = plt.subplots(
         1,
@@ -246,8 +290,14 @@ def heatmaps(jobs: list[dict], keys: list[str], choice: tuple, out_dir: Path) ->
         ax.set_xlabel(x_key)
         ax.set_title(", ".join(f"{k}={v}" for k, v in zip(rest, panel)) or "accuracy", fontsize=9)
     axes[0][0].set_ylabel(y_key)
-    bar = fig.colorbar(image, ax=list(axes[0]))
-    bar.set_label(f"accuracy, % ({'mean of ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'})")
+    dataset = choice[0] or jobs[0]["objective"]["dataset"]
+    target, scorer = choice[1] or jobs[0]["objective"]["target"], choice[2] or jobs[0]["primary_scorer"]
+    n = sorted({accuracy(j, *choice)[2] for j in jobs if _has(j, choice)})
+    seeds_text = f"mean of {seeds} seeds" if seeds > 1 else "one seed"
+    fig.suptitle(f"{target} accuracy, % on {dataset} ({scorer}; n={'/'.join(map(str, n))}; {seeds_text})", fontsize=10)
+    if not flat:
+        bar = fig.colorbar(image, ax=list(axes[0]))
+        bar.set_label(f"accuracy, % ({seeds_text})")
     written = _save(fig, out_dir, f"heatmap_{x_key}_{y_key}")
     plt.close(fig)
     return written

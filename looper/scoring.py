@@ -37,8 +37,9 @@ class Sampler:
     def prompt(self, question: str, arm: ArmConfig) -> str:
         return prompts.build_prompt(self.cfg.model, self.tokenizer, question, arm)
 
-    def run(self, jobs: list[tuple[str, ArmConfig, int]]):
-        """Complete (prompt, arm, seed) jobs in batches; returns Generation objects in order."""
+    def run(self, jobs: list[tuple[str, ArmConfig, int]], on_result=None):
+        """Complete (prompt, arm, seed) jobs in batches; returns Generation objects in order (`on_result(i,
+        generation)`: called as job i finishes, for progress)."""
         prompts.check_context(
             self.generator.model,
             self.tokenizer,
@@ -50,7 +51,8 @@ class Sampler:
             [
                 engine.Request(prompt, self.max_new_tokens, arm.temperature, arm.top_p, seed)
                 for prompt, arm, seed in jobs
-            ]
+            ],
+            on_result=on_result,
         )
         self.real_tokens += sum(o.num_tokens for o in outputs)
         if self.figures is not None:

@@ -9,6 +9,7 @@ import difflib
 import logging
 import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +19,11 @@ from looper import distributed, models
 from looper.config import Config, LoraSettings
 
 log = logging.getLogger(__name__)
+
+# TRL turns gradient checkpointing off around its DPO reference pass through transformers' deprecated alias
+# `is_gradient_checkpointing` (trl.models.utils): a FutureWarning from inside TRL that no user can act on. This exact
+# message only; every other warning stays visible.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # the common trainer arguments the SFT and DPO sections name and document (looper/config/stages.py)
 NAMED = ("weight_decay", "lr_scheduler_type", "optim", "max_grad_norm", "use_liger_kernel")

@@ -138,3 +138,44 @@ def test_a_sweep_over_any_key_is_read_from_its_overrides_and_drawn(tmp_path, mon
     table = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "dpo.max_steps" in table.splitlines()[4] and "dpo.beta" not in table  # no constant column
     assert "53.0%" in table and "52.0%" in table
+
+
+def test_series_at_one_value_stand_apart_on_an_honest_axis(beta_sweep, monkeypatch):
+    import matplotlib.axes
+
+    drawn, limits = {}, []
+    errorbar, set_ylim = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.set_ylim
+
+    def spy_errorbar(self, xs, ys, **kwargs):
+        drawn[kwargs["label"]] = list(xs)
+        return errorbar(self, xs, ys, **kwargs)
+
+    def spy_ylim(self, *args, **kwargs):
+        limits.append(args)
+        return set_ylim(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy_errorbar)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim", spy_ylim)
+    report.main([str(beta_sweep)])
+    dev, test = drawn["dpo, synthetic_dev"], drawn["dpo, synthetic_test"]
+    assert all(a < b for a, b in zip(dev, test))  # dev and test error bars side by side, not on top of each other
+    low, high = [args for args in limits if len(args) == 2][-1]  # (looper's call; matplotlib makes its own)
+    assert high - low >= 10 and 0 <= low and high <= 100
+    assert "n=100" in (beta_sweep / "sweep_dpo.beta.svg").read_text()
+
+
+def test_values_spanning_a_decade_go_on_a_log_axis_and_a_small_gap_stays_small():
+    assert report.log_axis([0.01, 0.1]) and report.log_axis([0.05, 0.1, 0.5])
+    assert not report.log_axis([0.1, 0.3, 0.5]) and not report.log_axis([0, 1, 10]) and not report.log_axis(["a", "b"])
+    low, high = report.honest_ylim([67.0], [67.5])
+    assert high - low >= 10 and low < 67 and high > 67.5
+    assert report.honest_ylim([0.5], [1.0]) == (0.0, 10.0)  # (against the floor)
+
+
+def test_a_heatmap_names_dataset_scorer_and_n_and_a_flat_grid_gets_no_colour_scale(tmp_path):
+    for n, (alpha, beta) in enumerate(itertools.product([0.5, 1.0], [0.0, 0.5])):
+        _job(tmp_path, n, {"reward.alpha": alpha, "reward.beta": beta}, {("synthetic_dev", "dpo"): 60}, total=80)
+    report.main([str(tmp_path)])
+    svg = (tmp_path / "heatmap_reward.alpha_reward.beta.svg").read_text()
+    assert "synthetic_dev" in svg and "strict" in svg and "n=80" in svg
+    assert "accuracy, % (one seed)" not in svg  # no colour bar inventing a range for a constant

@@ -226,3 +226,42 @@ def test_a_scorer_stuck_on_a_question_fails_the_run_naming_it(artifacts, tiny_sf
     with pytest.raises(RuntimeError, match=r"rollout.scorer_timeout_s=1 s on question 'synthetic-train-0'"):
         _build(cfg, tiny_sft[3], tmp_path / "stuck")
     assert time.time() - start < 30  # well before the scorer would have returned
+
+
+def test_the_rollout_bar_counts_each_question_as_its_rows_finish_within_one_generate_call(
+    artifacts, tiny_sft, tmp_path, monkeypatch
+):
+    cfg = _regime_w(artifacts, "rollout.num_questions=6", "rollout.batch_size=8", "rollout.batches_per_call=8")
+    seen, calls = [], []
+
+    class Bar:  # tqdm's interface as the rollout uses it, recording each update and whether a call was running
+        def __init__(self, total, initial, **kwargs):
+            self.n = initial
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, k):
+            self.n += k
+            seen.append((k, bool(calls) and calls[-1] == "running"))
+
+        def set_postfix(self, **kwargs):
+            pass
+
+    run = rollout.Sampler.run
+
+    def tracked(self, jobs, on_result=None):
+        calls.append("running")
+        try:
+            return run(self, jobs, on_result=on_result)
+        finally:
+            calls.append("done")
+
+    monkeypatch.setattr(rollout, "tqdm", Bar)
+    monkeypatch.setattr(rollout.Sampler, "run", tracked)
+    _build(cfg, tiny_sft[3], tmp_path / "r")
+    assert [k for k, _ in seen] == [1] * 6  # one step per question, not one jump at the end
+    assert all(during for _, during in seen) and calls.count("running") >= 1  # while the call still generated

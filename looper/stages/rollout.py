@@ -15,6 +15,7 @@ r, r + world, ...; when every process is done, rank 0 merges the shards, sorted 
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -47,7 +48,10 @@ def _sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], shard: Path)
     # are written per call, so a crash loses at most one call's work.
     questions_per_batch = max(1, cfg.rollout.batches_per_call * cfg.rollout.batch_size // per_question)
     start, tracker = time.time(), tracking.current()
-    with open(shard, "a") as handle, tqdm(total=len(problems), initial=len(done), unit="q", desc="rollout") as bar:
+    with (
+        open(shard, "a") as handle,
+        tqdm(total=len(problems), initial=len(done), unit="q", desc="rollout: questions sampled") as bar,
+    ):
         for first in range(0, len(todo), questions_per_batch):
             chunk = todo[first : first + questions_per_batch]
             keys = [
@@ -56,7 +60,15 @@ def _sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], shard: Path)
                 for name, arm in cfg.arms.items()
                 for k in range(arm.samples)
             ]
-            outputs = sampler.run([(sampler.prompt(p["question"], arm), arm, seed) for p, _, arm, _, seed in keys])
+            left = Counter(p["id"] for p, *_ in keys)  # rows still generating, per question: the bar moves as each ends
+
+            def sampled(i: int, _, keys=keys, left=left) -> None:
+                left[keys[i][0]["id"]] -= 1
+                if not left[keys[i][0]["id"]]:
+                    bar.update(1)
+
+            jobs = [(sampler.prompt(p["question"], arm), arm, seed) for p, _, arm, _, seed in keys]
+            outputs = sampler.run(jobs, on_result=sampled)
             trajectories = [
                 trajectory_records(
                     cfg,
@@ -72,7 +84,6 @@ def _sample_shard(cfg: Config, sft_dir: Path, problems: list[dict], shard: Path)
             for records in score_together(cfg, sampler, scorer, chunk, trajectories):
                 handle.write("".join(json.dumps(r) + "\n" for r in records))  # one write per question
                 handle.flush()
-                bar.update(1)
             elapsed = max(time.time() - start, 1e-9)
             bar.set_postfix(
                 q_per_s=f"{(bar.n - len(done)) / elapsed:.2f}", tok_per_s=f"{sampler.real_tokens / elapsed:.0f}"
