@@ -8,6 +8,7 @@ reward and the pairs exist; must never change a record or a pair.
 
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 from looper.coherence import COMPONENTS, reward_of, weighted
 from looper.config import RewardConfig
@@ -47,10 +48,11 @@ def arm_credit(trajectories: list[dict], pairs: list[dict], reward: RewardConfig
     return {"arms": figures, "rounds": allocation}
 
 
-def log(tracker, credit: dict, png: Path) -> None:
+def log(tracker, credit: dict, png: Optional[Path]) -> None:
     """The credit as a W&B table (`preferences/arm_credit`), the allocation over rounds as a table and a line chart
     per arm (`preferences/allocation`, `preferences/allocation_chart`), and the PNG (`preferences/arm_credit_png`)."""
-    tracker.image("preferences/arm_credit_png", png)
+    if png is not None:
+        tracker.image("preferences/arm_credit_png", png)
     tracker.table("preferences/arm_credit", [{"arm": arm, **figures} for arm, figures in credit["arms"].items()])
     rows = [
         {"round": k, "arm": arm, "samples": n} for k, counts in enumerate(credit["rounds"]) for arm, n in counts.items()
@@ -73,8 +75,11 @@ def log(tracker, credit: dict, png: Path) -> None:
     )
 
 
-def plot(credit: dict, path: Path) -> Path:
-    """`arm_credit.png`: samples per arm and round (stacked), and each arm's accuracy, mean reward and pair shares."""
+def plot(credit: dict, path: Path) -> Optional[Path]:
+    """`arm_credit.png`: samples per arm and round (stacked), and each arm's accuracy, mean reward and pair shares;
+    None for a single arm (nothing to compare: the stage's statistics say it all)."""
+    if len(credit["arms"]) < 2:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")

@@ -178,8 +178,9 @@ def report(results: list[dict], records: dict, scorers: list[str], primary: str)
     return "\n".join(out)
 
 
-def plot(results: list[dict], scorers: list[str], path: Path) -> None:
-    """Grouped bars: accuracy per target and scorer, one panel per dataset, Wilson 95% error bars."""
+def plot(results: list[dict], scorers: list[str], path: Path, title: str = "") -> None:
+    """Grouped bars: accuracy (%, as the tables give it) per target and scorer, each bar labelled with its value, one
+    panel per dataset, Wilson 95% error bars; `title` names the run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,15 +192,18 @@ def plot(results: list[dict], scorers: list[str], path: Path) -> None:
         rows = [r for r in results if r["dataset"] == dataset]
         width = 0.8 / len(scorers)
         for i, scorer in enumerate(scorers):
-            accs = [r[f"acc_{scorer}"] for r in rows]
-            bounds = [interval(r, scorer) for r in rows]
+            accs = [100 * r[f"acc_{scorer}"] for r in rows]
+            bounds = [tuple(100 * b for b in interval(r, scorer)) for r in rows]
             errors = [[a - lo for a, (lo, _) in zip(accs, bounds)], [hi - a for a, (_, hi) in zip(accs, bounds)]]
-            ax.bar([x + i * width for x in range(len(rows))], accs, width, yerr=errors, capsize=3, label=scorer)
+            bars = ax.bar([x + i * width for x in range(len(rows))], accs, width, yerr=errors, capsize=3, label=scorer)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
         ax.set_xticks([x + width * (len(scorers) - 1) / 2 for x in range(len(rows))], [r["target"] for r in rows])
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 105)
         ax.set_title(f"{dataset} (n={rows[0]['n']})")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("accuracy, %")
     axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -209,4 +213,4 @@ def write(run_dir: Path, results: list[dict], records: dict, scorers: list[str],
     """Write eval_table.md, report.md and accuracy.png into the run directory."""
     (run_dir / "eval_table.md").write_text(table(results, scorers, primary) + "\n")
     (run_dir / "report.md").write_text(report(results, records, scorers, primary))
-    plot(results, scorers, run_dir / "accuracy.png")
+    plot(results, scorers, run_dir / "accuracy.png", f"accuracy: {run_dir.parent.name}/{run_dir.name}")

@@ -202,3 +202,12 @@ def test_a_beta_sweep_builds_one_sft_and_a_rollout_per_beta_only_under_a_bandit(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert built("sft") == models and len(built("rollout")) == rollouts  # the session's SFT, reused by both jobs
+
+
+def test_arm_credit_is_drawn_only_where_there_are_arms_to_compare(tmp_path):
+    from looper import credit
+
+    one = {"arms": {"plain": {"accuracy": 0.5, "mean_reward": 0.4, "chosen_share": 1, "rejected_share": 1}}}
+    assert credit.plot({**one, "rounds": [{"plain": 1600}]}, tmp_path / "one.png") is None
+    two = {"arms": {**one["arms"], "equations": one["arms"]["plain"]}, "rounds": [{"plain": 8, "equations": 8}]}
+    assert credit.plot(two, tmp_path / "two.png").stat().st_size > 1000

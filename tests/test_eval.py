@@ -278,3 +278,26 @@ def test_a_prompt_the_models_context_cannot_hold_is_refused_with_the_count(tiny_
     near = " ".join(["apples"] * (context - 20))
     prompts.check_context(model, tokenizer, [near], 64, "eval x")
     assert "1 of 1 prompts leave fewer than 64 new tokens" in caplog.text
+
+
+def test_the_accuracy_figure_is_in_percent_with_value_labels_and_names_the_run(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from looper import eval_report
+
+    labels, limits = [], []
+    bar_label, set_ylim = matplotlib.axes.Axes.bar_label, matplotlib.axes.Axes.set_ylim
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "bar_label", lambda self, bars, **kw: labels.append(bars) or bar_label(self, bars, **kw)
+    )
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_ylim", lambda self, *a, **kw: limits.append(a) or set_ylim(self, *a, **kw)
+    )
+    results = [
+        {"dataset": "synthetic_test", "target": t, "n": 40, "acc_strict": acc, "correct_strict": int(40 * acc)}
+        for t, acc in (("base", 0.25), ("sft", 0.7))
+    ]
+    eval_report.plot(results, ["strict"], tmp_path / "accuracy.png", "accuracy: 2026-12-03/10-00-00-pipeline-demo")
+    heights = [round(b.get_height(), 1) for bars in labels for b in bars]
+    assert heights == [25.0, 70.0] and (0, 105) in limits  # percent, as the tables give it, each bar labelled
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
