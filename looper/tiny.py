@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from looper.config import DataConfig, TinyModelConfig
@@ -93,6 +94,7 @@ def build(tiny: TinyModelConfig, data: DataConfig, seed: int, out_dir: Path, log
     order = random.Random(seed)
     start = time.time()
     model.train()
+    bar = tqdm(total=tiny.pretrain_steps, desc="tiny base: pretraining", unit="step")  # (steps/s and ETA)
     for step in range(tiny.pretrain_steps):
         batch = blocks[order.sample(range(len(blocks)), tiny.pretrain_batch_size)]
         loss = model(input_ids=batch, labels=batch).loss
@@ -101,11 +103,15 @@ def build(tiny: TinyModelConfig, data: DataConfig, seed: int, out_dir: Path, log
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % 100 == 0 or step == tiny.pretrain_steps - 1:
             log(
                 f"tiny pretraining step {step + 1}/{tiny.pretrain_steps} loss {loss.item():.3f} "
                 f"({time.time() - start:.0f}s)"
             )
+    bar.close()
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

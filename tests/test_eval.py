@@ -301,3 +301,21 @@ def test_the_accuracy_figure_is_in_percent_with_value_labels_and_names_the_run(t
     heights = [round(b.get_height(), 1) for bars in labels for b in bars]
     assert heights == [25.0, 70.0] and (0, 105) in limits  # percent, as the tables give it, each bar labelled
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_a_reused_evaluation_does_not_report_its_truncation_again(fast_cfg, tmp_path, monkeypatch):
+    from looper import eval_dashboard, throughput
+
+    cfg = fast_cfg("eval.datasets=[synthetic_dev]", "eval.targets=[base]", "logger=none")
+    cell = tmp_path / "eval" / "cell"
+    cell.mkdir(parents=True)
+    (cell / "summary.json").write_text(json.dumps({"dataset": "synthetic_dev", "n": 4, "truncated": 0.5}))
+    reported = []
+    monkeypatch.setattr(throughput, "report_truncation", lambda *args: reported.append(args))
+    monkeypatch.setattr(evaluation, "read_predictions", lambda artifact: [])
+    monkeypatch.setattr(eval_dashboard, "log", lambda *args: None)
+    store = ArtifactStore(tmp_path)
+    for made in (True, False):  # built by this run, then reused by the next
+        store.made = [cell] if made else []
+        evaluation.run(cfg, store, lambda target: "base-path", lambda target, dataset, path: cell)
+    assert len(reported) == 1 and reported[0][1] == 0.5

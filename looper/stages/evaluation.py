@@ -327,12 +327,13 @@ def run(
             (tracker.produced if artifact in store.made else tracker.used)("eval", artifact)
             summary = json.loads((artifact / "summary.json").read_text())
             results.append({**summary, "target": target, "artifact": str(artifact)})
-            throughput.report_truncation(
-                f"eval {target} on {dataset}",
-                summary.get("truncated"),
-                "eval.max_new_tokens",
-                cfg.model.reasoning == "think",
-            )
+            if artifact in store.made:  # (a reused evaluation's truncation was reported when it was made)
+                throughput.report_truncation(
+                    f"eval {target} on {dataset}",
+                    summary.get("truncated"),
+                    "eval.max_new_tokens",
+                    cfg.model.reasoning == "think",
+                )
         if not distributed.is_main_process():
             return results
         scorers = active_scorers(cfg)
