@@ -102,6 +102,19 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
     return objective
 
 
+def quiet_libraries() -> None:
+    """Turn off the progress bars libraries draw for work that takes a moment (transformers' weight loading and shard
+    writing, datasets' map/filter, the hub's file checks): looper's own bars (pretraining, training, rollout, eval)
+    are the ones that move."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def refuse(error: Exception) -> None:
     """End the run on a person's mistake: the message alone, on stderr, exit status 2."""
     print(f"looper: {error}", file=sys.stderr, flush=True)
@@ -117,6 +130,7 @@ def main(raw: DictConfig) -> Optional[float]:
     from looper import distributed
     from looper.tracking import keep_wandb_out
 
+    quiet_libraries()
     keep_wandb_out(cfg)
     with distributed.claim_gpu(Path(cfg.paths.artifacts) / ".gpu_locks"):  # before anything starts CUDA
         distributed.init()

@@ -281,3 +281,16 @@ def test_the_8bit_preset_loads_the_base_in_8bit_and_the_4bit_one_in_nf4():
     assert (eight.load_in_8bit, eight.load_in_4bit) == (True, False)
     assert (four.load_in_4bit, four.bnb_4bit_quant_type) == (True, "nf4")
     assert models.quantization_config(compose("lora=r64").lora, torch.bfloat16) is None
+
+
+def test_a_run_turns_off_the_libraries_progress_bars_for_trivial_work(monkeypatch):
+    import datasets
+    import transformers.utils.logging
+
+    from looper.__main__ import quiet_libraries
+
+    monkeypatch.setattr(transformers.utils.logging, "_tqdm_active", True)
+    datasets.enable_progress_bars()
+    quiet_libraries()
+    assert not transformers.utils.logging.is_progress_bar_enabled() and not datasets.is_progress_bar_enabled()
+    datasets.enable_progress_bars()
