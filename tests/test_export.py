@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from looper import models, pipeline, prompts
@@ -20,7 +21,9 @@ def test_export_writes_a_model_plain_transformers_loads_with_the_dpo_policys_out
     assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()
     card = (out / "README.md").read_text()
     assert "| synthetic_test | 8 |" in card and str(graph.artifact("dpo")) in card
-    assert "export:" in (out / "looper_config.yaml").read_text()
+    lineage = yaml.safe_load((out / "looper_config.yaml").read_text())  # what each stage that made it read
+    assert list(lineage)[:4] == ["base", "sft", "rollout", "preferences"] and "dpo" in lineage and "eval" in lineage
+    assert lineage["dpo"]["dpo.beta"] == cfg.dpo.beta and lineage["eval"]["eval.num_questions"] == 8
 
     exported = AutoModelForCausalLM.from_pretrained(str(out)).to(models.device())  # plain transformers, no PEFT
     tokenizer = AutoTokenizer.from_pretrained(str(out))
