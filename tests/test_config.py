@@ -210,6 +210,8 @@ def test_a_key_typo_on_the_command_line_is_named_before_hydra_composes():
     assert "arms.plain.temprature" in unknown_overrides(["++arms.plain.temprature=1"])
     known = ["model=abel_7b", "hydra/launcher=slurm", "hydra.run.dir=x", "+sft.trainer.neftune_noise_alpha=5", "seed=1"]
     assert unknown_overrides([*known, "reward.scorer.unit=30", "arms.plain.temperature=1"]) is None
+    assert unknown_overrides(["-sc", "install=bash"]) is None  # (Hydra's own arguments pass)
+    assert unknown_overrides(["--cfg", "job", "-p", "reward", "--info", "defaults"]) is None
 
 
 def test_the_wheel_ships_every_config_group_directory():

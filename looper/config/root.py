@@ -209,9 +209,13 @@ def unknown_overrides(args: list[str]) -> Optional[str]:
     """The message for command-line overrides (`key=value`, `+key=value`, `++key=value`) whose key the schema does not
     declare, naming the closest known key; None when all are known. Group choices (`model=...`, `hydra/...`) and
     Hydra's own keys are Hydra's to check. Lets `looper` refuse a typo before Hydra composes."""
+    if {"-sc", "--shell-completion"} & set(args):  # (installing or answering tab completion: Hydra's)
+        return None
     tree: dict = {}
-    for arg in args:
-        if arg.startswith("-") or "=" not in arg:
+    takes_value = {"-c", "--cfg", "-p", "--package", "-i", "--info", "-cp", "--config-path", "-cn", "--config-name"}
+    takes_value |= {"-cd", "--config-dir", "--experimental-rerun"}
+    for previous, arg in zip([None, *args], args):
+        if arg.startswith("-") or "=" not in arg or previous in takes_value:
             continue
         key = arg.split("=", 1)[0].lstrip("+~")
         if "/" in key or key.startswith("hydra.") or key == "hydra" or ("." not in key and key in GROUPS):
