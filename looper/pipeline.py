@@ -105,7 +105,7 @@ class Pipeline:
             if name == "base":  # (no W&B run of its own: it is the tiny model, built once)
                 self.resolved[name] = str(self._ensure(stage, name, key, up))
                 return self.resolved[name]
-            with tracking.stage_run(self.cfg, name) as tracker:  # open while the stage works: live curves
+            with tracking.stage_run(self.cfg, name, set(key["reads"])) as tracker:  # open while it works: live curves
                 path = self._ensure(stage, name, key, up)
                 self._lineage(tracker, name, path, {need: up[need] for need in needs})
             self.resolved[name] = str(path)

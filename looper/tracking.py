@@ -17,6 +17,7 @@ import netrc
 import os
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -58,19 +59,44 @@ def _is_swept(override: str) -> bool:
     return "," in value or value.startswith(("range(", "choice(", "interval(", "glob("))
 
 
-def run_name(job_overrides: list[str], sweep_overrides: Optional[list[str]]) -> str:
+# overrides that say where things go or how they are logged: never part of a run's name
+PLACES = ("paths.", "hydra.", "logger.")
+NAME_LENGTH = 80  # a run name longer than this is cut (W&B's tables and legends show about this much)
+
+
+def _reads_key(key: str, reads: set) -> bool:
+    """Whether an override's key (`reward.beta`, or a group choice such as `lora`) is among the keys a stage reads."""
+    return key in reads or any(r.startswith(key + ".") or key.startswith(r + ".") for r in reads)
+
+
+def run_name(job_overrides: list[str], sweep_overrides: Optional[list[str]], reads: Optional[set] = None) -> str:
     """A run's name: in a sweep, the job's values of the swept keys (and of keys a sweeper such as Optuna set);
-    otherwise the job's overrides, less `paths.*`."""
+    otherwise the job's overrides, less where things go (`paths.*`, `hydra.*`, `logger.*`). With `reads` (the keys
+    the stage's artifact depends on: looper/pipeline.py), only those: a reused rollout is not named by a DPO setting.
+    Cut at `NAME_LENGTH` characters."""
     if sweep_overrides is None:
-        chosen = [o for o in job_overrides if not _key(o).startswith("paths.")]
+        chosen = [o for o in job_overrides if not _key(o).startswith(PLACES)]
     else:
         fixed = {_key(o) for o in sweep_overrides if not _is_swept(o)}
-        chosen = [o for o in job_overrides if _key(o) not in fixed]
-    return ",".join(chosen) or "defaults"
+        chosen = [o for o in job_overrides if _key(o) not in fixed and not _key(o).startswith(PLACES)]
+    if reads is not None:
+        chosen = [o for o in chosen if _reads_key(_key(o), reads)]
+    name = ",".join(chosen) or "defaults"
+    return name if len(name) <= NAME_LENGTH else name[: NAME_LENGTH - 1] + "…"
 
 
-def _hydra_context() -> tuple[Optional[str], Optional[str], Optional[Path]]:
-    """(run name from overrides, sweep directory name in multirun, the job's output dir), where Hydra runs."""
+def group_name(cfg: Config, sweep_dir: Optional[Path], today: str) -> str:
+    """The W&B group: `logger.group`, else the experiment with the sweep's directory (date and time) or, for a
+    single run, the day."""
+    if cfg.logger.group:
+        return cfg.logger.group
+    if sweep_dir is not None:
+        return f"{cfg.experiment}-{sweep_dir.parent.name}-{sweep_dir.name}"
+    return f"{cfg.experiment}-{today}"
+
+
+def _hydra_context(reads: Optional[set] = None) -> tuple[Optional[str], Optional[Path], Optional[Path]]:
+    """(run name from overrides, sweep directory in multirun, the job's output dir), where Hydra runs."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -81,11 +107,11 @@ def _hydra_context() -> tuple[Optional[str], Optional[str], Optional[Path]]:
         return None, None, None
     sweep, sweep_overrides = None, None
     if hydra.mode == RunMode.MULTIRUN:
-        sweep = Path(hydra.sweep.dir).name
+        sweep = Path(hydra.sweep.dir)
         saved = Path(hydra.sweep.dir) / "multirun.yaml"
         if saved.exists():
             sweep_overrides = list(OmegaConf.load(saved).hydra.overrides.task)
-    return run_name(list(hydra.overrides.task), sweep_overrides), sweep, Path(hydra.runtime.output_dir)
+    return run_name(list(hydra.overrides.task), sweep_overrides, reads), sweep, Path(hydra.runtime.output_dir)
 
 
 def typed_rows(rows: list[dict]) -> tuple[list[str], list[list]]:
@@ -242,8 +268,9 @@ def keep_wandb_out(cfg: Config) -> None:
 
 
 @contextmanager
-def stage_run(cfg: Config, stage: str):
-    """A W&B run around one stage execution (or a no-op Tracker when logging is off or not rank 0)."""
+def stage_run(cfg: Config, stage: str, reads: Optional[set] = None):
+    """A W&B run around one stage execution (or a no-op Tracker when logging is off or not rank 0); `reads`: the
+    config keys the stage's artifact depends on, which its run's name may show."""
     if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled" or not is_main_process():
         _open.append(Tracker())
         try:
@@ -251,7 +278,7 @@ def stage_run(cfg: Config, stage: str):
         finally:
             _open.pop()
         return
-    name, sweep, job_dir = _hydra_context()
+    name, sweep, job_dir = _hydra_context(reads)
     mode = cfg.logger.mode if cfg.logger.mode != "auto" else ("online" if _has_api_key() else "offline")
     run = None
     if cfg.logger.quiet:  # W&B's console output, its warnings from inside TRL's callbacks included, goes to its debug
@@ -263,7 +290,7 @@ def stage_run(cfg: Config, stage: str):
             project=cfg.logger.project,
             entity=cfg.logger.entity,
             mode=mode,
-            group=cfg.logger.group or sweep or cfg.experiment,
+            group=group_name(cfg, sweep, time.strftime("%Y-%m-%d")),
             job_type=stage,
             name=f"{stage}:{name}" if name else stage,
             config=to_plain(cfg),

@@ -98,7 +98,9 @@ def test_a_sweep_shares_sft_and_rollout_and_logs_one_wandb_group(artifacts, tiny
     ]
     dpo_runs = [r for r in runs if r["stage"] == "dpo"]
     assert len(dpo_runs) == 2 and len({r["id"] for r in dpo_runs}) == 2
-    assert {r["group"] for r in runs} == {tmp_path.name} and {r["mode"] for r in runs} == {"offline"}
+    group = f"tiny_demo-{tmp_path.parent.name}-{tmp_path.name}"  # the experiment, and the sweep's directory
+    assert {r["group"] for r in runs} == {group} and {r["mode"] for r in runs} == {"offline"}
+    assert {r["name"] for r in runs if r["stage"] in ("sft", "rollout")} <= {"sft", "rollout"}  # beta: not theirs
     assert {r["name"] for r in dpo_runs} == {"dpo:dpo.beta=0.15", "dpo:dpo.beta=0.35"}
     report.main([str(tmp_path)])  # one swept key: a line plot, no heatmap
     assert sorted(p.name for p in tmp_path.glob("sweep_*")) == ["sweep_dpo.beta.png", "sweep_dpo.beta.svg"]
@@ -134,7 +136,11 @@ def test_run_names_carry_what_the_sweep_varies():
     sweep = ["paths.artifacts=/x", "reward.alpha=0.5,1.0", "dpo.beta=range(0.1,0.3,0.1)", "seed=1"]
     job = ["paths.artifacts=/x", "reward.alpha=0.5", "dpo.beta=0.2", "seed=1", "reward.beta=0.7"]
     assert run_name(job, sweep) == "reward.alpha=0.5,dpo.beta=0.2,reward.beta=0.7"
-    assert run_name(["paths.artifacts=/x", "stage=dpo"], None) == "stage=dpo"
+    assert run_name(["paths.artifacts=/x", "stage=dpo", "logger.mode=offline"], None) == "stage=dpo"
+    # a stage's run shows only what its artifact depends on (a reused rollout is not named by dpo.beta)
+    assert run_name(job, sweep, reads={"reward.alpha", "reward.beta", "arms"}) == "reward.alpha=0.5,reward.beta=0.7"
+    assert run_name(["lora=r64", "dpo.beta=0.1"], None, reads={"lora.r", "lora.alpha"}) == "lora=r64"
+    assert len(run_name([f"+sft.trainer.k{i}=1" for i in range(40)], None)) == 80
 
 
 def test_a_wandb_failure_never_stops_a_stage(fast_cfg, monkeypatch):

@@ -56,7 +56,10 @@ class LoggerConfig:
     project: str = doc("W&B project.", "looper")
     entity: Optional[str] = doc("W&B entity (team or user; null: your default).", None)
     mode: str = doc("online, offline or disabled; `auto` is online when an API key is set up, else offline.", "auto")
-    group: Optional[str] = doc("W&B group (null: the experiment name, or the sweep directory in multirun).", None)
+    group: Optional[str] = doc(
+        "W&B group (null: the experiment and the sweep's date and time in multirun, else the experiment and the day).",
+        None,
+    )
     quiet: bool = doc(
         "W&B's own console output off (banners, and its warnings, which go to its debug log in the run's wandb/ "
         "directory); looper logs one line per run naming where it logs.",
@@ -92,7 +95,7 @@ class PathsConfig:
 
 @dataclass
 class Config:
-    experiment: str = doc("Name of this setup (W&B group for single runs).", "default")
+    experiment: str = doc("Name of this setup (in W&B group names and run directories).", "default")
     seed: int = doc("Seed of everything random: training order, sampling, LoRA init.", 0)
     model: ModelConfig = doc("The model and its prompt format (conf/model/).", factory=ModelConfig)
     lora: LoraSettings = doc("Adapter and quantization settings (conf/lora/).", factory=LoraSettings)
