@@ -51,7 +51,7 @@ def build_prompt(
         inner = user
         system = ""
 
-        def user(text: str) -> str:  # noqa: F811 - the instruction leads the user turn
+        def user(text: str) -> str:
             return f"{arm.system_prompt}\n\n{inner(text)}"
 
     if model.prompt_format == "chat":

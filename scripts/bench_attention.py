@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from looper.engine.cache import PAGE  # noqa: E402
-from looper.engine.kernels.attention import DecodeStep  # noqa: E402
+from looper.engine.cache import PAGE
+from looper.engine.kernels.attention import DecodeStep
 
 
 def milliseconds(fn, reps: int = 50) -> float:

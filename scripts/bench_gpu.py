@@ -44,12 +44,12 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 if "WORLD_SIZE" not in os.environ:  # one process, one GPU (several visible would make the Trainer use DataParallel)
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from looper import distributed, models, throughput  # noqa: E402
-from looper.engine import cache, interface, paged, runner, scheduler  # noqa: E402
+from looper import distributed, models, throughput
+from looper.engine import cache, interface, paged, runner, scheduler
 
 ARCHS = {
     "llama2-7b": dict(

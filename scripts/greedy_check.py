@@ -15,15 +15,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from looper import models, pipeline, prompts  # noqa: E402
-from looper.artifacts import ArtifactStore  # noqa: E402
-from looper.config import conf_dir, register_configs  # noqa: E402
-from looper.data import load_splits  # noqa: E402
-from looper.engine import paged  # noqa: E402
-from looper.engine.kernels import attention  # noqa: E402
+from looper import models, pipeline, prompts
+from looper.artifacts import ArtifactStore
+from looper.config import conf_dir, register_configs
+from looper.data import load_splits
+from looper.engine import paged
+from looper.engine.kernels import attention
 
 
 def main(overrides: list[str], n: int = 64) -> None:

@@ -23,13 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from looper import engine, models, pipeline  # noqa: E402
-from looper.artifacts import ArtifactStore  # noqa: E402
-from looper.config import conf_dir, register_configs  # noqa: E402
-from looper.stages import evaluation  # noqa: E402
+from looper import engine, models, pipeline
+from looper.artifacts import ArtifactStore
+from looper.config import conf_dir, register_configs
+from looper.stages import evaluation
 
 
 def decode(cfg, model, tokenizer, prompts: list[str], max_new: int, batch: int) -> tuple[list[str], float]:

@@ -186,7 +186,7 @@ def test_a_beta_sweep_builds_one_sft_and_a_rollout_per_beta_only_under_a_bandit(
     artifacts, tiny_sft, tmp_path, allocation, rollouts
 ):
     cache = cache_sharing_models(artifacts, tmp_path / "cache")
-    built = lambda stage: {p.name for p in (cache / stage).glob("*") if p.is_dir() and "." not in p.name}  # noqa: E731
+    built = lambda stage: {p.name for p in (cache / stage).glob("*") if p.is_dir() and "." not in p.name}
     models = built("sft")
     result = looper_cli(
         "-m",

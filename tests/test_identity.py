@@ -32,7 +32,7 @@ def recording(cfg):
     def spy(cls):
         names = {f.name for f in dataclasses.fields(cls)}
 
-        def __getattribute__(self, name):  # noqa: N807 - the hook being spied on
+        def __getattribute__(self, name):
             value = object.__getattribute__(self, name)
             if name in names and id(self) in where and not dataclasses.is_dataclass(value):
                 reads.add(f"{where[id(self)]}.{name}".lstrip("."))
@@ -69,7 +69,7 @@ def undeclared(cfg, reads: set[str], declared: tuple) -> list[str]:
     """The keys read that the declaration does not cover: not under a declared key, or taken back out (`-key`)."""
     keys = [d for d in declared if not d.startswith("-")]
     dropped = [d[1:] for d in declared if d.startswith("-")]
-    under = lambda key, prefixes: any(key == p or key.startswith(p + ".") for p in prefixes)  # noqa: E731
+    under = lambda key, prefixes: any(key == p or key.startswith(p + ".") for p in prefixes)
     return sorted(r for r in reads - not_identity(cfg) if not under(r, keys) or under(r, dropped))
 
 
@@ -101,7 +101,7 @@ def check(name: str, cfg, reads: set, declared: tuple) -> list[str]:
 def test_the_recording_sees_a_read_outside_the_declaration(fast_cfg):
     cfg = fast_cfg()
     with recording(cfg) as reads:
-        cfg.reward.alpha, cfg.arms["plain"].temperature, cfg.sft.logging_steps  # noqa: B018 - reads, recorded
+        cfg.reward.alpha, cfg.arms["plain"].temperature, cfg.sft.logging_steps
     assert reads == {"reward.alpha", "arms", "arms.plain.temperature", "sft.logging_steps"}  # (the arm names too)
     assert undeclared(cfg, reads, ("arms", "reward", "-reward.alpha")) == ["reward.alpha"]  # taken back out
     assert undeclared(cfg, reads, ("arms",)) == ["reward.alpha"]  # logging_steps: identity=False, allowed

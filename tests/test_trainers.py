@@ -66,7 +66,7 @@ def spec_of(stage, cfg, store, up: dict) -> dict:
 
 def test_a_trainer_key_changes_the_sft_artifact_key_and_a_logging_key_does_not(fast_cfg, artifacts):
     store = ArtifactStore(artifacts)
-    key = lambda cfg: store.path("sft", pipeline.stage_spec(cfg, store, "sft", {"base": "tiny"})).name  # noqa: E731
+    key = lambda cfg: store.path("sft", pipeline.stage_spec(cfg, store, "sft", {"base": "tiny"})).name
     assert key(fast_cfg("sft.weight_decay=0.1")) != key(fast_cfg())
     assert key(fast_cfg("+sft.trainer.neftune_noise_alpha=5")) != key(fast_cfg())
     assert key(fast_cfg("sft.save_steps=7", "sft.logging_steps=3")) == key(fast_cfg())
@@ -77,7 +77,7 @@ def test_a_generation_limit_changes_the_rollout_key_but_not_the_trained_models(f
 
     store = ArtifactStore(artifacts)
     up = {"base": "tiny", "sft": str(artifacts / "sft" / "s"), "preferences": str(artifacts / "preferences" / "p")}
-    key = lambda stage, cfg: store.path("any", spec_of(stage, cfg, store, up)).name  # noqa: E731
+    key = lambda stage, cfg: store.path("any", spec_of(stage, cfg, store, up)).name
     shorter = fast_cfg("model.max_new_tokens=24")
     assert key(rollout, shorter) != key(rollout, fast_cfg())  # what is sampled depends on it
     assert key(sft, shorter) == key(sft, fast_cfg()) and key(dpo, shorter) == key(dpo, fast_cfg())  # training not
@@ -88,7 +88,7 @@ def test_keys_the_chosen_options_never_read_leave_the_keys_alone(fast_cfg, artif
 
     store = ArtifactStore(artifacts)
     up = {"base": "tiny", "sft": str(artifacts / "sft" / "s"), "preferences": str(artifacts / "preferences" / "p")}
-    key = lambda stage, cfg: store.path("any", spec_of(stage, cfg, store, up)).name  # noqa: E731
+    key = lambda stage, cfg: store.path("any", spec_of(stage, cfg, store, up)).name
     assert key(rollout, fast_cfg("rollout.budget=16", "rollout.waves=3")) == key(rollout, fast_cfg())  # uniform
     assert key(rollout, fast_cfg("rollout.allocation=thompson_sequential", "rollout.budget=16")) != key(
         rollout, fast_cfg("rollout.allocation=thompson_sequential", "rollout.budget=8")
@@ -96,7 +96,7 @@ def test_keys_the_chosen_options_never_read_leave_the_keys_alone(fast_cfg, artif
     assert key(sft, fast_cfg("lora.r=8", "lora.alpha=4")) == key(sft, fast_cfg())  # lora=none: full fine-tuning
     assert key(dpo, fast_cfg("lora.r=8")) == key(dpo, fast_cfg())
     assert key(sft, fast_cfg("lora=r64", "lora.r=8")) != key(sft, fast_cfg("lora=r64"))
-    cell = lambda cfg: pipeline.eval_spec(cfg, store, str(artifacts / "sft" / "s"), "synthetic_test")  # noqa: E731
+    cell = lambda cfg: pipeline.eval_spec(cfg, store, str(artifacts / "sft" / "s"), "synthetic_test")
     assert cell(fast_cfg("eval.top_p=0.5")) == cell(fast_cfg())  # greedy decoding reads no top_p
     sampled = ("eval.temperature=0.5", "eval.samples=2")
     assert cell(fast_cfg(*sampled, "eval.top_p=0.5")) != cell(fast_cfg(*sampled))

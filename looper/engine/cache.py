@@ -170,7 +170,7 @@ def pages_that_fit(model, slots: int, pages_per_slot: int) -> int:
     fits = max(0, (free - working) // page_bytes)
     if fits >= want:
         return want
-    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+    gib = lambda n: f"{n / 2**30:.1f} GiB"
     if fits < pages_per_slot + 1:
         raise RuntimeError(
             f"generation: not enough memory for the KV cache: one slot of {pages_per_slot * PAGE} positions (the "

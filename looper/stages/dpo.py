@@ -252,7 +252,7 @@ NEEDS = ("preferences", "sft")  # the artifacts this stage builds on (looper/pip
 ENSURE = {"collective": True, "resumable": True}  # every process trains; a crash resumes from the last checkpoint
 
 
-def READS(cfg: Config) -> tuple:  # noqa: N802 - the stage interface's name (a tuple in some stages)
+def READS(cfg: Config) -> tuple:
     """The config DPO reads: its section, the prompt format and the adapter (pairs and policy come as artifacts)."""
     return ("seed", "dpo", *TRAINED_MODEL, *adapter_reads(cfg))
 

@@ -275,7 +275,7 @@ def build(cfg: Config, target: str, target_path: str, dataset: str, out: Path) -
 ENSURE = {"resumable": True, "collective": True}  # kept across crashes; every process decodes its share
 
 
-def READS(cfg: Config, dataset: str) -> tuple:  # noqa: N802 - the stage interface's name (a tuple in some stages)
+def READS(cfg: Config, dataset: str) -> tuple:
     """What changes the predictions of a model on `dataset`: the eval section (not its sampling keys under greedy
     decoding, nor `eval.scorers`: the cell's identity names the scorers that ran, `active_scorers`), the prompt format
     and limit, how the model is served, and where the problems come from."""

@@ -25,7 +25,7 @@ from looper.config import Config
 log = logging.getLogger(__name__)
 
 
-def NEEDS(cfg: Config) -> tuple:  # noqa: N802 - the stage interface's name (a tuple in the other stages)
+def NEEDS(cfg: Config) -> tuple:
     """The artifact this stage exports (looper/pipeline.py resolves it)."""
     return (cfg.export.source,)
 

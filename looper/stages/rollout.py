@@ -1,9 +1,9 @@
 """Stage `rollout`: sample trajectories for each training question from every arm, score them for coherence.
 
 Artifact: `trajectories.jsonl` — one record per question x arm x sample, sorted by (question, arm, sample), with the
-raw score components so that rewards are recomputed later with the current `reward.*` (the stored `s_wm` uses the
-weights of the run that made the artifact; preferences recompute it) — and `stats.json` (per-arm accuracy and mean
-components, and how fast generation ran: looper/throughput.py).
+raw score components so that rewards are recomputed later with the current `reward.alpha`, `beta` and length penalty
+(the stored `s_wm` uses the artifact's own `reward.w_*`, which its identity holds) — and `stats.json` (per-arm
+accuracy and mean components, and how fast generation ran: looper/throughput.py).
 
 Each (question, arm, sample) has its own seed, drawn from the run seed, and sampling is seeded per row
 (looper/engine/sampling.py), so the records do not depend on batching, sharding or restarts. Records are written
@@ -218,7 +218,7 @@ NEEDS = ("sft",)  # the artifacts this stage builds on (looper/pipeline.py resol
 ENSURE = {"resumable": True, "collective": True}  # kept across crashes; every process samples its shard
 
 
-def READS(cfg: Config) -> tuple:  # noqa: N802 - the stage interface's name (a tuple in some stages)
+def READS(cfg: Config) -> tuple:
     """What determines the trajectories: the arms, the rollout section (less the keys its allocation never reads),
     the problems, the prompt format and limit, how the policy is served, and the reward: under a bandit all of it (it
     allocates by the reward), under uniform allocation only what scoring computes."""

@@ -157,7 +157,7 @@ NEEDS = ("base",)  # the artifacts this stage builds on (looper/pipeline.py reso
 ENSURE = {"collective": True, "resumable": True}  # every process trains; a crash resumes from the last checkpoint
 
 
-def READS(cfg: Config) -> tuple:  # noqa: N802 - the stage interface's name (a tuple in some stages)
+def READS(cfg: Config) -> tuple:
     """The config SFT reads: its section, the problems, the prompt format and the adapter."""
     return ("seed", "data", "sft", *TRAINED_MODEL, *adapter_reads(cfg))
 

@@ -293,7 +293,7 @@ def prefix_kernel(device: torch.device, dtype: torch.dtype, heads: int, kv_heads
         module,
         query,
         keys,
-        values,  # noqa: E731
+        values,
         Packed(kernel, starts, 59, history, [1, 200, 31]),
         head_dim**-0.5,
     )[0]
