@@ -23,6 +23,11 @@ from looper.seeds import row_seed
 
 log = logging.getLogger(__name__)
 
+# the weights of the s_wm a record stores: the plain mean of its active components. Pairing, the bandit and the credit
+# recompute s_wm with the run's `reward.w_*`, so the weights stay out of a uniform rollout's identity and a sweep over
+# them reuses its trajectories.
+STORED_WEIGHTS = RewardConfig(w_end=1.0, w_path=1.0, w_cf=1.0)
+
 
 class Sampler:
     """Samples trajectories and continuations from one policy with the rollout's settings."""
@@ -97,7 +102,8 @@ def score_question(
     cfg: Config, scorer, problem: dict, trajectories: list[dict], continuations, reward: Optional[RewardConfig] = None
 ) -> list[dict]:
     """One question's records: its trajectories with what the scorer returns (looper/coherence.py: the components
-    protocol, then s_wm from reward.w_*; or the reward protocol, then the scorer's reward). `reward`: the reward
+    protocol, then s_wm as the plain mean of the active components, `STORED_WEIGHTS`; or the reward protocol, then
+    the scorer's reward). `reward`: the reward
     settings to score with, where they are not `cfg.reward` (a bandit's provisional rounds)."""
     reward = reward or cfg.reward
     if reward.scorer_returns == "reward":
@@ -120,7 +126,7 @@ def score_question(
                 "reward.scorer_returns=components: set reward.scorer_returns=reward for a scorer that returns rewards"
             )
         record = {**t, **c}
-        record["s_wm"] = coherence.weighted(record, reward)
+        record["s_wm"] = coherence.weighted(record, STORED_WEIGHTS)
         records.append(record)
     return records
 

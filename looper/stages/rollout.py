@@ -1,9 +1,10 @@
 """Stage `rollout`: sample trajectories for each training question from every arm, score them for coherence.
 
 Artifact: `trajectories.jsonl` — one record per question x arm x sample, sorted by (question, arm, sample), with the
-raw score components so that rewards are recomputed later with the current `reward.alpha`, `beta` and length penalty
-(the stored `s_wm` uses the artifact's own `reward.w_*`, which its identity holds) — and `stats.json` (per-arm
-accuracy and mean components, and how fast generation ran: looper/throughput.py).
+raw score components so that rewards are recomputed later with the current `reward.*` (the stored `s_wm` is the
+plain mean of the active components, `scoring.STORED_WEIGHTS`; pairing, the bandit and the credit recompute it with
+`reward.w_*`) — and `stats.json` (per-arm accuracy and mean components, and how fast generation ran:
+looper/throughput.py).
 
 Each (question, arm, sample) has its own seed, drawn from the run seed, and sampling is seeded per row
 (looper/engine/sampling.py), so the records do not depend on batching, sharding or restarts. Records are written
@@ -213,7 +214,7 @@ UNUSED = {
     "thompson_sequential": ("rounds", "floor"),  # (bandit_stats: always pooled here, the schema checks)
 }
 # reward keys a uniform rollout never reads: applied later to the stored components (a bandit allocates by them)
-APPLIED_LATER = ("alpha", "beta", "length_penalty", "length_unit")
+APPLIED_LATER = ("alpha", "beta", "length_penalty", "length_unit", "w_end", "w_path", "w_cf")
 NEEDS = ("sft",)  # the artifacts this stage builds on (looper/pipeline.py resolves them)
 ENSURE = {"resumable": True, "collective": True}  # kept across crashes; every process samples its shard
 
