@@ -28,6 +28,7 @@ from looper.training import (
     accumulation_steps,
     drop_checkpoints,
     ensure_finite,
+    known_warnings,
     last_checkpoint,
     log_effective_batch,
     peft_config,
@@ -185,19 +186,21 @@ def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path, report_
         _on_disk([{k: r[k] for k in fields} for r in held_out], out / "trainer" / "eval_pairs") if held_out else None
     )
     args = trainer_arguments(cfg.dpo, "dpo", DPOConfig, looper_arguments(cfg, out, report_to, held_out is not None))
-    return _trainer_class()(
-        model=model,
-        ref_model=None,
-        args=args,
-        train_dataset=dataset,
-        eval_dataset=held_out,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
+    with known_warnings():  # (TRL's constructor also asks the model about gradient checkpointing)
+        return _trainer_class()(
+            model=model,
+            ref_model=None,
+            args=args,
+            train_dataset=dataset,
+            eval_dataset=held_out,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
 
 
 def _check_reference(cfg: Config, trainer) -> dict:
-    measured = reference_margin(trainer)
+    with known_warnings():
+        measured = reference_margin(trainer)
     measured["tolerance"] = cfg.dpo.reference_tolerance
     measured["ok"] = measured["max_abs_margin"] <= cfg.dpo.reference_tolerance
     if not measured["ok"]:
@@ -217,7 +220,8 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
     trainer = make_trainer(cfg, sft_dir, pairs_dir, out, tracker.report_to)
     log_effective_batch(cfg.dpo, "dpo", tracker)
     measured = _check_reference(cfg, trainer)
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "dpo"))
+    with known_warnings():
+        result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "dpo"))
     ensure_finite("dpo", trainer, result.training_loss, "dpo.learning_rate")
     first = first_step(trainer.state.log_history)
     margin = first.get("rewards/margins")

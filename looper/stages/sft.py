@@ -16,6 +16,7 @@ from looper.training import (
     accumulation_steps,
     drop_checkpoints,
     ensure_finite,
+    known_warnings,
     last_checkpoint,
     log_effective_batch,
     peft_config,
@@ -109,14 +110,15 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
     if cfg.sft.eval_examples and not held_out:
         raise ValueError(f"sft.eval_examples={cfg.sft.eval_examples}: data {cfg.data.name!r} has no dev problems")
     args = trainer_arguments(cfg.sft, "sft", SFTConfig, looper_arguments(cfg, out, report_to))
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        eval_dataset=Dataset.from_list(tokenize_examples(tokenizer, held_out)) if held_out else None,
-        processing_class=tokenizer,
-        peft_config=peft_config(cfg.lora) if cfg.lora.enabled else None,
-    )
+    with known_warnings():  # (PEFT's wrapping asks the model about gradient checkpointing)
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            eval_dataset=Dataset.from_list(tokenize_examples(tokenizer, held_out)) if held_out else None,
+            processing_class=tokenizer,
+            peft_config=peft_config(cfg.lora) if cfg.lora.enabled else None,
+        )
     # TRL does not truncate in padding-free mode; in both modes an over-long example is left out rather than cut
     # (a cut solution loses its final answer).
     tokenized = trainer.train_dataset
@@ -139,7 +141,8 @@ def _train(cfg: Config, base: str, out: Path) -> None:
     tracker = tracking.current()  # the stage's W&B run (looper/pipeline.py opens it)
     trainer = make_trainer(cfg, base, out, tracker.report_to)
     log_effective_batch(cfg.sft, "sft", tracker)
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "sft"))
+    with known_warnings():
+        result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "sft"))
     ensure_finite("sft", trainer, result.training_loss, "sft.learning_rate")
     tracker.summary({"sft/train_loss": result.training_loss})
     engine.restore_attention(trainer.model)  # (a saved full model names its attention)
