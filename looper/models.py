@@ -9,6 +9,8 @@ import importlib.util
 import json
 import logging
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
@@ -161,11 +163,22 @@ def portable_adapter(adapter_dir: Path, cache_root: Path) -> None:
         (Path(adapter_dir) / BASE_IN_CACHE).write_text(json.dumps({"relative": relative}) + "\n")
 
 
+@contextmanager
+def known_warnings():
+    """Around loading adapters and building and training TRL's trainers: silence the one warning raised inside PEFT
+    and TRL that no user can act on (they ask through transformers' deprecated alias `is_gradient_checkpointing`:
+    peft.peft_model, trl.models.utils), by its exact message; every other warning stays visible."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def _with_adapter(base, path: str, trainable: bool):
     """The PEFT adapter at `path` over `base`, refused where its weights are not finite."""
     from peft import PeftModel
 
-    loaded = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+    with known_warnings():
+        loaded = PeftModel.from_pretrained(base, path, is_trainable=trainable)
     broken = [n for n, p in loaded.named_parameters() if "lora_" in n and not torch.isfinite(p).all()]
     if broken:
         raise ValueError(

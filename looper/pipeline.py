@@ -86,6 +86,7 @@ class Pipeline:
     def __init__(self, cfg: Config, store: ArtifactStore):
         self.cfg, self.store = cfg, store
         self.resolved: dict[str, str] = {}
+        self.lineage_reads: dict[str, set] = {}  # the keys each resolved artifact and its upstreams read
 
     def artifact(self, name: str) -> Union[Path, str]:
         """The artifact of stage `name`, building it and its upstreams where needed; for `base`, the base model's
@@ -102,10 +103,12 @@ class Pipeline:
                 up["evaluations"] = self.evaluations(self.cfg.export.source)
                 identity_up.update({f"eval/{p.name}": p for p in up["evaluations"]})
             key = stage_spec(self.cfg, self.store, name, identity_up)
+            reads = set(key["reads"]).union(*(self.lineage_reads.get(need, set()) for need in needs))
+            self.lineage_reads[name] = reads
             if name == "base":  # (no W&B run of its own: it is the tiny model, built once)
                 self.resolved[name] = str(self._ensure(stage, name, key, up))
                 return self.resolved[name]
-            with tracking.stage_run(self.cfg, name, set(key["reads"])) as tracker:  # open while it works: live curves
+            with tracking.stage_run(self.cfg, name, reads) as tracker:  # open while the stage works: live curves
                 path = self._ensure(stage, name, key, up)
                 self._lineage(tracker, name, path, {need: up[need] for need in needs})
             self.resolved[name] = str(path)

@@ -72,8 +72,8 @@ def _reads_key(key: str, reads: set) -> bool:
 def run_name(job_overrides: list[str], sweep_overrides: Optional[list[str]], reads: Optional[set] = None) -> str:
     """A run's name: in a sweep, the job's values of the swept keys (and of keys a sweeper such as Optuna set);
     otherwise the job's overrides, less where things go (`paths.*`, `hydra.*`, `logger.*`). With `reads` (the keys
-    the stage's artifact depends on: looper/pipeline.py), only those: a reused rollout is not named by a DPO setting.
-    Cut at `NAME_LENGTH` characters."""
+    the stage's artifact and its upstreams depend on: looper/pipeline.py), only those: a reused rollout is not named
+    by a DPO setting. Cut at `NAME_LENGTH` characters; empty when nothing is left (the run is named by its stage)."""
     if sweep_overrides is None:
         chosen = [o for o in job_overrides if not _key(o).startswith(PLACES)]
     else:
@@ -81,7 +81,7 @@ def run_name(job_overrides: list[str], sweep_overrides: Optional[list[str]], rea
         chosen = [o for o in job_overrides if _key(o) not in fixed and not _key(o).startswith(PLACES)]
     if reads is not None:
         chosen = [o for o in chosen if _reads_key(_key(o), reads)]
-    name = ",".join(chosen) or "defaults"
+    name = ",".join(chosen)
     return name if len(name) <= NAME_LENGTH else name[: NAME_LENGTH - 1] + "…"
 
 

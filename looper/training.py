@@ -9,8 +9,6 @@ import difflib
 import logging
 import math
 import shutil
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,16 +26,6 @@ NAMED = ("weight_decay", "lr_scheduler_type", "optim", "max_grad_norm", "use_lig
 RENAMED = {"gradient_checkpointing": "activation_checkpointing"}
 # looper's own: the pass-through may not set them (the schema's keys or looper's mechanics decide them)
 RESERVED = ("output_dir", "report_to", "save_strategy", "save_steps", "save_total_limit", "resume_from_checkpoint")
-
-
-@contextmanager
-def known_warnings():
-    """Around building and training TRL's trainers: silence the one warning raised inside TRL and PEFT that no user can
-    act on (they ask through transformers' deprecated alias `is_gradient_checkpointing`: trl.models.utils,
-    peft.peft_model), by its exact message; every other warning stays visible."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
 
 
 def check_passthrough(section: Any, name: str, args_class: Any, looper_sets: tuple = ()) -> None:

@@ -179,7 +179,6 @@ def test_a_swapped_artifact_directory_is_refused_and_a_file_in_its_place_is_name
         ArtifactStore(tmp_path).ensure("sft", {"lr": 3}, _builder([]))
 
 
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # (PEFT, called here)
 def test_an_adapter_over_a_cached_model_follows_its_cache_when_copied_and_the_original_removed(tmp_path):
     import shutil
 

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from looper import pipeline
+from looper import pipeline, scoring
 from looper.artifacts import ArtifactStore
 from looper.seeds import row_seed
 from looper.stages import rollout
@@ -70,7 +70,9 @@ def test_records_keep_the_raw_components_and_are_reproducible(artifacts, tiny_sf
 def test_batches_per_call_sets_the_rows_of_each_generate_call_and_no_record(artifacts, tiny_sft, tmp_path, monkeypatch):
     calls = []
     run = rollout.Sampler.run
-    monkeypatch.setattr(rollout.Sampler, "run", lambda self, jobs: calls.append(len(jobs)) or run(self, jobs))
+    monkeypatch.setattr(
+        rollout.Sampler, "run", lambda self, jobs, on_result=None: calls.append(len(jobs)) or run(self, jobs, on_result)
+    )
     records, specs = [], []
     for batches in (1, 3):  # 9 trajectories a question, batches of 9: a question a batch
         cfg = _regime_w(
@@ -185,7 +187,7 @@ def test_a_chunks_continuations_are_decoded_together_and_give_the_same_records(a
 
     cfg = _regime_w(artifacts)
     model, tokenizer = models.load_target(str(tiny_sft[3]), cfg.model)
-    sampler = rollout.Sampler(cfg, model, tokenizer)
+    sampler = scoring.Sampler(cfg, model, tokenizer)
     scorer = instantiate(cfg.reward.scorer, _partial_=True)
     problems = load_splits(cfg.data)["train"][:3]
     trajectories = []
@@ -196,16 +198,16 @@ def test_a_chunks_continuations_are_decoded_together_and_give_the_same_records(a
             for k in range(arm.samples)
         ]
         outputs = sampler.run([(sampler.prompt(problem["question"], arm), arm, seed) for _, arm, _, seed in keys])
-        trajectories.append(rollout._trajectories(cfg, problem, list(zip(keys, outputs))))
+        trajectories.append(scoring.trajectory_records(cfg, problem, list(zip(keys, outputs))))
     calls = []
     run = sampler.run
     sampler.run = lambda jobs: calls.append(len(jobs)) or run(jobs)
     one_by_one = [
-        rollout._score_question(cfg, scorer, p, t, sampler.continuations(p, t)) for p, t in zip(problems, trajectories)
+        scoring.score_question(cfg, scorer, p, t, sampler.continuations(p, t)) for p, t in zip(problems, trajectories)
     ]
     assert len(calls) == 3  # one continuation batch per question
     rows, calls[:] = sum(calls), []
-    together = rollout.score_together(cfg, sampler, scorer, problems, trajectories)
+    together = scoring.score_together(cfg, sampler, scorer, problems, trajectories)
     assert calls == [rows] and rows > 0  # the same continuations, in one batch
     assert together == one_by_one
 

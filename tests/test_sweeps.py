@@ -61,7 +61,7 @@ def test_every_job_logs_its_own_wandb_runs_in_one_group(grid):
         for line in (grid / str(n) / "wandb_runs.jsonl").read_text().split("\n")
         if line
     ]
-    assert {r["group"] for r in runs} == {grid.name}
+    assert {r["group"] for r in runs} == {f"tiny_demo-{grid.parent.name}-{grid.name}"}  # experiment, sweep dir
     for n in range(4):  # one run per job and stage, made or reused
         job_runs = [json.loads(line) for line in (grid / str(n) / "wandb_runs.jsonl").read_text().splitlines()]
         assert sorted(r["job_type"] for r in job_runs) == ["dpo", "eval", "preferences", "rollout", "sft"], n

@@ -23,12 +23,11 @@ import torch
 from looper import distributed, models, prompts, tracking
 from looper.artifacts import PAIRS, read_jsonl
 from looper.config import Config
-from looper.models import TRAINED_MODEL, adapter_reads
+from looper.models import TRAINED_MODEL, adapter_reads, known_warnings
 from looper.training import (
     accumulation_steps,
     drop_checkpoints,
     ensure_finite,
-    known_warnings,
     last_checkpoint,
     log_effective_batch,
     peft_config,

@@ -11,12 +11,11 @@ from typing import Optional
 from looper import distributed, engine, models, prompts, tracking
 from looper.config import Config
 from looper.data import load_splits
-from looper.models import TRAINED_MODEL, adapter_reads
+from looper.models import TRAINED_MODEL, adapter_reads, known_warnings
 from looper.training import (
     accumulation_steps,
     drop_checkpoints,
     ensure_finite,
-    known_warnings,
     last_checkpoint,
     log_effective_batch,
     peft_config,
