@@ -67,7 +67,11 @@ def test_every_job_logs_its_own_wandb_runs_in_one_group(grid):
         assert sorted(r["job_type"] for r in job_runs) == ["dpo", "eval", "preferences", "rollout", "sft"], n
     for stage in ("sft", "rollout", "preferences", "dpo", "eval"):
         assert len({r["id"] for r in runs if r["job_type"] == stage}) == 4, stage
-    assert "reward.alpha=0.5,dpo.beta=0.05" in {r["name"].split(":", 1)[1] for r in runs}
+    names = {r["job_type"]: set() for r in runs}
+    for r in runs:
+        names[r["job_type"]].add(r["name"])
+    assert "dpo:reward.alpha=0.5,dpo.beta=0.05" in names["dpo"]  # (its pairs read reward.alpha: its lineage)
+    assert names["sft"] == {"sft"} and names["rollout"] == {"rollout"}  # neither reads what the sweep varies
 
 
 def test_the_sweep_report_writes_a_table_and_heatmaps(grid):
