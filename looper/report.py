@@ -40,19 +40,17 @@ def load_jobs(sweep_dir: Path) -> list[dict]:
     return jobs
 
 
-# overrides that say where things go, not what was tried
-PLACES = ("paths.", "hydra.", "logger.")
-
-
 def overridden(overrides: list[str]) -> dict:
     """{key: value} of a job's command-line overrides (`key=value`, `+key=value`, `group=option`), values read as
     YAML (numbers as numbers), leaving out where things go (`paths.*`, `hydra.*`, `logger.*`): the sweep's own
     parameters, whatever was swept."""
     import yaml
 
+    from looper.tracking import PLACES, override_key
+
     out = {}
     for item in overrides:
-        key, _, value = item.lstrip("+~").partition("=")
+        key, value = override_key(item), item.partition("=")[2]
         if key.startswith(PLACES) or "/" in key:
             continue
         try:

@@ -50,7 +50,8 @@ def _has_api_key() -> bool:
         return False
 
 
-def _key(override: str) -> str:
+def override_key(override: str) -> str:
+    """The key an override sets (`+reward.alpha=1` -> `reward.alpha`; a group choice -> the group)."""
     return override.split("=", 1)[0].lstrip("+~")
 
 
@@ -75,12 +76,12 @@ def run_name(job_overrides: list[str], sweep_overrides: Optional[list[str]], rea
     the stage's artifact and its upstreams depend on: looper/pipeline.py), only those: a reused rollout is not named
     by a DPO setting. Cut at `NAME_LENGTH` characters; empty when nothing is left (the run is named by its stage)."""
     if sweep_overrides is None:
-        chosen = [o for o in job_overrides if not _key(o).startswith(PLACES)]
+        chosen = [o for o in job_overrides if not override_key(o).startswith(PLACES)]
     else:
-        fixed = {_key(o) for o in sweep_overrides if not _is_swept(o)}
-        chosen = [o for o in job_overrides if _key(o) not in fixed and not _key(o).startswith(PLACES)]
+        fixed = {override_key(o) for o in sweep_overrides if not _is_swept(o)}
+        chosen = [o for o in job_overrides if override_key(o) not in fixed and not override_key(o).startswith(PLACES)]
     if reads is not None:
-        chosen = [o for o in chosen if _reads_key(_key(o), reads)]
+        chosen = [o for o in chosen if _reads_key(override_key(o), reads)]
     name = ",".join(chosen)
     return name if len(name) <= NAME_LENGTH else name[: NAME_LENGTH - 1] + "…"
 
