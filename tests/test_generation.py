@@ -347,9 +347,8 @@ def test_a_kv_cache_smaller_than_the_slots_worst_case_preempts_and_resumes_rows_
     prompts = _prompts(cfg, tokenizer, n=10)
     kwargs = {"max_new_tokens": 48, "temperature": 3.0, "seeds": list(range(len(prompts))), "desc": None}
     roomy, tight = {}, {}
-    expected = [
-        (g.text, g.num_tokens) for g in generate(model, tokenizer, prompts, batch_size=8, stats=roomy, **kwargs)
-    ]
+    roomy_rows = generate(model, tokenizer, prompts, batch_size=8, stats=roomy, logprobs=True, **kwargs)
+    expected = [(g.text, g.num_tokens) for g in roomy_rows]
     longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
     per_slot = scheduler.round_up(longest + 48 + 1, scheduler.WIDTH_STEP) // cache.PAGE
     assert roomy["kv_pages"] == 8 * per_slot and roomy["preempted"] == 0  # memory to spare: every slot's worst case
@@ -357,10 +356,14 @@ def test_a_kv_cache_smaller_than_the_slots_worst_case_preempts_and_resumes_rows_
     pages = int(2.5 * per_slot)  # rows of ~84 positions: 6 pages each at the end, 3 at the start
     monkeypatch.setattr(cache, "free_bytes", lambda device: cache.working_bytes(model, 8) + (pages + 1) * page_bytes)
     with caplog.at_level("INFO", logger="looper.engine"):
-        got = [(g.text, g.num_tokens) for g in generate(model, tokenizer, prompts, batch_size=8, stats=tight, **kwargs)]
+        tight_rows = generate(model, tokenizer, prompts, batch_size=8, stats=tight, logprobs=True, **kwargs)
+    got = [(g.text, g.num_tokens) for g in tight_rows]
     assert tight["kv_pages"] == pages and tight["slots"] == 8
     assert tight["preempted"] > 0 and tight["peak_pages"] <= pages < roomy["peak_pages"]
     assert got == expected  # rows preempted and resumed: the same samples
+    for tight_row, roomy_row in zip(tight_rows, roomy_rows):  # and their log-probs, before and after the preemption
+        assert tight_row.token_ids == roomy_row.token_ids and len(tight_row.logprobs) == tight_row.num_tokens
+        assert tight_row.logprobs == pytest.approx(roomy_row.logprobs, abs=1e-4)
     assert "rows start while pages last" in caplog.text and "resumed later" in caplog.text
     monkeypatch.setattr(cache, "free_bytes", lambda device: cache.working_bytes(model, 8) + page_bytes)
     with pytest.raises(RuntimeError, match="not enough memory for the KV cache.*Lower max_new_tokens"):
@@ -501,3 +504,28 @@ def test_an_unknown_backend_fails_at_start_naming_the_allowed_ones():
 
     with pytest.raises(ValueError, match=r"generation.backend: got 'vllm'; allowed: auto, paged, hf"):
         preflight.check(compose("generation.backend=vllm"))
+
+
+@pytest.mark.parametrize("backend", ["paged", "hf"])
+def test_the_engines_logprobs_are_a_forward_pass_of_the_same_model(fixed_model, backend):
+    from looper.engine import BACKENDS
+    from looper.engine.interface import Request
+
+    cfg, model, tokenizer = fixed_model
+    texts = _prompts(cfg, tokenizer, n=4)
+    # sampled at two temperatures and greedy, rows of different lengths
+    settings = [(0.7, 0.9), (1.3, 1.0), (0.0, 1.0), (1.0, 0.5)]
+    requests = [Request(p, 6 + 5 * k, t, top_p, seed=k) for k, (p, (t, top_p)) in enumerate(zip(texts, settings))]
+    generator = BACKENDS[backend](model, tokenizer, 3)
+    plain, _ = generator.generate(requests)
+    got, _ = generator.generate(requests, logprobs=True)
+    assert [g.text for g in got] == [g.text for g in plain] and plain[0].logprobs is None
+    for request, g in zip(requests, got):
+        assert g.prompt_ids == prompts.encode_prompt(tokenizer, request.prompt)
+        assert len(g.token_ids) == len(g.logprobs) == g.num_tokens and tokenizer.decode(g.token_ids) == g.text
+        ids = torch.tensor([g.prompt_ids + g.token_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(g.prompt_ids) - 1 : -1].float()
+        scale = request.temperature if request.temperature > 0 else 1.0
+        expected = (logits / scale).log_softmax(-1).gather(1, torch.tensor(g.token_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(g.logprobs), expected, atol=1e-4), (backend, request.temperature)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from looper import prompts
 from looper.engine.interface import Generation, GenerationStats, Generator, Request, eos_ids
+from looper.engine.sampling import chosen_logprob as sampling_logprob
 
 
 class HFGenerator(Generator):
@@ -31,6 +32,7 @@ class HFGenerator(Generator):
         requests: Sequence[Request],
         on_result: Optional[Callable[[int, Generation], None]] = None,
         desc: Optional[str] = None,
+        logprobs: bool = False,
     ) -> tuple[list[Generation], GenerationStats]:
         self.check(requests)
         tokenizer, stops = self.tokenizer, eos_ids(self.model, self.tokenizer)
@@ -43,7 +45,8 @@ class HFGenerator(Generator):
         bar = tqdm(total=len(requests), desc=desc, unit="seq", leave=False, disable=desc is None)
         start = time.time()
         for rows in batches:
-            for i, tokens in zip(rows, self._decode([encoded[i] for i in rows], [requests[i] for i in rows], stops)):
+            decoded = self._decode([encoded[i] for i in rows], [requests[i] for i in rows], stops, logprobs)
+            for i, (tokens, chosen) in zip(rows, decoded):
                 limit = requests[i].max_new_tokens
                 tokens = tokens[:limit]  # (a batch decodes to its longest limit; greedy prefixes are the same)
                 end = next((k for k, t in enumerate(tokens) if t in stops), None)
@@ -53,6 +56,10 @@ class HFGenerator(Generator):
                     len(tokens) if end is None else end + 1,
                     "length" if end is None else "stop",
                 )
+                if logprobs:
+                    kept = results[i].num_tokens
+                    results[i].prompt_ids, results[i].token_ids = encoded[i], tokens[:kept]
+                    results[i].logprobs = chosen[:kept]
                 stats.real_tokens += results[i].num_tokens
                 bar.update(1)
                 if on_result is not None:
@@ -61,8 +68,9 @@ class HFGenerator(Generator):
         stats.seconds = time.time() - start
         return results, stats
 
-    def _decode(self, prompts: list[list[int]], requests: list[Request], stops: list[int]) -> list[list[int]]:
-        """The generated ids of `prompts` decoded together (left-padded), to the longest of their limits."""
+    def _decode(self, prompts: list[list[int]], requests: list[Request], stops: list[int], logprobs: bool) -> list:
+        """(generated ids, their log-probs or None) of `prompts` decoded together (left-padded), to the longest of
+        their limits (the logits are kept only with `logprobs`: a whole batch's are large)."""
         width = max(map(len, prompts))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
@@ -82,6 +90,14 @@ class HFGenerator(Generator):
                 max_new_tokens=max(r.max_new_tokens for r in requests),
                 eos_token_id=stops,
                 pad_token_id=pad,
+                return_dict_in_generate=True,
+                output_logits=logprobs,
                 **sampling,
             )
-        return out[:, width:].tolist()
+        generated = out.sequences[:, width:]
+        if not logprobs:
+            return [(tokens, None) for tokens in generated.tolist()]
+        logits = torch.stack(out.logits, dim=1)  # [rows, steps, vocab], before any sampling processor
+        temperature = torch.full((logits.shape[0] * logits.shape[1],), float(first.temperature), device=logits.device)
+        chosen = sampling_logprob(logits.flatten(0, 1), generated.flatten(), temperature).view(generated.shape)
+        return list(zip(generated.tolist(), chosen.tolist()))

@@ -15,7 +15,10 @@ never name one. It must:
 - decode greedily where a request's temperature is 0; where it samples, draw from that request's own seed, so that its
   output does not depend on the other requests of the call (the `paged` backend's draws depend on the seed and step
   only; a backend that cannot promise it says so in its docstring);
-- fill the `GenerationStats` fields it can measure and leave the others at their defaults.
+- fill the `GenerationStats` fields it can measure and leave the others at their defaults;
+- with `logprobs=True`, give each `Generation` its prompt ids, generated ids and each generated id's log-probability
+  under the model's distribution at the row's temperature (1 where greedy), before top-p: what a forward pass of the
+  same model over prompt and completion gives (`sampling.chosen_logprob`; online RL's sampling log-probs).
 
 `tests/test_generation.py` registers a third backend in a few lines to show the seam.
 """
@@ -38,6 +41,9 @@ class Generation:
     text: str  # decoded completion, special tokens removed
     num_tokens: int  # generated tokens up to and including EOS
     finish_reason: str  # "stop" (EOS) or "length" (hit max_new_tokens)
+    prompt_ids: Optional[list] = None  # the prompt as the model saw it (one BOS), with `logprobs=True`
+    token_ids: Optional[list] = None  # the generated ids up to and including EOS, with `logprobs=True`
+    logprobs: Optional[list] = None  # per generated id: its log-probability (`sampling.chosen_logprob`)
 
 
 def _figure(help: str, default=0, kept: bool = True):
@@ -104,9 +110,10 @@ class Generator:
         requests: Sequence[Request],
         on_result: Optional[Callable[[int, Generation], None]] = None,
         desc: Optional[str] = None,
+        logprobs: bool = False,
     ) -> tuple[list[Generation], GenerationStats]:
         """Complete `requests`; returns their generations in request order and the call's figures. `desc` names a
-        progress bar (None: no bar)."""
+        progress bar (None: no bar); `logprobs` adds the ids and their log-probabilities to each generation."""
         raise NotImplementedError
 
     @staticmethod

@@ -46,6 +46,7 @@ class PagedGenerator(Generator):
         requests: Sequence[Request],
         on_result: Optional[Callable[[int, Generation], None]] = None,
         desc: Optional[str] = None,
+        logprobs: bool = False,
     ) -> tuple[list[Generation], GenerationStats]:
         self.check(requests)
         figures = {}
@@ -63,6 +64,7 @@ class PagedGenerator(Generator):
             stats=figures,
             desc=desc,
             compile_decode=self.compile_decode,
+            logprobs=logprobs,
         )
         return results, GenerationStats(**figures) if figures else GenerationStats(backend=self.name)
 
@@ -88,14 +90,16 @@ def generate(
     stats: Optional[dict] = None,
     desc: Optional[str] = "generate",
     compile_decode: bool = False,
+    logprobs: bool = False,
 ) -> list[Generation]:
     """The engine called directly (tests and benchmarks; the pipeline goes through `PagedGenerator`): complete each
     prompt, `batch_size` rows decoding at a time, greedy where a row's temperature is 0, else sampled with that row's
     `temperature`, `top_p` and seed (each one per prompt, or one value for all). `max_new_tokens` may be per row. Freed
     slots are refilled once a `refill_at` share of them is free (one prefill serves them all). `on_result(i,
     generation)` is called as prompt i finishes; `stats`, a dict, receives the `GenerationStats` fields. `desc=None`
-    shows no progress bar. `compile_decode` runs the decode step's model forward through torch.compile. Prompts are
-    tokenized with exactly one BOS (`prompts.encode_prompt`) unless `add_special_tokens` says otherwise."""
+    shows no progress bar. `compile_decode` runs the decode step's model forward through torch.compile; `logprobs` gives
+    each generation its ids and their log-probabilities (`interface.Generation`). Prompts are tokenized with exactly one
+    BOS (`prompts.encode_prompt`) unless `add_special_tokens` says otherwise."""
     n = len(prompts)
     temperatures, top_ps = _per_row(temperature, n), _per_row(top_p, n)
     limits = _per_row(max_new_tokens, n)
@@ -123,6 +127,7 @@ def generate(
             max(min(batch_size, n), 2 if compile_decode else 1),
             compile_decode,
             eos_ids(model, tokenizer),
+            logprobs,
         )
         bar = tqdm(total=n, desc=desc, unit="seq", leave=False, disable=desc is None)
         start = time.time()

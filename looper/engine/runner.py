@@ -41,14 +41,15 @@ class AttentionSwitch:
 _CACHE_KEYWORD: dict = {}  # model class -> its forward's name for the KV cache (filled outside torch.compile)
 
 
-def cache_keyword(model_class) -> str:
+def cache_keyword(model) -> str:
     """The forward's name for the KV cache: `cache` in the transformers releases that renamed it (where the old
-    `past_key_values` warns that it goes in 5.40), `past_key_values` before. Looked up once per class, by the runner,
-    so the compiled decode step only reads a dict."""
-    if model_class not in _CACHE_KEYWORD:
-        names = inspect.signature(model_class.forward).parameters
-        _CACHE_KEYWORD[model_class] = "cache" if "cache" in names else "past_key_values"
-    return _CACHE_KEYWORD[model_class]
+    `past_key_values` warns that it goes in 5.40), `past_key_values` before; a PEFT model's is its base model's (it
+    passes the keyword on). Looked up once per class, by the runner, so the compiled decode step only reads a dict."""
+    if type(model) not in _CACHE_KEYWORD:
+        base = getattr(model, "get_base_model", lambda: model)()
+        names = inspect.signature(type(base).forward).parameters
+        _CACHE_KEYWORD[type(model)] = "cache" if "cache" in names else "past_key_values"
+    return _CACHE_KEYWORD[type(model)]
 
 
 def logits_at(model, cache, ids, positions, keep, **attention_args):
@@ -58,7 +59,7 @@ def logits_at(model, cache, ids, positions, keep, **attention_args):
     return model(
         input_ids=ids,
         position_ids=positions,
-        **{_CACHE_KEYWORD.get(type(model)) or cache_keyword(type(model)): cache},
+        **{_CACHE_KEYWORD.get(type(model)) or cache_keyword(model): cache},
         use_cache=True,
         logits_to_keep=keep,
         **attention_args,
@@ -84,12 +85,16 @@ def compiled_decode_logits(backend: str):
 class ModelRunner:
     """The forwards of one generate call over `cache`, and the `slots`' device state: `state` (per slot its KV length,
     which is its next write position and token position; whether it is live; its step; its sampling settings),
-    `tokens` (each slot's last token, the next step's input) and `next_tokens` (what the step chose)."""
+    `tokens` (each slot's last token, the next step's input) and `next_tokens` (what the step chose); with
+    `logprobs`, `chosen_logprobs` / `next_logprobs` (their log-probabilities, `sampling.chosen_logprob`)."""
 
-    def __init__(self, model, cache: PagedCache, sampling_rows: bool, nucleus: bool, compile_decode: bool):
+    def __init__(
+        self, model, cache: PagedCache, sampling_rows: bool, nucleus: bool, compile_decode: bool, logprobs=False
+    ):
         self.model, self.cache, self.device = model, cache, model.device
+        self.logprobs = logprobs
         self.sampling, self.nucleus = sampling_rows, nucleus
-        cache_keyword(type(model))
+        cache_keyword(model)
         quantized = is_quantized(model)
         if compile_decode and quantized:  # bitsandbytes layers are neither captured nor compiled here
             log.warning("generation.compile: not for a quantized model; decoding uncompiled")
@@ -136,6 +141,8 @@ class ModelRunner:
         }
         self.tokens = torch.zeros(slots, **zeros)
         self.next_tokens = torch.zeros(slots, **zeros)
+        self.chosen_logprobs = torch.zeros(slots, device=self.device)
+        self.next_logprobs = torch.zeros(slots, device=self.device)
 
     # ------------------------------------------------------------------------------------------------ prefill
 
@@ -220,6 +227,9 @@ class ModelRunner:
             self.sampling,
             self.nucleus,
         )
+        if self.logprobs:
+            chosen = sampling.chosen_logprob(logits, self.tokens[where], state["temperature"][where])
+            self.chosen_logprobs[where] = chosen
         state["step"][where] += 1
 
     def resume(self, slots: list[int], produced: list[list[int]]) -> None:
@@ -239,6 +249,7 @@ class ModelRunner:
         where = torch.tensor(slots, device=self.device)
         self.state = {k: v[where] for k, v in self.state.items()}
         self.tokens, self.next_tokens = self.tokens[where], self.next_tokens[where]
+        self.chosen_logprobs, self.next_logprobs = self.chosen_logprobs[where], self.next_logprobs[where]
         # the graphs read the old tensors; their pool goes with them (capturing into a pool whose graphs are all gone
         # trips an allocator assertion)
         self.graphs.clear()
@@ -255,6 +266,8 @@ class ModelRunner:
         else:
             self._step()
         self.tokens.copy_(self.next_tokens)
+        if self.logprobs:
+            self.chosen_logprobs.copy_(self.next_logprobs)
         self.state["length"] += self.state["live"]
         self.state["step"] += 1
 
@@ -272,6 +285,8 @@ class ModelRunner:
                 logits, state["seed"], state["step"], state["temperature"], state["top_p"], self.sampling, self.nucleus
             )
         )
+        if self.logprobs:
+            self.next_logprobs.copy_(sampling.chosen_logprob(logits, self.next_tokens, state["temperature"]))
 
     def _replay(self) -> None:
         shape = (self.cache.slots, self.width)

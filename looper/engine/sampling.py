@@ -67,6 +67,13 @@ def _torch_choice(logits, row, temperatures, top_ps, nucleus):
     return torch.where(greedy[:, None], logits, logits + gumbel).argmax(dim=-1)
 
 
+def chosen_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """Per row, the log-probability of `tokens` under the logits at the row's temperature (1 where it is greedy),
+    before top-p: the sampling log-prob an online-RL trainer compares with its own forward pass."""
+    scale = torch.where(temperatures > 0, temperatures, torch.ones_like(temperatures))
+    return (logits.float() / scale[:, None]).log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_sampler(device: torch.device) -> bool:
     """Whether `seeded_choice` runs as `kernels.triton_sampling`'s kernel here: on CUDA, when the kernel compiles and

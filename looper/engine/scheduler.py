@@ -78,7 +78,20 @@ class Scheduler:
     and when it started; the queue of prompts not yet started (and the tokens of preempted ones); the results. The
     runner holds the same slots' state on the device."""
 
-    def __init__(self, model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots, compile_decode, eos_ids):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        encoded,
+        limits,
+        temperatures,
+        top_ps,
+        seeds,
+        slots,
+        compile_decode,
+        eos_ids,
+        logprobs=False,
+    ):
         self.tokenizer, self.encoded, self.limits = tokenizer, encoded, limits
         self.settings = (temperatures, top_ps, seeds)
         self.eos_ids = set(eos_ids)
@@ -93,8 +106,9 @@ class Scheduler:
         pool = pages_that_fit(model, slots, self.capacity // PAGE)
         self.cache = PagedCache(text.num_hidden_layers, slots, pool, self.capacity // PAGE, self.device)
         self.runner = ModelRunner(
-            model, self.cache, any(t > 0 for t in temperatures), any(p < 1 for p in top_ps), compile_decode
+            model, self.cache, any(t > 0 for t in temperatures), any(p < 1 for p in top_ps), compile_decode, logprobs
         )
+        self.logprobs: Optional[dict[int, list[float]]] = {} if logprobs else None  # per prompt, its tokens' logprobs
         # a prefill starts rows only while this many pages stay free besides theirs: the next step can then give
         # every row a page, so a row started is not taken back before it has decoded (where the pool holds a page
         # per slot beyond one slot's worst case; a smaller pool keeps what it can)
@@ -291,7 +305,8 @@ class Scheduler:
                 back = [slot for slot in where if self.produced[slot]]
                 self.runner.resume(back, [self.produced[slot] for slot in back])
             # (it waits for the chosen tokens: the time below is the GPU's)
-            finished = list(self.collect(fresh, self.runner.tokens.tolist()))
+            chosen = self.runner.chosen_logprobs.tolist() if self.logprobs is not None else None
+            finished = list(self.collect(fresh, self.runner.tokens.tolist(), chosen))
             self.counts["prefill_seconds"] += time.perf_counter() - start
             yield from finished
             start = time.perf_counter()
@@ -351,14 +366,15 @@ class Scheduler:
         for slot in live:
             self.length[slot] += 1
         done = None
-        tokens = self.runner.tokens
+        tokens, chosen = self.runner.tokens, self.runner.chosen_logprobs if self.logprobs is not None else None
         if tokens.is_cuda:
             host = tokens.to("cpu", non_blocking=True)  # (into pinned memory)
+            chosen = chosen.to("cpu", non_blocking=True) if chosen is not None else None
             done = torch.cuda.Event()
             done.record()
         else:
-            host = tokens.clone()
-        launched = (live, [self.owner[s] for s in live], host, done)  # owners as they are now, before collecting
+            host, chosen = tokens.clone(), chosen.clone() if chosen is not None else None
+        launched = (live, [self.owner[s] for s in live], host, done, chosen)  # owners as they are now
         if self.pending is not None:
             yield from self.collect_pending()
         self.pending = launched
@@ -366,24 +382,30 @@ class Scheduler:
     def collect_pending(self):
         """Collect the last decode step launched (its rows as they were then: a row that ended one step earlier
         has computed a token that is not its own)."""
-        live, owners, tokens, done = self.pending
+        live, owners, tokens, done, chosen = self.pending
         self.pending = None
         if done is not None:
             done.synchronize()
-        yield from self.collect([s for s, i in zip(live, owners) if self.owner[s] == i], tokens.tolist())
+        chosen = chosen.tolist() if chosen is not None else None
+        yield from self.collect([s for s, i in zip(live, owners) if self.owner[s] == i], tokens.tolist(), chosen)
 
-    def collect(self, slots: list[int], tokens: list[int]):
-        """Record `tokens[slot]` for each of `slots`; a row that ends frees its slot."""
+    def collect(self, slots: list[int], tokens: list[int], logprobs: Optional[list[float]] = None):
+        """Record `tokens[slot]` (and its log-prob) for each of `slots`; a row that ends frees its slot."""
         freed = []
         for slot in slots:
             i, produced = self.owner[slot], self.produced[slot]
             produced.append(tokens[slot])
+            if self.logprobs is not None:
+                self.logprobs.setdefault(i, []).append(logprobs[slot])
             stop = tokens[slot] in self.eos_ids
             if stop or len(produced) >= self.limits[i]:
                 body = produced[:-1] if stop else produced
                 self.results[i] = Generation(
                     self.tokenizer.decode(body, skip_special_tokens=True), len(produced), "stop" if stop else "length"
                 )
+                if self.logprobs is not None:
+                    self.results[i].prompt_ids, self.results[i].token_ids = list(self.encoded[i]), list(produced)
+                    self.results[i].logprobs = self.logprobs.pop(i)
                 self.real_tokens += len(produced)
                 freed.append(slot)
                 yield i, self.results[i]
