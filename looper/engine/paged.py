@@ -127,8 +127,9 @@ def generate(
             max(min(batch_size, n), 2 if compile_decode else 1),
             compile_decode,
             eos_ids(model, tokenizer),
-            logprobs,
         )
+        if logprobs:
+            scheduler.keep_logprobs()
         bar = tqdm(total=n, desc=desc, unit="seq", leave=False, disable=desc is None)
         start = time.time()
         for i, result in scheduler.run(refill_at):

@@ -78,20 +78,7 @@ class Scheduler:
     and when it started; the queue of prompts not yet started (and the tokens of preempted ones); the results. The
     runner holds the same slots' state on the device."""
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        encoded,
-        limits,
-        temperatures,
-        top_ps,
-        seeds,
-        slots,
-        compile_decode,
-        eos_ids,
-        logprobs=False,
-    ):
+    def __init__(self, model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots, compile_decode, eos_ids):
         self.tokenizer, self.encoded, self.limits = tokenizer, encoded, limits
         self.settings = (temperatures, top_ps, seeds)
         self.eos_ids = set(eos_ids)
@@ -106,9 +93,9 @@ class Scheduler:
         pool = pages_that_fit(model, slots, self.capacity // PAGE)
         self.cache = PagedCache(text.num_hidden_layers, slots, pool, self.capacity // PAGE, self.device)
         self.runner = ModelRunner(
-            model, self.cache, any(t > 0 for t in temperatures), any(p < 1 for p in top_ps), compile_decode, logprobs
+            model, self.cache, any(t > 0 for t in temperatures), any(p < 1 for p in top_ps), compile_decode
         )
-        self.logprobs: Optional[dict[int, list[float]]] = {} if logprobs else None  # per prompt, its tokens' logprobs
+        self.logprobs: Optional[dict[int, list[float]]] = None  # per prompt, its tokens' log-probs (`keep_logprobs`)
         # a prefill starts rows only while this many pages stay free besides theirs: the next step can then give
         # every row a page, so a row started is not taken back before it has decoded (where the pool holds a page
         # per slot beyond one slot's worst case; a smaller pool keeps what it can)
@@ -137,6 +124,10 @@ class Scheduler:
             "kv_shared_positions": 0,
             "slots": slots,
         }
+
+    def keep_logprobs(self) -> None:
+        """Record each generated token's log-prob (call before `run`: the decode step, graphs included, computes it)."""
+        self.logprobs, self.runner.logprobs = {}, True
 
     def run(self, refill_at: float):
         """Yields (prompt index, Generation) as rows finish. A decode step's tokens are read while the next step
