@@ -51,15 +51,22 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
     its path) and, when eval ran, what it measured and the objective it returns: the primary-scorer accuracy of the
     last of `eval.targets` on a dev split (`evaluation.objective_dataset`; what a sweep ranks by and an Optuna search
     maximises), never a test set unless `eval.select_on` asks for one."""
-    from looper import credit, distributed, preflight
-    from looper.artifacts import ArtifactStore
-    from looper.pipeline import Pipeline
-    from looper.stages import evaluation
+    from looper import preflight, tracking
 
     try:
         preflight.check(cfg)  # bad data, counts or limits stop the run here, before anything expensive starts
     except (ValueError, FileNotFoundError) as error:
         refuse(error)
+    with tracking.job_run(cfg, run_dir):  # the job's one W&B run: every stage it builds or reuses, eval's results
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: Config, run_dir: Path) -> Optional[float]:
+    from looper import credit, distributed, tracking
+    from looper.artifacts import ArtifactStore
+    from looper.pipeline import Pipeline
+    from looper.stages import evaluation
+
     store = ArtifactStore(Path(cfg.paths.artifacts), run_dir / "artifacts.jsonl", cfg.paths.verify)
     graph = Pipeline(cfg, store)
     results = graph.run(cfg.stage.name, run_dir)
@@ -78,6 +85,9 @@ def run(cfg: Config, run_dir: Path) -> Optional[float]:
         "artifacts": [{"stage": stage, "path": str(path), "status": "reused"} for stage, path in store.reused]
         + [{"stage": path.parent.name, "path": str(path), "status": "built"} for path in store.made],
     }
+    wandb_run = tracking.current().run
+    if wandb_run is not None:
+        summary["wandb"] = {"id": wandb_run.id, "name": wandb_run.name, "group": wandb_run.group}
     objective = None
     if results is not None:
         print((run_dir / "eval_table.md").read_text(), flush=True)  # the headline result, whatever the logging setup
@@ -137,9 +147,28 @@ def main(raw: DictConfig) -> Optional[float]:
         return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
+def app_help() -> str:
+    """Hydra's `--help` page (the template in conf/config.yaml, `hydra.help.template`) with the config groups listed
+    from conf/ directly. Hydra lists them by copying its whole config store once per group: seconds for a page of
+    text. (`tests/test_config.py` checks the page equals Hydra's own.)"""
+    import string
+
+    import yaml
+
+    root = config.conf_dir()
+    template = yaml.safe_load((root / "config.yaml").read_text())["hydra"]["help"]["template"]
+    groups = [g for g in sorted(root.iterdir()) if g.is_dir() and g.name != "hydra" and any(g.glob("*.yaml"))]
+    listing = "".join(f"{g.name}: {', '.join(sorted(p.stem for p in g.glob('*.yaml')))}\n" for g in groups)
+    return string.Template(template).substitute(APP_CONFIG_GROUPS=listing)
+
+
 def cli() -> None:
-    """The `looper` command: a key the schema does not declare is refused before Hydra composes (Hydra would answer
-    a plain `key=value` typo with its own error and no suggestion), then the run."""
+    """The `looper` command: `--help` answered at once (`app_help`); a key the schema does not declare is refused
+    before Hydra composes (Hydra would answer a plain `key=value` typo with its own error and no suggestion); then
+    the run."""
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        print(app_help())
+        return
     message = config.unknown_overrides(sys.argv[1:])
     if message:
         print(f"looper: {message}", file=sys.stderr, flush=True)

@@ -58,8 +58,20 @@ def side_by_side(records: dict, dataset: str, targets: list[str], scorer: str) -
 
 
 def log(tracker, results: list[dict], records: dict, scorers: list[str], primary: str, run_dir: Optional[Path]):
-    """Everything above into the eval run."""
-    tracker.summary(metrics(results, records, scorers))
+    """Everything above into the job's run. The primary accuracies are also logged as values (so a project's panels
+    and runs table compare them across runs) and drawn as a bar chart per dataset."""
+    values = metrics(results, records, scorers)
+    tracker.summary(values)
+    tracker.log({key: v for key, v in values.items() if key.endswith(f"/acc_{primary}")})
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        rows = [r for r in results if r["dataset"] == dataset]
+        tracker.bars(
+            f"eval/{dataset}/accuracy_chart",
+            [r["target"] for r in rows],
+            [100 * r[f"acc_{primary}"] for r in rows],
+            f"{dataset}: accuracy ({primary}, %, n={rows[0]['n']})",
+            "accuracy %",
+        )
     table = []
     for r in results:
         row = {"dataset": r["dataset"], "target": r["target"], "n": r["n"]}

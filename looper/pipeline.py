@@ -86,7 +86,6 @@ class Pipeline:
     def __init__(self, cfg: Config, store: ArtifactStore):
         self.cfg, self.store = cfg, store
         self.resolved: dict[str, str] = {}
-        self.lineage_reads: dict[str, set] = {}  # the keys each resolved artifact and its upstreams read
 
     def artifact(self, name: str) -> Union[Path, str]:
         """The artifact of stage `name`, building it and its upstreams where needed; for `base`, the base model's
@@ -97,20 +96,17 @@ class Pipeline:
                 return self.resolved[name]
             stage = STAGES[name]
             needs = declared(stage.NEEDS, self.cfg)
-            up = {need: self.artifact(need) for need in needs}  # (their runs finish before this one opens)
+            up = {need: self.artifact(need) for need in needs}
             identity_up = dict(up)
             if name == "export":  # its model card reports the source's evaluations (cached like any other)
                 up["evaluations"] = self.evaluations(self.cfg.export.source)
                 identity_up.update({f"eval/{p.name}": p for p in up["evaluations"]})
             key = stage_spec(self.cfg, self.store, name, identity_up)
-            reads = set(key["reads"]).union(*(self.lineage_reads.get(need, set()) for need in needs))
-            self.lineage_reads[name] = reads
-            if name == "base":  # (no W&B run of its own: it is the tiny model, built once)
-                self.resolved[name] = str(self._ensure(stage, name, key, up))
+            path = self._ensure(stage, name, key, up)
+            if name == "base":  # (not in the lineage: the tiny model, built once, or the model named)
+                self.resolved[name] = str(path)
                 return self.resolved[name]
-            with tracking.stage_run(self.cfg, name, reads) as tracker:  # open while the stage works: live curves
-                path = self._ensure(stage, name, key, up)
-                self._lineage(tracker, name, path, {need: up[need] for need in needs})
+            self._lineage(tracking.current(), name, path, {need: up[need] for need in needs})
             self.resolved[name] = str(path)
         return Path(self.resolved[name]) if name != "base" else self.resolved[name]
 

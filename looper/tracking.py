@@ -1,9 +1,12 @@
-"""Weights & Biases: one run per stage execution, always finished, never allowed to lose results on disk.
+"""Weights & Biases: one run per job, always finished, never allowed to lose results on disk.
 
-`stage_run` opens a run (`group` = the sweep or experiment, `job_type` = the stage, `name` = the job's overrides,
-`config` = the resolved config) on rank 0 only, and yields a `Tracker` whose calls swallow and report W&B errors;
-`current()` is the open run's Tracker (a no-op one outside a run), so code deep in a stage logs progress without
-being handed it. TRL trainers log their curves into the same run through `report_to="wandb"`.
+`job_run` opens the job's run (`group` = the experiment and the sweep or day, `job_type` = the stage asked for,
+`name` = stage, experiment and what the job varies, `config` = the resolved config) on rank 0 only, and yields a
+`Tracker` whose calls swallow and report W&B errors; `current()` is the open run's Tracker (a no-op one outside a
+run), so code deep in a stage logs without being handed it. Each stage logs under its own section (`sft/...`); the
+trainers' curves come through `TrainerLog` (`sft/loss` over `sft/step`), so two trainers in one run never mix. A job
+stopped before it finished (killed, preempted) continues its run when the same command runs again: the run id is kept
+per job under `<paths.artifacts>/.wandb_runs/`.
 
 Every stage artifact is also a W&B artifact named `<stage>-<key>` (files up to `logger.upload_limit_mb` uploaded,
 larger ones referenced by path): the run that made it logs it, a run that builds on it or reuses it uses it, so W&B's
@@ -11,11 +14,13 @@ lineage graph follows the pipeline across jobs and sweeps. Offline runs record b
 uploads them).
 """
 
+import hashlib
 import json
 import logging
 import netrc
 import os
 import shutil
+import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -60,28 +65,26 @@ def _is_swept(override: str) -> bool:
     return "," in value or value.startswith(("range(", "choice(", "interval(", "glob("))
 
 
-# overrides that say where things go or how they are logged: never part of a run's name
+# overrides never part of a run's name: where things go, how they are logged, and what the name says already
 PLACES = ("paths.", "hydra.", "logger.")
-NAME_LENGTH = 80  # a run name longer than this is cut (W&B's tables and legends show about this much)
+NAMED = ("stage", "experiment")
+NAME_LENGTH = 80  # a run name's overrides longer than this are cut (W&B's tables and legends show about this much)
 
 
-def _reads_key(key: str, reads: set) -> bool:
-    """Whether an override's key (`reward.beta`, or a group choice such as `lora`) is among the keys a stage reads."""
-    return key in reads or any(r.startswith(key + ".") or key.startswith(r + ".") for r in reads)
+def run_name(job_overrides: list[str], sweep_overrides: Optional[list[str]]) -> str:
+    """What a job's run name shows after its stage and experiment: in a sweep, the job's values of the swept keys
+    (and of keys a sweeper such as Optuna set); otherwise the job's overrides, less where things go (`paths.*`,
+    `hydra.*`, `logger.*`). Cut at `NAME_LENGTH` characters; empty when nothing is left."""
 
+    def shown(override: str) -> bool:
+        key = override_key(override)
+        return not key.startswith(PLACES) and key not in NAMED
 
-def run_name(job_overrides: list[str], sweep_overrides: Optional[list[str]], reads: Optional[set] = None) -> str:
-    """A run's name: in a sweep, the job's values of the swept keys (and of keys a sweeper such as Optuna set);
-    otherwise the job's overrides, less where things go (`paths.*`, `hydra.*`, `logger.*`). With `reads` (the keys
-    the stage's artifact and its upstreams depend on: looper/pipeline.py), only those: a reused rollout is not named
-    by a DPO setting. Cut at `NAME_LENGTH` characters; empty when nothing is left (the run is named by its stage)."""
     if sweep_overrides is None:
-        chosen = [o for o in job_overrides if not override_key(o).startswith(PLACES)]
+        chosen = [o for o in job_overrides if shown(o)]
     else:
         fixed = {override_key(o) for o in sweep_overrides if not _is_swept(o)}
-        chosen = [o for o in job_overrides if override_key(o) not in fixed and not override_key(o).startswith(PLACES)]
-    if reads is not None:
-        chosen = [o for o in chosen if _reads_key(override_key(o), reads)]
+        chosen = [o for o in job_overrides if override_key(o) not in fixed and shown(o)]
     name = ",".join(chosen)
     return name if len(name) <= NAME_LENGTH else name[: NAME_LENGTH - 1] + "…"
 
@@ -96,7 +99,7 @@ def group_name(cfg: Config, sweep_dir: Optional[Path], today: str) -> str:
     return f"{cfg.experiment}-{today}"
 
 
-def _hydra_context(reads: Optional[set] = None) -> tuple[Optional[str], Optional[Path], Optional[Path]]:
+def _hydra_context() -> tuple[Optional[str], Optional[Path], Optional[Path]]:
     """(run name from overrides, sweep directory in multirun, the job's output dir), where Hydra runs."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -112,7 +115,7 @@ def _hydra_context(reads: Optional[set] = None) -> tuple[Optional[str], Optional
         saved = Path(hydra.sweep.dir) / "multirun.yaml"
         if saved.exists():
             sweep_overrides = list(OmegaConf.load(saved).hydra.overrides.task)
-    return run_name(list(hydra.overrides.task), sweep_overrides, reads), sweep, Path(hydra.runtime.output_dir)
+    return run_name(list(hydra.overrides.task), sweep_overrides), sweep, Path(hydra.runtime.output_dir)
 
 
 def typed_rows(rows: list[dict]) -> tuple[list[str], list[list]]:
@@ -163,11 +166,7 @@ class Tracker:
 
     def __init__(self, run: Any = None, upload_limit_mb: float = 16.0):
         self.run, self.upload_limit_mb = run, upload_limit_mb
-
-    @property
-    def report_to(self) -> str:
-        """The `report_to` value for TRL/transformers trainers."""
-        return "wandb" if self.run is not None else "none"
+        self.recorded: set[Path] = set()  # artifacts this run logged or used (each once: many stages share one)
 
     def _call(self, what: str, fn, *args, **kwargs) -> None:
         if self.run is None:
@@ -237,9 +236,28 @@ class Tracker:
 
         self._call("lines", _log)
 
+    def bars(self, key: str, labels: list[str], values: list[float], title: str, value_name: str) -> None:
+        """Log a W&B bar chart of `values`, one bar per label."""
+
+        def _log():
+            import wandb
+
+            table = wandb.Table(columns=["label", value_name], data=[[lab, v] for lab, v in zip(labels, values)])
+            self.run.log({key: wandb.plot.bar(table, "label", value_name, title=title)})
+
+        self._call("bars", _log)
+
     def produced(self, stage: str, path: Path) -> None:
         """Log the artifact this run made (its output in the lineage graph)."""
-        self._call("artifact", lambda: self.run.log_artifact(_artifact(stage, path, self.upload_limit_mb)))
+        if self._first(path):
+            self._call("artifact", lambda: self.run.log_artifact(_artifact(stage, path, self.upload_limit_mb)))
+
+    def _first(self, path: Path) -> bool:
+        """Whether `path` is new to this run (and remember it)."""
+        path = Path(path).resolve()
+        new = self.run is not None and path not in self.recorded
+        self.recorded.add(path)
+        return new
 
     def used(self, stage: str, path: Path) -> None:
         """Mark an existing artifact as this run's input: an upstream it built on, or the cached artifact it reused.
@@ -253,7 +271,8 @@ class Tracker:
             else:
                 self.run.use_artifact(artifact)
 
-        self._call("use_artifact", _use)
+        if self._first(path):
+            self._call("use_artifact", _use)
 
 
 def current() -> Tracker:
@@ -268,10 +287,53 @@ def keep_wandb_out(cfg: Config) -> None:
         sys.modules["wandb"] = None
 
 
+def _job_key(cfg: Config) -> str:
+    """Which job this is, for resuming its W&B run: its whole resolved config (the same command, the same key)."""
+    return hashlib.sha256(json.dumps(to_plain(cfg), sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def resume_id(record: Path) -> Optional[str]:
+    """The W&B run id to continue: that of the same job when it was stopped before finishing (killed, preempted,
+    crashed) and is not still running on this host; None starts a new run."""
+    if not record.exists():
+        return None
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if saved.get("finished"):
+        return None
+    if saved.get("host") == socket.gethostname() and _alive(saved.get("pid", -1)):
+        return None  # the same command, running now: its own run
+    return saved.get("id")
+
+
+def _mark(record: Path, **values) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(values))
+
+
+def run_label(cfg: Config, name: Optional[str]) -> str:
+    """A job's run name: its stage and experiment, then what it varies (`dpo tiny_demo dpo.beta=0.15`)."""
+    return " ".join(part for part in (cfg.stage.name, cfg.experiment, name) if part)
+
+
 @contextmanager
-def stage_run(cfg: Config, stage: str, reads: Optional[set] = None):
-    """A W&B run around one stage execution (or a no-op Tracker when logging is off or not rank 0); `reads`: the
-    config keys the stage's artifact depends on, which its run's name may show."""
+def job_run(cfg: Config, run_dir: Optional[Path] = None):
+    """The job's one W&B run (or a no-op Tracker when logging is off or not rank 0): every stage it builds logs into
+    it under its own section (`sft/...`, `rollout/...`), every artifact it builds or reuses is recorded (logged or
+    used), and a job stopped before finishing continues its run (same id) when the same command runs again.
+    `run_dir`: the job's directory (W&B's files and `wandb_runs.jsonl` go there; default: Hydra's, else W&B's own)."""
     if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled" or not is_main_process():
         _open.append(Tracker())
         try:
@@ -279,8 +341,11 @@ def stage_run(cfg: Config, stage: str, reads: Optional[set] = None):
         finally:
             _open.pop()
         return
-    name, sweep, job_dir = _hydra_context(reads)
+    name, sweep, job_dir = _hydra_context()
+    job_dir = run_dir or job_dir
     mode = cfg.logger.mode if cfg.logger.mode != "auto" else ("online" if _has_api_key() else "offline")
+    record = Path(cfg.paths.artifacts) / ".wandb_runs" / f"{_job_key(cfg)}.json"
+    previous = resume_id(record)
     run = None
     if cfg.logger.quiet:  # W&B's console output, its warnings from inside TRL's callbacks included, goes to its debug
         os.environ["WANDB_SILENT"] = "true"  # log instead (read when W&B first sets up in this process)
@@ -292,40 +357,36 @@ def stage_run(cfg: Config, stage: str, reads: Optional[set] = None):
             entity=cfg.logger.entity,
             mode=mode,
             group=group_name(cfg, sweep, time.strftime("%Y-%m-%d")),
-            job_type=stage,
-            name=f"{stage}:{name}" if name else stage,
+            job_type=cfg.stage.name,
+            name=run_label(cfg, name),
+            id=previous,
+            resume="allow" if previous else None,
             config=to_plain(cfg),
-            tags=[cfg.model.name],
+            tags=[cfg.model.name, cfg.experiment],
             dir=str(job_dir) if job_dir else None,
             settings=wandb.Settings(silent=True) if cfg.logger.quiet else None,
         )
         where = run.url if mode == "online" else run.dir
-        log.info("%s: W&B run %s (%s, group %s) -> %s", stage, run.name, mode, run.group, where)
+        how = "continued" if previous else "started"
+        log.info("W&B run %s %s (%s, group %s) -> %s", run.name, how, mode, run.group, where)
+        _mark(record, id=run.id, host=socket.gethostname(), pid=os.getpid(), finished=False)
     except Exception as error:
-        log.warning("W&B init failed; %s continues without tracking: %s", stage, error)
-    if run is not None and job_dir is not None:  # where to find this stage's run, from the job directory
+        log.warning("W&B init failed; the job continues without tracking: %s", error)
+    if run is not None and job_dir is not None:  # where to find the job's run, from its directory
+        entry = {"stage": cfg.stage.name, "id": run.id, "group": run.group, "name": run.name, "mode": mode}
         with open(job_dir / "wandb_runs.jsonl", "a") as handle:
-            handle.write(
-                json.dumps(
-                    {
-                        "stage": stage,
-                        "id": run.id,
-                        "group": run.group,
-                        "name": run.name,
-                        "job_type": stage,
-                        "mode": mode,
-                        "dir": run.dir,
-                    }
-                )
-                + "\n"
-            )
+            handle.write(json.dumps({**entry, "job_type": cfg.stage.name, "dir": run.dir}) + "\n")
     _open.append(Tracker(run, cfg.logger.upload_limit_mb))
+    finished = False
     try:
         yield _open[-1]
+        finished = True
     finally:
         _open.pop()
         if run is not None:
             try:
-                run.finish()
+                run.finish(exit_code=0 if finished else 1)
             except Exception as error:
                 log.warning("W&B finish failed (results on disk are unaffected): %s", error)
+            if finished:
+                _mark(record, id=run.id, finished=True)

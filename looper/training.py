@@ -1,5 +1,6 @@
 """What the SFT and DPO trainers share: the LoRA config, the device flags, the trainer arguments (named keys,
-the TRL pass-through, checkpoints), resuming from a checkpoint and the divergence check.
+the TRL pass-through, checkpoints), resuming from a checkpoint, the divergence check, and the callback that logs a
+trainer into the job's W&B run.
 
 Owns nothing a stage builds; must never import a stage.
 """
@@ -14,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from looper import distributed, models
+from looper import distributed, models, tracking
 from looper.config import Config, LoraSettings
 
 log = logging.getLogger(__name__)
@@ -159,3 +160,48 @@ def ensure_finite(stage: str, trainer, final_loss: float, learning_rate_key: str
             f"inf{', e.g. ' + bad[0] if bad else ''}); nothing was saved. Lower {learning_rate_key} "
             f"(or check the data)"
         )
+
+
+def whole_run_loss(log_history: list[dict]) -> Optional[float]:
+    """The mean training loss over every step of a run, from the trainer's log history (each logged `loss` is the mean
+    since the previous log, weighted by its steps). A resumed trainer's own `training_loss` covers only the steps since
+    the checkpoint; its history, restored from the checkpoint, covers them all."""
+    total, previous = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    return total / previous if previous else None
+
+
+FINAL = ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
+
+
+def trainer_callbacks(stage: str) -> list:
+    """The callbacks that log a TRL/transformers trainer into the job's run (none without a run): its curves as
+    `<stage>/<key>` over `<stage>/step` (the optimizer step, which a resumed trainer continues), its arguments in the
+    run's config under `<stage>_trainer`, and at the end `<stage>/train_loss` over the whole run (`whole_run_loss`)."""
+    tracker = tracking.current()
+    if tracker.run is None:
+        return []
+    from transformers import TrainerCallback
+
+    class TrainerLog(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            def define():
+                tracker.run.define_metric(f"{stage}/step")
+                tracker.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+
+            tracker._call("define_metric", define)
+            tracker.config({f"{stage}_trainer": args.to_sanitized_dict()})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            numbers = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and k not in FINAL}
+            if numbers:
+                tracker.log({**{f"{stage}/{k}": v for k, v in numbers.items()}, f"{stage}/step": state.global_step})
+
+        def on_train_end(self, args, state, control, **kwargs):
+            loss = whole_run_loss(state.log_history)
+            tracker.summary({f"{stage}/train_loss": loss, f"{stage}/steps": state.global_step})
+
+    return [TrainerLog()]

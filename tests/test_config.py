@@ -296,3 +296,21 @@ def test_a_run_turns_off_the_libraries_progress_bars_for_trivial_work(monkeypatc
     quiet_libraries()
     assert not transformers.utils.logging.is_progress_bar_enabled() and not datasets.is_progress_bar_enabled()
     datasets.enable_progress_bars()
+
+
+def test_the_help_page_is_hydras_own_without_its_wait():
+    from looper.__main__ import app_help
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    hydras = subprocess.run(  # Hydra's --help, through the decorated main (cli() answers it itself)
+        [sys.executable, "-c", "import sys; from looper import __main__ as m; sys.argv[1:] = ['--help']; m.main()"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert hydras.returncode == 0, hydras.stderr[-2000:]
+    page = app_help()
+    assert "== Config groups (group=option) ==\narms: " in page and "stage: dpo, eval, export," in page
+    assert hydras.stdout == page + "\n"

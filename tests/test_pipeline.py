@@ -1,6 +1,7 @@
 """End to end through `python -m looper`: the pipeline, the cache across runs and sweeps, and bad data."""
 
 import json
+import os
 from pathlib import Path
 
 from looper import report
@@ -96,18 +97,16 @@ def test_a_sweep_shares_sft_and_rollout_and_logs_one_wandb_group(artifacts, tiny
     runs = [
         json.loads(line) for n in (0, 1) for line in (tmp_path / str(n) / "wandb_runs.jsonl").read_text().splitlines()
     ]
-    dpo_runs = [r for r in runs if r["stage"] == "dpo"]
-    assert len(dpo_runs) == 2 and len({r["id"] for r in dpo_runs}) == 2
+    assert len(runs) == 2 and len({r["id"] for r in runs}) == 2  # one run per job, the reused stages in it
     group = f"tiny_demo-{tmp_path.parent.name}-{tmp_path.name}"  # the experiment, and the sweep's directory
     assert {r["group"] for r in runs} == {group} and {r["mode"] for r in runs} == {"offline"}
-    assert {r["name"] for r in runs if r["stage"] in ("sft", "rollout")} <= {"sft", "rollout"}  # beta: not theirs
-    assert {r["name"] for r in dpo_runs} == {"dpo:dpo.beta=0.15", "dpo:dpo.beta=0.35"}
+    assert sorted(r["name"] for r in runs) == ["pipeline tiny_demo dpo.beta=0.15", "pipeline tiny_demo dpo.beta=0.35"]
     report.main([str(tmp_path)])  # one swept key: a line plot, no heatmap
     assert sorted(p.name for p in tmp_path.glob("sweep_*")) == ["sweep_dpo.beta.png", "sweep_dpo.beta.svg"]
     assert not list(tmp_path.glob("heatmap_*"))
     console = (result.stdout + result.stderr).splitlines()  # no W&B banners: one looper line per run says where
     assert [line for line in console if "wandb:" in line] == []
-    assert sum(": W&B run " in line for line in console) == len(runs)
+    assert sum("W&B run pipeline tiny_demo" in line for line in console) == len(runs)
 
 
 def test_a_malformed_data_line_stops_with_its_location_and_keeps_finished_artifacts(artifacts, tiny_sft, tmp_path):
@@ -136,24 +135,39 @@ def test_run_names_carry_what_the_sweep_varies():
     sweep = ["paths.artifacts=/x", "reward.alpha=0.5,1.0", "dpo.beta=range(0.1,0.3,0.1)", "seed=1"]
     job = ["paths.artifacts=/x", "reward.alpha=0.5", "dpo.beta=0.2", "seed=1", "reward.beta=0.7"]
     assert run_name(job, sweep) == "reward.alpha=0.5,dpo.beta=0.2,reward.beta=0.7"
-    assert run_name(["paths.artifacts=/x", "stage=dpo", "logger.mode=offline"], None) == "stage=dpo"
-    # a stage's run shows only what its artifact depends on (a reused rollout is not named by dpo.beta)
-    assert run_name(job, sweep, reads={"reward.alpha", "reward.beta", "arms"}) == "reward.alpha=0.5,reward.beta=0.7"
-    assert run_name(["lora=r64", "dpo.beta=0.1"], None, reads={"lora.r", "lora.alpha"}) == "lora=r64"
+    # the stage and the experiment lead the name already (run_label); where things go is never part of it
+    assert run_name(["paths.artifacts=/x", "stage=dpo", "experiment=e", "logger.mode=offline", "lora=r64"], None) == (
+        "lora=r64"
+    )
     assert len(run_name([f"+sft.trainer.k{i}=1" for i in range(40)], None)) == 80
 
 
-def test_a_wandb_failure_never_stops_a_stage(fast_cfg, monkeypatch):
+def test_a_run_stopped_before_it_finished_is_continued_and_a_finished_one_is_not(tmp_path):
+    import socket
+
+    from looper.tracking import resume_id
+
+    record = tmp_path / "job.json"
+    assert resume_id(record) is None  # never ran
+    record.write_text(json.dumps({"id": "abc", "host": socket.gethostname(), "pid": 2**22 + 7, "finished": False}))
+    assert resume_id(record) == "abc"  # killed: its process is gone
+    record.write_text(json.dumps({"id": "abc", "host": socket.gethostname(), "pid": os.getpid(), "finished": False}))
+    assert resume_id(record) is None  # the same command running now keeps its own run
+    record.write_text(json.dumps({"id": "abc", "finished": True}))
+    assert resume_id(record) is None
+
+
+def test_a_wandb_failure_never_stops_a_stage(fast_cfg, monkeypatch, tmp_path):
     import wandb
 
-    from looper.tracking import stage_run
+    from looper.tracking import job_run
 
     def broken(*args, **kwargs):
         raise RuntimeError("wandb is down")
 
     monkeypatch.setattr(wandb, "init", broken)
     cfg = fast_cfg("logger=wandb", "logger.mode=offline")
-    with stage_run(cfg, "sft") as tracker:  # init fails: the stage goes on untracked
+    with job_run(cfg, tmp_path) as tracker:  # init fails: the job goes on untracked
         tracker.summary({"x": 1})
         tracker.table("t", [{"a": 1}])
-        assert tracker.report_to == "none"
+        assert tracker.run is None

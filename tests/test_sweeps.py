@@ -54,24 +54,19 @@ def test_the_grid_runs_four_dpo_jobs_on_one_sft_and_one_rollout(grid):
         assert "synthetic_dev/dpo/acc_strict" in summary["metrics"]
 
 
-def test_every_job_logs_its_own_wandb_runs_in_one_group(grid):
-    runs = [
-        json.loads(line)
-        for n in range(4)
-        for line in (grid / str(n) / "wandb_runs.jsonl").read_text().split("\n")
-        if line
-    ]
-    assert {r["group"] for r in runs} == {f"tiny_demo-{grid.parent.name}-{grid.name}"}  # experiment, sweep dir
-    for n in range(4):  # one run per job and stage, made or reused
-        job_runs = [json.loads(line) for line in (grid / str(n) / "wandb_runs.jsonl").read_text().splitlines()]
-        assert sorted(r["job_type"] for r in job_runs) == ["dpo", "eval", "preferences", "rollout", "sft"], n
-    for stage in ("sft", "rollout", "preferences", "dpo", "eval"):
-        assert len({r["id"] for r in runs if r["job_type"] == stage}) == 4, stage
-    names = {r["job_type"]: set() for r in runs}
-    for r in runs:
-        names[r["job_type"]].add(r["name"])
-    assert "dpo:reward.alpha=0.5,dpo.beta=0.05" in names["dpo"]  # (its pairs read reward.alpha: its lineage)
-    assert names["sft"] == {"sft"} and names["rollout"] == {"rollout"}  # neither reads what the sweep varies
+def test_the_grid_makes_four_wandb_runs_and_the_report_one_more(grid):
+    from tests.wandb_files import Run
+
+    runs = [Run(directory) for directory in sorted(grid.glob("*/wandb/offline-run-*"))]
+    assert len(runs) == 4 and len({run.run.run_id for run in runs}) == 4  # one per job, the stages it reused in it
+    assert {run.run.run_group for run in runs} == {f"tiny_demo-{grid.parent.name}-{grid.name}"}  # experiment, sweep
+    assert {run.run.display_name for run in runs} == {
+        f"pipeline tiny_demo reward.alpha={a},dpo.beta={b}" for a in (0.5, 1.0) for b in (0.05, 0.2)
+    }
+    for run in runs:
+        assert {"sft/", "rollout/", "preferences/", "dpo/", "eval/"} <= {k[: k.find("/") + 1] for k in run.summary}
+    report.main([str(grid), "--wandb"])
+    assert len(list(grid.glob("wandb/offline-run-*"))) == 1  # the report's own run, in the sweep's directory
 
 
 def test_the_sweep_report_writes_a_table_and_heatmaps(grid):

@@ -216,8 +216,11 @@ module = {"sft": sft, "dpo": dpo}[stage]
 make_trainer = module.make_trainer
 module.make_trainer = lambda *a, **k: attach(make_trainer(*a, **k))
 cfg = compose(*overrides)
-if stage == "sft":
-    pipeline.artifact(cfg, ArtifactStore(Path(cfg.paths.artifacts)), "sft")
+if stage == "sft":  # as a job: in its W&B run (out: the job's directory)
+    from looper import tracking
+
+    with tracking.job_run(cfg, Path(out)):
+        pipeline.artifact(cfg, ArtifactStore(Path(cfg.paths.artifacts)), "sft")
 else:
     dpo.build(cfg, {"sft": up, "preferences": up + "-pairs"}, Path(out))
 """
@@ -250,19 +253,35 @@ def _same(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def test_a_killed_sft_resumes_from_its_last_checkpoint(fast_cfg, tiny_sft, tmp_path, caplog):
-    settings = ("sft.max_steps=40", "sft.save_steps=10")
+def test_a_killed_sft_resumes_from_its_last_checkpoint_in_the_same_wandb_run(fast_cfg, tiny_sft, tmp_path, caplog):
+    from looper import tracking
+    from tests.wandb_files import Run
+
+    settings = ("sft.max_steps=40", "sft.save_steps=10", "sft.logging_steps=5", "logger=wandb", "logger.mode=offline")
     cfg, store = fast_cfg(*settings), ArtifactStore(tiny_sft[1].root)
     overrides = [f"paths.artifacts={cfg.paths.artifacts}", *FAST, *settings]
-    _killed("sft", 25, "", "", overrides)
-    with caplog.at_level(logging.INFO, logger="looper.training"):
+    for job in ("killed", "resumed", "whole"):
+        (tmp_path / job).mkdir()
+    _killed("sft", 25, "", tmp_path / "killed", overrides)
+    with caplog.at_level(logging.INFO, logger="looper.training"), tracking.job_run(cfg, tmp_path / "resumed"):
         resumed = pipeline.artifact(cfg, store, "sft")
     assert "sft: resuming from" in caplog.text and "checkpoint-20 (step 20)" in caplog.text
     assert not list((resumed / "trainer").glob("checkpoint-*"))  # the finished artifact keeps the model only
-    whole = tmp_path / "whole"
-    whole.mkdir()
-    sft.build(cfg, {"base": tiny_sft[2]}, whole)
-    assert _same(_weights(resumed), _weights(whole)) == 0.0  # step for step the uninterrupted run
+    with tracking.job_run(cfg, tmp_path / "whole"):  # the same command again, after it finished: a new run
+        sft.build(cfg, {"base": tiny_sft[2]}, tmp_path / "whole")
+    assert _same(_weights(resumed), _weights(tmp_path / "whole")) == 0.0  # step for step the uninterrupted run
+
+    killed, again, whole = (
+        Run(next((tmp_path / j / "wandb").glob("offline-run-*"))) for j in ("killed", "resumed", "whole")
+    )
+    assert killed.run.run_id == again.run.run_id != whole.run.run_id  # one run, continued
+    curve = {row["sft/step"]: row["sft/loss"] for part in (killed, again) for row in part.history if "sft/loss" in row}
+    assert sorted(curve) == list(range(5, 45, 5))  # every logged step, before and after the kill
+    uninterrupted = {row["sft/step"]: row["sft/loss"] for row in whole.history if "sft/loss" in row}
+    assert curve == pytest.approx(uninterrupted, rel=1e-5)
+    # the final loss is the whole run's (a resumed trainer's own covers the steps since its checkpoint only)
+    assert again.summary["sft/train_loss"] == pytest.approx(whole.summary["sft/train_loss"], rel=1e-5)
+    assert again.summary["sft/train_loss"] == pytest.approx(sum(curve.values()) / len(curve), rel=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from looper import distributed, models, prompts, tracking
+from looper import distributed, models, prompts, tracking, training
 from looper.artifacts import PAIRS, read_jsonl
 from looper.config import Config
 from looper.models import TRAINED_MODEL, adapter_reads, known_warnings
@@ -133,7 +133,7 @@ def reference_margin(trainer, dropout: bool = False) -> dict:
     }
 
 
-def looper_arguments(cfg: Config, out: Path, report_to: str = "none", evaluate: bool = False) -> dict:
+def looper_arguments(cfg: Config, out: Path, evaluate: bool = False) -> dict:
     """The DPOConfig arguments looper derives from the schema (training.trainer_arguments adds the named keys, the
     checkpoints and the pass-through); `evaluate`: a held-out split is evaluated every dpo.eval_steps."""
     return dict(
@@ -154,7 +154,7 @@ def looper_arguments(cfg: Config, out: Path, report_to: str = "none", evaluate: 
         logging_first_step=True,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=(cfg.dpo.eval_steps or cfg.dpo.logging_steps) if evaluate else None,
-        report_to=report_to,
+        report_to="none",  # the job's W&B run gets the curves through training.trainer_callbacks
         seed=cfg.seed,
         **trainer_device(cfg),
     )
@@ -172,7 +172,7 @@ def split_pairs(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict
     return [r for r in rows if r["question_id"] not in held], [r for r in rows if r["question_id"] in held]
 
 
-def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path, report_to: str = "none"):
+def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path):
     """The configured DPOTrainer: policy = the SFT policy made trainable, reference = the frozen SFT policy."""
     from trl import DPOConfig
 
@@ -184,7 +184,7 @@ def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path, report_
     held_out = (
         _on_disk([{k: r[k] for k in fields} for r in held_out], out / "trainer" / "eval_pairs") if held_out else None
     )
-    args = trainer_arguments(cfg.dpo, "dpo", DPOConfig, looper_arguments(cfg, out, report_to, held_out is not None))
+    args = trainer_arguments(cfg.dpo, "dpo", DPOConfig, looper_arguments(cfg, out, held_out is not None))
     with known_warnings():  # (TRL's constructor also asks the model about gradient checkpointing)
         return _trainer_class()(
             model=model,
@@ -215,8 +215,10 @@ def _check_reference(cfg: Config, trainer) -> dict:
 
 
 def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
-    tracker = tracking.current()  # the stage's W&B run (looper/pipeline.py opens it)
-    trainer = make_trainer(cfg, sft_dir, pairs_dir, out, tracker.report_to)
+    tracker = tracking.current()  # the job's W&B run (looper/__main__.py opens it)
+    trainer = make_trainer(cfg, sft_dir, pairs_dir, out)
+    for callback in training.trainer_callbacks("dpo"):  # the curves, into the job's run
+        trainer.add_callback(callback)
     log_effective_batch(cfg.dpo, "dpo", tracker)
     measured = _check_reference(cfg, trainer)
     with known_warnings():
@@ -224,9 +226,9 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
     ensure_finite("dpo", trainer, result.training_loss, "dpo.learning_rate")
     first = first_step(trainer.state.log_history)
     margin = first.get("rewards/margins")
+    loss = training.whole_run_loss(trainer.state.log_history) or result.training_loss  # (a resumed run's too)
     tracker.summary(
         {
-            "dpo/train_loss": result.training_loss,
             "dpo/first_step_margin": margin,
             "dpo/reference_margin": measured["max_abs_margin"],
             "dpo/reference_check_ok": measured["ok"],
@@ -242,10 +244,10 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(str(out))
     log.info(
-        "dpo: %d pairs, final loss %.4f, reference check margin %.3g (dropout off), first-step margin %s "
+        "dpo: %d pairs, mean train loss %.4f, reference check margin %.3g (dropout off), first-step margin %s "
         "(training mode)",
         len(trainer.train_dataset),
-        result.training_loss,
+        loss,
         measured["max_abs_margin"],
         margin,
     )

@@ -316,29 +316,29 @@ def run(
     selected_on = objective_dataset(cfg)
     if selected_on not in cfg.eval.datasets:
         cells.append((selected_on, cfg.eval.targets[-1]))
-    paths = {target: target_path(target) for target in cfg.eval.targets}  # built (in their own runs) first
-    with tracking.stage_run(cfg, "eval") as tracker:
-        for target, path in paths.items():  # the models evaluated, as the run's inputs
-            if Path(path).is_dir():
-                tracker.used(target if target in ("base", "sft", "dpo") else "model", Path(path))
-        results = []
-        for dataset, target in cells:
-            artifact = evaluate(target, dataset, paths[target])
-            (tracker.produced if artifact in store.made else tracker.used)("eval", artifact)
-            summary = json.loads((artifact / "summary.json").read_text())
-            results.append({**summary, "target": target, "artifact": str(artifact)})
-            if artifact in store.made:  # (a reused evaluation's truncation was reported when it was made)
-                throughput.report_truncation(
-                    f"eval {target} on {dataset}",
-                    summary.get("truncated"),
-                    "eval.max_new_tokens",
-                    cfg.model.reasoning == "think",
-                )
-        if not distributed.is_main_process():
-            return results
-        scorers = active_scorers(cfg)
-        records = {(r["dataset"], r["target"]): read_predictions(Path(r["artifact"])) for r in results}
-        if run_dir is not None:
-            eval_report.write(run_dir, results, records, scorers, cfg.eval.primary_scorer)
-        eval_dashboard.log(tracker, results, records, scorers, cfg.eval.primary_scorer, run_dir)
+    paths = {target: target_path(target) for target in cfg.eval.targets}  # built first
+    tracker = tracking.current()  # the job's W&B run
+    for target, path in paths.items():  # the models evaluated, as the run's inputs
+        if Path(path).is_dir():
+            tracker.used(target if target in ("base", "sft", "dpo") else "model", Path(path))
+    results = []
+    for dataset, target in cells:
+        artifact = evaluate(target, dataset, paths[target])
+        (tracker.produced if artifact in store.made else tracker.used)("eval", artifact)
+        summary = json.loads((artifact / "summary.json").read_text())
+        results.append({**summary, "target": target, "artifact": str(artifact)})
+        if artifact in store.made:  # (a reused evaluation's truncation was reported when it was made)
+            throughput.report_truncation(
+                f"eval {target} on {dataset}",
+                summary.get("truncated"),
+                "eval.max_new_tokens",
+                cfg.model.reasoning == "think",
+            )
+    if not distributed.is_main_process():
+        return results
+    scorers = active_scorers(cfg)
+    records = {(r["dataset"], r["target"]): read_predictions(Path(r["artifact"])) for r in results}
+    if run_dir is not None:
+        eval_report.write(run_dir, results, records, scorers, cfg.eval.primary_scorer)
+    eval_dashboard.log(tracker, results, records, scorers, cfg.eval.primary_scorer, run_dir)
     return results

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from looper import distributed, engine, models, prompts, tracking
+from looper import distributed, engine, models, prompts, tracking, training
 from looper.config import Config
 from looper.data import load_splits
 from looper.models import TRAINED_MODEL, adapter_reads, known_warnings
@@ -59,7 +59,7 @@ def tokenize_examples(tokenizer, examples: list[dict]) -> list[dict]:
     return rows
 
 
-def looper_arguments(cfg: Config, out: Path, report_to: str = "none") -> dict:
+def looper_arguments(cfg: Config, out: Path) -> dict:
     """The SFTConfig arguments looper derives from the schema (training.trainer_arguments adds the named keys, the
     checkpoints and the pass-through)."""
     from trl import SFTConfig
@@ -84,14 +84,14 @@ def looper_arguments(cfg: Config, out: Path, report_to: str = "none") -> dict:
         logging_steps=cfg.sft.logging_steps,
         eval_strategy="steps" if cfg.sft.eval_examples else "no",
         eval_steps=(cfg.sft.eval_steps or cfg.sft.logging_steps) if cfg.sft.eval_examples else None,
-        report_to=report_to,
+        report_to="none",  # the job's W&B run gets the curves through training.trainer_callbacks
         seed=cfg.seed,
         dataloader_num_workers=0,
         **trainer_device(cfg),
     )
 
 
-def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", examples: Optional[list[dict]] = None):
+def make_trainer(cfg: Config, base: str, out: Path, examples: Optional[list[dict]] = None):
     """The configured SFTTrainer over the base model (LoRA/QLoRA adapter or full fine-tuning); `examples`
     (prompt/completion dicts) replace the training split (the GPU benchmark uses this)."""
     from datasets import Dataset
@@ -108,7 +108,7 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
     held_out = training_examples(cfg, tokenizer, "dev") if cfg.sft.eval_examples else []
     if cfg.sft.eval_examples and not held_out:
         raise ValueError(f"sft.eval_examples={cfg.sft.eval_examples}: data {cfg.data.name!r} has no dev problems")
-    args = trainer_arguments(cfg.sft, "sft", SFTConfig, looper_arguments(cfg, out, report_to))
+    args = trainer_arguments(cfg.sft, "sft", SFTConfig, looper_arguments(cfg, out))
     with known_warnings():  # (PEFT's wrapping asks the model about gradient checkpointing)
         trainer = SFTTrainer(
             model=model,
@@ -137,13 +137,15 @@ def make_trainer(cfg: Config, base: str, out: Path, report_to: str = "none", exa
 
 
 def _train(cfg: Config, base: str, out: Path) -> None:
-    tracker = tracking.current()  # the stage's W&B run (looper/pipeline.py opens it)
-    trainer = make_trainer(cfg, base, out, tracker.report_to)
+    tracker = tracking.current()  # the job's W&B run (looper/__main__.py opens it)
+    trainer = make_trainer(cfg, base, out)
+    for callback in training.trainer_callbacks("sft"):  # the curves, into the job's run
+        trainer.add_callback(callback)
     log_effective_batch(cfg.sft, "sft", tracker)
     with known_warnings():
         result = trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer", "sft"))
     ensure_finite("sft", trainer, result.training_loss, "sft.learning_rate")
-    tracker.summary({"sft/train_loss": result.training_loss})
+    loss = training.whole_run_loss(trainer.state.log_history) or result.training_loss  # (a resumed run's too)
     engine.restore_attention(trainer.model)  # (a saved full model names its attention)
     trainer.save_model(str(out))  # on the main process only
     if distributed.is_main_process():
@@ -152,7 +154,7 @@ def _train(cfg: Config, base: str, out: Path) -> None:
         tokenizer = trainer.processing_class
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(str(out))
-    log.info("sft: %d examples, final train loss %.4f", len(trainer.train_dataset), result.training_loss)
+    log.info("sft: %d examples, mean train loss %.4f", len(trainer.train_dataset), loss)
 
 
 NEEDS = ("base",)  # the artifacts this stage builds on (looper/pipeline.py resolves them)
