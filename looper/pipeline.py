@@ -25,11 +25,19 @@ from typing import Optional, Union
 from looper import throughput, tracking
 from looper.artifacts import ArtifactStore, to_plain
 from looper.config import Config, identity
-from looper.stages import base, dpo, evaluation, export, preferences, rollout, sft
+from looper.stages import base, dpo, evaluation, export, grpo, preferences, rollout, sft
 
-STAGES = {"base": base, "sft": sft, "rollout": rollout, "preferences": preferences, "dpo": dpo, "export": export}
+STAGES = {
+    "base": base,
+    "sft": sft,
+    "rollout": rollout,
+    "preferences": preferences,
+    "dpo": dpo,
+    "grpo": grpo,
+    "export": export,
+}
 PIPELINE = ("sft", "rollout", "preferences", "dpo")  # what `stage=pipeline` builds before evaluating
-TARGETS = ("base", "sft", "dpo")  # eval targets that name an artifact of this graph
+TARGETS = ("base", "sft", "dpo", "grpo")  # eval targets that name an artifact of this graph
 
 
 def declared(value, cfg: Config, *args) -> tuple:
@@ -135,7 +143,7 @@ class Pipeline:
         )
 
     def evaluate(self, target: str, dataset: str, path: Optional[str] = None) -> Path:
-        """The eval artifact of `target` (base, sft, dpo or a model directory; `path`: where it is, if known) on
+        """The eval artifact of `target` (base, sft, dpo, grpo or a model directory; `path`: where it is, if known) on
         `dataset`, built where the cache lacks it."""
         path = path or self.target_path(target)
         return self.store.ensure(
@@ -155,7 +163,7 @@ class Pipeline:
         if target in TARGETS:
             return str(self.artifact(target))
         if not Path(target).exists():
-            raise FileNotFoundError(f"eval.targets: {target!r} is not base, sft, dpo or an existing directory")
+            raise FileNotFoundError(f"eval.targets: {target!r} is not base, sft, dpo, grpo or an existing directory")
         return str(Path(target).resolve())
 
     def run(self, stage: str, run_dir: Optional[Path] = None) -> Optional[list[dict]]:

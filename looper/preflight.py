@@ -87,17 +87,18 @@ def _counts(cfg: Config, splits: dict, evaluated: dict) -> None:
 
 
 def _passthrough(cfg: Config) -> None:
-    """The trainers' pass-through arguments (`sft.trainer`, `dpo.trainer`) against TRL's dataclasses, now rather than
-    when the trainer is built (DPO's comes after the rollout)."""
-    if not (cfg.sft.trainer or cfg.dpo.trainer):
+    """The trainers' pass-through arguments (`sft.trainer`, `dpo.trainer`, `grpo.trainer`) against TRL's
+    dataclasses, now rather than when the trainer is built (DPO's comes after the rollout)."""
+    if not (cfg.sft.trainer or cfg.dpo.trainer or cfg.grpo.trainer):
         return
     import trl
 
-    from looper.stages import dpo, sft
+    from looper.stages import dpo, grpo, sft
     from looper.training import check_passthrough
 
     check_passthrough(cfg.sft, "sft", trl.SFTConfig, tuple(sft.looper_arguments(cfg, Path("."))))
     check_passthrough(cfg.dpo, "dpo", trl.DPOConfig, tuple(dpo.looper_arguments(cfg, Path("."))))
+    check_passthrough(cfg.grpo, "grpo", trl.GRPOConfig, tuple(grpo.looper_arguments(cfg, Path("."))))
 
 
 def _trainer_values(cfg: Config) -> None:
@@ -110,7 +111,7 @@ def _trainer_values(cfg: Config) -> None:
     from transformers.training_args import OptimizerNames
     from trl import DPOConfig
 
-    for name in ("sft", "dpo"):
+    for name in ("sft", "dpo", "grpo"):
         section = getattr(cfg, name)
         for key, allowed in (
             ("optim", [o.value for o in OptimizerNames]),
@@ -126,20 +127,21 @@ def _trainer_values(cfg: Config) -> None:
 
 
 def _trainer_configs(cfg: Config) -> None:
-    """Build TRL's SFTConfig and DPOConfig as the stages will, so whatever their own checks refuse (a combination
-    of arguments, a pass-through value) fails now, naming the section; deriving them also checks the global batches
-    against the number of processes (`training.accumulation_steps`)."""
+    """Build TRL's SFTConfig, DPOConfig and GRPOConfig as the stages will, so whatever their own checks refuse (a
+    combination of arguments, a pass-through value) fails now, naming the section; deriving them also checks the
+    global batches against the number of processes (`training.accumulation_steps`)."""
     import tempfile
 
     import trl
 
-    from looper.stages import dpo, sft
+    from looper.stages import dpo, grpo, sft
     from looper.training import trainer_arguments
 
     with tempfile.TemporaryDirectory() as scratch:
         for name, args_class, derived in (
             ("sft", trl.SFTConfig, sft.looper_arguments(cfg, Path(scratch))),
             ("dpo", trl.DPOConfig, dpo.looper_arguments(cfg, Path(scratch), evaluate=cfg.dpo.eval_fraction > 0)),
+            ("grpo", trl.GRPOConfig, grpo.looper_arguments(cfg, Path(scratch))),
         ):
             try:
                 trainer_arguments(getattr(cfg, name), name, args_class, derived)

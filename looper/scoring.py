@@ -30,21 +30,32 @@ STORED_WEIGHTS = RewardConfig(w_end=1.0, w_path=1.0, w_cf=1.0)
 
 
 class Sampler:
-    """Samples trajectories and continuations from one policy with the rollout's settings."""
+    """Samples trajectories and continuations from one policy with the rollout's settings (`batch_size`,
+    `max_new_tokens`, `arms`: another stage's, where it is not the rollout: online RL)."""
 
-    def __init__(self, cfg: Config, model, tokenizer, figures: Optional[Path] = None):
+    def __init__(
+        self,
+        cfg: Config,
+        model,
+        tokenizer,
+        figures: Optional[Path] = None,
+        batch_size: Optional[int] = None,
+        max_new_tokens: Optional[int] = None,
+        arms: Optional[dict] = None,
+    ):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.generator = engine.build(cfg.generation, model, tokenizer, cfg.rollout.batch_size)
-        self.max_new_tokens = cfg.rollout.max_new_tokens or cfg.model.max_new_tokens
+        self.generator = engine.build(cfg.generation, model, tokenizer, batch_size or cfg.rollout.batch_size)
+        self.max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens or cfg.model.max_new_tokens
+        self.arms = arms if arms is not None else cfg.arms  # (continuations sample from their trajectory's arm)
         self.real_tokens = 0
         self.figures = figures  # where each generate call's figures go (looper/throughput.py)
 
     def prompt(self, question: str, arm: ArmConfig) -> str:
         return prompts.build_prompt(self.cfg.model, self.tokenizer, question, arm)
 
-    def run(self, jobs: list[tuple[str, ArmConfig, int]], on_result=None):
+    def run(self, jobs: list[tuple[str, ArmConfig, int]], on_result=None, logprobs: bool = False):
         """Complete (prompt, arm, seed) jobs in batches; returns Generation objects in order (`on_result(i,
-        generation)`: called as job i finishes, for progress)."""
+        generation)`: called as job i finishes, for progress; `logprobs`: with their ids and log-probs)."""
         prompts.check_context(
             self.generator.model,
             self.tokenizer,
@@ -58,6 +69,7 @@ class Sampler:
                 for prompt, arm, seed in jobs
             ],
             on_result=on_result,
+            logprobs=logprobs,
         )
         self.real_tokens += sum(o.num_tokens for o in outputs)
         if self.figures is not None:
@@ -79,7 +91,7 @@ class Continuations:
         cfg, out = self.sampler.cfg, []
         for index, prefix in requests:
             t = self.trajectories[index]
-            arm = cfg.arms[t["arm"]]
+            arm = self.sampler.arms[t["arm"]]
             out += [
                 (
                     self.sampler.prompt(self.problem["question"], arm) + prefix,

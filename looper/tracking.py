@@ -38,6 +38,7 @@ ARTIFACT_TYPES = {
     "base": "model",
     "sft": "model",
     "dpo": "model",
+    "grpo": "model",
     "rollout": "rollout",
     "preferences": "pairs",
     "eval": "predictions",

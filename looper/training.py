@@ -137,6 +137,16 @@ def peft_config(lora: LoraSettings):
     )
 
 
+def trainable_policy(cfg: Config, sft_dir: Path, fresh_lora: LoraSettings):
+    """(model, tokenizer, peft_config for the trainer) of a stage that goes on from the SFT policy: the SFT adapter
+    made trainable, or the SFT model (full fine-tuning) and a fresh LoRA with `fresh_lora`."""
+    if models.is_adapter(str(sft_dir)):
+        model, tokenizer = models.load_target(str(sft_dir), cfg.model, cfg.lora, trainable=True)
+        return model, tokenizer, None
+    model, tokenizer = models.load_target(str(sft_dir), cfg.model, trainable=True)
+    return model, tokenizer, peft_config(fresh_lora)
+
+
 def trainer_device(cfg: Config) -> dict:
     """The trainer's device flags: bf16/fp16 mixed precision matching the model dtype, and `use_cpu` under a
     multi-process launch without CUDA (transformers' TrainingArguments resets accelerate's state and, unless told

@@ -779,6 +779,142 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     return result
 
 
+def grpo_logprob_check(trainer, rollouts, cfg) -> dict:
+    """The engine's sampling log-probs (CUDA graphs, bf16) against a forward pass of the same policy over one group
+    of completions: their largest and mean absolute difference."""
+    from looper.stages import grpo
+
+    members = grpo.group(cfg)
+    produced = rollouts([trainer.train_dataset[0]["prompt"]] * len(members), trainer)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    was_training, diffs = model.training, []
+    model.eval()
+    with torch.no_grad():
+        for (_, _, arm), prompt, completion, engine_logps in zip(
+            members, produced["prompt_ids"], produced["completion_ids"], produced["logprobs"]
+        ):
+            ids = torch.tensor([prompt + completion], device=model.device)
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / arm.temperature
+            forward = logits.log_softmax(-1).gather(1, ids[0, len(prompt) :, None])[:, 0]
+            diffs.append((forward - torch.tensor(engine_logps, device=model.device)).abs())
+    model.train(was_training)
+    every = torch.cat(diffs)
+    result = {"max_abs": round(every.max().item(), 4), "mean_abs": round(every.mean().item(), 5)}
+    result["tokens"] = every.numel()
+    print(f"grpo     engine log-probs against a forward pass (bf16): {result}", flush=True)
+    return result
+
+
+def bench_grpo(model_dir: Path, args, rng, stage: str = "grpo"):
+    """GRPO on the model (experiment=abel_platinum: LoRA r64 over bf16, its 8 arms as the group) on the synthetic
+    questions: each step's time split between generation (looper's engine on the live, unmerged LoRA policy, inside
+    TRL's rollout_func; scoring included, s_cf off so generation is the group's alone) and the update (TRL's forward
+    and backward), with generation tokens/s and the update's MFU. Random weights never end a row: every completion
+    runs to --grpo-max-new."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from looper.config import conf_dir, register_configs
+    from looper.stages import grpo, sft
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        raw = compose(
+            config_name="config",
+            overrides=[
+                "experiment=abel_platinum",
+                f"model.name_or_path={model_dir}",
+                "logger=none",
+                "data=synthetic",
+                f"grpo.max_steps={args.steps}",
+                f"grpo.questions_per_batch={args.grpo_questions}",
+                f"grpo.gradient_accumulation_steps={args.grpo_accumulation}",
+                f"grpo.max_new_tokens={args.grpo_max_new}",
+                f"grpo.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+                "grpo.save_steps=0",
+                "grpo.logging_steps=1000",
+                "reward.cf_samples=0",
+                f"generation.compile={str(args.compile).lower()}",
+            ],
+        )
+    cfg = OmegaConf.to_object(raw)
+    out = shared_tempdir()
+    adapter = out / "sft_adapter"  # GRPO continues an SFT adapter, as in the pipeline
+    peft_model = sft.make_trainer(cfg, str(model_dir), out, examples=[{"prompt": "w5", "completion": "w6"}]).model
+    if distributed.is_main_process():
+        peft_model.save_pretrained(adapter)
+        models.load_tokenizer(str(model_dir), cfg.model).save_pretrained(adapter)
+    distributed.barrier()
+    del peft_model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    (out / "grpo").mkdir(exist_ok=True)
+    trainer = grpo.make_trainer(cfg, adapter, out / "grpo")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    generation, steps = [], []
+    inner = trainer.rollout_func
+
+    def timed(prompts, trainer_):
+        sync()
+        start = time.perf_counter()
+        produced = inner(prompts, trainer_)
+        sync()
+        completion = sum(map(len, produced["completion_ids"]))
+        generation.append((time.perf_counter() - start, completion, completion + sum(map(len, produced["prompt_ids"]))))
+        return produced
+
+    trainer.rollout_func = timed
+    logprob_check = grpo_logprob_check(trainer, inner, cfg)
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            sync()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            sync()
+            steps.append(time.perf_counter() - self.t)
+
+    trainer.add_callback(Clock())
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    trainer.train()
+    warm = 1  # the first step pays graph capture, allocation and kernel selection
+    step_s = sum(steps[warm:]) / max(len(steps) - warm, 1)
+    gen_s = sum(g[0] for g in generation[warm:]) / max(len(generation) - warm, 1)
+    completion = sum(g[1] for g in generation[warm:]) / max(len(generation) - warm, 1)
+    trained = sum(g[2] for g in generation[warm:]) / max(len(generation) - warm, 1)
+    update_s = step_s - gen_s
+    params = sum(p.numel() for p in trainer.model.parameters() if p.dtype in (torch.bfloat16, torch.float16))
+    result = {
+        "steps_timed": len(steps) - warm,
+        "group_size": len(grpo.group(cfg)),
+        "completions_per_step": len(grpo.group(cfg))
+        * cfg.grpo.questions_per_batch
+        * cfg.grpo.gradient_accumulation_steps,
+        "max_new_tokens": cfg.grpo.max_new_tokens,
+        "step_seconds": round(step_s, 3),
+        "generation_seconds": round(gen_s, 3),
+        "update_seconds": round(update_s, 3),
+        "generation_share": round(gen_s / step_s, 3),
+        "generation_tokens_per_s": round(completion / gen_s, 1),
+        "update_tokens_per_s": round(trained / update_s, 1),
+        "update_mfu": round(trained / update_s * 4 * params / peak_flops(), 3),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None,
+        "engine": throughput.summary(out / "grpo"),
+        "logprob_check": logprob_check,
+    }
+    print(
+        f"grpo     LoRA r64, {result['completions_per_step']} completions x {cfg.grpo.max_new_tokens} tokens a step: "
+        f"{step_s:.2f} s a step, generation {gen_s:.2f} s ({result['generation_tokens_per_s']:,.0f} tok/s), update "
+        f"{update_s:.2f} s ({result['update_tokens_per_s']:,.0f} tok/s, MFU {100 * result['update_mfu']:.0f}%), "
+        f"peak {result['peak_memory_gib']} GiB",
+        flush=True,
+    )
+    del trainer
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="llama2-7b", choices=sorted(ARCHS))
@@ -841,6 +977,14 @@ def main():
         help="SFT sequences per step (DPO: half as many pairs); abel_platinum uses 16",
     )
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--grpo-questions", type=int, default=4, help="grpo.questions_per_batch (x 8 arms a step)")
+    parser.add_argument("--grpo-max-new", type=int, default=256, help="grpo.max_new_tokens")
+    parser.add_argument(
+        "--grpo-accumulation",
+        type=int,
+        default=8,
+        help="grpo.gradient_accumulation_steps (TRL generates for all of a step's micro-batches at once)",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--check-greedy", action="store_true", help="compare the fast path with plain generate")
     parser.add_argument("--quick", action="store_true", help="small workloads (smoke test)")
@@ -871,7 +1015,7 @@ def main():
     model_dir = shared_tempdir() / "model"
     if main_process:  # (the saved model goes when the benchmark ends, however it ends)
         atexit.register(shutil.rmtree, model_dir.parent, ignore_errors=True)
-    model, tokenizer = build(args.arch, model_dir, save_weights=bool({"sft", "dpo"} & set(sections)))
+    model, tokenizer = build(args.arch, model_dir, save_weights=bool({"sft", "dpo", "grpo"} & set(sections)))
     tokenizer = models.load_tokenizer(str(model_dir), models.ModelConfig(name_or_path=str(model_dir)))
     model.eval()
     for section, fn in (
@@ -893,10 +1037,10 @@ def main():
                 args.out.write_text(json.dumps(report, indent=2))
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "dpo", "grpo"):
         if stage in sections:
             try:
-                report[stage] = bench_training(model_dir, args, rng, stage)
+                report[stage] = (bench_grpo if stage == "grpo" else bench_training)(model_dir, args, rng, stage)
             except Exception as error:  # a failed section must not lose the others' figures
                 report[stage] = {"error": repr(error)}
                 print(f"{stage}: failed on rank {distributed.rank()}: {error!r}", file=sys.stderr, flush=True)

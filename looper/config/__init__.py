@@ -6,12 +6,14 @@ each class's `__post_init__`, which runs when `load` turns the composed config i
 one-line `help`.
 
 Modules: `fields` (documented fields, identities, value checks), `model` (model, adapter, arms, reward), `stages` (what
-runs, SFT, rollouts, preferences, DPO), `evaluation` (evaluation, export, generation), `root` (data, logging, paths, the
-root `Config`, the generated reference). Config imports no other part of looper: it sits below everything.
+runs, SFT, rollouts, preferences, DPO), `grpo` (online RL), `evaluation` (evaluation, export, generation), `root`
+(data, logging, paths, the root `Config`, the generated reference). Config imports no other part of looper: it sits
+below everything.
 """
 
 from looper.config.evaluation import EvalConfig, ExportConfig, GenerationSettings
 from looper.config.fields import EVAL_DATASETS, STAGES, doc, identity
+from looper.config.grpo import GRPOSettings
 from looper.config.model import ArmConfig, LoraSettings, ModelConfig, RewardConfig, TinyModelConfig
 from looper.config.root import (
     Config,
@@ -43,6 +45,7 @@ __all__ = [
     "EvalConfig",
     "ExportConfig",
     "GenerationSettings",
+    "GRPOSettings",
     "LoggerConfig",
     "LoraSettings",
     "ModelConfig",

@@ -9,7 +9,7 @@ from looper.config.fields import EVAL_DATASETS, SCORERS, _check, _choice, _posit
 
 @dataclass
 class ExportConfig:
-    source: str = doc("What `stage=export` merges into its base: the `dpo` policy or the `sft` model.", "dpo")
+    source: str = doc("What `stage=export` merges into its base: the `dpo` or `grpo` policy or the `sft` model.", "dpo")
     dtype: str = doc("Weights of the exported model: bfloat16, float16 or float32.", "bfloat16")
     quantized: str = doc(
         "Also write a bitsandbytes-quantized copy under `quantized-<bits>/`: none, 8bit or 4bit (needs CUDA and "
@@ -18,7 +18,7 @@ class ExportConfig:
     )
 
     def __post_init__(self):
-        _choice(self.source, "export.source", ("dpo", "sft"))
+        _choice(self.source, "export.source", ("dpo", "grpo", "sft"))
         _choice(self.dtype, "export.dtype", ("bfloat16", "float16", "float32"))
         _choice(self.quantized, "export.quantized", ("none", "8bit", "4bit"))
 
@@ -26,7 +26,7 @@ class ExportConfig:
 @dataclass
 class EvalConfig:
     targets: List[str] = doc(
-        "What to evaluate: base, sft, dpo, or an adapter/model directory.",
+        "What to evaluate: base, sft, dpo, grpo, or an adapter/model directory.",
         factory=lambda: ["base", "sft", "dpo"],
         identity=False,
     )
@@ -81,9 +81,9 @@ class EvalConfig:
     def __post_init__(self):
         for target in self.targets:
             _check(
-                target in ("base", "sft", "dpo") or "/" in target or target.startswith("."),
+                target in ("base", "sft", "dpo", "grpo") or "/" in target or target.startswith("."),
                 "eval.targets",
-                f"{target!r} is not base, sft, dpo or a path",
+                f"{target!r} is not base, sft, dpo, grpo or a path",
             )
         for name in self.datasets:
             _choice(name, "eval.datasets", EVAL_DATASETS)

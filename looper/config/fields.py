@@ -7,7 +7,7 @@ the checks that name the key and what is allowed. Must never import a stage or a
 from dataclasses import MISSING, field, fields
 from typing import Any, Optional
 
-STAGES = ("sft", "rollout", "preferences", "dpo", "eval", "pipeline", "export")
+STAGES = ("sft", "rollout", "preferences", "dpo", "grpo", "eval", "pipeline", "export")
 # the answer scorers (looper/answers.py implements them; a test keeps the two lists equal: config imports no scorer)
 SCORERS = ("strict", "flexible", "platinum", "math_verify")
 EVAL_DATASETS = ("synthetic_test", "synthetic_dev", "gsm8k_test", "gsm8k_dev", "gsm8k_platinum")

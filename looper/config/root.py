@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 
 from looper.config.evaluation import EvalConfig, ExportConfig, GenerationSettings
 from looper.config.fields import _check, _choice, _positive, doc
+from looper.config.grpo import GRPOSettings
 from looper.config.model import ArmConfig, LoraSettings, ModelConfig, RewardConfig
 from looper.config.stages import (
     DPOConfig,
@@ -106,6 +107,7 @@ class Config:
     rollout: RolloutConfig = doc("Trajectory sampling.", factory=RolloutConfig)
     preferences: PreferencesConfig = doc("Pair construction.", factory=PreferencesConfig)
     dpo: DPOConfig = doc("Direct preference optimisation.", factory=DPOConfig)
+    grpo: GRPOSettings = doc("Online RL (GRPO) from the SFT policy: `stage=grpo`.", factory=GRPOSettings)
     eval: EvalConfig = doc("Evaluation.", factory=EvalConfig)
     export: ExportConfig = doc("The standalone model `stage=export` writes.", factory=ExportConfig)
     generation: GenerationSettings = doc(
@@ -197,7 +199,7 @@ def _unknown_message(found: list[tuple[str, list[str]]]) -> str:
         "; ".join(lines)
         + ". `+key=value` adds only what the schema declares (`python -m looper.config` lists it); the "
         "open places are "
-        "sft.trainer and dpo.trainer (TRL's arguments) and reward.scorer (the scorer's own keys)"
+        "sft.trainer, dpo.trainer and grpo.trainer (TRL's arguments) and reward.scorer (the scorer's own keys)"
     )
 
 

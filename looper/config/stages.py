@@ -11,7 +11,8 @@ from looper.config.model import LoraSettings
 @dataclass
 class StageConfig:
     name: str = doc(
-        "What runs: sft, rollout, preferences, dpo, eval, pipeline (all, then a table) or export (a standalone model).",
+        "What runs: sft, rollout, preferences, dpo, grpo (online RL), eval, pipeline (sft to dpo, then a table) or "
+        "export (a standalone model).",
         "pipeline",
     )
 
@@ -48,9 +49,9 @@ class TrainerSettings:
     )
     save_total_limit: int = doc("Checkpoints kept while training (the oldest are deleted).", 2, identity=False)
     trainer: Dict[str, Any] = doc(
-        "Any other argument of TRL's `SFTConfig` (sft) or `DPOConfig` (dpo), passed through as given "
-        "(`+sft.trainer.<arg>=value`, `+dpo.trainer.<arg>=value`); checked against TRL's dataclass at start, so a "
-        "misspelt argument fails naming it.",
+        "Any other argument of TRL's `SFTConfig` (sft), `DPOConfig` (dpo) or `GRPOConfig` (grpo), passed through as "
+        "given (`+sft.trainer.<arg>=value`, ...); checked against TRL's dataclass at start, so a misspelt argument "
+        "fails naming it.",
         factory=dict,
     )
 

@@ -30,7 +30,7 @@ from looper.training import (
     ensure_finite,
     last_checkpoint,
     log_effective_batch,
-    peft_config,
+    trainable_policy,
     trainer_arguments,
     trainer_device,
 )
@@ -47,16 +47,6 @@ def first_step(log_history: list[dict]) -> dict:
         if first
         else {}
     )
-
-
-def _policy(cfg: Config, sft_dir: Path):
-    """(model, tokenizer, peft_config for the trainer): the SFT adapter made trainable, or the SFT model and a fresh
-    LoRA."""
-    if models.is_adapter(str(sft_dir)):
-        model, tokenizer = models.load_target(str(sft_dir), cfg.model, cfg.lora, trainable=True)
-        return model, tokenizer, None
-    model, tokenizer = models.load_target(str(sft_dir), cfg.model, trainable=True)
-    return model, tokenizer, peft_config(cfg.dpo.fresh_lora)
 
 
 def _on_disk(rows: list[dict], where: Path):
@@ -176,7 +166,7 @@ def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path):
     """The configured DPOTrainer: policy = the SFT policy made trainable, reference = the frozen SFT policy."""
     from trl import DPOConfig
 
-    model, tokenizer, peft_config = _policy(cfg, sft_dir)
+    model, tokenizer, peft_config = trainable_policy(cfg, sft_dir, cfg.dpo.fresh_lora)
     tokenizer.padding_side = "right"
     train, held_out = split_pairs(read_jsonl(pairs_dir / PAIRS), cfg.dpo.eval_fraction, cfg.seed)
     fields = ("prompt", "chosen", "rejected")

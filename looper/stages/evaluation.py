@@ -320,7 +320,7 @@ def run(
     tracker = tracking.current()  # the job's W&B run
     for target, path in paths.items():  # the models evaluated, as the run's inputs
         if Path(path).is_dir():
-            tracker.used(target if target in ("base", "sft", "dpo") else "model", Path(path))
+            tracker.used(target if target in ("base", "sft", "dpo", "grpo") else "model", Path(path))
     results = []
     for dataset, target in cells:
         artifact = evaluate(target, dataset, paths[target])
