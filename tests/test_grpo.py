@@ -182,8 +182,13 @@ def test_stage_grpo_from_the_command_line_is_evaluated_logged_and_exported(artif
     built = {r["stage"] for r in read_jsonl(tmp_path / "eval" / "artifacts.jsonl") if r["status"] == "made"}
     assert "grpo" in built
     run = Run(next((tmp_path / "eval" / "wandb").glob("offline-run-*")))
-    curve = [row["grpo/step"] for row in run.history if "grpo/rewards/correct/mean" in row]
-    assert curve == [1, 2] and "eval/synthetic_test/grpo/acc_strict" in run.summary
+    rows = [row for row in run.history if "grpo/rewards/correct/mean" in row]
+    assert [row["grpo/step"] for row in rows] == [1, 2] and "eval/synthetic_test/grpo/acc_strict" in run.summary
+    cfg = compose(*FAST)  # TRL's logged reward is its weighted sum of looper's terms: alpha, beta, length penalty
+    for row in rows:
+        terms = [row[f"grpo/rewards/{name}/mean"] for name in ("correct", "s_wm", "length")]
+        weights = (cfg.reward.alpha, cfg.reward.beta, cfg.reward.length_penalty)
+        assert row["grpo/reward"] == pytest.approx(sum(w * t for w, t in zip(weights, terms)), abs=1e-5)
     assert any(a.name.startswith("grpo-") for a in run.logged)
     exported = looper_cli(
         *settings, f"hydra.run.dir={tmp_path / 'export'}", "stage=export", "export.source=grpo", "logger=none"
