@@ -664,6 +664,8 @@ def bench_training(model_dir: Path, args, rng, stage: str):
                 f"dpo.max_steps={args.steps}",
                 "dpo.logging_steps=1000",
                 f"dpo.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+                f"sft.use_liger_kernel={str(args.liger).lower()}",
+                f"dpo.use_liger_kernel={str(args.liger).lower()}",
             ],
         )
     cfg = OmegaConf.to_object(raw)
@@ -991,6 +993,7 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
     parser.add_argument("--padded", action="store_true", help="SFT on padded batches (sft.padding_free=false)")
     parser.add_argument("--no-precompute", action="store_true", help="dpo.precompute_ref_log_probs=false")
+    parser.add_argument("--liger", action="store_true", help="sft/dpo.use_liger_kernel=true (needs liger-kernel)")
     parser.add_argument(
         "--profile", action="store_true", help="print the top ops of one prefill, one decode step and one training step"
     )
