@@ -353,20 +353,25 @@ def job_run(cfg: Config, run_dir: Optional[Path] = None):
     try:
         import wandb
 
-        run = wandb.init(
+        settings = dict(
             project=cfg.logger.project,
             entity=cfg.logger.entity,
             mode=mode,
             group=group_name(cfg, sweep, time.strftime("%Y-%m-%d")),
             job_type=cfg.stage.name,
             name=run_label(cfg, name),
-            id=previous,
-            resume="allow" if previous else None,
             config=to_plain(cfg),
             tags=[cfg.model.name, cfg.experiment],
             dir=str(job_dir) if job_dir else None,
             settings=wandb.Settings(silent=True) if cfg.logger.quiet else None,
         )
+        try:
+            run = wandb.init(**settings, id=previous, resume="allow" if previous else None)
+        except Exception as error:
+            if previous is None:
+                raise
+            log.warning("W&B could not continue run %s (%s); starting a new run", previous, error)
+            previous, run = None, wandb.init(**settings)
         where = run.url if mode == "online" else run.dir
         how = "continued" if previous else "started"
         log.info("W&B run %s %s (%s, group %s) -> %s", run.name, how, mode, run.group, where)

@@ -43,7 +43,8 @@ def _run(installed, *args, cwd, **kwargs):
 def test_the_installed_command_names_the_groups_and_the_reference(installed, tmp_path):
     result = _run(installed, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    for line in ("stage: dpo, eval, export, pipeline", "debug: fast", "docs/config.md", "looper -sc install=bash"):
+    expected = ("stage: dpo, eval, export, grpo, pipeline", "debug: fast", "docs/config.md", "looper -sc install=bash")
+    for line in expected:
         assert line in result.stdout
     assert "__main__" not in result.stdout
     where = subprocess.run(

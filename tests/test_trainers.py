@@ -190,9 +190,27 @@ from looper.artifacts import ArtifactStore
 stage, kill_at, up, out, *overrides = sys.argv[1:]
 
 
+def logged(rows):  # (sft under W&B) wait until the job's records up to here are on disk: W&B's writer is another
+    import time  # process, and a preemption comes long after a run's start, not seconds after it
+
+    from tests.wandb_files import records
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        for path in Path(out).glob("wandb/offline-run-*/run-*.wandb"):
+            try:
+                if sum(r.WhichOneof("record_type") == "history" for r in records(path)) >= rows:
+                    return
+            except Exception:  # a record being written: read again
+                pass
+        time.sleep(0.2)
+
+
 class Kill(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == int(kill_at):
+            if stage == "sft" and "logger=wandb" in overrides:
+                logged(state.global_step // args.logging_steps - 1)  # (this step's log comes after on_step_end)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -227,8 +245,8 @@ else:
 
 
 def _killed(stage: str, kill_at, up: str, out, overrides: list[str]) -> None:
-    env = {
-        **os.environ,
+    env = {  # (not this process's W&B service: a killed job's runs die with it, as another command's would)
+        **{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "HF_HUB_OFFLINE": "1",
     }
