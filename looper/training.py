@@ -147,6 +147,16 @@ def trainable_policy(cfg: Config, sft_dir: Path, fresh_lora: LoraSettings):
     return model, tokenizer, peft_config(fresh_lora)
 
 
+def save_policy(cfg: Config, trainer, out: Path) -> None:
+    """Save a preference or RL trainer's policy into `out` (main process): the trained adapter alone (not TRL's
+    `ref` copy), portable, and the tokenizer padded on the left as generation uses it."""
+    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out), selected_adapters=["default"])
+    models.portable_adapter(out, Path(cfg.paths.artifacts))
+    tokenizer = trainer.processing_class
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(str(out))
+
+
 def trainer_device(cfg: Config) -> dict:
     """The trainer's device flags: bf16/fp16 mixed precision matching the model dtype, and `use_cpu` under a
     multi-process launch without CUDA (transformers' TrainingArguments resets accelerate's state and, unless told

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from looper import distributed, models, prompts, tracking, training
+from looper import distributed, prompts, tracking, training
 from looper.artifacts import PAIRS, read_jsonl
 from looper.config import Config
 from looper.models import TRAINED_MODEL, adapter_reads, known_warnings
@@ -30,6 +30,7 @@ from looper.training import (
     ensure_finite,
     last_checkpoint,
     log_effective_batch,
+    save_policy,
     trainable_policy,
     trainer_arguments,
     trainer_device,
@@ -228,11 +229,7 @@ def _train(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path) -> None:
         drop_checkpoints(out / "trainer")
         record = {**measured, "first_step_train_mode": first}
         (out / "reference_check.json").write_text(json.dumps(record, indent=2))
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out), selected_adapters=["default"])
-        models.portable_adapter(out, Path(cfg.paths.artifacts))
-        tokenizer = trainer.processing_class
-        tokenizer.padding_side = "left"
-        tokenizer.save_pretrained(str(out))
+        save_policy(cfg, trainer, out)
     log.info(
         "dpo: %d pairs, mean train loss %.4f, reference check margin %.3g (dropout off), first-step margin %s "
         "(training mode)",

@@ -31,7 +31,7 @@ from typing import Optional
 
 from hydra.utils import instantiate
 
-from looper import coherence, distributed, models, throughput, tracking, training
+from looper import coherence, distributed, throughput, tracking, training
 from looper.config import ArmConfig, Config
 from looper.data import load_splits
 from looper.models import SERVED_MODEL, TRAINED_MODEL, adapter_reads, known_warnings, served_reads
@@ -223,11 +223,7 @@ def _train(cfg: Config, sft_dir: Path, out: Path) -> None:
         training.drop_checkpoints(out / "trainer")
         stats["generation"] = throughput.summary(out)
         (out / "stats.json").write_text(json.dumps(stats, indent=2))
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out), selected_adapters=["default"])
-        models.portable_adapter(out, Path(cfg.paths.artifacts))
-        tokenizer = trainer.processing_class
-        tokenizer.padding_side = "left"
-        tokenizer.save_pretrained(str(out))
+        training.save_policy(cfg, trainer, out)
     tracker.summary({f"grpo/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
     log.info(
         "grpo: %d steps, group %s of %d, mean reward %s -> %s",
