@@ -234,6 +234,71 @@ def run_generation(
     }
 
 
+KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
+    ("attention", ("_decode", "flash", "fmha", "attention")),
+    ("sampling", ("_choose", "sort", "topk", "cumsum", "softmax", "multinomial")),
+    ("norm_rotary", ("_rms_norm", "_rotary", "rms")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "sm90")),
+    ("copy_index", ("copy", "memcpy", "memset", "index", "scatter", "gather", "cat")),
+    ("elementwise", ("elementwise", "vectorized", "reduce", "unrolled")),
+)
+
+
+def profile_generation(model, tokenizer, prompts, limits, *, batch_size, temperature, seeds=None) -> dict:
+    """Where one generate call's time goes (--profile): wall seconds, the GPU's busy seconds (every kernel and copy,
+    CUDA graph replays included), the share of the wall the GPU sat idle, and the kernels' time by kind."""
+    sync = torch.cuda.synchronize
+    sync()
+    stats: dict = {}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        start = time.perf_counter()
+        paged.generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=limits,
+            batch_size=batch_size,
+            temperature=temperature,
+            top_p=0.95 if temperature else 1.0,
+            seeds=seeds,
+            add_special_tokens=False,
+            stats=stats,
+            desc=None,
+        )
+        sync()
+        wall = time.perf_counter() - start
+    kinds: dict = {}
+    busy = 0.0
+    rows = []
+    for event in profiler.key_averages():
+        seconds = event.self_device_time_total / 1e6
+        if seconds <= 0:
+            continue
+        busy += seconds
+        name = event.key.lower()
+        kind = next((k for k, parts in KERNEL_KINDS if any(part in name for part in parts)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
+        rows.append((seconds, event.count, kind, event.key[:90]))
+    rows.sort(reverse=True)
+    prefill = stats.get("prefill_seconds", 0.0)
+    result = {
+        "wall_seconds": round(wall, 2),
+        "gpu_busy_seconds": round(busy, 2),
+        "gpu_idle_share": round(1 - busy / wall, 3),
+        "prefill_wall_seconds": round(prefill, 2),
+        "decode_steps": stats.get("decode_steps"),
+        "kinds_seconds": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {"seconds": round(sec, 4), "calls": calls, "kind": kind, "name": name}
+            for sec, calls, kind, name in rows[:15]
+        ],
+    }
+    print(f"profile: {json.dumps({k: v for k, v in result.items() if k != 'top_kernels'})}", flush=True)
+    for row in result["top_kernels"]:
+        print(f"  {row['seconds']:8.3f} s {row['calls']:7d} x  {row['kind']:12s} {row['name']}", flush=True)
+    return result
+
+
 def time_split(result: dict) -> str:
     """Where rank 0's generation time went, in words."""
     stats = result["rank0_stats"]
@@ -344,6 +409,17 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
             f"{100 * (result['share_of_roofline'] or 0):.0f}% of the roofline ({n} sequences, {result['seconds']} s: "
             f"{time_split(result)}; {result['rank0_stats']})",
             flush=True,
+        )
+    if args.profile and torch.cuda.is_available():  # a quarter of the rows again, under the profiler
+        quarter = len(prompts) // 4
+        results["profile"] = profile_generation(
+            model,
+            tokenizer,
+            prompts[:quarter],
+            limits[:quarter],
+            batch_size=args.rollout_batch,
+            temperature=1.0,
+            seeds=seeds[:quarter],
         )
     return results
 
@@ -627,6 +703,10 @@ def bench_eval(model, tokenizer, args, bandwidth, rng):
         f"{result['rank0_stats']})",
         flush=True,
     )
+    if args.profile and torch.cuda.is_available():  # the whole evaluation again, under the profiler
+        results["profile"] = profile_generation(
+            model, tokenizer, prompts, limits, batch_size=args.eval_batch, temperature=0.0
+        )
     if args.check_greedy:
         results["greedy_check"] = check_greedy(
             model, tokenizer, prompts[:8], [min(64, x) for x in limits[:8]], args.compile
@@ -653,13 +733,16 @@ def bench_training(model_dir: Path, args, rng, stage: str):
                 f"model.name_or_path={model_dir}",
                 "logger=none",
                 f"sft.batch_size={args.train_batch}",
+                "sft.global_batch_size=null",  # (the preset's global batch sets the accumulation: one micro-batch here)
                 "sft.gradient_accumulation_steps=1",
                 f"sft.max_steps={args.steps}",
                 f"sft.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
                 "sft.logging_steps=1000",
                 f"sft.padding_free={str(not args.padded).lower()}",
                 f"dpo.precompute_ref_log_probs={str(not args.no_precompute).lower()}",
+                f"dpo.padding_free={str(not args.dpo_padded).lower()}",
                 f"dpo.batch_size={max(1, args.train_batch // 2)}",
+                "dpo.global_batch_size=null",
                 "dpo.gradient_accumulation_steps=1",
                 f"dpo.max_steps={args.steps}",
                 "dpo.logging_steps=1000",
@@ -703,7 +786,7 @@ def bench_training(model_dir: Path, args, rng, stage: str):
         del peft_model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         trainer = dpo.make_trainer(cfg, adapter, pairs, out)
-    tokens, times = [], []
+    tokens, times, step_tokens = [], [], []  # real tokens per forward; seconds and real tokens per optimizer step
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     from transformers import TrainerCallback
@@ -711,11 +794,12 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
             sync()
-            self.t = time.perf_counter()
+            self.t, self.first = time.perf_counter(), len(tokens)
 
         def on_step_end(self, *a, **k):
             sync()
             times.append(time.perf_counter() - self.t)
+            step_tokens.append(sum(tokens[self.first :]))
 
     trainer.add_callback(Clock())
 
@@ -755,7 +839,7 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     trainer.train()
     warm = 2  # the first steps pay allocation and kernel selection
-    seconds, real = across_processes(sum(times[warm:]), sum(tokens[warm : len(times)]))
+    seconds, real = across_processes(sum(times[warm:]), sum(step_tokens[warm:]))
     params = sum(p.numel() for p in trainer.model.parameters() if p.dtype in (torch.bfloat16, torch.float16))
     flops_per_token = 4 * params * (1.5 if stage == "dpo" else 1)  # frozen base: forward 2N + input-grad 2N
     peak = peak_flops()
@@ -763,7 +847,7 @@ def bench_training(model_dir: Path, args, rng, stage: str):
         "steps_timed": len(times) - warm,
         "processes": distributed.world_size(),
         "real_tokens_per_s": round(real / seconds, 1),
-        "padding_free": trainer.args.padding_free if stage == "sft" else False,
+        "padding_free": trainer.args.padding_free if stage == "sft" else not args.dpo_padded,
         "mfu": round(real / seconds * flops_per_token / peak / distributed.world_size(), 3),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None,
         "batch_size": trainer.args.per_device_train_batch_size,
@@ -992,6 +1076,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small workloads (smoke test)")
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
     parser.add_argument("--padded", action="store_true", help="SFT on padded batches (sft.padding_free=false)")
+    parser.add_argument("--dpo-padded", action="store_true", help="DPO on padded batches (dpo.padding_free=false)")
     parser.add_argument("--no-precompute", action="store_true", help="dpo.precompute_ref_log_probs=false")
     parser.add_argument("--liger", action="store_true", help="sft/dpo.use_liger_kernel=true (needs liger-kernel)")
     parser.add_argument(

@@ -137,6 +137,25 @@ def test_the_exported_dpo_adapter_has_no_reference_copy(fast_cfg, tiny_sft, tmp_
     assert json.loads((out / "reference_check.json").read_text())["ok"] is True
 
 
+def test_padding_free_dpo_gives_the_padded_loss_without_computing_padding(tiny_sft, tmp_path, fast_cfg):
+    losses, shapes = {}, {}
+    for padding_free in (True, False):
+        cfg = fast_cfg(f"dpo.padding_free={str(padding_free).lower()}", "dpo.precompute_ref_log_probs=false")
+        trainer = dpo.make_trainer(cfg, tiny_sft[3], _pairs_dir(cfg, str(tiny_sft[3]), tmp_path), tmp_path)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        assert (batch["attention_mask"] == 0).any(), "the batch should need padding"
+        embed = trainer.model.get_input_embeddings()
+        hook = embed.register_forward_hook(lambda m, args, out, key=padding_free: shapes.update({key: args[0].shape}))
+        trainer.model.eval()
+        with torch.no_grad():
+            losses[padding_free] = trainer.compute_loss(trainer.model, batch).item()
+        hook.remove()
+    # the layers saw the real tokens as one row (the padded batch: 8 rows, chosen and rejected, padded to the longest)
+    assert shapes[True] == (1, int(batch["attention_mask"].sum())) and shapes[False] == batch["input_ids"].shape
+    # sequences stay apart inside the row: attention across a boundary would change the loss
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
 @pytest.mark.parametrize("precompute", [True, False])
 def test_dpo_reference_log_probs_can_be_precomputed(tiny_sft, tmp_path, precompute, fast_cfg):
     cfg = fast_cfg(f"dpo.precompute_ref_log_probs={str(precompute).lower()}")

@@ -223,6 +223,12 @@ class DPOConfig(TrainerSettings):
         "Micro-batches per optimizer step (ignored when dpo.global_batch_size is set: it follows from that).", 4
     )
     max_length: int = doc("Tokens per prompt+completion; longer ones are truncated.", 1024)
+    padding_free: bool = doc(
+        "Run each batch's chosen and rejected sequences packed into one row without padding through the model's "
+        "layers (FlashAttention-2 varlen on a GPU; TRL's own DPO padding_free is off in TRL 1.16). Same loss as "
+        "padded batches, no compute spent on padding.",
+        True,
+    )
     precompute_ref_log_probs: bool = doc(
         "Compute the reference log-probs once before training (no reference forward in each step).", True
     )

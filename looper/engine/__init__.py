@@ -17,6 +17,7 @@ import logging
 from typing import Callable, Optional
 
 from looper.engine.interface import Generation, GenerationStats, Generator, Request, is_quantized
+from looper.engine.packing import pack_backbone
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ __all__ = [
     "is_quantized",
     "build",
     "attend_padding_free",
+    "pack_backbone",
     "restore_attention",
     "register",
     "BACKENDS",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from looper import distributed, prompts, tracking, training
+from looper import distributed, engine, prompts, tracking, training
 from looper.artifacts import PAIRS, read_jsonl
 from looper.config import Config
 from looper.models import TRAINED_MODEL, adapter_reads, known_warnings
@@ -168,6 +168,10 @@ def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path):
     from trl import DPOConfig
 
     model, tokenizer, peft_config = trainable_policy(cfg, sft_dir, cfg.dpo.fresh_lora)
+    if cfg.dpo.padding_free:  # (before TRL's constructor: its reference log-probs are computed there)
+        if model.config._attn_implementation == "sdpa":
+            engine.attend_padding_free(model)
+        engine.pack_backbone(model)
     tokenizer.padding_side = "right"
     train, held_out = split_pairs(read_jsonl(pairs_dir / PAIRS), cfg.dpo.eval_fraction, cfg.seed)
     fields = ("prompt", "chosen", "rejected")
