@@ -49,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from looper import distributed, models, throughput
-from looper.engine import cache, interface, paged, runner, scheduler
+from looper.engine import cache, paged, runner
 
 ARCHS = {
     "llama2-7b": dict(
@@ -487,21 +487,12 @@ def bench_prefill(model, tokenizer, args, bandwidth, rng):
     def once():
         gc.collect()
         with runner.AttentionSwitch(model):
-            decoder = scheduler.Scheduler(
-                model,
-                tokenizer,
-                encoded,
-                [1] * n,
-                [1.0] * n,
-                [0.95] * n,
-                list(range(n)),
-                n,
-                args.compile,
-                interface.eos_ids(model, tokenizer),
+            decoder, executor = paged.engine_for(
+                model, tokenizer, encoded, [1] * n, [1.0] * n, [0.95] * n, list(range(n)), n, args.compile
             )
             sync()
             start = time.perf_counter()
-            for _ in decoder.prefill(list(range(n))):  # every row ends at its first token
+            for _ in paged.execute(decoder.prefill(list(range(n))), decoder, executor):  # each row ends at once
                 pass
             sync()
         if decoder.counts["prefills"] != 1 or decoder.queue:
@@ -545,7 +536,7 @@ def bench_step(model, tokenizer, args, bandwidth, rng):
     ]
     context = sum(map(len, encoded)) / slots + 1
     with torch.no_grad(), runner.AttentionSwitch(model):
-        decoder = scheduler.Scheduler(
+        decoder, executor = paged.engine_for(
             model,
             tokenizer,
             encoded,
@@ -555,14 +546,12 @@ def bench_step(model, tokenizer, args, bandwidth, rng):
             list(range(slots)),
             slots,
             args.compile,
-            interface.eos_ids(model, tokenizer),
         )
-        for _ in decoder.prefill(list(range(decoder.cache.slots))):  # (no row ends at its first token)
+        for _ in paged.execute(decoder.prefill(list(range(slots))), decoder, executor):  # (no row ends at once)
             pass
-        for _ in decoder.make_room():  # (each row's page for its next entry)
-            pass
-        decoder.cache.flush()
-        run = decoder.runner._replay if decoder.runner.use_graphs else decoder.runner._step
+        decoder.make_room()  # (each row's page for its next entry)
+        executor.execute(decoder.step())  # (the page table takes it)
+        run = executor._replay if executor.use_graphs else executor._step
         run()  # capture (and compile, with --compile)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
@@ -571,7 +560,7 @@ def bench_step(model, tokenizer, args, bandwidth, rng):
             run()
         sync()
         seconds = (time.perf_counter() - start) / reps
-        rows = decoder.cache.slots
+        rows = decoder.slots
         ceiling = rows / ceiling_tokens_per_s(model, rows, context, bandwidth)
         result = {
             "slots": rows,
@@ -580,8 +569,8 @@ def bench_step(model, tokenizer, args, bandwidth, rng):
             "ceiling_ms": round(1000 * ceiling, 2),
             "share_of_ceiling": round(ceiling / seconds, 3),
             "compiled": args.compile,
-            "cuda_graph": decoder.runner.use_graphs,
-            "kernel": decoder.runner.kernel,
+            "cuda_graph": executor.use_graphs,
+            "kernel": executor.kernel,
         }
         print(
             f"step     {rows} slots, mean context {context:.0f}: {1000 * seconds:.1f} ms, ceiling "
@@ -593,7 +582,7 @@ def bench_step(model, tokenizer, args, bandwidth, rng):
                 [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
             )
             with torch.profiler.profile(activities=activities) as profiler:
-                decoder.runner._step()
+                executor._step()
                 sync()
             print(
                 profiler.key_averages().table(

@@ -315,28 +315,37 @@ def test_shared_prefixes_group_neighbours_while_that_saves_tokens():
     assert scheduler.shared_prefixes([[1, 2, 3], [4, 5, 6]], 1) == []
 
 
-def test_the_paged_cache_hands_out_shares_and_takes_back_pages_and_its_table_follows():
-    from looper.engine.cache import PAGE, PagedCache
+def test_the_page_allocator_hands_out_shares_and_takes_back_pages_and_the_storage_table_follows():
+    from looper.engine.cache import PAGE, KVStorage, PageAllocator
 
-    cache = PagedCache(num_layers=1, slots=3, pages=8, pages_per_slot=4, device=torch.device("cpu"))
-    assert len(cache.free) == 7  # page 0 is scratch
-    cache.grow(0, 3)
-    cache.share(1, 0, 2)  # slot 1 reads slot 0's first two (full) pages
-    cache.grow(1, 1)
-    cache.flush()
-    assert cache.table.tolist() == [[1, 2, 3, 0], [1, 2, 4, 0], [0, 0, 0, 0]]
-    assert cache.shared == 2 * PAGE and len(cache.free) == 3
-    assert cache.entries(1, PAGE - 1, PAGE + 2).tolist() == [2 * PAGE - 1, 2 * PAGE, 2 * PAGE + 1]
-    cache.release(0)  # pages 1 and 2 stay: slot 1 still holds them
-    assert sorted(cache.free) == [3, 5, 6, 7] and cache.shared == 0
-    cache.grow(2, 1)  # (the page slot 0 gave back)
-    cache.flush()
-    assert cache.table.tolist() == [[0, 0, 0, 0], [1, 2, 4, 0], [3, 0, 0, 0]]
-    cache.keep([2, 1])
-    assert cache.table.tolist() == [[3, 0, 0, 0], [1, 2, 4, 0]] and cache.owned == [[3], [1, 2, 4]]
-    cache.release(1)
-    cache.release(0)
-    assert sorted(cache.free) == list(range(1, 8)) and cache.shared == 0
+    pages = PageAllocator(slots=3, pages=8)
+    storage = KVStorage(num_layers=1, slots=3, pages=8, pages_per_slot=4, device=torch.device("cpu"))
+    assert len(pages.free) == 7  # page 0 is scratch
+    pages.grow(0, 3)
+    pages.share(1, 0, 2)  # slot 1 reads slot 0's first two (full) pages
+    pages.grow(1, 1)
+    storage.apply(pages.take_changes())
+    assert pages.take_changes() is None  # (each change handed over once)
+    assert storage.table.tolist() == [[1, 2, 3, 0], [1, 2, 4, 0], [0, 0, 0, 0]]
+    assert pages.shared == 2 * PAGE and len(pages.free) == 3
+    assert pages.entries(1, PAGE - 1, PAGE + 2).tolist() == [2 * PAGE - 1, 2 * PAGE, 2 * PAGE + 1]
+    pages.release(0)  # pages 1 and 2 stay: slot 1 still holds them
+    assert sorted(pages.free) == [3, 5, 6, 7] and pages.shared == 0
+    pages.grow(2, 1)  # (the page slot 0 gave back)
+    storage.apply(pages.take_changes())
+    assert storage.table.tolist() == [[0, 0, 0, 0], [1, 2, 4, 0], [3, 0, 0, 0]]
+    pages.keep([2, 1])
+    storage.keep([2, 1])
+    assert storage.table.tolist() == [[3, 0, 0, 0], [1, 2, 4, 0]] and pages.owned == [[3], [1, 2, 4]]
+    pages.release(1)
+    pages.release(0)
+    assert sorted(pages.free) == list(range(1, 8)) and pages.shared == 0
+    # the storage writes keys and values where it is told, and hands the model's own back untouched
+    keys, values = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    assert storage.update(keys, values, 0) == (keys, values)
+    buffer_keys, buffer_values = storage.write(0, keys, values, torch.tensor([5, 17, 40]))
+    assert buffer_keys.shape == (8 * PAGE, 2, 4) and torch.equal(buffer_keys[[5, 17, 40]], keys)
+    assert torch.equal(buffer_values[[5, 17, 40]], values) and not buffer_keys[6].any()
 
 
 def test_a_kv_cache_smaller_than_the_slots_worst_case_preempts_and_resumes_rows_with_the_same_samples(

@@ -1,9 +1,10 @@
 """The paged KV cache and the sizing of its page pool.
 
-Owns `PagedCache` (pages of `PAGE` positions handed out to slots as rows grow, shared where prompts begin alike,
-taken back when rows end), `pages_that_fit` (how many pages the device's free memory holds besides a prefill's
-working memory) and `on` (host lists to the device without a sync). Must never decide which row runs where (the
-scheduler does) or run the model (the runner does).
+Owns `PageAllocator` (the bookkeeping: pages of `PAGE` positions handed out to slots as rows grow, shared where
+prompts begin alike, taken back when rows end), `KVStorage` (the tensors: key and value buffers, the page table on
+the device), `pages_that_fit` (how many pages the device's free memory holds besides a prefill's working memory)
+and `on` (host lists to the device without a sync). Must never decide which row runs where (the scheduler does) or
+run the model (the runner does).
 """
 
 import logging
@@ -24,56 +25,21 @@ def pages(positions: int) -> int:
     return -(-positions // PAGE)
 
 
-class PagedCache:
-    """The KV cache of `slots` rows in pages of `PAGE` positions, handed out as rows grow: per layer one buffer of
-    keys and one of values, [pages * PAGE, kv_heads, head_dim] (token-major, the layout of FlashAttention's packed
-    input). Position t of slot s is entry `table[s, t // PAGE] * PAGE + t % PAGE`. Page 0 is scratch: the table rows
-    of free slots point there, so their throwaway decode writes touch no row's entries. Pages are handed out and
-    taken back on the host (`grow`, `share`, `release`); the table on the device follows at `flush`. A full page of a
-    prompt's first entries may serve several slots (samples of one prompt, prompts after one shared prefix): a full
-    page is never written again.
+class PageAllocator:
+    """The pages of a KV cache of `slots` rows, `PAGE` positions each, handed out as rows grow: host bookkeeping only
+    (the tensors are `KVStorage`'s). Position t of slot s is entry `owned[s][t // PAGE] * PAGE + t % PAGE` of the
+    storage's buffers. Page 0 is scratch: the table rows of free slots point there, so their throwaway decode writes
+    touch no row's entries. A full page of a prompt's first entries may serve several slots (samples of one prompt,
+    prompts after one shared prefix): a full page is never written again. The page table changes made here are
+    handed to the storage in the next step's plan (`take_changes`)."""
 
-    The model sees it as a transformers `Cache` (it calls `update` once per layer). In a prefill (prompts packed into
-    one row) each prompt token's key and value are stored at `prefill_index` and attention runs over the prefill
-    alone, or, after a shared prefix (`prefill_reads_cache`), over the cache; in a decode step each row's new entry
-    is stored at `write_index` and attention (`kernels.attention.DecodeStep`) gets the whole buffers."""
-
-    def __init__(self, num_layers: int, slots: int, pages: int, pages_per_slot: int, device: torch.device):
-        self.keys: list = [None] * num_layers
-        self.values: list = [None] * num_layers
+    def __init__(self, slots: int, pages: int):
         self.slots, self.pages = slots, pages
-        self.table = torch.zeros(slots, pages_per_slot, dtype=torch.int32, device=device)
         self.owned: list[list[int]] = [[] for _ in range(slots)]  # each slot's pages, in position order
         self.users = [0] * pages  # slots holding each page
         self.free = list(range(pages - 1, 0, -1))  # (popped from the end: low pages first)
-        self.changes: dict = {}  # (slot, column) -> page, not yet in `table`
+        self.changes: dict = {}  # (slot, column) -> page, not yet in the storage's table
         self.shared = 0  # positions slots read from pages another slot also holds (once per extra holder)
-        self.prefill_index: Optional[torch.Tensor] = None  # a prefill: the entry each packed token's KV goes to
-        self.prefill_sources: Optional[torch.Tensor] = None  # and the packed token each copies (None: in order)
-        self.prefill_reads_cache = False  # whether the prefill's attention reads the cache (a shared prefix)
-        self.write_index: Optional[torch.Tensor] = None  # a decode step: the entry each slot writes
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # positions are always passed explicitly
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if self.keys[layer_idx] is None:
-            shape = (self.pages * PAGE, key.shape[1], key.shape[3])
-            self.keys[layer_idx] = key.new_zeros(shape)
-            self.values[layer_idx] = value.new_zeros(shape)
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self.prefill_index is not None:
-            new_keys, new_values = key[0].transpose(0, 1), value[0].transpose(0, 1)
-            if self.prefill_sources is not None:
-                new_keys, new_values = new_keys[self.prefill_sources], new_values[self.prefill_sources]
-            keys.index_copy_(0, self.prefill_index, new_keys)
-            values.index_copy_(0, self.prefill_index, new_values)
-            return (keys, values) if self.prefill_reads_cache else (key, value)
-        # (indexed assignment on the buffers themselves: compiled, index_copy_ on a view of them made a step several
-        # times as slow, as if each layer's whole buffer were copied back)
-        keys[self.write_index] = key[:, :, 0]
-        values[self.write_index] = value[:, :, 0]
-        return keys, values
 
     def grow(self, slot: int, count: int) -> None:
         """`count` more pages for `slot` (the caller has checked that `free` holds them)."""
@@ -102,13 +68,13 @@ class PagedCache:
             self.changes[slot, column] = 0
         self.owned[slot] = []
 
-    def flush(self) -> None:
-        """Write the page changes to the device's table (one transfer)."""
-        if self.changes:
-            (slots, columns), pages = zip(*self.changes), list(self.changes.values())
-            update = on(self.table.device, [slots, columns, pages])
-            self.table[update[0], update[1]] = update[2].to(torch.int32)
-            self.changes = {}
+    def take_changes(self) -> Optional[tuple[list, list, list]]:
+        """The table changes since the last call, as (slots, columns, pages), or None."""
+        if not self.changes:
+            return None
+        (slots, columns), pages = zip(*self.changes), list(self.changes.values())
+        self.changes = {}
+        return list(slots), list(columns), pages
 
     def entries(self, slot: int, first: int, end: int) -> torch.Tensor:
         """The buffer entries (on the host) of positions first..end-1 of `slot` (within its pages)."""
@@ -116,11 +82,54 @@ class PagedCache:
         return torch.tensor(self.owned[slot], dtype=torch.long)[positions // PAGE] * PAGE + positions % PAGE
 
     def keep(self, slots: list[int]) -> None:
-        """Keep only `slots` (in that order; the others hold no pages): the table shrinks to len(slots) rows."""
-        self.flush()
-        self.table = self.table[torch.tensor(slots, device=self.table.device)]
+        """Keep only `slots` (in that order; the others hold no pages). Changes not yet taken must be taken first:
+        they name the slots as they were."""
+        assert not self.changes, "take_changes before keep"
         self.owned = [self.owned[s] for s in slots]
         self.slots = len(slots)
+
+
+class KVStorage:
+    """The KV cache's tensors: per layer one buffer of keys and one of values, [pages * PAGE, kv_heads, head_dim]
+    (token-major, the layout of FlashAttention's packed input; made at the first write), and the page table on the
+    device [slots, pages per slot], which follows the allocator's changes (`apply`).
+
+    The model sees it as a transformers `Cache`, whose `update` hands the new keys and values on untouched: looper's
+    attention writes them (`write`), at the entries its forward's own arguments name (`kernels.attention.Packed` for
+    a prefill, `DecodeStep` for a decode step), and attends over them."""
+
+    def __init__(self, num_layers: int, slots: int, pages: int, pages_per_slot: int, device: torch.device):
+        self.keys: list = [None] * num_layers
+        self.values: list = [None] * num_layers
+        self.pages = pages
+        self.table = torch.zeros(slots, pages_per_slot, dtype=torch.int32, device=device)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return key, value  # (written by the attention function, which knows where)
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor):
+        """Store `keys`/`values` [n, kv_heads, head_dim] at buffer entries `index` [n] of `layer`; returns the
+        layer's buffers."""
+        if self.keys[layer] is None:
+            shape = (self.pages * PAGE, keys.shape[1], keys.shape[2])
+            self.keys[layer], self.values[layer] = keys.new_zeros(shape), values.new_zeros(shape)
+        # (indexed assignment on the buffers themselves: compiled, index_copy_ on a view of them made a step several
+        # times as slow, as if each layer's whole buffer were copied back)
+        self.keys[layer][index] = keys
+        self.values[layer][index] = values
+        return self.keys[layer], self.values[layer]
+
+    def apply(self, changes: tuple[list, list, list]) -> None:
+        """Write the allocator's page changes (slots, columns, pages) to the table (one transfer)."""
+        update = on(self.table.device, list(changes))
+        self.table[update[0], update[1]] = update[2].to(torch.int32)
+
+    def keep(self, slots: list[int]) -> None:
+        """Keep only `slots`' table rows, in that order."""
+        self.table = self.table[torch.tensor(slots, device=self.table.device)]
 
 
 def kv_bytes_per_position(model) -> int:

@@ -27,8 +27,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from looper.engine.cache import PAGE, KVStorage
 from looper.engine.interface import Generation, GenerationStats, Generator, Request, eos_ids
-from looper.engine.runner import AttentionSwitch
+from looper.engine.runner import AttentionSwitch, ModelRunner
 from looper.engine.sampling import MASK32
 from looper.engine.scheduler import Scheduler
 from looper.prompts import encode_prompt
@@ -115,7 +116,7 @@ def generate(
         else tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
     )
     with AttentionSwitch(model):
-        scheduler = Scheduler(
+        scheduler, runner = engine_for(
             model,
             tokenizer,
             encoded,
@@ -126,13 +127,11 @@ def generate(
             # compiled: never one slot (a size-1 dimension would be compiled again)
             max(min(batch_size, n), 2 if compile_decode else 1),
             compile_decode,
-            eos_ids(model, tokenizer),
+            logprobs,
         )
-        if logprobs:
-            scheduler.keep_logprobs()
         bar = tqdm(total=n, desc=desc, unit="seq", leave=False, disable=desc is None)
         start = time.time()
-        for i, result in scheduler.run(refill_at):
+        for i, result in execute(scheduler.steps(refill_at), scheduler, runner):
             bar.update(1)
             bar.set_postfix(tok_per_s=f"{scheduler.real_tokens / max(time.time() - start, 1e-9):.0f}", refresh=False)
             if on_result is not None:
@@ -146,7 +145,6 @@ def generate(
             counts["preempted"],
         )
     if stats is not None:
-        runner = scheduler.runner
         stats.update(
             GenerationStats(
                 backend=PagedGenerator.name,
@@ -163,3 +161,43 @@ def generate(
             ).as_dict()
         )
     return scheduler.results
+
+
+def engine_for(model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots, compile_decode, logprobs=False):
+    """(scheduler, runner) of one generate call over the token lists `encoded` (per row its token limit and sampling
+    settings), `slots` rows decoding at a time: the scheduler sizes the page pool, the runner holds the KV storage
+    of that many pages. Call inside `AttentionSwitch(model)`."""
+    text = model.config.get_text_config()
+    kernel = ModelRunner.decode_kernel(model)
+    scheduler = Scheduler(
+        model,
+        tokenizer,
+        encoded,
+        limits,
+        temperatures,
+        top_ps,
+        seeds,
+        slots,
+        eos_ids(model, tokenizer),
+        kernel != "triton",
+    )
+    storage = KVStorage(text.num_hidden_layers, slots, scheduler.pages.pages, scheduler.capacity // PAGE, model.device)
+    sampled, nucleus = any(t > 0 for t in temperatures), any(p < 1 for p in top_ps)
+    runner = ModelRunner(model, storage, sampled, nucleus, compile_decode, logprobs)
+    if logprobs:
+        scheduler.keep_logprobs()
+    return scheduler, runner
+
+
+def execute(steps, scheduler: Scheduler, runner: ModelRunner):
+    """Run the plans the scheduler's generator `steps` yields on `runner`, handing each result back; yields
+    (prompt index, Generation) as rows finish."""
+    output = None
+    while True:
+        try:
+            step = steps.send(output)
+        except StopIteration:
+            break
+        output = runner.execute(step)
+        yield from scheduler.take_finished()
+    yield from scheduler.take_finished()

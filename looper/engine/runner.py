@@ -1,10 +1,12 @@
-"""The model runner: every forward the paged engine makes, and the device-side state of its slots.
+"""The model runner: carries out the scheduler's plans (`plan.Step`), every forward the paged engine makes, and
+holds the device-side state of its slots.
 
-Owns a prefill forward (prompts packed into one row, their KV entries written to the slots' pages), a decode step (one
-token for every slot, replayed as a CUDA graph on a GPU, its model forward optionally through torch.compile), the
-slots' device state (KV length, step, seed, temperature, top-p, last token) and the switch of the model to
-`looper.engine.kernels.attention` for the duration of a generate call. Must never decide which rows run (the
-scheduler does) or hand out KV pages (the cache does).
+Owns the execution of a step (`execute`: slots released, page-table changes applied, halving, then a prefill forward
+(prompts packed into one row, their KV entries written where the plan says) or a decode step (one token for every
+slot, replayed as a CUDA graph on a GPU, its model forward optionally through torch.compile)), the KV storage's
+tensors, the slots' device state (KV length, step, seed, temperature, top-p, last token) and the switch of the model
+to `looper.engine.kernels.attention` for the duration of a generate call. Must never decide which rows run (the
+scheduler does) or hand out KV pages (the allocator does).
 """
 
 import functools
@@ -16,9 +18,10 @@ from typing import Optional
 import torch
 
 from looper.engine import sampling
-from looper.engine.cache import PAGE, PagedCache, on
+from looper.engine.cache import PAGE, KVStorage, on
 from looper.engine.interface import is_quantized
 from looper.engine.kernels import attention, fused
+from looper.engine.plan import Prefill, Step
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +85,35 @@ def compiled_decode_logits(backend: str):
     return torch.compile(decode_logits, dynamic=True, backend=backend)
 
 
+class Pending:
+    """A decode step in flight: its tokens (and log-probs) copied to the host without waiting; `result()` waits."""
+
+    def __init__(self, tokens: torch.Tensor, logprobs: Optional[torch.Tensor]):
+        self.done = None
+        if tokens.is_cuda:
+            self.tokens = tokens.to("cpu", non_blocking=True)  # (into pinned memory)
+            self.logprobs = logprobs.to("cpu", non_blocking=True) if logprobs is not None else None
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.tokens, self.logprobs = tokens.clone(), logprobs.clone() if logprobs is not None else None
+
+    def result(self) -> tuple[list[int], Optional[list[float]]]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.tokens.tolist(), self.logprobs.tolist() if self.logprobs is not None else None
+
+
 class ModelRunner:
-    """The forwards of one generate call over `cache`, and the `slots`' device state: `state` (per slot its KV length,
+    """The forwards of one generate call over `storage`, and the slots' device state: `state` (per slot its KV length,
     which is its next write position and token position; whether it is live; its step; its sampling settings),
     `tokens` (each slot's last token, the next step's input) and `next_tokens` (what the step chose); with
     `logprobs`, `chosen_logprobs` / `next_logprobs` (their log-probabilities, `sampling.chosen_logprob`)."""
 
     def __init__(
-        self, model, cache: PagedCache, sampling_rows: bool, nucleus: bool, compile_decode: bool, logprobs=False
+        self, model, storage: KVStorage, sampling_rows: bool, nucleus: bool, compile_decode: bool, logprobs=False
     ):
-        self.model, self.cache, self.device = model, cache, model.device
+        self.model, self.storage, self.device = model, storage, model.device
         self.logprobs = logprobs
         self.sampling, self.nucleus = sampling_rows, nucleus
         cache_keyword(model)
@@ -119,18 +141,11 @@ class ModelRunner:
         self.pool = None
         self.use_graphs = self.device.type == "cuda" and not quantized
         self.graph_count, self.capture_seconds, self.graph_failure = 0, 0.0, None
-        text = model.config.get_text_config()
-        shape = (
-            self.device,
-            model.dtype,
-            text.num_attention_heads,
-            getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-            attention.head_dim(model),
-        )
+        shape = self.shape(model)
         self.packed_kernel, self.kernel = attention.kernels(*shape)
         self.prefix_kernel = attention.prefix_kernel(*shape)
         self.width = 0  # positions every slot's attention covers in a decode step (sdpa and flash kernels)
-        slots, zeros = cache.slots, dict(dtype=torch.long, device=self.device)
+        slots, zeros = storage.table.shape[0], dict(dtype=torch.long, device=self.device)
         self.state = {
             "length": torch.zeros(slots, **zeros),
             "live": torch.zeros(slots, **zeros),
@@ -144,59 +159,68 @@ class ModelRunner:
         self.chosen_logprobs = torch.zeros(slots, device=self.device)
         self.next_logprobs = torch.zeros(slots, device=self.device)
 
+    @staticmethod
+    def shape(model) -> tuple:
+        """What the attention kernels are chosen by: device, dtype, heads, KV heads, head size."""
+        text = model.config.get_text_config()
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        return model.device, model.dtype, text.num_attention_heads, kv_heads, attention.head_dim(model)
+
+    @classmethod
+    def decode_kernel(cls, model) -> str:
+        """The decode step's attention kernel for `model` (`kernels.attention.kernels`, chosen once per shape)."""
+        return attention.kernels(*cls.shape(model))[1]
+
+    # ------------------------------------------------------------------------------------------------ a step
+
+    def execute(self, step: Step):
+        """Carry out `step` (`plan.Step`, in its order). A prefill returns every slot's last token and its log-prob
+        (with `logprobs`) on the host, having waited for them; a decode step returns a `Pending`, without waiting."""
+        if step.release:
+            self.stop(step.release)
+        if step.table is not None:
+            self.storage.apply(step.table)
+        if step.keep is not None:
+            self.keep(step.keep)
+        if step.prefill is not None:
+            self.prefill(step.prefill)
+            chosen = self.chosen_logprobs.tolist() if self.logprobs else None
+            return self.tokens.tolist(), chosen
+        if step.decode is not None:
+            self.decode(step.decode.width)
+            return Pending(self.tokens, self.chosen_logprobs if self.logprobs else None)
+        return None
+
     # ------------------------------------------------------------------------------------------------ prefill
 
-    def prefill(
-        self,
-        pieces: list[list[int]],
-        offsets: list[int],
-        targets: list[tuple[int, int]],
-        own: dict,
-        answers: list[int],
-        history: Optional[list[int]] = None,
-    ) -> torch.Tensor:
-        """One prefill forward: the token lists `pieces` packed into one row, piece j at positions offsets[j]...
-        Each (slot, j) of `targets` receives piece j's KV entries at those positions of its slot, from position
-        `own[slot]` on (before it, its pages are another slot's). Without `history` each piece attends to itself
-        alone; with it, piece j attends to the first offsets[j] entries of slot history[j] (its prefix) and to
-        itself. Returns the logits at the last token of each of the pieces `answers`."""
-        cache = self.cache
-        lengths = [len(piece) for piece in pieces]
-        ends = torch.tensor(lengths).cumsum(0)
-        starts = (ends - torch.tensor(lengths)).tolist()
-        ids = torch.tensor([token for piece in pieces for token in piece], device=self.device)[None]
-        positions = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lengths)])
-        entries, sources = [], []
-        for slot, j in targets:
-            first, end = max(offsets[j], own[slot]), offsets[j] + lengths[j]
-            if first < end:
-                entries.append(cache.entries(slot, first, end))
-                sources.append(torch.arange(first, end) - offsets[j] + starts[j])
-        sources = torch.cat(sources)
-        cache.prefill_index = torch.cat(entries).to(self.device)
-        if not torch.equal(sources, torch.arange(int(ends[-1]))):  # a piece written to several slots, or part of one
-            cache.prefill_sources = sources.to(self.device)
-        query_starts = torch.cat([torch.zeros(1, dtype=torch.int32), ends.to(torch.int32)]).to(self.device)
-        if history is None:
-            packed = attention.Packed(self.packed_kernel, query_starts, max(lengths))
+    def prefill(self, plan: Prefill) -> None:
+        """One prefill forward (`plan.Prefill`), then its rows start with their first tokens chosen from its logits."""
+        device = self.device
+        starts = torch.tensor(plan.starts)
+        ends = starts[1:]
+        longest = int(starts.diff().max())
+        query_starts = starts.to(torch.int32).to(device)
+        kv = dict(storage=self.storage, entries=plan.entries.to(device))
+        kv["sources"] = plan.sources.to(device) if plan.sources is not None else None
+        if plan.history is None:
+            packed = attention.Packed(self.packed_kernel, query_starts, longest, **kv)
         else:
-            seen = [o + n for o, n in zip(offsets, lengths)]
-            where = torch.cat([cache.entries(slot, 0, n) for slot, n in zip(history, seen)])
-            packed = attention.Packed(self.prefix_kernel, query_starts, max(lengths), where.to(self.device), seen)
-            cache.prefill_reads_cache = True
-        try:
-            with fused.Patched(self.prefill_patches):
-                return logits_at(
-                    self.model,
-                    cache,
-                    ids,
-                    positions[None].to(self.device),
-                    (ends - 1)[answers].to(self.device),
-                    looper_packed=packed,
-                )[0]
-        finally:
-            cache.prefill_index = cache.prefill_sources = None
-            cache.prefill_reads_cache = False
+            history = plan.history.to(device)
+            packed = attention.Packed(self.prefix_kernel, query_starts, longest, history, plan.key_lengths, **kv)
+        with fused.Patched(self.prefill_patches):
+            logits = logits_at(
+                self.model,
+                self.storage,
+                torch.tensor(plan.ids, device=device)[None],
+                torch.tensor(plan.positions)[None].to(device),
+                (ends - 1)[plan.answers].to(device),
+                looper_packed=packed,
+            )[0]
+        if plan.logit_rows is not None:  # (identical prompts: one logits row serves several)
+            logits = logits[torch.tensor(plan.logit_rows, device=device)]
+        self.start(plan.slots, plan.lengths, plan.seeds, plan.temperatures, plan.top_ps, logits)
+        if plan.resumed:  # resumed rows: their own last token and step, not the ones chosen
+            self.resume(list(plan.resumed), list(plan.resumed.values()))
 
     def start(
         self,
@@ -245,7 +269,8 @@ class ModelRunner:
         self.state["live"][where] = 0
 
     def keep(self, slots: list[int]) -> None:
-        """Keep only `slots`' state, in that order (the cache's table shrinks with it, `PagedCache.keep`)."""
+        """Keep only `slots`' state and page-table rows, in that order."""
+        self.storage.keep(slots)
         where = torch.tensor(slots, device=self.device)
         self.state = {k: v[where] for k, v in self.state.items()}
         self.tokens, self.next_tokens = self.tokens[where], self.next_tokens[where]
@@ -274,12 +299,13 @@ class ModelRunner:
     def _step(self) -> None:
         """The decode step proper: reads `tokens` and the slot state, writes the KV entries and `next_tokens` (the
         body of the CUDA graphs; running it twice with the same state writes the same values)."""
-        state, table = self.state, self.cache.table
+        state, table = self.state, self.storage.table
         page = table.gather(1, (state["length"] // PAGE)[:, None])[:, 0].long()
-        self.cache.write_index = page * PAGE + state["length"] % PAGE
-        step = attention.DecodeStep(self.kernel, (state["length"] + 1).to(torch.int32), self.width, table, PAGE)
+        written = page * PAGE + state["length"] % PAGE
+        lengths = (state["length"] + 1).to(torch.int32)
+        step = attention.DecodeStep(self.kernel, lengths, self.width, table, PAGE, self.storage, written)
         with fused.Patched(self.step_patches):
-            logits = self.decode_logits(self.model, self.cache, self.tokens, state["length"], step)
+            logits = self.decode_logits(self.model, self.storage, self.tokens, state["length"], step)
         self.next_tokens.copy_(
             sampling.seeded_choice(
                 logits, state["seed"], state["step"], state["temperature"], state["top_p"], self.sampling, self.nucleus
@@ -289,7 +315,7 @@ class ModelRunner:
             self.next_logprobs.copy_(sampling.chosen_logprob(logits, self.next_tokens, state["temperature"]))
 
     def _replay(self) -> None:
-        shape = (self.cache.slots, self.width)
+        shape = (self.storage.table.shape[0], self.width)
         if shape not in self.graphs:
             try:
                 start = time.perf_counter()

@@ -6,8 +6,10 @@ the next prompts in one prefill once a `refill_at` share of them is free and the
 still decoding, computed once and shared), preemption (where a step finds too few free pages, the newest row goes back
 to the queue with the tokens it produced and resumes from them, with the same draws), halving (when the queue is empty
 and half the slots are idle, the live rows move into half of them) and collection (a row ends at EOS or its own token
-limit; results are detokenized as rows finish). Must never run the model (the runner does) or touch a KV entry (the
-cache and the runner do).
+limit; results are detokenized as rows finish). Its decisions leave it as plans (`plan.Step`): `steps` yields each
+step's plan and receives what the runner made of it (a prefill's first tokens, a decode step's `runner.Pending`). Holds
+the page allocator (`cache.PageAllocator`); every index a forward needs is in its plan. Must never run the model (the
+runner does) or touch a KV entry (the runner's storage does).
 """
 
 import math
@@ -15,11 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
-from looper.engine.cache import PAGE, PREFILL_TOKENS, PagedCache, pages, pages_that_fit
+from looper.engine.cache import PAGE, PREFILL_TOKENS, PageAllocator, pages, pages_that_fit
 from looper.engine.interface import Generation
-from looper.engine.runner import ModelRunner
+from looper.engine.plan import Decode, Prefill, Step, packed
 
 MIN_SLOTS = 8  # the drain stops halving the slots here (below it a step costs about the same: the weights' read)
 WIDTH_STEP = 64  # attention width is rounded up to a multiple of this (fewer shapes, so fewer CUDA graphs)
@@ -75,26 +75,25 @@ class _Plan:
 
 class Scheduler:
     """The host side of one `generate` call. Per slot: the prompt it serves (-1: free), its tokens so far, its KV length
-    and when it started; the queue of prompts not yet started (and the tokens of preempted ones); the results. The
-    runner holds the same slots' state on the device."""
+    and when it started; the queue of prompts not yet started (and the tokens of preempted ones); the pages (`pages`,
+    the allocator); the results, and those finished since the caller last took them (`take_finished`). The runner
+    holds the same slots' state on the device. `widths`: the decode kernel attends over a width of positions (sdpa,
+    flash), which each step's plan then gives."""
 
-    def __init__(self, model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots, compile_decode, eos_ids):
+    def __init__(self, model, tokenizer, encoded, limits, temperatures, top_ps, seeds, slots, eos_ids, widths=True):
         self.tokenizer, self.encoded, self.limits = tokenizer, encoded, limits
         self.settings = (temperatures, top_ps, seeds)
         self.eos_ids = set(eos_ids)
         # in token order: identical prompts, and prompts that begin alike, side by side, so that one prefill
         # computes their shared entries once
         self.queue = sorted(range(len(encoded)), key=lambda i: encoded[i])
-        self.device = model.device
-        text = model.config.get_text_config()
+        self.widths = widths
         # a slot's worst case: its prompt and every token it may generate (a multiple of WIDTH_STEP: the sdpa and
         # flash steps attend over that many positions at most)
         self.capacity = round_up(max(map(len, encoded)) + max(limits) + 1, WIDTH_STEP)
         pool = pages_that_fit(model, slots, self.capacity // PAGE)
-        self.cache = PagedCache(text.num_hidden_layers, slots, pool, self.capacity // PAGE, self.device)
-        self.runner = ModelRunner(
-            model, self.cache, any(t > 0 for t in temperatures), any(p < 1 for p in top_ps), compile_decode
-        )
+        self.pages = PageAllocator(slots, pool)
+        self.slots = slots
         self.logprobs: Optional[dict[int, list[float]]] = None  # per prompt, its tokens' log-probs (`keep_logprobs`)
         # a prefill starts rows only while this many pages stay free besides theirs: the next step can then give
         # every row a page, so a row started is not taken back before it has decoded (where the pool holds a page
@@ -103,8 +102,10 @@ class Scheduler:
         self.owner, self.produced, self.length = [-1] * slots, [[] for _ in range(slots)], [0] * slots
         self.started, self.starts = [0] * slots, 0  # when each slot's row started (the newest is preempted first)
         self.resumed: dict[int, list[int]] = {}  # preempted rows waiting in the queue: the tokens they had produced
-        self.pending = None  # (slots, their owners, tokens on the host, done event) of the step launched last
+        self.pending = None  # (slots, their owners, runner.Pending) of the decode step launched last
+        self.released: list[int] = []  # slots freed since the last plan (the next one resets them on the device)
         self.results: list[Optional[Generation]] = [None] * len(encoded)
+        self.finished: list[tuple[int, Generation]] = []  # since `take_finished`
         self.real_tokens = 0
         self.counts = {
             "decode_steps": 0,
@@ -126,25 +127,36 @@ class Scheduler:
         }
 
     def keep_logprobs(self) -> None:
-        """Record each generated token's log-prob (call before `run`: the decode step, graphs included, computes it)."""
-        self.logprobs, self.runner.logprobs = {}, True
+        """Record each generated token's log-prob (the runner computes them: `ModelRunner(logprobs=True)`)."""
+        self.logprobs = {}
 
-    def run(self, refill_at: float):
-        """Yields (prompt index, Generation) as rows finish. A decode step's tokens are read while the next step
-        runs (`pending`), so the GPU never waits for the host; before the slots change (a prefill, halving, the
-        end) the pending step is collected first. A refill waits for free pages as well as free slots: for
-        `refill_at` of the slots' worth of rows like the next one (or for one row, when none is decoding)."""
-        yield from self.prefill(list(range(self.cache.slots)))
+    def take_finished(self) -> list[tuple[int, Generation]]:
+        """(prompt index, Generation) of the rows finished since the last call, in the order they finished."""
+        finished, self.finished = self.finished, []
+        return finished
+
+    def step(self, **forward) -> Step:
+        """The plan of the next step: the slots freed and the page changes since the last one, and `forward`."""
+        released, self.released = self.released, []
+        return Step(release=released, table=self.pages.take_changes(), **forward)
+
+    def steps(self, refill_at: float):
+        """Yields each step's plan (`plan.Step`) and receives what the runner returned for it; rows that finish go
+        to `finished`. A decode step's tokens are read while the next step runs (`pending`), so the GPU never waits
+        for the host; before the slots change (a prefill, halving, the end) the pending step is collected first. A
+        refill waits for free pages as well as free slots: for `refill_at` of the slots' worth of rows like the
+        next one (or for one row, when none is decoding)."""
+        yield from self.prefill(list(range(self.slots)))
         drain_start = None  # when the queue ran out: from then on, ever fewer rows a step
         while True:
-            free = [s for s in range(self.cache.slots) if self.owner[s] < 0]
-            live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
-            half = self.cache.slots // 2
-            wanted = max(1, min(len(self.queue), math.ceil(refill_at * self.cache.slots)))
+            free = [s for s in range(self.slots) if self.owner[s] < 0]
+            live = [s for s in range(self.slots) if self.owner[s] >= 0]
+            half = self.slots // 2
+            wanted = max(1, min(len(self.queue), math.ceil(refill_at * self.slots)))
             refill = self.queue and len(free) >= wanted and self._room_for(wanted if live else 1)
             halve = not self.queue and len(live) <= half and half >= MIN_SLOTS
             if (refill or halve or not live) and self.pending is not None:
-                yield from self.collect_pending()  # decide on the newest tokens
+                self.collect_pending()  # decide on the newest tokens
                 continue
             if refill:
                 yield from self.prefill(free)
@@ -156,7 +168,7 @@ class Scheduler:
                 return
             else:
                 if halve:  # the live rows fit in half the slots
-                    self.keep(live + free[: half - len(live)])
+                    yield from self.keep(live + free[: half - len(live)])
                 if not self.queue:
                     drain_start = drain_start or time.perf_counter()
                     self.counts["drain_steps"] += 1
@@ -169,7 +181,7 @@ class Scheduler:
 
     def _room_for(self, rows: int) -> bool:
         """Whether the pages of `rows` rows like the next queued one are free, besides the reserve."""
-        return rows * pages(len(self._prompt(self.queue[0]))) + self.reserve <= len(self.cache.free)
+        return rows * pages(len(self._prompt(self.queue[0]))) + self.reserve <= len(self.pages.free)
 
     def plan(self, count: int) -> "_Plan":
         """The next `count` queued rows as one prefill (fewer where `PREFILL_TOKENS` ends it first)."""
@@ -206,7 +218,7 @@ class Scheduler:
         and, per prompt of `distinct`, the positions of that row's full prompt pages it begins with (a multiple of
         `PAGE`; at least its last token left to compute): few-shot examples, an arm's system prompt, written once
         for all the prefills that need them while a row holds them."""
-        live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
+        live = [s for s in range(self.slots) if self.owner[s] >= 0]
         if not live:
             return None, [0] * len(distinct)
         newest = max(live, key=self.started.__getitem__)
@@ -223,7 +235,7 @@ class Scheduler:
         was."""
         start = time.perf_counter()
         while free and self.queue:
-            room = len(self.cache.free) - self.reserve
+            room = len(self.pages.free) - self.reserve
             plan = self.plan(min(len(free), len(self.queue)))
             while plan.pages > room and plan.take > 1:  # fewer rows (in proportion) until their pages are free
                 plan = self.plan(max(1, min(plan.take - 1, plan.take * room // plan.pages)))
@@ -244,13 +256,13 @@ class Scheduler:
                 if d in groups:
                     group_slot = first
                 elif shared[d]:
-                    self.cache.share(first, group_slot, shared[d] // PAGE)
-                own[first] = len(self.cache.owned[first]) * PAGE
-                self.cache.grow(first, pages(len(prompt)) - len(self.cache.owned[first]))
+                    self.pages.share(first, group_slot, shared[d] // PAGE)
+                own[first] = len(self.pages.owned[first]) * PAGE
+                self.pages.grow(first, pages(len(prompt)) - len(self.pages.owned[first]))
                 for slot in slots_of[d][1:]:
-                    self.cache.share(slot, first, len(prompt) // PAGE)
+                    self.pages.share(slot, first, len(prompt) // PAGE)
                     own[slot] = len(prompt) // PAGE * PAGE
-                    self.cache.grow(slot, pages(len(prompt)) - len(prompt) // PAGE)
+                    self.pages.grow(slot, pages(len(prompt)) - len(prompt) // PAGE)
             self._count_pages()
             # one packed row: each distinct prompt (without its shared prefix), preceded by the prefix where it is
             # its group's first; each piece's entries go to every slot that needs them. With groups, each piece
@@ -269,53 +281,55 @@ class Scheduler:
                 targets += [(slot, len(pieces) - 1) for slot in slots_of[d]]
                 history.append(slots_of[d][0])
                 answers.append(len(pieces) - 1)
-            logits = self.runner.prefill(
-                pieces, offsets, targets, own, answers, history if groups or plan.resident is not None else None
-            )
             self.counts["prefills"] += 1
             self.counts["prefill_tokens"] += sum(map(len, pieces))
             self.counts["prefill_shared"] += plan.take - len(plan.unique)
             self.counts["prefix_shared_tokens"] += plan.tokens - sum(map(len, pieces))
-            if len(plan.unique) < plan.take:
-                logits = logits[torch.tensor(plan.source, device=self.device)]
             temperatures, top_ps, seeds = self.settings
             lengths = [len(self._prompt(i)) for i in rows]
-            self.runner.start(
-                where,
-                lengths,
-                [seeds[i] for i in rows],
-                [temperatures[i] for i in rows],
-                [top_ps[i] for i in rows],
-                logits,
+            forward = packed(
+                self.pages,
+                pieces,
+                offsets,
+                targets,
+                own,
+                answers,
+                history if groups or plan.resident is not None else None,
+            )
+            forward.update(
+                slots=where,
+                lengths=lengths,
+                seeds=[seeds[i] for i in rows],
+                temperatures=[temperatures[i] for i in rows],
+                top_ps=[top_ps[i] for i in rows],
+                logit_rows=plan.source if len(plan.unique) < plan.take else None,
             )
             for slot, i, length in zip(where, rows, lengths):
                 self.owner[slot], self.produced[slot], self.length[slot] = i, self.resumed.pop(i, []), length
                 self.started[slot], self.starts = self.starts, self.starts + 1
             fresh = [slot for slot in where if not self.produced[slot]]
-            if len(fresh) < len(where):  # resumed rows: their own last token and step, not the ones chosen
-                back = [slot for slot in where if self.produced[slot]]
-                self.runner.resume(back, [self.produced[slot] for slot in back])
-            # (it waits for the chosen tokens: the time below is the GPU's)
-            chosen = self.runner.chosen_logprobs.tolist() if self.logprobs is not None else None
-            finished = list(self.collect(fresh, self.runner.tokens.tolist(), chosen))
+            # (resumed rows go on from their own last token and step, not the ones chosen)
+            resumed = {slot: self.produced[slot] for slot in where if self.produced[slot]}
+            # (the runner waits for the chosen tokens: the time below is the GPU's)
+            tokens, chosen = yield self.step(prefill=Prefill(**forward, resumed=resumed))
+            self.collect(fresh, tokens, chosen)
             self.counts["prefill_seconds"] += time.perf_counter() - start
-            yield from finished
             start = time.perf_counter()
 
     def make_room(self):
         """Give each row whose next entry starts a page a new page. Where too few are free, first collect the step
         in flight (rows it ended give theirs back), then preempt the newest rows."""
         while True:
-            live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
-            short = [s for s in live if self.length[s] >= len(self.cache.owned[s]) * PAGE]
-            if len(short) <= len(self.cache.free):
+            live = [s for s in range(self.slots) if self.owner[s] >= 0]
+            short = [s for s in live if self.length[s] >= len(self.pages.owned[s]) * PAGE]
+            if len(short) <= len(self.pages.free):
                 break
             if self.pending is not None:
-                yield from self.collect_pending()
+                self.collect_pending()
             else:
                 self.preempt(max(live, key=self.started.__getitem__))
         for slot in short:
-            self.cache.grow(slot, 1)
+            self.pages.grow(slot, 1)
         self._count_pages()
 
     def preempt(self, slot: int) -> None:
@@ -328,60 +342,50 @@ class Scheduler:
         self.counts["preempted"] += 1
 
     def free_slots(self, slots: list[int]) -> None:
-        """`slots` serve no row: their pages go back, and their throwaway steps write in the scratch page."""
+        """`slots` serve no row: their pages go back, and (from the next plan on) their throwaway steps write in the
+        scratch page."""
         for slot in slots:
-            self.cache.release(slot)
+            self.pages.release(slot)
             self.owner[slot], self.produced[slot], self.length[slot] = -1, [], 0
-        self.runner.stop(slots)
+        self.released += slots
 
     def _count_pages(self) -> None:
-        self.counts["peak_pages"] = max(self.counts["peak_pages"], self.cache.pages - 1 - len(self.cache.free))
+        self.counts["peak_pages"] = max(self.counts["peak_pages"], self.pages.pages - 1 - len(self.pages.free))
 
     def decode(self):
         """One step for every slot (a free slot computes a throwaway token at its position 0, in the scratch
         page)."""
-        yield from self.make_room()
-        live = [s for s in range(self.cache.slots) if self.owner[s] >= 0]
+        self.make_room()
+        live = [s for s in range(self.slots) if self.owner[s] >= 0]
         if not live:  # (the step in flight ended them all)
             return
-        self.cache.flush()
-        width = self.runner.width
-        if self.runner.kernel != "triton":  # it attends over the longest live history, rounded up (few graph shapes)
+        width = 0  # (the Triton kernel reads each row's own length)
+        if self.widths:  # it attends over the longest live history, rounded up (few graph shapes)
             width = min(self.capacity, round_up(max(self.length[s] for s in live) + 1, WIDTH_STEP))
         self.counts["decode_steps"] += 1
-        self.counts["slot_steps"] += self.cache.slots
+        self.counts["slot_steps"] += self.slots
         self.counts["row_steps"] += len(live)  # row_steps / slot_steps: the slots' occupancy
         self.counts["kv_positions"] += sum(self.length[s] for s in live)  # the KV entries the step's rows read,
-        self.counts["kv_shared_positions"] += self.cache.shared  # of which on pages another row also reads
-        self.runner.decode(width)
+        self.counts["kv_shared_positions"] += self.pages.shared  # of which on pages another row also reads
+        launched = yield self.step(decode=Decode(width))
         for slot in live:
             self.length[slot] += 1
-        done = None
-        tokens, chosen = self.runner.tokens, self.runner.chosen_logprobs if self.logprobs is not None else None
-        if tokens.is_cuda:
-            host = tokens.to("cpu", non_blocking=True)  # (into pinned memory)
-            chosen = chosen.to("cpu", non_blocking=True) if chosen is not None else None
-            done = torch.cuda.Event()
-            done.record()
-        else:
-            host, chosen = tokens.clone(), chosen.clone() if chosen is not None else None
-        launched = (live, [self.owner[s] for s in live], host, done, chosen)  # owners as they are now
+        launched = (live, [self.owner[s] for s in live], launched)  # owners as they are now
         if self.pending is not None:
-            yield from self.collect_pending()
+            self.collect_pending()
         self.pending = launched
 
-    def collect_pending(self):
+    def collect_pending(self) -> None:
         """Collect the last decode step launched (its rows as they were then: a row that ended one step earlier
         has computed a token that is not its own)."""
-        live, owners, tokens, done, chosen = self.pending
+        live, owners, launched = self.pending
         self.pending = None
-        if done is not None:
-            done.synchronize()
-        chosen = chosen.tolist() if chosen is not None else None
-        yield from self.collect([s for s, i in zip(live, owners) if self.owner[s] == i], tokens.tolist(), chosen)
+        tokens, chosen = launched.result()
+        self.collect([s for s, i in zip(live, owners) if self.owner[s] == i], tokens, chosen)
 
-    def collect(self, slots: list[int], tokens: list[int], logprobs: Optional[list[float]] = None):
-        """Record `tokens[slot]` (and its log-prob) for each of `slots`; a row that ends frees its slot."""
+    def collect(self, slots: list[int], tokens: list[int], logprobs: Optional[list[float]] = None) -> None:
+        """Record `tokens[slot]` (and its log-prob) for each of `slots`; a row that ends frees its slot and goes to
+        `finished`."""
         freed = []
         for slot in slots:
             i, produced = self.owner[slot], self.produced[slot]
@@ -399,14 +403,15 @@ class Scheduler:
                     self.results[i].logprobs = self.logprobs.pop(i)
                 self.real_tokens += len(produced)
                 freed.append(slot)
-                yield i, self.results[i]
+                self.finished.append((i, self.results[i]))
         if freed:
             self.free_slots(freed)
 
-    def keep(self, slots: list[int]) -> None:
+    def keep(self, slots: list[int]):
         """Move the rows of `slots` into the first len(slots) slots (their page-table rows move, not their entries)."""
-        self.cache.keep(slots)
-        self.runner.keep(slots)
+        yield self.step(keep=slots)
+        self.pages.keep(slots)
+        self.slots = len(slots)
         self.owner = [self.owner[s] for s in slots]
         self.started = [self.started[s] for s in slots]
         self.produced = [self.produced[s] for s in slots]

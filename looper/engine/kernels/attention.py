@@ -75,14 +75,17 @@ def gather_rows(buffer: torch.Tensor, table: torch.Tensor, page: int, width: int
 
 @dataclass
 class DecodeStep:
-    """What a decode step's attention needs besides the cache buffers: each slot's KV length after this step's
-    write, its page table, the kernel, and (sdpa, flash) how many positions of every slot to attend over."""
+    """A decode step's attention arguments: each slot's KV length after this step's write, its page table, the
+    kernel, (sdpa, flash) how many positions of every slot to attend over, and the `storage`
+    (`cache.KVStorage`) with the buffer entry each slot's new key and value go to (`write_index`)."""
 
     kernel: str
     lengths: torch.Tensor  # [slots], int32
     width: int  # a multiple of `page`
     table: torch.Tensor  # [slots, pages per slot], int32: page j of slot s holds its positions j * page...
     page: int
+    storage: Optional[object] = None
+    write_index: Optional[torch.Tensor] = None  # [slots]
 
     def attend(self, module, query, keys, values, scaling):
         """query [slots, heads, 1, head_dim]; keys/values [pages * page, kv_heads, head_dim]."""
@@ -125,14 +128,19 @@ class DecodeStep:
 
 @dataclass
 class Packed:
-    """A generation prefill: the prompts packed into one row (see `packed_attention`); with `history`, the rest of
-    prompts whose first entries are already in the KV cache (see `prefix_attention`)."""
+    """A generation prefill's attention arguments: the prompts packed into one row (see `packed_attention`); with
+    `history`, the rest of prompts whose first entries are already in the KV cache (see `prefix_attention`); the
+    `storage` (`cache.KVStorage`) and the buffer entries the packed tokens' keys and values go to (`entries`; the
+    packed token each copies is `sources`, None where that is each token once, in order)."""
 
     kernel: str
     starts: torch.Tensor
     max_length: int
     history: Optional[torch.Tensor] = None  # the cache positions each sequence attends to, back to back
     key_lengths: Optional[list] = None  # per sequence: how many (its prefix and its own)
+    storage: Optional[object] = None
+    entries: Optional[torch.Tensor] = None
+    sources: Optional[torch.Tensor] = None
 
 
 def prefix_attention(module, query, keys, values, packed: Packed, scaling: float):
@@ -188,9 +196,20 @@ def looper_attention(
     looper_packed: Optional[Packed] = None,
     **kwargs,
 ):
-    """The registered attention function (signature of transformers' attention interface)."""
+    """The registered attention function (signature of transformers' attention interface). In generation it first
+    writes the forward's new keys and values to the paged cache, where its arguments say."""
     if looper_decode is not None:
-        return looper_decode.attend(module, query, key, value, scaling)
+        step = looper_decode
+        if step.storage is not None:
+            key, value = step.storage.write(module.layer_idx, key[:, :, 0], value[:, :, 0], step.write_index)
+        return step.attend(module, query, key, value, scaling)
+    if looper_packed is not None and looper_packed.storage is not None:
+        new_keys, new_values = key[0].transpose(0, 1), value[0].transpose(0, 1)
+        if looper_packed.sources is not None:  # (a piece written to several slots, or part of one)
+            new_keys, new_values = new_keys[looper_packed.sources], new_values[looper_packed.sources]
+        buffers = looper_packed.storage.write(module.layer_idx, new_keys, new_values, looper_packed.entries)
+        if looper_packed.history is not None:
+            key, value = buffers
     if looper_packed is not None and looper_packed.history is not None:
         return prefix_attention(module, query, key, value, looper_packed, scaling)
     if looper_packed is not None:
@@ -225,6 +244,7 @@ def head_dim(model) -> int:
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
+@functools.lru_cache(maxsize=None)
 def kernels(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> tuple[str, str]:
     """(packed kernel, decode kernel) for these shapes here: each the fastest that runs and gives sdpa's result on a
     small case. Packed: `flash` or `sdpa`; decode: `triton`, `flash` or `sdpa` (always: CPU, float32, old GPUs)."""
