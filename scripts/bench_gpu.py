@@ -495,6 +495,7 @@ def bench_prefill(model, tokenizer, args, bandwidth, rng):
             for _ in paged.execute(decoder.prefill(list(range(n))), decoder, executor):  # each row ends at once
                 pass
             sync()
+            executor.close()
         if decoder.counts["prefills"] != 1 or decoder.queue:
             raise RuntimeError(f"prefill: the KV pages of {n} prompts do not fit in one prefill here")
         return time.perf_counter() - start
@@ -592,6 +593,7 @@ def bench_step(model, tokenizer, args, bandwidth, rng):
                 ),
                 flush=True,
             )
+        executor.close()
     return result
 
 
@@ -1065,6 +1067,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small workloads (smoke test)")
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
     parser.add_argument("--padded", action="store_true", help="SFT on padded batches (sft.padding_free=false)")
+    parser.add_argument(
+        "--no-merged-projections", action="store_true", help="generation computes q, k and v as three products"
+    )
     parser.add_argument("--dpo-padded", action="store_true", help="DPO on padded batches (dpo.padding_free=false)")
     parser.add_argument("--no-precompute", action="store_true", help="dpo.precompute_ref_log_probs=false")
     parser.add_argument("--liger", action="store_true", help="sft/dpo.use_liger_kernel=true (needs liger-kernel)")
@@ -1072,6 +1077,7 @@ def main():
         "--profile", action="store_true", help="print the top ops of one prefill, one decode step and one training step"
     )
     args = parser.parse_args()
+    runner.MERGE_PROJECTIONS = not args.no_merged_projections
     args.rollout_refill_at = [float(v) for v in args.rollout_refill_at.split(",") if v] or [args.refill_at]
     distributed.init()
     main_process = distributed.is_main_process()

@@ -397,6 +397,44 @@ def test_the_drain_halves_the_slots_and_its_rows_keep_their_samples(fixed_model,
     assert [g.num_tokens for g in together] == limits  # (the model never ends a row early: by construction)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_merged_projections_give_each_projection_its_output_and_the_model_back_after(lora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    model = LlamaForCausalLM(config.__class__(**{**config.to_dict(), "vocab_size": 50})).eval()
+    if lora:  # (the live GRPO policy: LoRA layers over the projections, not merged)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        merged = fused.MergedProjections(model)
+        assert len(merged.groups) == 2  # one per layer
+        layer = merged.groups[0]
+        assert layer.linears[1].weight.data_ptr() == layer.weight[config.hidden_size :].data_ptr()  # views of it
+        calls = []
+        product = torch.nn.functional.linear
+        with fused.Patched(merged.patches):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(a[1].shape) or product(*a))
+                got = model(input_ids=ids).logits
+        merged.restore()
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected)  # (float32: one product or three, the same sums)
+    q, k = config.hidden_size, config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    assert calls.count(torch.Size([q + 2 * k, q])) == 2 and torch.Size([k, q]) not in calls  # once a layer
+    assert torch.equal(after, expected)
+    weights = {n: p for n, p in model.named_parameters()}
+    assert all(torch.equal(weights[n], p) for n, p in before.items())
+    shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(shared) == len(list(model.parameters()))  # each its own storage again: the model saves as before
+
+
 def test_the_kernel_patches_are_set_inside_and_restored_after_even_on_an_error():
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama import modeling_llama

@@ -82,6 +82,9 @@ class GenerationStats:
     )
     kernel: Optional[str] = _figure("The decode step's attention kernel.", None)
     compiled_decode: bool = _figure("Whether the decode step ran through torch.compile.", False, kept=False)
+    merged_projections: int = _figure(
+        "Attention layers whose q, k and v projections ran as one product (on a GPU).", 0, kept=False
+    )
     triton_rotary: bool = _figure("Whether the rotary embedding ran as looper's Triton kernel.", False, kept=False)
     compiled_prefill: list = field(
         default_factory=list, metadata={"help": "What the prefills ran through torch.compile.", "kept": False}

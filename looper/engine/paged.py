@@ -131,11 +131,16 @@ def generate(
         )
         bar = tqdm(total=n, desc=desc, unit="seq", leave=False, disable=desc is None)
         start = time.time()
-        for i, result in execute(scheduler.steps(refill_at), scheduler, runner):
-            bar.update(1)
-            bar.set_postfix(tok_per_s=f"{scheduler.real_tokens / max(time.time() - start, 1e-9):.0f}", refresh=False)
-            if on_result is not None:
-                on_result(i, result)
+        try:
+            for i, result in execute(scheduler.steps(refill_at), scheduler, runner):
+                bar.update(1)
+                bar.set_postfix(
+                    tok_per_s=f"{scheduler.real_tokens / max(time.time() - start, 1e-9):.0f}", refresh=False
+                )
+                if on_result is not None:
+                    on_result(i, result)
+        finally:
+            runner.close()
         bar.close()
     counts = scheduler.counts
     if counts["preempted"]:

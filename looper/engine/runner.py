@@ -25,6 +25,10 @@ from looper.engine.plan import Prefill, Step
 
 log = logging.getLogger(__name__)
 
+MERGE_PROJECTIONS = (
+    True  # on a GPU, q, k and v as one product (`fused.MergedProjections`; the benchmark can turn it off)
+)
+
 
 class AttentionSwitch:
     """Within it, `model` attends with `looper.engine.kernels.attention` (registered with transformers' attention
@@ -129,9 +133,13 @@ class ModelRunner:
         mlps, modeling = fused.compilable_parts(model) if compile_decode else ([], [])
         modeling = [python for python in modeling if python not in rotary]
         eager = fused.norm_patches(fused.fused_norms(model)) + fused.rotary_patches(rotary)
+        merge = MERGE_PROJECTIONS and self.device.type == "cuda" and not quantized
+        self.merged = fused.MergedProjections(model) if merge else None  # (until `close`)
+        eager += self.merged.patches if self.merged else []
         self.prefill_patches = eager + fused.compiled_patches(mlps, modeling)
         self.step_patches = [] if compile_decode else eager  # (a compiled step fuses them itself)
         self.fused = {
+            "merged_projections": len(self.merged.groups) if self.merged else 0,
             "triton_rotary": bool(rotary),
             "compiled_prefill": sorted({type(m).__name__ for m in mlps}) + ["apply_rotary_pos_emb"] * bool(modeling),
         }
@@ -158,6 +166,12 @@ class ModelRunner:
         self.next_tokens = torch.zeros(slots, **zeros)
         self.chosen_logprobs = torch.zeros(slots, device=self.device)
         self.next_logprobs = torch.zeros(slots, device=self.device)
+
+    def close(self) -> None:
+        """Give the model back as it was (`MergedProjections.restore`); the runner is not used after."""
+        if self.merged is not None:
+            self.merged.restore()
+            self.merged = None
 
     @staticmethod
     def shape(model) -> tuple:

@@ -1,9 +1,10 @@
 """The model's own modules swapped for fused versions during generation, and put back afterwards.
 
 Owns `Patched` (set attributes within a block, restore them after), the Triton RMSNorm and rotary-embedding patches
-(each used only where it matches the model's own function on a test input) and the torch.compile patches of a
-prefill's MLPs. Must never change what a model computes beyond rounding the checks accept, and never leave a patch
-behind: training sees the model as transformers built it.
+(each used only where it matches the model's own function on a test input), the torch.compile patches of a
+prefill's MLPs and `MergedProjections` (an attention's q, k and v projections as one matrix product). Must never
+change what a model computes beyond rounding the checks accept, and never leave a patch behind: training sees the
+model as transformers built it.
 """
 
 import functools
@@ -190,3 +191,74 @@ def _norm_matches(cls, width: int, dtype: torch.dtype, device: torch.device) -> 
         return True
     log.warning("generation: Triton RMSNorm differs from %s here; not used", cls.__name__)
     return False
+
+
+class MergedProjections:
+    """Each attention's query, key and value projections (plain `nn.Linear`s, under PEFT's LoRA layers too, reading
+    the same input) computed as one matrix product during generation: their weights (and biases) are moved into
+    one matrix, each Linear's own becoming a view of its rows, and `patches` has the Linears compute that product
+    once per input and return their share. One product of three times the rows reads the weights at a higher share
+    of the bandwidth in a decode step than three (docs/performance.md). `restore()` gives each Linear weights of
+    its own again (copies of its rows), so training and saving see the model as it was (the runner uses it on a
+    GPU only)."""
+
+    def __init__(self, model):
+        self.groups = []
+        for module in model.modules():
+            linears = [_plain_linear(getattr(module, name, None)) for name in ("q_proj", "k_proj", "v_proj")]
+            if None in linears or len({(x.in_features, x.weight.dtype, x.bias is None) for x in linears}) != 1:
+                continue
+            self.groups.append(_Merged(linears))
+
+    @property
+    def patches(self) -> list:
+        return [
+            (linear, "forward", functools.partial(group.forward, k))
+            for group in self.groups
+            for k, linear in enumerate(group.linears)
+        ]
+
+    def restore(self) -> None:
+        for group in self.groups:
+            group.restore()
+        self.groups = []
+
+
+def _plain_linear(module):
+    """`module` (or the base layer of a PEFT LoRA layer) where it is exactly `torch.nn.Linear` (not a quantized
+    subclass), else None."""
+    module = getattr(module, "base_layer", module)
+    return module if type(module) is torch.nn.Linear else None
+
+
+class _Merged:
+    """Linears of one input merged into one product (`MergedProjections`)."""
+
+    def __init__(self, linears: list):
+        self.linears, self.sizes = linears, [linear.out_features for linear in linears]
+        with torch.no_grad():
+            self.weight = torch.cat([linear.weight.data for linear in linears])
+            self.bias = torch.cat([linear.bias.data for linear in linears]) if linears[0].bias is not None else None
+        for k, linear in enumerate(linears):
+            linear.weight.data = self.weight.split(self.sizes)[k]
+            if self.bias is not None:
+                linear.bias.data = self.bias.split(self.sizes)[k]
+        self.input, self.outputs = None, None
+
+    def forward(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Linear k's output for `x`: the merged product once per input (the first Linear called, or a new input),
+        its share for each Linear after it; the last one lets the input go."""
+        if k == 0 or x is not self.input:
+            self.input = x
+            self.outputs = torch.nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        out = self.outputs[k]
+        if k == len(self.sizes) - 1:
+            self.input, self.outputs = None, None
+        return out
+
+    def restore(self) -> None:
+        for linear in self.linears:
+            linear.weight.data = linear.weight.data.clone()
+            if linear.bias is not None:
+                linear.bias.data = linear.bias.data.clone()
+        self.weight = self.bias = None
