@@ -397,9 +397,7 @@ def test_the_drain_halves_the_slots_and_its_rows_keep_their_samples(fixed_model,
     assert [g.num_tokens for g in together] == limits  # (the model never ends a row early: by construction)
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_merged_projections_give_each_projection_its_output_and_the_model_back_after(lora):
-    from peft import LoraConfig, get_peft_model
+def test_merged_projections_give_each_projection_its_output_and_the_model_back_after():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -407,8 +405,6 @@ def test_merged_projections_give_each_projection_its_output_and_the_model_back_a
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
     )
     model = LlamaForCausalLM(config.__class__(**{**config.to_dict(), "vocab_size": 50})).eval()
-    if lora:  # (the live GRPO policy: LoRA layers over the projections, not merged)
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
@@ -433,6 +429,18 @@ def test_merged_projections_give_each_projection_its_output_and_the_model_back_a
     assert all(torch.equal(weights[n], p) for n, p in before.items())
     shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert len(shared) == len(list(model.parameters()))  # each its own storage again: the model saves as before
+
+
+def test_projections_under_a_lora_adapter_are_not_merged():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=50
+    )
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["v_proj"]))
+    # (GRPO's live policy: generation computes what the trainer's forward does, three products)
+    assert fused.MergedProjections(model).groups == []
 
 
 def test_the_kernel_patches_are_set_inside_and_restored_after_even_on_an_error():

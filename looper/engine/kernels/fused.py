@@ -194,13 +194,15 @@ def _norm_matches(cls, width: int, dtype: torch.dtype, device: torch.device) -> 
 
 
 class MergedProjections:
-    """Each attention's query, key and value projections (plain `nn.Linear`s, under PEFT's LoRA layers too, reading
-    the same input) computed as one matrix product during generation: their weights (and biases) are moved into
+    """Each attention's query, key and value projections (plain `nn.Linear`s reading the same input) computed as one
+    matrix product during generation: their weights (and biases) are moved into
     one matrix, each Linear's own becoming a view of its rows, and `patches` has the Linears compute that product
     once per input and return their share. One product of three times the rows reads the weights at a higher share
     of the bandwidth in a decode step than three (docs/performance.md). `restore()` gives each Linear weights of
     its own again (copies of its rows), so training and saving see the model as it was (the runner uses it on a
-    GPU only)."""
+    GPU only). Projections under an unmerged LoRA adapter (GRPO's live policy, a quantized base's adapter) keep their
+    three products: there generation computes exactly what training does (the log-probs GRPO compares, the greedy
+    outputs of docs/performance.md's quantized-base table), and one product could round otherwise."""
 
     def __init__(self, model):
         self.groups = []
@@ -225,9 +227,7 @@ class MergedProjections:
 
 
 def _plain_linear(module):
-    """`module` (or the base layer of a PEFT LoRA layer) where it is exactly `torch.nn.Linear` (not a quantized
-    subclass), else None."""
-    module = getattr(module, "base_layer", module)
+    """`module` where it is exactly `torch.nn.Linear` (not a quantized subclass, not a LoRA layer), else None."""
     return module if type(module) is torch.nn.Linear else None
 
 
