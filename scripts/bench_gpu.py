@@ -244,29 +244,13 @@ KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
 )
 
 
-def profile_generation(model, tokenizer, prompts, limits, *, batch_size, temperature, seeds=None) -> dict:
-    """Where one generate call's time goes (--profile): wall seconds, the GPU's busy seconds (every kernel and copy,
-    CUDA graph replays included), the share of the wall the GPU sat idle, and the kernels' time by kind."""
-    sync = torch.cuda.synchronize
-    sync()
-    stats: dict = {}
+def profile_generation(generate_once) -> dict:
+    """Where one generate call's time goes (--profile): `generate_once()` (a `run_generation` call) under the
+    profiler; its wall seconds, the GPU's busy seconds (every kernel and copy, CUDA graph replays included), the share
+    of the wall the GPU sat idle, and the kernels' time by kind."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        start = time.perf_counter()
-        paged.generate(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens=limits,
-            batch_size=batch_size,
-            temperature=temperature,
-            top_p=0.95 if temperature else 1.0,
-            seeds=seeds,
-            add_special_tokens=False,
-            stats=stats,
-            desc=None,
-        )
-        sync()
-        wall = time.perf_counter() - start
+        run = generate_once()
+    wall, stats = run["seconds"], run["rank0_stats"]
     kinds: dict = {}
     busy = 0.0
     rows = []
@@ -413,13 +397,18 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
     if args.profile and torch.cuda.is_available():  # a quarter of the rows again, under the profiler
         quarter = len(prompts) // 4
         results["profile"] = profile_generation(
-            model,
-            tokenizer,
-            prompts[:quarter],
-            limits[:quarter],
-            batch_size=args.rollout_batch,
-            temperature=1.0,
-            seeds=seeds[:quarter],
+            lambda: run_generation(
+                model,
+                tokenizer,
+                prompts[:quarter],
+                limits[:quarter],
+                batch_size=args.rollout_batch,
+                temperature=1.0,
+                bandwidth=bandwidth,
+                refill_at=args.refill_at,
+                compile_decode=args.compile,
+                seeds=seeds[:quarter],
+            )
         )
     return results
 
@@ -696,7 +685,17 @@ def bench_eval(model, tokenizer, args, bandwidth, rng):
     )
     if args.profile and torch.cuda.is_available():  # the whole evaluation again, under the profiler
         results["profile"] = profile_generation(
-            model, tokenizer, prompts, limits, batch_size=args.eval_batch, temperature=0.0
+            lambda: run_generation(
+                model,
+                tokenizer,
+                prompts,
+                limits,
+                batch_size=args.eval_batch,
+                temperature=0.0,
+                bandwidth=bandwidth,
+                refill_at=args.refill_at,
+                compile_decode=args.compile,
+            )
         )
     if args.check_greedy:
         results["greedy_check"] = check_greedy(

@@ -25,9 +25,8 @@ from looper.engine.plan import Prefill, Step
 
 log = logging.getLogger(__name__)
 
-MERGE_PROJECTIONS = (
-    True  # on a GPU, q, k and v as one product (`fused.MergedProjections`; the benchmark can turn it off)
-)
+# on a GPU, q, k and v as one product (`fused.MergedProjections`); the benchmark can turn it off
+MERGE_PROJECTIONS = True
 
 
 class AttentionSwitch:
