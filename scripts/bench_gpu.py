@@ -283,6 +283,40 @@ def profile_generation(generate_once) -> dict:
     return result
 
 
+class HostWaits:
+    """Within it, every operation that makes the host wait for the GPU (`torch.cuda.set_sync_debug_mode`) is counted
+    by the Python lines that called it (the innermost four frames); on exit the most frequent are printed."""
+
+    def __enter__(self):
+        import collections
+        import warnings
+
+        self.counts, self.previous = collections.Counter(), warnings.showwarning
+        self.filters = warnings.catch_warnings()
+        self.filters.__enter__()
+        warnings.simplefilter("always")
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return self.previous(message, category, filename, lineno, file, line)
+            frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename][-4:]
+            self.counts[" < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))] += 1
+
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode(1)
+        return self
+
+    def __exit__(self, *exc):
+        import warnings
+
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = self.previous
+        self.filters.__exit__(*exc)
+        print(f"host waits for the GPU: {sum(self.counts.values())}", flush=True)
+        for where, count in self.counts.most_common(25):
+            print(f"  {count:5d}  {where}", flush=True)
+
+
 def time_split(result: dict) -> str:
     """Where rank 0's generation time went, in words."""
     stats = result["rank0_stats"]
@@ -808,8 +842,20 @@ def bench_training(model_dir: Path, args, rng, stage: str):
                 for key in ("cuda_time_total", "self_cpu_time_total"):
                     print(averages.table(sort_by=key, row_limit=12, max_name_column_width=60), flush=True)
 
+    class SyncSources(TrainerCallback):  # --sync-debug: where the host waits for the GPU during one step
+        def on_step_begin(self, args_, state, *a, **k):
+            if state.global_step == 3:
+                self.sources = HostWaits()
+                self.sources.__enter__()
+
+        def on_step_end(self, args_, state, *a, **k):
+            if hasattr(self, "sources") and state.global_step == 4:
+                self.sources.__exit__(None, None, None)
+
     if args.profile:
         trainer.add_callback(Profile())
+    if args.sync_debug and torch.cuda.is_available():
+        trainer.add_callback(SyncSources())
     original = trainer.compute_loss
 
     def counting(model, inputs, *a, **k):
@@ -1072,6 +1118,9 @@ def main():
     parser.add_argument("--dpo-padded", action="store_true", help="DPO on padded batches (dpo.padding_free=false)")
     parser.add_argument("--no-precompute", action="store_true", help="dpo.precompute_ref_log_probs=false")
     parser.add_argument("--liger", action="store_true", help="sft/dpo.use_liger_kernel=true (needs liger-kernel)")
+    parser.add_argument(
+        "--sync-debug", action="store_true", help="count where the host waits for the GPU in one training step"
+    )
     parser.add_argument(
         "--profile", action="store_true", help="print the top ops of one prefill, one decode step and one training step"
     )

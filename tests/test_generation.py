@@ -306,6 +306,40 @@ def test_later_prefills_read_a_prefix_from_the_pages_of_a_row_already_decoding(f
     assert stats["prefill_tokens"] == without["prefill_tokens"] - saved
 
 
+def test_a_prompt_longer_than_a_prefill_is_computed_in_chunks_with_the_same_outputs(fixed_model, monkeypatch):
+    cfg, model, tokenizer = fixed_model
+    examples = "".join(f"Question: what is {a} plus {a + 1}?\nAnswer: {2 * a + 1}.\n" for a in range(2, 6))
+    questions = _prompts(cfg, tokenizer, n=4)
+    prompts = [examples + q for q in questions] + [examples + questions[0]]  # (the last: a second sample of one)
+    seeds = list(range(21, 21 + len(prompts)))
+    limits = [6, 11, 8, 13, 9]
+    kwargs = {"temperature": 1.0, "top_p": 0.95, "desc": None}
+    whole, chunked = {}, {}
+    expected = [
+        g.text
+        for g in generate(
+            model, tokenizer, prompts, max_new_tokens=limits, batch_size=3, seeds=seeds, stats=whole, **kwargs
+        )
+    ]
+    monkeypatch.setattr(scheduler, "PREFILL_TOKENS", 24)  # every prompt is several times as long
+    shortest = min(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    assert shortest > 3 * 24
+    got = [
+        g.text
+        for g in generate(
+            model, tokenizer, prompts, max_new_tokens=limits, batch_size=3, seeds=seeds, stats=chunked, **kwargs
+        )
+    ]
+    assert got == expected
+    assert chunked["prefills"] >= len(questions) * 3 > whole["prefills"]
+    assert chunked["prefill_tokens"] >= whole["prefill_tokens"]  # (fewer prompts share one forward's prefix)
+    greedy = generate(model, tokenizer, prompts[:2], max_new_tokens=10, batch_size=2, desc=None)
+    for prompt, result in zip(prompts, greedy):
+        single = tokenizer(prompt, return_tensors="pt")
+        plain = model.generate(**single, max_new_tokens=10, do_sample=False)[0, single["input_ids"].shape[1] :]
+        assert result.text == tokenizer.decode(plain, skip_special_tokens=True)
+
+
 def test_shared_prefixes_group_neighbours_while_that_saves_tokens():
 
     a, b = [1, 2, 3, 4], [1, 2, 3, 5, 6]

@@ -17,7 +17,7 @@ from looper.engine.kernels.attention import head_dim
 log = logging.getLogger(__name__)
 
 PAGE = 16  # positions per page of the KV cache
-PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds activation memory)
+PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds activation memory; longer prompts go in chunks)
 
 
 def pages(positions: int) -> int:

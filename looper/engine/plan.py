@@ -22,7 +22,8 @@ class Prefill:
     history lists for it (its prefix in the cache and itself), else to itself alone. The logits at the last token of
     the pieces `answers` choose the rows' first tokens (row k's: answer `logit_rows[k]`, None: k). Each row starts
     at KV length `lengths[k]` with its sampling settings; `resumed` rows (preempted before) go on from their own
-    tokens."""
+    tokens. A prefill with no `slots` (a long prompt's chunk before its last) writes its entries and starts no
+    row."""
 
     ids: list[int]
     positions: list[int]

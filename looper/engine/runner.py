@@ -229,6 +229,8 @@ class ModelRunner:
                 (ends - 1)[plan.answers].to(device),
                 looper_packed=packed,
             )[0]
+        if not plan.slots:  # (a long prompt's chunk before its last: entries written, no row starts)
+            return
         if plan.logit_rows is not None:  # (identical prompts: one logits row serves several)
             logits = logits[torch.tensor(plan.logit_rows, device=device)]
         self.start(plan.slots, plan.lengths, plan.seeds, plan.temperatures, plan.top_ps, logits)

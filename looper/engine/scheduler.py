@@ -3,13 +3,14 @@
 Owns the queue (prompts in token order, so those that begin alike are prefilled together), refill (freed slots take
 the next prompts in one prefill once a `refill_at` share of them is free and their pages are), prefix planning
 (identical prompts computed once; the first tokens neighbouring prompts share, or the full pages of the newest row
-still decoding, computed once and shared), preemption (where a step finds too few free pages, the newest row goes back
-to the queue with the tokens it produced and resumes from them, with the same draws), halving (when the queue is empty
-and half the slots are idle, the live rows move into half of them) and collection (a row ends at EOS or its own token
-limit; results are detokenized as rows finish). Its decisions leave it as plans (`plan.Step`): `steps` yields each
-step's plan and receives what the runner made of it (a prefill's first tokens, a decode step's `runner.Pending`). Holds
-the page allocator (`cache.PageAllocator`); every index a forward needs is in its plan. Must never run the model (the
-runner does) or touch a KV entry (the runner's storage does).
+still decoding, computed once and shared; a prompt longer than `PREFILL_TOKENS` computed in chunks of that many
+tokens, each attending to the entries of those before it), preemption (where a step finds too few free pages, the
+newest row goes back to the queue with the tokens it produced and resumes from them, with the same draws), halving
+(when the queue is empty and half the slots are idle, the live rows move into half of them) and collection (a row
+ends at EOS or its own token limit; results are detokenized as rows finish). Its decisions leave it as plans
+(`plan.Step`): `steps` yields each step's plan and receives what the runner made of it (a prefill's first tokens, a
+decode step's `runner.Pending`). Holds the page allocator (`cache.PageAllocator`); every index a forward needs is in
+its plan. Must never run the model (the runner does) or touch a KV entry (the runner's storage does).
 """
 
 import math
@@ -20,6 +21,7 @@ from typing import Optional
 from looper.engine.cache import PAGE, PREFILL_TOKENS, PageAllocator, pages, pages_that_fit
 from looper.engine.interface import Generation
 from looper.engine.plan import Decode, Prefill, Step, packed
+from looper.engine.prefixes import common_prefix, shared_prefixes
 
 MIN_SLOTS = 8  # the drain stops halving the slots here (below it a step costs about the same: the weights' read)
 WIDTH_STEP = 64  # attention width is rounded up to a multiple of this (fewer shapes, so fewer CUDA graphs)
@@ -28,29 +30,6 @@ MIN_SHARED = 8  # a prefix shared by prompts of one prefill is computed once if 
 
 def round_up(value: int, step: int) -> int:
     return -(-value // step) * step
-
-
-def common_prefix(a: list, b: list) -> int:
-    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def shared_prefixes(prompts: list[list[int]], minimum: int) -> list[tuple[int, int, int]]:
-    """Runs of neighbouring prompts (the queue is in token order, so prompts that begin alike are neighbours) that
-    begin with the same `minimum` or more tokens, as (first, end, length): prompts[first:end] share their first
-    `length` tokens, and each keeps at least one token of its own. A run grows while that saves more tokens
-    ((members - 1) * length): an arm's system prompt, few-shot examples, a trajectory cut at several points."""
-    groups, first = [], 0
-    while first < len(prompts):
-        end, length = first + 1, len(prompts[first]) - 1
-        while end < len(prompts):
-            common = min(length, common_prefix(prompts[first], prompts[end]), len(prompts[end]) - 1)
-            if common < minimum or (end - first) * common < (end - first - 1) * length:
-                break
-            end, length = end + 1, common
-        if end - first > 1:
-            groups.append((first, end, length))
-        first = end
-    return groups
 
 
 @dataclass
@@ -287,15 +266,12 @@ class Scheduler:
             self.counts["prefix_shared_tokens"] += plan.tokens - sum(map(len, pieces))
             temperatures, top_ps, seeds = self.settings
             lengths = [len(self._prompt(i)) for i in rows]
-            forward = packed(
-                self.pages,
-                pieces,
-                offsets,
-                targets,
-                own,
-                answers,
-                history if groups or plan.resident is not None else None,
-            )
+            attend = history if groups or plan.resident is not None else None
+            if len(pieces) == 1 and len(pieces[0]) > PREFILL_TOKENS:  # a long prompt: its chunks but the last first
+                yield from self._chunks(pieces[0][:-PREFILL_TOKENS], offsets[0], targets, own, history[0])
+                offsets, pieces = [offsets[0] + len(pieces[0]) - PREFILL_TOKENS], [pieces[0][-PREFILL_TOKENS:]]
+                attend = history
+            forward = packed(self.pages, pieces, offsets, targets, own, answers, attend)
             forward.update(
                 slots=where,
                 lengths=lengths,
@@ -315,6 +291,17 @@ class Scheduler:
             self.collect(fresh, tokens, chosen)
             self.counts["prefill_seconds"] += time.perf_counter() - start
             start = time.perf_counter()
+
+    def _chunks(self, tokens: list[int], offset: int, targets: list, own: dict, history: int):
+        """The forwards that write `tokens` (a long prompt's first tokens from position `offset`, its last
+        `PREFILL_TOKENS` left for the forward that starts its rows) to the KV cache, `PREFILL_TOKENS` at a time:
+        each attends to the entries before it in slot `history` (earlier chunks, a shared prefix) and starts no row."""
+        for first in range(0, len(tokens), PREFILL_TOKENS):
+            chunk, at = tokens[first : first + PREFILL_TOKENS], offset + first
+            forward = packed(self.pages, [chunk], [at], targets, own, [], [history] if at else None)
+            forward.update(slots=[], lengths=[], seeds=[], temperatures=[], top_ps=[])
+            self.counts["prefills"] += 1
+            yield self.step(prefill=Prefill(**forward))
 
     def make_room(self):
         """Give each row whose next entry starts a page a new page. Where too few are free, first collect the step
