@@ -1,6 +1,6 @@
 """What the SFT and DPO trainers share: the LoRA config, the device flags, the trainer arguments (named keys,
 the TRL pass-through, checkpoints), resuming from a checkpoint, the divergence check, and the callback that logs a
-trainer into the job's W&B run.
+trainer into the job's W&B run, and compiling a model's decoder layers (`compile_layers`).
 
 Owns nothing a stage builds; must never import a stage.
 """
@@ -122,6 +122,28 @@ def drop_checkpoints(trainer_dir: Path) -> None:
     """Delete the checkpoints once the model is saved: they insure a build, the artifact is the model."""
     for checkpoint in trainer_dir.glob("checkpoint-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def compile_layers(model, name: str) -> None:
+    """`<name>.compile`: torch.compile each decoder layer of `model` (regional compilation: the layers share one
+    compiled code, traced once with dynamic shapes), so a LoRA step launches a few fused kernels a layer instead of
+    hundreds of small ones (RMSNorm, rotary embedding, SiLU, the adapters' dropout, scaling and adds). The layers
+    are those of the class transformers keeps whole (`_no_split_modules`); what is saved does not change. A
+    quantized base trains uncompiled (bitsandbytes layers are not compiled here)."""
+    from looper.engine.interface import is_quantized
+    from looper.engine.kernels import fused
+
+    if is_quantized(model):
+        log.warning("%s.compile: not for a quantized base; training uncompiled", name)
+        return
+    base = getattr(model, "get_base_model", lambda: model)()
+    kinds = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in kinds]
+    if not layers:
+        raise ValueError(f"{name}.compile: {type(base).__name__} names no decoder layer class (_no_split_modules)")
+    for layer in layers:
+        layer.compile(backend=fused.COMPILE_BACKEND, dynamic=True)
+    log.info("%s: %d %s layers compiled (the first steps pay the compilation)", name, len(layers), sorted(kinds)[0])
 
 
 def peft_config(lora: LoraSettings):

@@ -773,6 +773,8 @@ def bench_training(model_dir: Path, args, rng, stage: str):
                 f"dpo.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
                 f"sft.use_liger_kernel={str(args.liger).lower()}",
                 f"dpo.use_liger_kernel={str(args.liger).lower()}",
+                f"sft.compile={str(args.compile_layers).lower()}",
+                f"dpo.compile={str(args.compile_layers).lower()}",
             ],
         )
     cfg = OmegaConf.to_object(raw)
@@ -881,6 +883,7 @@ def bench_training(model_dir: Path, args, rng, stage: str):
     peak = peak_flops()
     result = {
         "steps_timed": len(times) - warm,
+        "step_seconds": [round(t, 3) for t in times],
         "processes": distributed.world_size(),
         "real_tokens_per_s": round(real / seconds, 1),
         "padding_free": trainer.args.padding_free if stage == "sft" else not args.dpo_padded,
@@ -1118,6 +1121,7 @@ def main():
     parser.add_argument("--dpo-padded", action="store_true", help="DPO on padded batches (dpo.padding_free=false)")
     parser.add_argument("--no-precompute", action="store_true", help="dpo.precompute_ref_log_probs=false")
     parser.add_argument("--liger", action="store_true", help="sft/dpo.use_liger_kernel=true (needs liger-kernel)")
+    parser.add_argument("--compile-layers", action="store_true", help="sft/dpo.compile=true: compiled decoder layers")
     parser.add_argument(
         "--sync-debug", action="store_true", help="count where the host waits for the GPU in one training step"
     )

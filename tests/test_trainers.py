@@ -152,11 +152,12 @@ def test_a_trainer_or_eval_value_that_would_fail_hours_in_fails_at_start(overrid
     [
         ("dpo.beta=1e308", r"dpo.beta: must be at most 100, got 1e\+308"),
         ("dpo.max_length=1", r"dpo.max_length: .*got 1"),
+        ("dpo.compile=true dpo.use_liger_kernel=true", r"dpo.compile: not together with dpo.use_liger_kernel=true"),
     ],
 )
 def test_absurd_dpo_values_fail_at_start_naming_the_key(override, message):
     with pytest.raises(Exception, match=message):
-        compose(override)
+        compose(*override.split())
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**70)])
@@ -480,3 +481,27 @@ def test_a_checkpoint_torn_by_a_kill_is_deleted_and_the_one_before_it_resumes(tm
         assert training.last_checkpoint(trainer, "dpo") == str(trainer / "checkpoint-4")
     assert "checkpoint-6 was not completely written" in caplog.text and not (trainer / "checkpoint-6").exists()
     assert training.last_checkpoint(tmp_path / "nothing", "sft") is None
+
+
+@pytest.mark.parametrize("section", ["sft", "dpo"])
+def test_compile_compiles_the_decoder_layers_and_trains_as_before(fast_cfg, tiny_sft, tmp_path, monkeypatch, section):
+    from torch._dynamo.utils import counters
+
+    from looper.engine.kernels import fused
+
+    monkeypatch.setattr(fused, "COMPILE_BACKEND", "eager")  # dynamo traces the layers; no C++ build on a CPU
+    losses = {}
+    for compiled in (False, True):
+        cfg = fast_cfg(f"{section}.max_steps=2", f"{section}.save_steps=0", f"{section}.compile={compiled}")
+        out = tmp_path / str(compiled)
+        out.mkdir()
+        if section == "sft":
+            trainer = sft.make_trainer(cfg, tiny_sft[2], out)
+        else:
+            trainer = dpo.make_trainer(cfg, tiny_sft[3], _pairs_dir(cfg, str(tiny_sft[3]), out), out)
+        layers = [m for m in trainer.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+        assert layers and all((m._compiled_call_impl is not None) == compiled for m in layers)
+        traced = counters["stats"]["unique_graphs"]
+        losses[compiled] = trainer.train().training_loss
+        assert (counters["stats"]["unique_graphs"] > traced) == compiled
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

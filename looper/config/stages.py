@@ -20,6 +20,14 @@ class StageConfig:
         _choice(self.name, "stage", STAGES)
 
 
+COMPILE = (
+    "torch.compile each decoder layer (one compiled code serves them all): a LoRA step's hundreds of small kernels "
+    "become a few fused ones a layer. The first steps pay the compilation (minutes for a 7B model), so it is for "
+    "runs of many steps; on a CPU it needs a C++ compiler. A quantized base trains uncompiled. Not together with "
+    "use_liger_kernel."
+)
+
+
 @dataclass
 class TrainerSettings:
     """The TRL arguments SFT and DPO both name (looper/training.py passes them on), their checkpoints and the
@@ -62,6 +70,11 @@ class TrainerSettings:
         _positive(self.global_batch_size, f"{name}.global_batch_size")
         _check(self.save_steps >= 0, f"{name}.save_steps", f"must be >= 0, got {self.save_steps}")
         _positive(self.save_total_limit, f"{name}.save_total_limit")
+        if getattr(self, "compile", False) and self.use_liger_kernel:  # (sft and dpo have `compile`)
+            raise ValueError(
+                f"{name}.compile: not together with {name}.use_liger_kernel=true (torch.compile fails on the layers "
+                "Liger patches); set one of them to false"
+            )
 
 
 @dataclass
@@ -83,6 +96,7 @@ class SFTConfig(TrainerSettings):
     )
     warmup_ratio: float = doc("Share of steps with linear warmup.", 0.03)
     gradient_checkpointing: bool = doc("Recompute activations in backward (less memory, ~30% slower).", False)
+    compile: bool = doc(COMPILE, False)
     group_by_length: bool = doc(
         "Batch sequences of similar length together: less padding, but batches of one "
         "difficulty (faster, but on the tiny demo it cost accuracy).",
@@ -233,6 +247,7 @@ class DPOConfig(TrainerSettings):
         "Compute the reference log-probs once before training (no reference forward in each step).", True
     )
     gradient_checkpointing: bool = doc("Recompute activations in backward.", False)
+    compile: bool = doc(COMPILE, False)
     logging_steps: int = doc("Log every N steps.", 10, identity=False)
     reference_check: str = doc(
         "Before training, the policy's and the reference's log-probs of the first batch are "

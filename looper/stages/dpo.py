@@ -181,7 +181,7 @@ def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path):
     )
     args = trainer_arguments(cfg.dpo, "dpo", DPOConfig, looper_arguments(cfg, out, held_out is not None))
     with known_warnings():  # (TRL's constructor also asks the model about gradient checkpointing)
-        return _trainer_class()(
+        trainer = _trainer_class()(
             model=model,
             ref_model=None,
             args=args,
@@ -190,6 +190,9 @@ def make_trainer(cfg: Config, sft_dir: Path, pairs_dir: Path, out: Path):
             processing_class=tokenizer,
             peft_config=peft_config,
         )
+    if cfg.dpo.compile:
+        training.compile_layers(trainer.model, "dpo")
+    return trainer
 
 
 def _check_reference(cfg: Config, trainer) -> dict:

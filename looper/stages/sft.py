@@ -133,6 +133,8 @@ def make_trainer(cfg: Config, base: str, out: Path, examples: Optional[list[dict
         raise ValueError(f"sft: every example is longer than sft.max_length={cfg.sft.max_length} tokens")
     if trainer.eval_dataset is not None:
         trainer.eval_dataset = trainer.eval_dataset.filter(lambda row: len(row["input_ids"]) <= cfg.sft.max_length)
+    if cfg.sft.compile:
+        training.compile_layers(trainer.model, "sft")
     return trainer
 
 

@@ -218,7 +218,8 @@ def looper_attention(
         )
     starts = kwargs.get("cu_seq_lens_q")  # a padding-free training batch (TRL's collator gives these)
     if starts is not None and query.shape[0] == 1:
-        kernel = kernels(query.device, query.dtype, query.shape[1], key.shape[1], query.shape[3])[0]
+        shape = int(query.shape[1]), int(key.shape[1]), int(query.shape[3])  # (constants, where compiled)
+        kernel = packed_kernel(query.device, query.dtype, *shape)
         if kernel == "flash":
             starts = starts.to(query.device, torch.int32)
             longest = kwargs.get("max_length_q") or int(starts.diff().max())
@@ -293,6 +294,12 @@ def kernels(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
         "packed attention",
     )
     return packed, decode
+
+
+@torch.compiler.assume_constant_result
+def packed_kernel(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> str:
+    """The packed kernel of `kernels`, a constant to torch.compile (compiled decoder layers: `sft/dpo.compile`)."""
+    return kernels(device, dtype, heads, kv_heads, head_dim)[0]
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,7 +17,7 @@ from looper.engine.kernels.attention import head_dim
 
 log = logging.getLogger(__name__)
 
-COMPILE_BACKEND = "inductor"  # torch.compile's backend for `generation.compile` (tests use "eager": tracing only)
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for `generation.compile` and `sft/dpo.compile` (tests: "eager")
 _ABSENT = object()
 
 
