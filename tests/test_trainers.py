@@ -505,3 +505,14 @@ def test_compile_compiles_the_decoder_layers_and_trains_as_before(fast_cfg, tiny
         losses[compiled] = trainer.train().training_loss
         assert (counters["stats"]["unique_graphs"] > traced) == compiled
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_compile_leaves_a_quantized_base_uncompiled(tiny_sft, monkeypatch, caplog):
+    from looper import models
+
+    cfg, _, base, _ = tiny_sft
+    model = models.load_causal_lm(str(base), cfg.model, cfg.lora)
+    monkeypatch.setattr(model.config, "quantization_config", {"quant_method": "bitsandbytes"}, raising=False)
+    training.compile_layers(model, "sft")
+    assert "sft.compile: not for a quantized base" in caplog.text
+    assert all(m._compiled_call_impl is None for m in model.modules())

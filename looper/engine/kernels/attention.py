@@ -218,8 +218,7 @@ def looper_attention(
         )
     starts = kwargs.get("cu_seq_lens_q")  # a padding-free training batch (TRL's collator gives these)
     if starts is not None and query.shape[0] == 1:
-        shape = int(query.shape[1]), int(key.shape[1]), int(query.shape[3])  # (constants, where compiled)
-        kernel = packed_kernel(query.device, query.dtype, *shape)
+        kernel = packed_kernel(query.device, query.dtype, query.shape[1], key.shape[1], query.shape[3])
         if kernel == "flash":
             starts = starts.to(query.device, torch.int32)
             longest = kwargs.get("max_length_q") or int(starts.diff().max())
