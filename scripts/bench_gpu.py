@@ -14,7 +14,9 @@ Throughput counts real tokens only (no padding, nothing after EOS). The bandwidt
 (bytes of all weights + bytes of the KV cache it reads) / copy bandwidth, the copy bandwidth measured in the same run;
 "share" = measured real tokens/s over the ceiling tokens/s at the operating batch and mean context. The bandwidth
 ceiling leaves out the prompts, whose forward is compute-bound; "share of the roofline" counts it: (the real tokens
-at the bandwidth ceiling + the computed prompt tokens' FLOPs at the dense bf16 peak) / the measured seconds.
+at the bandwidth ceiling + the computed prompt tokens' FLOPs at the dense bf16 peak) / the measured seconds; "share
+of the compute roofline" also lets each decode step's weight products take their FLOPs at that peak where that is
+longer than reading the weights (many rows a step).
 Training reports MFU against the GPU's dense bf16 peak. Prints a table and writes JSON.
 
     python scripts/bench_gpu.py --out bench.json                       # everything, Llama-2-7B shape
@@ -164,6 +166,17 @@ def ceiling_tokens_per_s(model, batch: int, mean_context: float, bandwidth: floa
     return batch / ((weight_bytes + batch * mean_context * kv_per_token) / bandwidth)
 
 
+def compute_floor_per_token(model, batch: int, mean_context: float, bandwidth: float) -> float:
+    """Seconds per generated token at the hardware's limit with compute counted too: a decode step's weight products
+    take the longer of reading the weights (shared by `batch` rows) and computing them at the dense bf16 peak (past
+    the ridge point, at a 7B model's 256 rows, the second), the KV cache read at copy bandwidth as before."""
+    cfg = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    flops = flops_per_prompt_token(model) + 2 * cfg.vocab_size * cfg.hidden_size  # (every decode row's logits)
+    products = max(weight_bytes / batch / bandwidth, flops / peak_flops())
+    return products + mean_context * cache.kv_bytes_per_position(model) / bandwidth
+
+
 def across_processes(seconds: float, tokens: int) -> tuple[float, int]:
     """(slowest process's seconds, all processes' tokens)."""
     if distributed.world_size() == 1:
@@ -215,6 +228,9 @@ def run_generation(
     # every process has its own share) at the dense bf16 peak: compute-bound work no schedule can skip
     prefill_floor = stats["prefill_tokens"] * flops_per_prompt_token(model) / peak_flops()
     roofline = real / ceiling + prefill_floor
+    # the same with compute: the decode steps at `compute_floor_per_token` (processes side by side)
+    per_token = compute_floor_per_token(model, stats["slots"], mean_context * (1 - shared), bandwidth)
+    compute_roofline = real / world * per_token + prefill_floor
     return {
         "seconds": round(seconds, 2),
         "sequences": total,
@@ -225,6 +241,9 @@ def run_generation(
         "share_of_ceiling": round(real / seconds / ceiling, 3) if ceiling == ceiling else None,
         "prefill_floor_seconds": round(prefill_floor, 2),
         "share_of_roofline": round(roofline / seconds, 3) if roofline == roofline else None,
+        "share_of_compute_roofline": (
+            round(compute_roofline / seconds, 3) if compute_roofline == compute_roofline else None
+        ),
         "occupancy": throughput.merged([stats])["slot_occupancy"],
         "kv_shared_share": round(shared, 3),
         "batch_size": batch_size,
@@ -424,7 +443,9 @@ def bench_rollout(model, tokenizer, args, bandwidth, rng):
         print(
             f"rollout  looper batch {args.rollout_batch}, refill_at {refill_at}: {result['tokens_per_s']:>9,.0f} "
             f"real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling, "
-            f"{100 * (result['share_of_roofline'] or 0):.0f}% of the roofline ({n} sequences, {result['seconds']} s: "
+            f"{100 * (result['share_of_roofline'] or 0):.0f}% of the roofline, "
+            f"{100 * (result['share_of_compute_roofline'] or 0):.0f}% with compute "
+            f"({n} sequences, {result['seconds']} s: "
             f"{time_split(result)}; {result['rank0_stats']})",
             flush=True,
         )
@@ -713,7 +734,8 @@ def bench_eval(model, tokenizer, args, bandwidth, rng):
     print(
         f"eval     looper batch {args.eval_batch}: {n} prompts in {result['seconds']:.0f} s, "
         f"{result['tokens_per_s']:,.0f} real tok/s, {100 * (result['share_of_ceiling'] or 0):.0f}% of the ceiling, "
-        f"{100 * (result['share_of_roofline'] or 0):.0f}% of the roofline ({time_split(result)}; "
+        f"{100 * (result['share_of_roofline'] or 0):.0f}% of the roofline, "
+        f"{100 * (result['share_of_compute_roofline'] or 0):.0f}% with compute ({time_split(result)}; "
         f"{result['rank0_stats']})",
         flush=True,
     )

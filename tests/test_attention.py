@@ -8,6 +8,7 @@ from looper.engine.kernels.attention import (
     DecodeStep,
     Packed,
     kernels,
+    layer_shape,
     packed_attention,
     prefix_attention,
     prefix_kernel,
@@ -140,6 +141,28 @@ def test_the_rest_of_a_prompt_attends_to_its_prefix_in_the_cache(kv_heads):
             0.125,
         )
         assert torch.allclose(output[0, a:b].transpose(0, 1), expected, atol=1e-5)
+
+
+def test_a_prefill_computes_its_key_offsets_once_not_in_every_layer():
+    """The cumulative key lengths the flash kernel reads are made with the prefill's arguments (one copy to the
+    device, without waiting), not by each layer's attention call."""
+    starts = torch.tensor([0, 1, 41, 71], dtype=torch.int32)
+    packing = Packed("sdpa", starts, 40, torch.arange(132), [1, 100, 31])
+    assert packing.key_starts.dtype == torch.int32
+    assert packing.key_starts.tolist() == [0, 1, 101, 132]
+    assert Packed("sdpa", starts, 40).key_starts is None  # (no prefix: no key offsets)
+
+
+def test_the_packed_kernel_is_chosen_by_the_layer_config_where_the_layer_has_one():
+    """Heads, KV heads and head size come from the layer's config (Python ints even where torch.compile traces the
+    tensors' shapes symbolically), else from the query and key."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2)
+    layer = type("Layer", (), {"config": config})()
+    query, key = torch.zeros(1, 3, 5, 7), torch.zeros(1, 1, 5, 7)  # (shapes that disagree: the config wins)
+    assert layer_shape(layer, query, key) == (8, 2, 8)
+    assert layer_shape(_module(4, 2), query, key) == (3, 1, 7)
 
 
 @gpu

@@ -349,6 +349,15 @@ def test_shared_prefixes_group_neighbours_while_that_saves_tokens():
     assert scheduler.shared_prefixes([[1, 2, 3], [4, 5, 6]], 1) == []
 
 
+def test_host_values_reach_the_device_as_lists_or_tensors_in_the_asked_dtype():
+    from looper.engine.cache import on
+
+    cpu = torch.device("cpu")
+    assert on(cpu, [3, 1]).dtype == torch.long and on(cpu, [3, 1]).tolist() == [3, 1]
+    moved = on(cpu, torch.tensor([5, 0, 2]), torch.int32)  # (a plan's host tensors: entries, sources, history)
+    assert moved.dtype == torch.int32 and moved.tolist() == [5, 0, 2]
+
+
 def test_the_page_allocator_hands_out_shares_and_takes_back_pages_and_the_storage_table_follows():
     from looper.engine.cache import PAGE, KVStorage, PageAllocator
 

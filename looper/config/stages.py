@@ -72,8 +72,9 @@ class TrainerSettings:
         _positive(self.save_total_limit, f"{name}.save_total_limit")
         if getattr(self, "compile", False) and self.use_liger_kernel:  # (sft and dpo have `compile`)
             raise ValueError(
-                f"{name}.compile: not together with {name}.use_liger_kernel=true (torch.compile fails on the layers "
-                "Liger patches); set one of them to false"
+                f"{name}.compile: not together with {name}.use_liger_kernel=true: Liger's kernels here are the "
+                "layers' norms, rotary embedding and SwiGLU (TRL keeps its own fused LM head), which compiling "
+                "fuses itself, and torch.compile fails on Liger's RMSNorm; set one of them to false"
             )
 
 

@@ -199,7 +199,12 @@ def pages_that_fit(model, slots: int, pages_per_slot: int) -> int:
     return int(fits)
 
 
-def on(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """`values` as a tensor on `device`; to a GPU through pinned memory, without waiting: a copy from pageable memory
-    waits for the GPU's queued work, so the host could no longer prepare a step while the one in flight runs."""
-    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+def on(device: torch.device, values, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """`values` (a list, or a tensor on the host) as a tensor on `device`; to a GPU through pinned memory, without
+    waiting: a copy from pageable memory waits for the GPU's queued work, so the host could no longer prepare a step
+    while the one in flight runs."""
+    cuda = device.type == "cuda"
+    if isinstance(values, torch.Tensor):
+        host = values.to(dtype)
+        return (host.pin_memory() if cuda else host).to(device, non_blocking=cuda)
+    return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(device, non_blocking=True)

@@ -208,31 +208,31 @@ class ModelRunner:
 
     def prefill(self, plan: Prefill) -> None:
         """One prefill forward (`plan.Prefill`), then its rows start with their first tokens chosen from its logits."""
-        device = self.device
+        # (every copy to the device without waiting: `cache.on`; the forward's launches then follow each other)
+        to = functools.partial(on, self.device)
         starts = torch.tensor(plan.starts)
-        ends = starts[1:]
         longest = int(starts.diff().max())
-        query_starts = starts.to(torch.int32).to(device)
-        kv = dict(storage=self.storage, entries=plan.entries.to(device))
-        kv["sources"] = plan.sources.to(device) if plan.sources is not None else None
+        kv = dict(storage=self.storage, entries=to(plan.entries))
+        kv["sources"] = to(plan.sources) if plan.sources is not None else None
         if plan.history is None:
-            packed = attention.Packed(self.packed_kernel, query_starts, longest, **kv)
+            packed = attention.Packed(self.packed_kernel, to(starts, torch.int32), longest, **kv)
         else:
-            history = plan.history.to(device)
-            packed = attention.Packed(self.prefix_kernel, query_starts, longest, history, plan.key_lengths, **kv)
+            packed = attention.Packed(
+                self.prefix_kernel, to(starts, torch.int32), longest, to(plan.history), plan.key_lengths, **kv
+            )
         with fused.Patched(self.prefill_patches):
             logits = logits_at(
                 self.model,
                 self.storage,
-                torch.tensor(plan.ids, device=device)[None],
-                torch.tensor(plan.positions)[None].to(device),
-                (ends - 1)[plan.answers].to(device),
+                to(plan.ids)[None],
+                to(plan.positions)[None],
+                to((starts[1:] - 1)[plan.answers]),
                 looper_packed=packed,
             )[0]
         if not plan.slots:  # (a long prompt's chunk before its last: entries written, no row starts)
             return
         if plan.logit_rows is not None:  # (identical prompts: one logits row serves several)
-            logits = logits[torch.tensor(plan.logit_rows, device=device)]
+            logits = logits[to(plan.logit_rows)]
         self.start(plan.slots, plan.lengths, plan.seeds, plan.temperatures, plan.top_ps, logits)
         if plan.resumed:  # resumed rows: their own last token and step, not the ones chosen
             self.resume(list(plan.resumed), list(plan.resumed.values()))
@@ -286,7 +286,7 @@ class ModelRunner:
     def keep(self, slots: list[int]) -> None:
         """Keep only `slots`' state and page-table rows, in that order."""
         self.storage.keep(slots)
-        where = torch.tensor(slots, device=self.device)
+        where = on(self.device, slots)
         self.state = {k: v[where] for k, v in self.state.items()}
         self.tokens, self.next_tokens = self.tokens[where], self.next_tokens[where]
         self.chosen_logprobs, self.next_logprobs = self.chosen_logprobs[where], self.next_logprobs[where]

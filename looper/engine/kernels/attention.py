@@ -18,7 +18,7 @@ Anything else (a padded batch with a mask) goes to transformers' sdpa attention 
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -141,6 +141,15 @@ class Packed:
     storage: Optional[object] = None
     entries: Optional[torch.Tensor] = None
     sources: Optional[torch.Tensor] = None
+    key_starts: Optional[torch.Tensor] = field(init=False, default=None)  # cumulative key_lengths, int32, on device
+
+    def __post_init__(self):
+        # once a prefill, not once a layer, and without waiting: a copy from pageable memory would wait for the
+        # GPU's queued work in every layer, and the GPU would then wait for the host's next launches
+        if self.key_lengths is not None:
+            ends = torch.tensor([0, *self.key_lengths]).cumsum(0).to(torch.int32)
+            cuda = self.starts.device.type == "cuda"
+            self.key_starts = (ends.pin_memory() if cuda else ends).to(self.starts.device, non_blocking=cuda)
 
 
 def prefix_attention(module, query, keys, values, packed: Packed, scaling: float):
@@ -151,14 +160,12 @@ def prefix_attention(module, query, keys, values, packed: Packed, scaling: float
     Returns [1, tokens, heads, head_dim]."""
     keys, values = keys[packed.history], values[packed.history]  # each sequence's entries, back to back
     if packed.kernel == "flash":
-        ends = torch.tensor(packed.key_lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        key_starts = torch.cat([torch.zeros(1, dtype=torch.int32), ends]).to(query.device)
         output = torch.ops.aten._flash_attention_forward(
             query[0].transpose(0, 1),
             keys,
             values,
             packed.starts,
-            key_starts,
+            packed.key_starts,
             packed.max_length,
             max(packed.key_lengths),
             0.0,
@@ -218,7 +225,7 @@ def looper_attention(
         )
     starts = kwargs.get("cu_seq_lens_q")  # a padding-free training batch (TRL's collator gives these)
     if starts is not None and query.shape[0] == 1:
-        kernel = packed_kernel(query.device, query.dtype, query.shape[1], key.shape[1], query.shape[3])
+        kernel = packed_kernel(query.device, query.dtype, *layer_shape(module, query, key))
         if kernel == "flash":
             starts = starts.to(query.device, torch.int32)
             longest = kwargs.get("max_length_q") or int(starts.diff().max())
@@ -242,6 +249,18 @@ def head_dim(model) -> int:
     """The size of one attention head of `model`."""
     text = model.config.get_text_config()
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
+def layer_shape(module, query: torch.Tensor, key: torch.Tensor) -> tuple[int, int, int]:
+    """(heads, KV heads, head size) of an attention layer: from its config where it has one, so they stay Python
+    ints where torch.compile traces the tensors' shapes symbolically (a compiled layer under Liger's kernels), else
+    from the query [1, heads, tokens, dim] and key."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return query.shape[1], key.shape[1], query.shape[3]
+    text = config.get_text_config()
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return text.num_attention_heads, kv_heads, head_dim(module)
 
 
 @functools.lru_cache(maxsize=None)
