@@ -349,6 +349,24 @@ def test_shared_prefixes_group_neighbours_while_that_saves_tokens():
     assert scheduler.shared_prefixes([[1, 2, 3], [4, 5, 6]], 1) == []
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_generate_call_keeps_no_reference_to_the_model(fixed_model, device):
+    """After generating, dropping the model frees it: nothing the engine caches (kernel choices, the cache keyword,
+    a layer's head size, on a GPU its graphs and merged projections) holds the model, so a pipeline's stages give
+    their models' memory back."""
+    import copy
+    import gc
+    import weakref
+
+    _, model, tokenizer = fixed_model
+    model = copy.deepcopy(model).to(device, torch.bfloat16 if device == "cuda" else torch.float32)
+    generate(model, tokenizer, ["1 + 1", "2 + 3 ="], max_new_tokens=3, batch_size=2, desc=None)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
 def test_host_values_reach_the_device_as_lists_or_tensors_in_the_asked_dtype():
     from looper.engine.cache import on
 

@@ -244,9 +244,9 @@ def register() -> None:
     AttentionMaskInterface.register(TRAINING, sdpa_mask)
 
 
-@functools.lru_cache(maxsize=None)
 def head_dim(model) -> int:
-    """The size of one attention head of `model`."""
+    """The size of one attention head of `model` (not cached: a cache keyed by the model would keep every model it
+    saw, and its GPU memory, alive after its stage)."""
     text = model.config.get_text_config()
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
