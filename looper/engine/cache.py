@@ -204,7 +204,5 @@ def on(device: torch.device, values, dtype: torch.dtype = torch.long) -> torch.T
     waiting: a copy from pageable memory waits for the GPU's queued work, so the host could no longer prepare a step
     while the one in flight runs."""
     cuda = device.type == "cuda"
-    if isinstance(values, torch.Tensor):
-        host = values.to(dtype)
-        return (host.pin_memory() if cuda else host).to(device, non_blocking=cuda)
-    return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(device, non_blocking=True)
+    host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return (host.pin_memory() if cuda else host).to(device, non_blocking=cuda)

@@ -212,14 +212,17 @@ class ModelRunner:
         to = functools.partial(on, self.device)
         starts = torch.tensor(plan.starts)
         longest = int(starts.diff().max())
-        kv = dict(storage=self.storage, entries=to(plan.entries))
-        kv["sources"] = to(plan.sources) if plan.sources is not None else None
-        if plan.history is None:
-            packed = attention.Packed(self.packed_kernel, to(starts, torch.int32), longest, **kv)
-        else:
-            packed = attention.Packed(
-                self.prefix_kernel, to(starts, torch.int32), longest, to(plan.history), plan.key_lengths, **kv
-            )
+        history = to(plan.history) if plan.history is not None else None
+        packed = attention.Packed(
+            self.packed_kernel if history is None else self.prefix_kernel,
+            to(starts, torch.int32),
+            longest,
+            history,
+            plan.key_lengths,
+            storage=self.storage,
+            entries=to(plan.entries),
+            sources=to(plan.sources) if plan.sources is not None else None,
+        )
         with fused.Patched(self.prefill_patches):
             logits = logits_at(
                 self.model,

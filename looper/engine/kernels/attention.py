@@ -147,9 +147,9 @@ class Packed:
         # once a prefill, not once a layer, and without waiting: a copy from pageable memory would wait for the
         # GPU's queued work in every layer, and the GPU would then wait for the host's next launches
         if self.key_lengths is not None:
-            ends = torch.tensor([0, *self.key_lengths]).cumsum(0).to(torch.int32)
-            cuda = self.starts.device.type == "cuda"
-            self.key_starts = (ends.pin_memory() if cuda else ends).to(self.starts.device, non_blocking=cuda)
+            from looper.engine.cache import on  # (cache imports this module)
+
+            self.key_starts = on(self.starts.device, torch.tensor([0, *self.key_lengths]).cumsum(0), torch.int32)
 
 
 def prefix_attention(module, query, keys, values, packed: Packed, scaling: float):
