@@ -2,8 +2,9 @@
 
 Owns `PageAllocator` (the bookkeeping: pages of `PAGE` positions handed out to slots as rows grow, shared where
 prompts begin alike, taken back when rows end), `KVStorage` (the tensors: key and value buffers, the page table on
-the device), `pages_that_fit` (how many pages the device's free memory holds besides a prefill's working memory)
-and `on` (host lists to the device without a sync). Must never decide which row runs where (the scheduler does) or
+the device), `pages_that_fit` (how many pages the device's free memory holds besides a prefill's working memory,
+from the model's head size and KV bytes per position) and `on` (host lists and tensors to the device without a
+sync). Must never decide which row runs where (the scheduler does) or
 run the model (the runner does).
 """
 
@@ -11,8 +12,6 @@ import logging
 from typing import Optional
 
 import torch
-
-from looper.engine.kernels.attention import head_dim
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +129,13 @@ class KVStorage:
     def keep(self, slots: list[int]) -> None:
         """Keep only `slots`' table rows, in that order."""
         self.table = self.table[torch.tensor(slots, device=self.table.device)]
+
+
+def head_dim(model) -> int:
+    """The size of one attention head of `model` (not cached: a cache keyed by the model would keep every model it
+    saw, and its GPU memory, alive after its stage)."""
+    text = model.config.get_text_config()
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
 def kv_bytes_per_position(model) -> int:

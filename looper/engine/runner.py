@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from looper.engine import sampling
-from looper.engine.cache import PAGE, KVStorage, on
+from looper.engine.cache import PAGE, KVStorage, head_dim, on
 from looper.engine.interface import is_quantized
 from looper.engine.kernels import attention, fused
 from looper.engine.plan import Prefill, Step
@@ -177,7 +177,7 @@ class ModelRunner:
         """What the attention kernels are chosen by: device, dtype, heads, KV heads, head size."""
         text = model.config.get_text_config()
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        return model.device, model.dtype, text.num_attention_heads, kv_heads, attention.head_dim(model)
+        return model.device, model.dtype, text.num_attention_heads, kv_heads, head_dim(model)
 
     @classmethod
     def decode_kernel(cls, model) -> str:

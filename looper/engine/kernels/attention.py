@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from looper.engine.cache import head_dim, on
+
 log = logging.getLogger(__name__)
 
 GENERATION = "looper_slots"  # the implementation generation switches a model to (no mask is ever built for it)
@@ -147,8 +149,6 @@ class Packed:
         # once a prefill, not once a layer, and without waiting: a copy from pageable memory would wait for the
         # GPU's queued work in every layer, and the GPU would then wait for the host's next launches
         if self.key_lengths is not None:
-            from looper.engine.cache import on  # (cache imports this module)
-
             self.key_starts = on(self.starts.device, torch.tensor([0, *self.key_lengths]).cumsum(0), torch.int32)
 
 
@@ -242,13 +242,6 @@ def register() -> None:
     AttentionInterface.register(GENERATION, looper_attention)
     AttentionInterface.register(TRAINING, looper_attention)
     AttentionMaskInterface.register(TRAINING, sdpa_mask)
-
-
-def head_dim(model) -> int:
-    """The size of one attention head of `model` (not cached: a cache keyed by the model would keep every model it
-    saw, and its GPU memory, alive after its stage)."""
-    text = model.config.get_text_config()
-    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
 def layer_shape(module, query: torch.Tensor, key: torch.Tensor) -> tuple[int, int, int]:

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from looper.engine.kernels.attention import head_dim
+from looper.engine.cache import head_dim
 
 log = logging.getLogger(__name__)
 
